@@ -1,0 +1,143 @@
+"""The typed record that every stage fills in, one per input sample.
+
+A sample is alive (``status == "ok"``) until a stage filters it or records an error on it;
+from then on the runtime routes it straight to the writer, which puts it in ``rejects/``.
+Failures are data: stages never raise for a bad sample.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+Status = Literal["ok", "filtered", "error"]
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where the sample's bytes live, so a later pass can re-read one member directly."""
+
+    shard: str  # output shard name (input file stem), also the rejects/ file name
+    path: str  # input shard path (tar, parquet or folder)
+    member: str  # tar member name, parquet row index, or file path relative to the folder
+    offset: int = -1  # byte offset of the image data inside a tar (-1: not a tar)
+    size: int = -1  # byte size of the image data inside a tar
+
+
+@dataclass(frozen=True)
+class Tag:
+    name: str
+    score: float
+
+
+@dataclass(frozen=True)
+class Box:
+    """A detection; ``xyxy`` is normalised to [0, 1] of the original image's width/height."""
+
+    label: str
+    score: float
+    xyxy: tuple[float, float, float, float]
+    source: str  # which detector produced it ("owlv2", "closed", "fused", ...)
+
+
+@dataclass(frozen=True)
+class OcrLine:
+    """One recognised text line; ``xyxy`` normalised like :class:`Box`."""
+
+    text: str
+    score: float
+    xyxy: tuple[float, float, float, float]
+
+
+@dataclass(frozen=True)
+class Caption:
+    text: str
+    prompt_tokens: int
+    output_tokens: int
+    finish_reason: str  # "stop" | "length" | "error"
+    seconds: float
+    model: str
+    backend: str
+
+
+@dataclass
+class Sample:
+    key: str
+    source: Source
+    image_bytes: bytes = b""
+    image_ext: str = "jpg"
+    alt_text: str = ""
+    meta: dict[str, Any] = field(default_factory=dict)  # source metadata (url, original size, ...)
+    width: int = 0  # after EXIF orientation
+    height: int = 0
+    image_format: str = ""  # as the header says ("JPEG", "PNG", ...)
+    views: dict[str, np.ndarray] = field(default_factory=dict)  # decoded RGB uint8 HWC per consumer
+    embedding: np.ndarray | None = None
+    tags: list[Tag] = field(default_factory=list)
+    boxes: list[Box] = field(default_factory=list)
+    ocr: list[OcrLine] = field(default_factory=list)
+    prompt: str = ""
+    caption: Caption | None = None
+    scores: dict[str, float] = field(default_factory=dict)
+    flags: list[str] = field(default_factory=list)  # quality-control verdicts that did not drop
+    status: Status = "ok"
+    stage: str = ""  # the stage that filtered or failed the sample
+    reason: str = ""
+
+    @property
+    def alive(self) -> bool:
+        return self.status == "ok"
+
+    def filter(self, stage: str, reason: str) -> None:
+        self._end("filtered", stage, reason)
+
+    def fail(self, stage: str, reason: str) -> None:
+        self._end("error", stage, reason)
+
+    def _end(self, status: Status, stage: str, reason: str) -> None:
+        self.status, self.stage, self.reason = status, stage, reason
+        self.views.clear()  # pixels are the bulk of a sample's memory; a dead sample needs none
+
+    def annotations(self) -> dict[str, Any]:
+        """Everything the engine learnt about the sample: the ``<key>.json`` of the output."""
+        return {
+            "key": self.key,
+            "shard": self.source.shard,
+            "width": self.width,
+            "height": self.height,
+            "alt_text": self.alt_text,
+            "meta": self.meta,
+            "tags": [asdict(t) for t in self.tags],
+            "boxes": [asdict(b) for b in self.boxes],
+            "ocr": [asdict(o) for o in self.ocr],
+            "prompt": self.prompt,
+            "caption": self.caption.text if self.caption else "",
+            "engine": _engine(self.caption),
+            "scores": self.scores,
+            "flags": self.flags,
+        }
+
+
+def _engine(caption: Caption | None) -> dict[str, Any]:
+    if caption is None:
+        return {}
+    return {
+        "model": caption.model,
+        "backend": caption.backend,
+        "prompt_tokens": caption.prompt_tokens,
+        "output_tokens": caption.output_tokens,
+        "finish_reason": caption.finish_reason,
+        "seconds": round(caption.seconds, 4),
+    }
+
+
+@dataclass(frozen=True)
+class ShardEnd:
+    """Marker that follows a shard's last sample through every queue; the writer commits on it."""
+
+    shard: str
+    path: str
+    n_samples: int
+    errors: tuple[str, ...] = ()  # shard-level problems (e.g. a truncated tar), kept in the manifest

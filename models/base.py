@@ -1,0 +1,83 @@
+"""How the engine names and places models; backends are details of each model module.
+
+A model is named by one string: a local folder, a hub id, or ``tiny`` (a random-weight model
+of the real architecture, built from a config in code and saved to a local folder, then
+loaded through the same code as a real checkpoint).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from engine.errors import ConfigError
+
+TINY = "tiny"
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    name: str  # local folder, hub id, or "tiny"
+    role: str  # which model this is ("caption", "embed", "owlv2", ...): picks the tiny build
+
+    @property
+    def is_tiny(self) -> bool:
+        return self.name == TINY
+
+    @property
+    def is_local(self) -> bool:
+        return Path(self.name).expanduser().exists()
+
+    def check(self) -> None:
+        """Fail before any work starts when the model cannot be found."""
+        if self.is_tiny or self.is_local:
+            return
+        if _looks_like_path(self.name):
+            raise ConfigError(
+                f"{self.role} model folder {self.name!r} does not exist: pass an existing "
+                f"checkpoint folder, a hub id, or 'tiny'"
+            )
+        if os.environ.get("HF_HUB_OFFLINE") == "1" and not _in_hub_cache(self.name):
+            raise ConfigError(
+                f"{self.role} model {self.name!r} is not in the local hub cache and "
+                f"HF_HUB_OFFLINE=1: download it first or pass a local folder"
+            )
+
+    def resolve(self, cache_dir: Path) -> str:
+        """The path or hub id to hand to the library's own loader."""
+        if self.is_tiny:
+            from models import tiny
+
+            return str(tiny.ensure(self.role, cache_dir / "tiny"))
+        if self.is_local:
+            return str(Path(self.name).expanduser())
+        return self.name
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith(("/", "./", "../", "~")) or name.count("/") > 1
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    hub = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "hub"
+    return (hub / ("models--" + repo_id.replace("/", "--"))).exists()
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` → the first GPU when there is one, else ``cpu``; a GPU asked for must exist."""
+    if device == "cpu":
+        return device
+    import torch
+
+    has_cuda = torch.cuda.is_available()
+    if device == "auto":
+        return "cuda" if has_cuda else "cpu"
+    if device.startswith("cuda"):
+        if not has_cuda:
+            raise ConfigError(
+                f"--device {device} asked for a GPU but torch sees none: run on a GPU node "
+                f"or pass --device cpu"
+            )
+        return device
+    raise ConfigError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N")
