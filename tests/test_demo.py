@@ -9,7 +9,7 @@ def test_demo_output_follows_the_contract(demo_output):
     inputs = sorted((demo_output / "input").glob("*.tar"))
     assert len(inputs) == 2
     results = check_output_contract(demo_output, inputs)
-    for index, (shard, (written, rejected)) in enumerate(sorted(results.items())):
+    for index, (_shard, (written, rejected)) in enumerate(sorted(results.items())):
         kinds = {m.key: m.meta["kind"] for m in demo_members(index)}
         assert {r["key"] for r in written} == {k for k, kind in kinds.items() if kind in ("scene", "poster", "slide")}
         assert {r["key"]: r["status"] for r in rejected if kinds[r["key"]] == "small"} == {
