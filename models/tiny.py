@@ -18,7 +18,7 @@ from pathlib import Path
 from engine.errors import ConfigError
 
 # Bump when a builder changes, so cached folders from an older build are not reused.
-BUILD_VERSION = 1
+BUILD_VERSION = 2
 SEED = 0
 
 Builder = Callable[[Path], None]
@@ -88,6 +88,10 @@ def byte_bpe_tokenizer(corpus: Iterable[str], specials: list[str], vocab_size: i
     return tokenizer
 
 
+def _printable(piece: str) -> bool:
+    return bool(piece) and piece.isascii() and (piece.isprintable() or piece.strip() == "")
+
+
 def _corpus() -> list[str]:
     from engine.prompt import CAPTION_ENGINE_INSTRUCTION
 
@@ -135,7 +139,7 @@ def build_llava_next(folder: Path) -> None:
     )
 
     specials = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
-    unk, bos, eos, pad, image = range(len(specials))
+    _unk, bos, eos, pad, image = range(len(specials))
     bpe = byte_bpe_tokenizer(_corpus(), specials, vocab_size=512)
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=bpe,
@@ -172,6 +176,12 @@ def build_llava_next(folder: Path) -> None:
     model.generation_config.pad_token_id = pad
     model.generation_config.bos_token_id = bos
     model.generation_config.eos_token_id = eos
+    # random weights pick any token: keep to printable ASCII pieces so the noise stays text
+    model.generation_config.suppress_tokens = [
+        i
+        for i in range(bpe.get_vocab_size())
+        if i != eos and (i < len(specials) or not _printable(bpe.decode([i])))
+    ]
     processor = LlavaNextProcessor(
         image_processor=LlavaNextImageProcessor(
             size={"shortest_edge": 64},
@@ -190,7 +200,11 @@ def build_llava_next(folder: Path) -> None:
 
 @register("clip")
 def build_clip_vision(folder: Path) -> None:
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        CLIPVisionModelWithProjection,
+    )
 
     model = CLIPVisionModelWithProjection(CLIPVisionConfig(**_VISION, projection_dim=32)).eval()
     model.save_pretrained(folder)

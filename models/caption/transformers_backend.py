@@ -64,7 +64,11 @@ class TransformersCaptionEngine:
 
         start = time.perf_counter()
         inputs = self.processor(
-            text=[self.chat_text(p) for p in prompts], images=list(images), return_tensors="pt", padding=True
+            text=[self.chat_text(p) for p in prompts],
+            # decoded views may be read-only; torch.from_numpy warns on those (copy only then)
+            images=[np.require(image, requirements="W") for image in images],
+            return_tensors="pt",
+            padding=True,
         ).to(self.device)
         inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
         sampling = {"do_sample": False}
