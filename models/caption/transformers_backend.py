@@ -123,6 +123,9 @@ def load(config: CaptionConfig, model: str, path: str, device: str) -> Transform
 
     processor = AutoProcessor.from_pretrained(path)
     net = AutoModelForImageTextToText.from_pretrained(
-        path, dtype=torch_dtype(config.caption_dtype, device), attn_implementation="sdpa"
+        path,
+        dtype=torch_dtype(config.caption_dtype, device),
+        attn_implementation="sdpa",
+        device_map=device if device.startswith("cuda") else None,  # weights straight onto the GPU
     )
     return TransformersCaptionEngine(model, processor, net.to(device).eval(), device)
