@@ -22,6 +22,9 @@ from engine.readers import ShardReport, expand_shards, read_shard, shard_end, sh
 from engine.record import Sample, ShardEnd
 from engine.runtime import Item, Pipeline, RunSummary, SigintStops
 from engine.stage import Stage
+from engine.stages.caption import CaptionStage
+from engine.stages.ocr import Ocr
+from engine.stages.prompt import FusionPrompt
 from engine.writers import DatasetWriter
 from models.base import resolve_device
 
@@ -30,6 +33,9 @@ StageFactory = Callable[[RunConfig], Stage]
 STAGES: dict[str, StageFactory | None] = {
     "probe": lambda cfg: ResolutionFilter(cfg.filter),
     "decode": None,  # built from the views of the stages after it
+    "ocr": lambda cfg: Ocr(cfg.ocr),
+    "prompt": lambda cfg: FusionPrompt(cfg.prompt),
+    "caption": lambda cfg: CaptionStage(cfg.caption, cfg.runtime),
 }
 ALWAYS = ("probe",)
 

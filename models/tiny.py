@@ -1,0 +1,299 @@
+"""Tiny random-weight models of the real architectures, for tests, the demo and CPU benchmarks.
+
+Each role is built from a config in code (no download), seeded so that every build is the same,
+saved with ``save_pretrained`` (weights + processor/tokenizer) and then loaded by the stages
+through the same ``from_pretrained`` code a real checkpoint goes through. Tiny models write
+noise: they exercise the machinery, not the quality.
+
+Other modules add roles with :func:`register`.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from engine.errors import ConfigError
+
+# Bump when a builder changes, so cached folders from an older build are not reused.
+BUILD_VERSION = 3
+SEED = 0
+
+Builder = Callable[[Path], None]
+_BUILDERS: dict[str, Builder] = {}
+
+
+def register(role: str) -> Callable[[Builder], Builder]:
+    """Decorator: ``builder(folder)`` writes the tiny model of ``role`` into an empty folder."""
+
+    def add(builder: Builder) -> Builder:
+        if role in _BUILDERS:
+            raise ValueError(f"tiny model role {role!r} registered twice")
+        _BUILDERS[role] = builder
+        return builder
+
+    return add
+
+
+def roles() -> tuple[str, ...]:
+    return tuple(sorted(_BUILDERS))
+
+
+def ensure(role: str, root: Path) -> Path:
+    """The folder of the tiny model for ``role`` under ``root``, built on first use.
+
+    The build goes to a temporary folder that is renamed into place, so a crash or a concurrent
+    build never leaves a half-written model behind.
+    """
+    if role not in _BUILDERS:
+        raise ConfigError(f"no tiny model for role {role!r} (known: {', '.join(roles())})")
+    root = Path(root)
+    folder = root / f"{role}-v{BUILD_VERSION}"
+    if folder.is_dir():
+        return folder
+    root.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{role}-", dir=root))
+    try:
+        import torch
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(SEED)
+            _BUILDERS[role](scratch)
+        try:
+            scratch.rename(folder)
+        except OSError:
+            if not folder.is_dir():  # not a concurrent build that won the race
+                raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return folder
+
+
+def byte_bpe_tokenizer(corpus: Iterable[str], specials: list[str], vocab_size: int):
+    """A byte-level BPE trained in memory: any text encodes, ids of ``specials`` are 0, 1, ..."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(corpus, trainer)
+    return tokenizer
+
+
+def _printable(piece: str) -> bool:
+    return bool(piece) and piece.isascii() and (piece.isprintable() or piece.strip() == "")
+
+
+def _corpus() -> list[str]:
+    from engine.prompt import CAPTION_ENGINE_INSTRUCTION
+
+    words = (
+        "The image shows a dog, a cat, a person, a car and a red ball on a wooden table. "
+        "Text on the poster reads GRAND OPENING. [World Knowledge] [Detection Box] [OCR] [IMAGE]"
+    )
+    return [CAPTION_ENGINE_INSTRUCTION, words] * 4
+
+
+# A small CLIP-like vision tower shared by the roles that contain one.
+_VISION = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "image_size": 64,
+    "patch_size": 16,
+}
+
+# Mirrors the llava-hf vicuna template: "USER: <image>\n{text} ASSISTANT:" (images first).
+_VICUNA_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ message['content'][0]['text'] }} "
+    "{% else %}{{ message['role'].upper() }}: "
+    "{% for c in message['content'] if c['type'] == 'image' %}<image>\n{% endfor %}"
+    "{% for c in message['content'] if c['type'] == 'text' %}{{ c['text'] }}{% endfor %}"
+    "{% if message['role'] == 'assistant' %}</s>{% endif %} "
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+
+@dataclass(frozen=True)
+class LlavaNextSize:
+    """The dimensions of a LLaVA-NeXT build; the tokenizer is always the small in-memory BPE."""
+
+    vision: dict
+    text: dict
+    base: int  # the vision tower's input side: AnyRes tiles and the overview are this size
+    pinpoints: tuple[tuple[int, int], ...]
+
+
+TINY_LLAVA_NEXT = LlavaNextSize(
+    vision=_VISION,
+    text={"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+          "num_attention_heads": 4, "num_key_value_heads": 4},
+    base=64,
+    pinpoints=((64, 128), (128, 64), (128, 128)),
+)
+
+# llava-hf/llava-v1.6-vicuna-7b-hf: CLIP ViT-L/14-336 + Vicuna-7B (Llama-2 dims, full MHA).
+LLAVA_NEXT_7B = LlavaNextSize(
+    vision={"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
+            "num_attention_heads": 16, "image_size": 336, "patch_size": 14},
+    text={"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+          "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32064,
+          "rms_norm_eps": 1e-5},
+    base=336,
+    pinpoints=((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008)),
+)
+
+
+def llava_next_parts(size: LlavaNextSize):
+    """``(LlavaNextConfig, LlavaNextProcessor)`` of the given dimensions, nothing allocated."""
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaNextConfig,
+        LlavaNextImageProcessor,
+        LlavaNextProcessor,
+        PreTrainedTokenizerFast,
+    )
+
+    specials = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
+    _unk, bos, eos, pad, image = range(len(specials))
+    bpe = byte_bpe_tokenizer(_corpus(), specials, vocab_size=512)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        padding_side="left",
+        extra_special_tokens={"image_token": "<image>"},
+    )
+    tokenizer.chat_template = _VICUNA_CHAT_TEMPLATE
+    text = LlamaConfig(
+        **{"vocab_size": bpe.get_vocab_size(), **size.text},
+        max_position_embeddings=4096,
+        bos_token_id=bos,
+        eos_token_id=eos,
+        pad_token_id=pad,
+    )
+    pinpoints = [list(p) for p in size.pinpoints]
+    config = LlavaNextConfig(
+        vision_config=CLIPVisionConfig(**size.vision, projection_dim=768),
+        text_config=text,
+        image_token_index=image,
+        image_grid_pinpoints=pinpoints,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
+    processor = LlavaNextProcessor(
+        image_processor=LlavaNextImageProcessor(
+            size={"shortest_edge": size.base},
+            crop_size={"height": size.base, "width": size.base},
+            image_grid_pinpoints=pinpoints,
+        ),
+        tokenizer=tokenizer,
+        patch_size=size.vision["patch_size"],
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,  # the CLS token, as in the llava-hf checkpoints
+        chat_template=_VICUNA_CHAT_TEMPLATE,
+    )
+    return config, processor
+
+
+@register("caption")
+def build_llava_next(folder: Path) -> None:
+    """LLaVA-NeXT: CLIP vision tower + Llama, AnyRes over a 64 px base with a 2×2 grid."""
+    from transformers import LlavaNextForConditionalGeneration
+
+    config, processor = llava_next_parts(TINY_LLAVA_NEXT)
+    model = LlavaNextForConditionalGeneration(config).eval()
+    generation = model.generation_config
+    text = config.text_config
+    generation.pad_token_id, generation.bos_token_id = text.pad_token_id, text.bos_token_id
+    generation.eos_token_id = text.eos_token_id
+    # random weights pick any token: keep to printable ASCII pieces so the noise stays text
+    tokenizer = processor.tokenizer
+    generation.suppress_tokens = [
+        i
+        for i in range(len(tokenizer))
+        if i != text.eos_token_id
+        and (i in tokenizer.all_special_ids or not _printable(tokenizer.decode([i])))
+    ]
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+
+
+@register("clip")
+def build_clip_vision(folder: Path) -> None:
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        CLIPVisionModelWithProjection,
+    )
+
+    model = CLIPVisionModelWithProjection(CLIPVisionConfig(**_VISION, projection_dim=32)).eval()
+    model.save_pretrained(folder)
+    CLIPImageProcessor(
+        size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64}
+    ).save_pretrained(folder)
+
+
+@register("owlv2")
+def build_owlv2(folder: Path) -> None:
+    """OWLv2 with a CLIP-style tokenizer whose BOS id is 1: OWLv2 drops queries starting with 0."""
+    from tokenizers import processors
+    from transformers import (
+        Owlv2Config,
+        Owlv2ForObjectDetection,
+        Owlv2ImageProcessor,
+        Owlv2Processor,
+        PreTrainedTokenizerFast,
+    )
+
+    specials = ["<pad>", "<|startoftext|>", "<|endoftext|>"]
+    pad, bos, eos = range(len(specials))
+    bpe = byte_bpe_tokenizer(_corpus(), specials, vocab_size=400)
+    bpe.post_processor = processors.TemplateProcessing(
+        single="<|startoftext|> $A <|endoftext|>",
+        special_tokens=[("<|startoftext|>", bos), ("<|endoftext|>", eos)],
+    )
+    max_query_tokens = 16
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        bos_token="<|startoftext|>",
+        eos_token="<|endoftext|>",
+        pad_token="<pad>",
+        unk_token="<|endoftext|>",
+        model_max_length=max_query_tokens,
+    )
+    hidden = 32  # projection_dim must equal the text hidden size (OWLv2's box/class heads)
+    config = Owlv2Config(
+        text_config={
+            "vocab_size": bpe.get_vocab_size(),
+            "hidden_size": hidden,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "max_position_embeddings": max_query_tokens,
+            "bos_token_id": bos,
+            "eos_token_id": eos,
+            "pad_token_id": pad,
+        },
+        vision_config=_VISION,
+        projection_dim=hidden,
+    )
+    Owlv2ForObjectDetection(config).eval().save_pretrained(folder)
+    Owlv2Processor(
+        image_processor=Owlv2ImageProcessor(size={"height": 64, "width": 64}), tokenizer=tokenizer
+    ).save_pretrained(folder)
