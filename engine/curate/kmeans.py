@@ -35,14 +35,14 @@ class Clustering:
 
 def iter_chunks(rows, chunk_rows: int = DEFAULT_CHUNK_ROWS):
     """(start, float32 block) over a row-sliceable array, one chunk in memory at a time."""
-    n = len(rows)
+    n = rows.shape[0]
     for start in range(0, n, chunk_rows):
         yield start, np.asarray(rows[start:min(n, start + chunk_rows)], dtype=np.float32)
 
 
 def sample_rows(rows, size: int, *, seed: int, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> np.ndarray:
     """A uniform random sample of ``size`` rows (float32), gathered chunk by chunk."""
-    n = len(rows)
+    n = rows.shape[0]
     picked = np.sort(np.random.default_rng(seed).choice(n, size=min(size, n), replace=False))
     parts = []
     for start in range(0, n, chunk_rows):
@@ -81,7 +81,7 @@ def assign(rows, centroids: np.ndarray, *, gpu: bool | None = None,
     if use_gpu() if gpu is None else gpu:
         index = faiss.index_cpu_to_all_gpus(index)
     index.add(centroids)
-    n = len(rows)
+    n = rows.shape[0]
     assignment = np.empty(n, np.int32)
     similarity = np.empty(n, np.float32)
     for start, block in iter_chunks(rows, chunk_rows):
