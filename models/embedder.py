@@ -128,7 +128,7 @@ class ClipEmbedder:
         import torch.nn.functional as F
 
         p = self.preprocess
-        x = torch.from_numpy(np.ascontiguousarray(image)).to(self.device, non_blocking=True)
+        x = torch.from_numpy(np.require(image, requirements=("C", "W"))).to(self.device, non_blocking=True)
         x = x.permute(2, 0, 1).unsqueeze(0).float()
         h, w = x.shape[-2:]
         scale = p.size / min(h, w)
@@ -151,6 +151,11 @@ def _normalise(features) -> np.ndarray:
     features = features.float()
     features = features / features.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     return features.cpu().numpy().astype(np.float32, copy=False)
+
+
+def check_model(model: str, weights: str) -> None:
+    """Fail before any work starts when the embedding model cannot be loaded as named."""
+    _open_clip_name(model, weights)
 
 
 def _open_clip_name(model: str, weights: str) -> tuple[str, str | None]:

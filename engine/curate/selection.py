@@ -36,6 +36,12 @@ class Selection:
     def n(self) -> int:
         return len(self.cluster)
 
+    @classmethod
+    def empty(cls, top_n: int) -> Selection:
+        nothing = np.zeros(0, np.int64)
+        return cls(nothing.astype(np.int32), nothing.astype(np.float32), nothing.astype(np.int32),
+                   nothing, nothing.astype(bool), top_n)
+
     def beyond_top_n(self) -> np.ndarray:
         return ~self.kept & (self.duplicate_of < 0)
 
@@ -147,7 +153,8 @@ def selection_table(index, selection: Selection):
     })
 
 
-def report(selection: Selection, *, n_in: int, n_after_filter: int, eps: float, k: int) -> dict[str, Any]:
+def report(selection: Selection, *, n_in: int, n_after_filter: int, n_embedded: int, eps: float,
+           k: int) -> dict[str, Any]:
     sizes = np.bincount(selection.cluster, minlength=k)
     edges = [0, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000]
     edges = [e for e in edges if e <= max(1, sizes.max(initial=0))] + [int(sizes.max(initial=0)) + 1]
@@ -156,9 +163,10 @@ def report(selection: Selection, *, n_in: int, n_after_filter: int, eps: float, 
     return {
         "n_in": n_in,
         "n_after_resolution_filter": n_after_filter,
-        "n_after_dedup": n_after_filter - n_dups,
+        "n_embedded": n_embedded,  # after the filter, less images that failed to decode
+        "n_after_dedup": n_embedded - n_dups,
         "n_selected": int(selection.kept.sum()),
-        "duplicate_rate": round(n_dups / n_after_filter, 6) if n_after_filter else 0.0,
+        "duplicate_rate": round(n_dups / n_embedded, 6) if n_embedded else 0.0,
         "eps": eps,
         "top_n": selection.top_n,
         "clusters": k,

@@ -23,19 +23,11 @@ from typing import Any
 
 import numpy as np
 
+from engine.manifest import write_json_atomic
 from engine.record import Sample, ShardEnd
 
 INDEX_COLUMNS = ("key", "shard", "path", "member", "offset", "size", "width", "height", "alt_text", "row")
 DEFAULT_CHUNK_ROWS = 16384
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as handle:
-        json.dump(data, handle, indent=2, ensure_ascii=False)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def write_parquet_atomic(table, path: Path) -> None:
@@ -60,21 +52,25 @@ class EmbeddingStore:
         self.manifest: dict[str, Any] = {"version": 1, "shards": {}}
         if self.manifest_path.exists():
             self.manifest = json.loads(self.manifest_path.read_text())
-        if self.zarr_path.exists():
-            self.array = zarr.open_array(self.zarr_path, mode="r+")
-        elif dim is None:
-            raise FileNotFoundError(f"no embedding store at {self.zarr_path}")
-        else:
-            root.mkdir(parents=True, exist_ok=True)
-            self.array = zarr.create_array(
-                self.zarr_path, shape=(0, dim), chunks=(chunk_rows, dim), dtype="float16",
-                compressors=None,  # embeddings barely compress; raw chunks stream fastest
-            )
-        if dim is not None and self.array.shape[1] != dim:
-            raise ValueError(f"{self.zarr_path} holds {self.array.shape[1]}-d embeddings, not {dim}-d")
+        self.chunk_rows = chunk_rows
+        self.array = zarr.open_array(self.zarr_path, mode="r+") if self.zarr_path.exists() else None
+        if dim is not None:
+            self._ensure_array(dim)
         (root / "index.parts").mkdir(parents=True, exist_ok=True)
         (root / "rejects.parts").mkdir(parents=True, exist_ok=True)
         self._pending: dict[str, list[Sample]] = {}
+
+    def _ensure_array(self, dim: int) -> None:
+        import zarr
+
+        if self.array is None:
+            self.root.mkdir(parents=True, exist_ok=True)
+            self.array = zarr.create_array(
+                self.zarr_path, shape=(0, dim), chunks=(self.chunk_rows, dim), dtype="float16",
+                compressors=None,  # embeddings barely compress; raw chunks stream fastest
+            )
+        if self.array.shape[1] != dim:
+            raise ValueError(f"{self.zarr_path} holds {self.array.shape[1]}-d embeddings, not {dim}-d")
 
     # --- writing ---------------------------------------------------------------------
 
@@ -97,6 +93,7 @@ class EmbeddingStore:
         start = self.rows
         if alive:
             vectors = np.stack([s.embedding for s in alive]).astype(np.float16)
+            self._ensure_array(vectors.shape[1])
             if self.array.shape[0] < start + len(alive):
                 self.array.resize((start + len(alive), self.array.shape[1]))
             self.array[start:start + len(alive)] = vectors
@@ -134,6 +131,8 @@ class EmbeddingStore:
 
     def embeddings(self):
         """The committed rows as a (lazy) zarr view; read it in row chunks."""
+        if self.array is None:
+            raise ValueError(f"no embeddings in {self.root}: every sample was rejected")
         return CommittedRows(self.array, self.rows)
 
 
@@ -176,10 +175,11 @@ def _index_table(samples: list[Sample], start: int):
 def _rejects_table(samples: list[Sample]):
     import pyarrow as pa
 
-    return pa.table({
-        "key": pa.array([s.key for s in samples], pa.string()),
-        "shard": pa.array([s.source.shard for s in samples], pa.string()),
-        "stage": pa.array([s.stage or "embed" for s in samples], pa.string()),
-        "status": pa.array([s.status if not s.alive else "error" for s in samples], pa.string()),
-        "reason": pa.array([s.reason or "no embedding" for s in samples], pa.string()),
-    })
+    from engine.writers import REJECT_SCHEMA
+
+    return pa.Table.from_pylist([
+        {"key": s.key, "shard": s.source.shard, "member": s.source.member,
+         "stage": s.stage or "embed", "status": "error" if s.alive else s.status,
+         "reason": s.reason or "no embedding"}
+        for s in samples
+    ], schema=REJECT_SCHEMA)

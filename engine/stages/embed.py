@@ -2,46 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
-from engine.config import option
-from engine.errors import ConfigError
+from engine.config import CurateConfig
 from engine.record import Sample
 from engine.stage import ImageView, Resources, Stage
 
 # EVA02 CLIP models take 224 px crops of the shorter side; a 448 px longer side keeps the
 # shorter side >= 224 for aspect ratios up to 2:1 without decoding more pixels than needed.
 EMBED_VIEW = ImageView("embed", 448)
-
-
-@dataclass(frozen=True)
-class CurateConfig:
-    curate: bool = option(False, "run: curate first (pass 1) and caption only the selected samples")
-    embed_model: str = option(
-        "EVA02-L-14", "embedding model: open_clip architecture, folder with open_clip_config.json, "
-        "'hf-hub:org/repo', or 'tiny'"
-    )
-    embed_weights: str = option(
-        "merged2b_s4b_b131k", "weights for an architecture name: checkpoint file, open_clip "
-        "pretrained tag, or 'random' (benchmarks only)"
-    )
-    embed_batch: int = option(64, "images per embedding batch")
-    curate_clusters: int = option(0, "k-means clusters (0: N / 10,000 like the paper, at least 1)")
-    curate_eps: float = option(0.4, "SemDeDup epsilon: duplicates have cosine similarity > 1 - eps")
-    curate_top_n: int = option(20, "keep this many non-duplicates closest to each centroid")
-    kmeans_iterations: int = option(20, "k-means iterations")
-    kmeans_points_per_centroid: int = option(
-        64, "k-means is fitted on a random sample of this many points per centroid"
-    )
-
-    def validate(self) -> None:
-        if not 0.0 < self.curate_eps < 1.0:
-            raise ConfigError("--curate-eps must be in (0, 1): a cosine-distance threshold")
-        if self.curate_top_n < 1 or self.embed_batch < 1 or self.kmeans_iterations < 1:
-            raise ConfigError("--curate-top-n, --embed-batch and --kmeans-iterations must be >= 1")
-        if self.curate_clusters < 0 or self.kmeans_points_per_centroid < 1:
-            raise ConfigError("--curate-clusters must be >= 0 and --kmeans-points-per-centroid >= 1")
 
 
 def embed_model_path(cfg: CurateConfig, models: str, cache_dir: str) -> str:
