@@ -15,9 +15,9 @@ on tensors from the decoded view so that on a GPU it runs there, in fp16, with t
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -146,7 +146,6 @@ class ClipEmbedder:
 
 
 def _normalise(features) -> np.ndarray:
-    import torch
 
     features = features.float()
     features = features / features.norm(dim=-1, keepdim=True).clamp_min(1e-12)

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
+from engine.config import CurateConfig
 from engine.errors import ConfigError
 from engine.record import Sample, Source
 from engine.stages.embed import EMBED_VIEW, Embed
-from engine.config import CurateConfig
 from models.embedder import CONFIG_FILE, ClipEmbedder, check_model, ensure_tiny
 
 

@@ -4,7 +4,6 @@ reject with the reason curation (or pass 1's filters) gave, so each input key en
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 from engine.config import RunConfig
 from engine.curate.pass1 import curate_dir
