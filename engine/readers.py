@@ -294,6 +294,7 @@ class Selected:
     key: str
     source: Source
     alt_text: str = ""
+    embedding: Any = None  # pass 1's embedding (float32), so pass 2 can reuse it (CLIP zero-shot tags)
 
 
 def read_selected(path: Path, selected: list[Selected], cfg: InputConfig) -> Iterator[Sample]:
@@ -304,12 +305,14 @@ def read_selected(path: Path, selected: list[Selected], cfg: InputConfig) -> Ite
         wanted = {s.key: s for s in selected}
         for sample in read_shard(path, cfg, ShardReport()):
             if sample.key in wanted:
+                sample.embedding = wanted[sample.key].embedding
                 yield sample
         return
     with open(path, "rb") as handle:
         for item in selected:
             sample = Sample(key=item.key, source=item.source, alt_text=item.alt_text,
-                            image_ext=split_member_name(item.source.member)[1] or "jpg")
+                            image_ext=split_member_name(item.source.member)[1] or "jpg",
+                            embedding=item.embedding)
             try:
                 handle.seek(item.source.offset)
                 sample.image_bytes = handle.read(item.source.size)

@@ -15,6 +15,8 @@ import pytest
 import zarr
 
 import densefusion_local
+from engine import config as config_module
+from engine.curate.pass2_source import selected_source
 from engine.demo_data import write_demo_shards
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -109,6 +111,14 @@ def test_run_curate_captions_only_the_selection(shards, cache, tmp_path):
     written = [k for p in sorted((out / "shards").glob("*.parquet")) for k in pq.read_table(p).column("key").to_pylist()]
     rejects = [r for p in sorted((out / "rejects").glob("*.parquet")) for r in pq.read_table(p).to_pylist()]
     assert sorted(written) == sorted(r["key"] for r in selection if r["kept"])
+    # pass 2's samples carry pass 1's embedding (for CLIP zero-shot tagging without re-embedding)
+    vectors = zarr.open_array(out / "curate" / "embeddings.zarr")[:]
+    picked = [(row, r) for row, r in enumerate(selection) if r["kept"]]
+    source = selected_source(config_module.build(None, None, input={"shards": tuple(map(str, shards))},
+                                                 runtime={"out": str(out)}))
+    seen = {s.key: s.embedding for s in source(set()) if hasattr(s, "key") and s.alive}
+    for row, r in picked:
+        np.testing.assert_allclose(seen[r["key"]], vectors[row].astype(np.float32))
     by_key = {(r["shard"], r["key"]): r for r in rejects}
     for r in selection:
         if not r["kept"]:

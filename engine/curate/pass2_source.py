@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
+import numpy as np
+
 from engine.config import RunConfig
 from engine.curate.pass1 import curate_dir
 from engine.curate.store import EmbeddingStore
@@ -22,8 +24,8 @@ def selected_source(cfg: RunConfig) -> Callable[[set[str]], Iterator[Sample | Sh
     selection = pq.read_table(root / "selection.parquet").to_pylist()
     alt_texts = pq.read_table(root / "index.parquet", columns=["alt_text"]).column("alt_text").to_pylist()
     by_shard: dict[str, list[dict]] = {}
-    for row, alt in zip(selection, alt_texts):
-        row["alt_text"] = alt
+    for position, (row, alt) in enumerate(zip(selection, alt_texts)):
+        row["alt_text"], row["row"] = alt, position
         by_shard.setdefault(row["shard"], []).append(row)
     rejects_by_shard: dict[str, list[dict]] = {}
     for row in store.rejects().to_pylist():
@@ -36,7 +38,9 @@ def selected_source(cfg: RunConfig) -> Callable[[set[str]], Iterator[Sample | Sh
             if shard in finished:
                 continue
             rows = by_shard.get(shard, [])
-            kept = [Selected(r["key"], _source(r), r["alt_text"]) for r in rows if r["kept"]]
+            kept_rows = [r for r in rows if r["kept"]]
+            vectors = _embeddings(store, [r["row"] for r in kept_rows])
+            kept = [Selected(r["key"], _source(r), r["alt_text"], v) for r, v in zip(kept_rows, vectors)]
             yield from read_selected(path, kept, cfg.input)
             for r in rows:
                 if not r["kept"]:
@@ -52,6 +56,14 @@ def selected_source(cfg: RunConfig) -> Callable[[set[str]], Iterator[Sample | Sh
             yield ShardEnd(shard, str(path), info.get("samples", 0), tuple(info.get("errors", ())))
 
     return source
+
+
+def _embeddings(store: EmbeddingStore, rows: list[int]) -> list:
+    """Pass 1's embeddings of these rows (one shard's rows are contiguous: one read)."""
+    if not rows:
+        return []
+    block = store.embeddings()[min(rows):max(rows) + 1]
+    return list(block[np.asarray(rows) - min(rows)].astype(np.float32))
 
 
 def _source(row: dict) -> Source:
