@@ -31,17 +31,20 @@ def semdedup_keep_mask(embeddings: np.ndarray, eps: float, *, block: int = DEFAU
     n = len(embeddings)
     best = np.full(n, -np.inf, np.float32)
     best_at = np.full(n, -1, np.int64)
+    # Diagonal blocks keep only i < j: mask the upper triangle, diagonal included. The top-left
+    # corner of this mask serves every smaller diagonal block too.
+    upper = ~np.tri(min(block, n), k=-1, dtype=bool)
     for j0 in range(0, n, block):
         j1 = min(n, j0 + block)
-        cols = np.asarray(embeddings[j0:j1], np.float32)
+        later = np.asarray(embeddings[j0:j1], np.float32)
         for i0 in range(0, j1, block):
             i1 = min(j1, i0 + block)
-            rows = cols if i0 == j0 else np.asarray(embeddings[i0:i1], np.float32)
-            sims = rows @ cols.T
-            if i0 == j0:  # diagonal block: only i < j counts
-                sims[np.tri(len(sims), dtype=bool)] = -np.inf
-            arg = sims.argmax(axis=0)
-            top = sims[arg, np.arange(j1 - j0)]
+            earlier = later if i0 == j0 else np.asarray(embeddings[i0:i1], np.float32)
+            sims = later @ earlier.T  # (j, i): rows reduce along contiguous memory
+            if i0 == j0:
+                np.copyto(sims, -np.inf, where=upper[: j1 - j0, : j1 - j0])
+            arg = sims.argmax(axis=1)
+            top = sims[np.arange(j1 - j0), arg]
             better = top > best[j0:j1]
             best[j0:j1][better] = top[better]
             best_at[j0:j1][better] = arg[better] + i0
