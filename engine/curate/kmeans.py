@@ -44,13 +44,15 @@ def sample_rows(rows, size: int, *, seed: int, chunk_rows: int = DEFAULT_CHUNK_R
     """A uniform random sample of ``size`` rows (float32), gathered chunk by chunk."""
     n = rows.shape[0]
     picked = np.sort(np.random.default_rng(seed).choice(n, size=min(size, n), replace=False))
-    parts = []
+    sample = np.empty((len(picked), rows.shape[1]), np.float32)  # filled in place: no 2x peak
+    filled = 0
     for start in range(0, n, chunk_rows):
         stop = min(n, start + chunk_rows)
         lo, hi = np.searchsorted(picked, (start, stop))
         if hi > lo:
-            parts.append(np.asarray(rows[start:stop], dtype=np.float32)[picked[lo:hi] - start])
-    return np.concatenate(parts) if parts else np.zeros((0, rows.shape[1]), np.float32)
+            sample[filled:filled + hi - lo] = np.asarray(rows[start:stop])[picked[lo:hi] - start]
+            filled += hi - lo
+    return sample
 
 
 def fit_centroids(rows, k: int, *, niter: int = 20, points_per_centroid: int = 64, seed: int = 0,
