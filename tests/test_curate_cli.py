@@ -33,6 +33,13 @@ def cache(tmp_path_factory):
     return tmp_path_factory.mktemp("cache")
 
 
+@pytest.fixture(scope="module")
+def clean(shards, cache, tmp_path_factory):
+    out = tmp_path_factory.mktemp("clean")
+    assert densefusion_local.main(curate_args(shards, out, cache)) == 0
+    return out
+
+
 def curate_args(shards, out, cache, top_n=2):
     return ["curate", "--shards", *map(str, shards), "--out", str(out), "--models", "tiny",
             "--cache-dir", str(cache), "--no-progress", "--embed-batch", "1", "--device", "cpu",
@@ -47,16 +54,19 @@ def read_outputs(out: Path):
             json.loads((curate / "report.json").read_text()))
 
 
-def test_curate_end_to_end_respects_top_n_and_eps(shards, cache, tmp_path):
-    out = tmp_path / "clean"
-    assert densefusion_local.main(curate_args(shards, out, cache)) == 0
-    index, vectors, selection, report = read_outputs(out)
+def test_curate_end_to_end_respects_top_n_and_eps(clean):
+    index, vectors, selection, report = read_outputs(clean)
     assert len(index) == len(selection) == report["n_embedded"] == len(vectors) > 0
     norms = np.linalg.norm(vectors.astype(np.float32), axis=1)
     np.testing.assert_allclose(norms, 1.0, atol=2e-3)
     x = vectors.astype(np.float32)
     kept = [r for r in selection if r["kept"]]
     assert report["n_selected"] == len(kept) > 0
+    n_dups = sum(r["reason"].startswith("duplicate of ") for r in selection)
+    assert report["n_after_dedup"] == report["n_embedded"] - n_dups >= report["n_selected"]
+    assert report["n_in"] == report["n_after_resolution_filter"] + report["rejected_by_stage"]["probe"]
+    assert report["n_in"] == len(index) + sum(report["rejected_by_stage"].values())
+    assert sum(h["clusters"] for h in report["cluster_size_histogram"]) == 3
     for c in {r["cluster"] for r in selection}:
         members = sorted((r for r in selection if r["cluster"] == c), key=lambda r: r["rank"])
         assert [r["rank"] for r in members] == list(range(len(members)))
@@ -79,9 +89,8 @@ def test_curate_end_to_end_respects_top_n_and_eps(shards, cache, tmp_path):
         assert handle.read(first["size"])[:2] in (b"\xff\xd8", b"\x89P")
 
 
-def test_curate_resumes_after_sigkill(shards, cache, tmp_path):
-    clean, killed = tmp_path / "clean", tmp_path / "killed"
-    assert densefusion_local.main(curate_args(shards, clean, cache)) == 0
+def test_curate_resumes_after_sigkill(shards, cache, clean, tmp_path):
+    killed = tmp_path / "killed"
     cmd = [sys.executable, str(ROOT / "densefusion_local.py"), *curate_args(shards, killed, cache)]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     manifest = killed / "curate" / "manifest.json"
