@@ -98,3 +98,30 @@ def test_select_keeps_reference_survivors_top_n(tmp_path):
     assert expected_dup.sum() > 0
     assert sel.kept.sum() == 6 * top_n
     assert np.all(np.bincount(sel.cluster[sel.kept], minlength=6) <= top_n)
+
+
+TRITON_CHECK = """
+import numpy as np
+from engine.curate.semdedup import semdedup_keep_mask
+from tests.test_semdedup import EPS, planted_cluster, reference_duplicates, unit
+rng = np.random.default_rng(4)
+x = planted_cluster(unit(rng.standard_normal(16)), 150, rng, dim=16)
+result = semdedup_keep_mask(x, EPS, backend="triton", device="cpu")
+assert np.array_equal(~result.keep, reference_duplicates(x, EPS)) and (~result.keep).any()
+print("ok")
+"""
+
+
+def test_triton_backend_equals_reference_under_the_interpreter():
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton")
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "TRITON_INTERPRET": "1"}  # must be set before triton is imported
+    done = subprocess.run([sys.executable, "-c", TRITON_CHECK], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == "ok"

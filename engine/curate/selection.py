@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from engine.curate.kmeans import DEFAULT_CHUNK_ROWS, Clustering
-from engine.curate.semdedup import DEFAULT_BLOCK, semdedup_keep_mask
+from engine.curate.semdedup import DEFAULT_BLOCK, default_backend, semdedup_keep_mask
 
 READ_BATCH_BYTES = 64 << 20  # small clusters are read from the scratch file together
 
@@ -47,7 +47,10 @@ class Selection:
 
 
 def select(rows, clustering: Clustering, *, eps: float = 0.4, top_n: int = 20, scratch: Path,
-           block: int = DEFAULT_BLOCK, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> Selection:
+           block: int = DEFAULT_BLOCK, chunk_rows: int = DEFAULT_CHUNK_ROWS,
+           backend: tuple[str, str] | None = None) -> Selection:
+    """``backend``: (name, device) for :func:`semdedup_keep_mask`; default: GPU kernel if any."""
+    backend_name, device = backend or default_backend()
     n, dim = rows.shape
     k = len(clustering.centroids)
     # Rows grouped by cluster (stable: row order inside a cluster), then closest first per cluster.
@@ -73,7 +76,7 @@ def select(rows, clustering: Clustering, *, eps: float = 0.4, top_n: int = 20, s
                 order = np.argsort(-clustering.similarity[members], kind="stable")
                 ordered = members[order]
                 vectors = batch[starts[c] - lo:starts[c + 1] - lo][order]
-                result = semdedup_keep_mask(vectors, eps, block=block)
+                result = semdedup_keep_mask(vectors, eps, block=block, backend=backend_name, device=device)
                 rank[ordered] = np.arange(len(ordered))
                 dup = ~result.keep
                 duplicate_of[ordered[dup]] = ordered[result.nearest_earlier[dup]]

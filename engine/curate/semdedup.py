@@ -6,8 +6,9 @@ Earlier members count whether or not they were themselves duplicates: the refere
 column maximum of the upper-triangular similarity matrix over all earlier rows, so the rule is
 not transitive, and we follow it as written.
 
-The similarity matrix is computed in square blocks, upper triangle only, so a cluster of any
-size needs ``block**2`` floats of scratch, never ``n**2``.
+On the CPU the similarity matrix is computed in square blocks, upper triangle only, so a
+cluster of any size needs ``block**2`` floats of scratch, never ``n**2``. On a GPU the fused
+Triton kernel (kernels/earlier_max.py) keeps each tile in registers and needs O(n) memory.
 """
 
 from __future__ import annotations
@@ -26,14 +27,51 @@ class DedupResult:
     max_similarity: np.ndarray  # float32 (n,): its cosine similarity (-inf for the first)
 
 
-def semdedup_keep_mask(embeddings: np.ndarray, eps: float, *, block: int = DEFAULT_BLOCK) -> DedupResult:
-    """Apply the SemDeDup rule to unit-norm ``embeddings`` already sorted closest-first."""
+def semdedup_keep_mask(embeddings: np.ndarray, eps: float, *, block: int = DEFAULT_BLOCK,
+                       backend: str = "numpy", device: str = "cpu") -> DedupResult:
+    """Apply the SemDeDup rule to unit-norm ``embeddings`` already sorted closest-first.
+
+    ``backend``: "numpy" (blocked, CPU) or "triton" (fused kernel on ``device``).
+    """
+    if backend == "triton":
+        best, best_at = _earlier_max_triton(embeddings, device)
+    elif backend == "numpy":
+        best, best_at = _earlier_max_blocked(embeddings, block)
+    else:
+        raise ValueError(f"unknown SemDeDup backend {backend!r}: numpy or triton")
+    keep = ~(best > 1.0 - eps)
+    return DedupResult(keep=keep, nearest_earlier=best_at, max_similarity=best)
+
+
+def default_backend() -> tuple[str, str]:
+    """(backend, device): the Triton kernel when torch sees a GPU and Triton imports."""
+    try:
+        import torch
+        import triton  # noqa: F401
+    except ImportError:
+        return "numpy", "cpu"
+    return ("triton", "cuda") if torch.cuda.is_available() else ("numpy", "cpu")
+
+
+def _earlier_max_triton(embeddings: np.ndarray, device: str) -> tuple[np.ndarray, np.ndarray]:
+    import torch
+
+    from kernels.earlier_max import earlier_max
+
+    if len(embeddings) == 0:
+        return np.zeros(0, np.float32), np.zeros(0, np.int64)
+    x = torch.from_numpy(np.ascontiguousarray(embeddings)).to(device).float()
+    best, best_at = earlier_max(x)
+    return best.cpu().numpy(), best_at.cpu().numpy()
+
+
+def _earlier_max_blocked(embeddings: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
     n = len(embeddings)
     best = np.full(n, -np.inf, np.float32)
     best_at = np.full(n, -1, np.int64)
     # Diagonal blocks keep only i < j: mask the upper triangle, diagonal included. The top-left
     # corner of this mask serves every smaller diagonal block too.
-    upper = ~np.tri(min(block, n), k=-1, dtype=bool)
+    upper = ~np.tri(max(1, min(block, n)), k=-1, dtype=bool)
     for j0 in range(0, n, block):
         j1 = min(n, j0 + block)
         later = np.asarray(embeddings[j0:j1], np.float32)
@@ -48,5 +86,4 @@ def semdedup_keep_mask(embeddings: np.ndarray, eps: float, *, block: int = DEFAU
             better = top > best[j0:j1]
             best[j0:j1][better] = top[better]
             best_at[j0:j1][better] = arg[better] + i0
-    keep = ~(best > 1.0 - eps)
-    return DedupResult(keep=keep, nearest_earlier=best_at, max_similarity=best)
+    return best, best_at
