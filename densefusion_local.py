@@ -36,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, help_text in (
-        ("run", "caption the images of --shards into --out (pass 2)"),
+        ("run", "caption the images of --shards into --out (pass 2; with --curate, pass 1 first)"),
+        ("curate", "pass 1 only: embed --shards, cluster, de-duplicate and select into --out/curate"),
         ("demo", "run the whole pipeline on built-in sample shards with tiny random-weight "
                  "models (writes noise captions; no weights or data needed)"),
     ):
@@ -52,9 +53,32 @@ def command_run(args: argparse.Namespace) -> int:
     from engine import pipeline
 
     cfg = config_module.build(args, args.config)
-    summary = pipeline.run(cfg)
+    source = None
+    if cfg.curate.curate:
+        from engine.curate.pass1 import format_report, run_curate
+        from engine.curate.pass2_source import selected_source
+
+        report = run_curate(cfg)
+        if report is None:
+            print(f"interrupted during curation: rerun with --out {cfg.runtime.out} to finish")
+            return 130
+        print(format_report(report, Path(cfg.runtime.out)))
+        source = selected_source(cfg)
+    summary = pipeline.run(cfg, source=source)
     print(pipeline.format_summary(summary, Path(cfg.runtime.out)))
     return 130 if summary.interrupted else 0
+
+
+def command_curate(args: argparse.Namespace) -> int:
+    from engine.curate.pass1 import format_report, run_curate
+
+    cfg = config_module.build(args, args.config)
+    report = run_curate(cfg)
+    if report is None:
+        print(f"interrupted: rerun with --out {cfg.runtime.out} to finish the remaining shards")
+        return 130
+    print(format_report(report, Path(cfg.runtime.out)))
+    return 0
 
 
 def command_demo(args: argparse.Namespace) -> int:
@@ -76,7 +100,7 @@ def demo_overrides(out: str, shards: list[Path]) -> dict:
             "runtime": {"out": out, "models": "tiny"}}
 
 
-COMMANDS = {"run": command_run, "demo": command_demo}
+COMMANDS = {"run": command_run, "curate": command_curate, "demo": command_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

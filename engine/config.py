@@ -177,6 +177,35 @@ class CaptionConfig:
 
 
 @dataclass(frozen=True)
+class CurateConfig:
+    curate: bool = option(False, "run: curate first (pass 1) and caption only the selected samples")
+    embed_model: str = option(
+        "EVA02-L-14", "embedding model: open_clip architecture, folder with open_clip_config.json, "
+        "'hf-hub:org/repo', or 'tiny'"
+    )
+    embed_weights: str = option(
+        "merged2b_s4b_b131k", "weights for an architecture name: checkpoint file, open_clip "
+        "pretrained tag, or 'random' (benchmarks only)"
+    )
+    embed_batch: int = option(64, "images per embedding batch")
+    curate_clusters: int = option(0, "k-means clusters (0: N / 10,000 like the paper, at least 1)")
+    curate_eps: float = option(0.4, "SemDeDup epsilon: duplicates have cosine similarity > 1 - eps")
+    curate_top_n: int = option(20, "keep this many non-duplicates closest to each centroid")
+    kmeans_iterations: int = option(20, "k-means iterations")
+    kmeans_points_per_centroid: int = option(
+        64, "k-means is fitted on a random sample of this many points per centroid"
+    )
+
+    def validate(self) -> None:
+        if not 0.0 < self.curate_eps < 1.0:
+            raise ConfigError("--curate-eps must be in (0, 1): a cosine-distance threshold")
+        if self.curate_top_n < 1 or self.embed_batch < 1 or self.kmeans_iterations < 1:
+            raise ConfigError("--curate-top-n, --embed-batch and --kmeans-iterations must be >= 1")
+        if self.curate_clusters < 0 or self.kmeans_points_per_centroid < 1:
+            raise ConfigError("--curate-clusters must be >= 0 and --kmeans-points-per-centroid >= 1")
+
+
+@dataclass(frozen=True)
 class RuntimeConfig:
     out: str = option("", "output folder (created; a rerun with the same folder resumes)")
     stages: tuple[str, ...] = option(
@@ -221,6 +250,7 @@ class RunConfig:
     prompt: PromptConfig = PromptConfig()
     caption: CaptionConfig = CaptionConfig()
     runtime: RuntimeConfig = RuntimeConfig()
+    curate: CurateConfig = CurateConfig()
 
     def validate(self) -> RunConfig:
         for section in dataclasses.fields(self):

@@ -282,3 +282,43 @@ def read_folder(path: Path, cfg: InputConfig, report: ShardReport) -> Iterator[S
         except OSError as exc:
             sample.fail(READER, f"cannot read {relative}: {exc}")
         yield sample
+
+
+# --- selected members (pass 2 after curation) --------------------------------------------
+
+
+@dataclass(frozen=True)
+class Selected:
+    """One sample pass 1 selected, located well enough to read it again directly."""
+
+    key: str
+    source: Source
+    alt_text: str = ""
+    embedding: Any = None  # pass 1's embedding (float32), so pass 2 can reuse it (CLIP zero-shot tags)
+
+
+def read_selected(path: Path, selected: list[Selected], cfg: InputConfig) -> Iterator[Sample]:
+    """The selected samples of one shard. Tars are read by member offset (a seek and a read
+    per image, no scan of the rest of the tar); parquet files and folders are read through
+    their normal chain, keeping only the selected keys."""
+    if shard_kind(path) != "tar" or any(s.source.offset < 0 for s in selected):
+        wanted = {s.key: s for s in selected}
+        for sample in read_shard(path, cfg, ShardReport()):
+            if sample.key in wanted:
+                sample.embedding = wanted[sample.key].embedding
+                yield sample
+        return
+    with open(path, "rb") as handle:
+        for item in selected:
+            sample = Sample(key=item.key, source=item.source, alt_text=item.alt_text,
+                            image_ext=split_member_name(item.source.member)[1] or "jpg",
+                            embedding=item.embedding)
+            try:
+                handle.seek(item.source.offset)
+                sample.image_bytes = handle.read(item.source.size)
+                if len(sample.image_bytes) != item.source.size:
+                    raise OSError(f"read {len(sample.image_bytes)} of {item.source.size} bytes")
+            except OSError as exc:
+                sample.fail(READER, f"{path} member {item.source.member!r} at offset "
+                                    f"{item.source.offset}: {exc}")
+            yield sample

@@ -1,0 +1,143 @@
+"""k-means + SemDeDup + top-N selection on synthetic embeddings, against an in-memory reference.
+
+    python -m bench curate                          # 1,000,000 x 768 into 1,000 clusters
+    python -m bench curate --n 4000000 --k 4000 --no-reference
+
+Both sides run in their own child process (so each peak-memory figure is its own) on the same
+float16 zarr array:
+
+* ours: FAISS fit on a sample of ``--points-per-centroid`` per centroid, assignment streamed
+  from zarr in chunks, blocked upper-triangle SemDeDup per cluster read from a scratch file;
+* reference: the straightforward version, everything in memory as float32: FAISS fit on a
+  sample (FAISS's default 256 points per centroid), assign all, full NumPy similarity matrix
+  per cluster, upper-triangle column max, top N.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def make_embeddings(path: Path, n: int, dim: int, k: int, seed: int = 0, chunk: int = 65536):
+    """Clustered unit vectors with ~10% planted near-duplicates, written chunk by chunk."""
+    import zarr
+
+    rng = np.random.default_rng(seed)
+    centers = rng.standard_normal((k, dim)).astype(np.float32)
+    centers /= np.linalg.norm(centers, axis=1, keepdims=True)
+    array = zarr.create_array(path, shape=(n, dim), chunks=(16384, dim), dtype="float16", compressors=None)
+    for start in range(0, n, chunk):
+        m = min(chunk, n - start)
+        x = centers[rng.integers(0, k, m)] + rng.standard_normal((m, dim), dtype=np.float32) / np.sqrt(dim)
+        copies = rng.random(m) < 0.1
+        sources = rng.integers(0, m, copies.sum())
+        x[copies] = x[sources] + 0.3 * rng.standard_normal((copies.sum(), dim), dtype=np.float32) / np.sqrt(dim)
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        array[start:start + m] = x.astype(np.float16)
+
+
+def run_ours(path: Path, args) -> dict:
+    import zarr
+
+    from engine.curate.kmeans import cluster
+    from engine.curate.selection import select
+
+    rows = zarr.open_array(path, mode="r")
+    t0 = time.perf_counter()
+    clustering = cluster(rows, args.k, niter=args.niter, points_per_centroid=args.points_per_centroid)
+    t1 = time.perf_counter()
+    sel = select(rows, clustering, eps=args.eps, top_n=args.top_n, scratch=path.parent / "scratch.bin")
+    t2 = time.perf_counter()
+    return {"kmeans_s": t1 - t0, "dedup_select_s": t2 - t1, "total_s": t2 - t0,
+            "mean_similarity": float(clustering.similarity.mean()),
+            "duplicates": int((sel.duplicate_of >= 0).sum()), "selected": int(sel.kept.sum())}
+
+
+def run_reference(path: Path, args) -> dict:
+    import faiss
+    import zarr
+
+    x = zarr.open_array(path, mode="r")[:].astype(np.float32)
+    t0 = time.perf_counter()
+    n, dim = x.shape
+    kmeans = faiss.Kmeans(dim, args.k, niter=args.niter, spherical=True, seed=0, verbose=False)
+    kmeans.train(x)  # FAISS subsamples to 256 points per centroid itself
+    sims, ids = kmeans.index.search(x, 1)
+    t1 = time.perf_counter()
+    assignment, similarity = ids[:, 0], sims[:, 0]
+    duplicates, selected = 0, 0
+    for c in range(args.k):
+        members = np.flatnonzero(assignment == c)
+        members = members[np.argsort(-similarity[members])]
+        block = x[members]
+        matrix = block @ block.T
+        np.fill_diagonal(matrix, 0.0)
+        dup = np.triu(matrix, k=1).max(axis=0, initial=0.0) > 1 - args.eps
+        duplicates += int(dup.sum())
+        selected += min(args.top_n, int((~dup).sum()))
+    t2 = time.perf_counter()
+    return {"kmeans_s": t1 - t0, "dedup_select_s": t2 - t1, "total_s": t2 - t0,
+            "mean_similarity": float(similarity.mean()), "duplicates": duplicates, "selected": selected}
+
+
+def _child(side: str, path: Path, args) -> dict:
+    cmd = [sys.executable, "-m", "bench", "curate", "--worker", side, "--data", str(path),
+           "--k", str(args.k), "--niter", str(args.niter), "--eps", str(args.eps),
+           "--top-n", str(args.top_n), "--points-per-centroid", str(args.points_per_centroid)]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{side} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench curate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=1_000_000)
+    parser.add_argument("--dim", type=int, default=768)
+    parser.add_argument("--k", type=int, default=1000)
+    parser.add_argument("--niter", type=int, default=20)
+    parser.add_argument("--eps", type=float, default=0.4)
+    parser.add_argument("--top-n", type=int, default=20)
+    parser.add_argument("--points-per-centroid", type=int, default=64)
+    parser.add_argument("--no-reference", action="store_true", help="only our side (large N)")
+    parser.add_argument("--workdir", default=None, help="where the synthetic zarr goes (default: temp)")
+    parser.add_argument("--worker", choices=("ours", "reference"), help=argparse.SUPPRESS)
+    parser.add_argument("--data", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.worker:
+        result = (run_ours if args.worker == "ours" else run_reference)(Path(args.data), args)
+        result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        print(json.dumps(result))
+        return 0
+
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+        path = Path(tmp) / "embeddings.zarr"
+        t = time.perf_counter()
+        make_embeddings(path, args.n, args.dim, args.k)
+        print(f"synthetic: {args.n:,} x {args.dim} float16 into {args.k:,} clusters "
+              f"(made in {time.perf_counter() - t:.1f}s), eps={args.eps}, top {args.top_n}")
+        sides = ["ours"] + ([] if args.no_reference else ["reference"])
+        results = {side: _child(side, path, args) for side in sides}
+    for side, r in results.items():
+        print(f"{side:<10} k-means {r['kmeans_s']:7.1f}s  dedup+select {r['dedup_select_s']:7.1f}s  "
+              f"total {r['total_s']:7.1f}s  peak RSS {r['peak_rss_gb']:.2f} GB  "
+              f"mean cos to centroid {r['mean_similarity']:.4f}  duplicates {r['duplicates']:,}  "
+              f"selected {r['selected']:,}")
+    if "reference" in results:
+        ours, ref = results["ours"], results["reference"]
+        print(f"ratio (reference / ours): time {ref['total_s'] / ours['total_s']:.2f}x  "
+              f"k-means {ref['kmeans_s'] / ours['kmeans_s']:.2f}x  "
+              f"dedup+select {ref['dedup_select_s'] / ours['dedup_select_s']:.2f}x  "
+              f"peak memory {ref['peak_rss_gb'] / ours['peak_rss_gb']:.2f}x")
+    return 0

@@ -1,0 +1,119 @@
+"""Pass 1 end to end: shards → embeddings (resumable per shard) → clusters → selection.
+
+    OUT/curate/embeddings.zarr, index.parquet   the store (store.py)
+    OUT/curate/selection.parquet                one row per embedded sample, kept or why not
+    OUT/curate/report.json                      counts and the cluster-size histogram
+
+Embedding is the per-image part and commits shard by shard; the global step (k-means,
+SemDeDup, selection) runs once all shards are in, and is redone only if the store changed
+since the last report (its row count is recorded there).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from engine.config import RunConfig
+from engine.curate.kmeans import cluster, default_k
+from engine.curate.selection import Selection, report, select, selection_table
+from engine.curate.store import EmbeddingStore, write_parquet_atomic
+from engine.decode import Decode
+from engine.errors import ConfigError
+from engine.manifest import write_json_atomic
+from engine.pipeline import _Progress, resolved, shard_source
+from engine.probe import ResolutionFilter
+from engine.readers import expand_shards, shard_kind
+from engine.runtime import Pipeline, SigintStops
+from engine.stages.embed import EMBED_VIEW, Embed, embed_model_path
+
+CURATE_DIR = "curate"
+
+
+def curate_dir(cfg: RunConfig) -> Path:
+    return Path(cfg.runtime.out) / CURATE_DIR
+
+
+def run_curate(cfg: RunConfig) -> dict[str, Any] | None:
+    """Run pass 1 into OUT/curate; returns the report, or None when interrupted."""
+    cfg = resolved(cfg)
+    paths = expand_shards(cfg.input.shards)
+    if not paths:
+        raise ConfigError("no input shards: pass --shards (tar, parquet or image folders)")
+    for path in paths:
+        shard_kind(path)
+    model = embed_model_path(cfg.curate, cfg.runtime.models, cfg.runtime.cache_dir)
+    from models.embedder import check_model
+
+    check_model(model, cfg.curate.embed_weights)
+    root = curate_dir(cfg)
+    store = EmbeddingStore(root)
+    stages = [
+        ResolutionFilter(cfg.filter),
+        Decode(cfg.decode, cfg.filter, (EMBED_VIEW,), cfg.runtime.device),
+        Embed(cfg.curate, model=model, device=cfg.runtime.device),
+    ]
+    progress = _Progress(cfg.runtime.progress)
+    pipeline = Pipeline(stages, cfg.runtime.queue_depth, progress.update)
+    start = time.perf_counter()
+    try:
+        with SigintStops(pipeline):
+            _, interrupted = pipeline.run(shard_source(paths, cfg, store.finished), store)
+    finally:
+        store.close()
+        progress.close()
+    if interrupted:
+        return None
+    embed_s = time.perf_counter() - start
+    return select_from_store(store, cfg, embed_s=embed_s)
+
+
+def select_from_store(store: EmbeddingStore, cfg: RunConfig, *, embed_s: float = 0.0) -> dict[str, Any]:
+    """The global step; skipped when report.json already describes the store as it is."""
+    import json
+
+    report_path = store.root / "report.json"
+    settings = {k: v for k, v in dataclasses.asdict(cfg.curate).items() if k != "curate"}
+    if report_path.exists():
+        previous = json.loads(report_path.read_text())
+        if previous.get("rows") == store.rows and previous.get("settings") == settings:
+            return previous
+    index = store.consolidate()
+    shards = store.manifest["shards"].values()
+    n_in = sum(s["samples"] for s in shards)
+    rejects = store.rejects()
+    rejected_by_stage = Counter(rejects.column("stage").to_pylist())
+    n_filtered = rejected_by_stage.get(ResolutionFilter.name, 0)
+    start = time.perf_counter()
+    if store.rows:
+        rows = store.embeddings()
+        k = min(cfg.curate.curate_clusters or default_k(store.rows), store.rows)
+        clustering = cluster(rows, k, niter=cfg.curate.kmeans_iterations,
+                             points_per_centroid=cfg.curate.kmeans_points_per_centroid)
+        selection = select(rows, clustering, eps=cfg.curate.curate_eps, top_n=cfg.curate.curate_top_n,
+                           scratch=store.root / "by_cluster.scratch")
+        write_parquet_atomic(selection_table(index, selection), store.root / "selection.parquet")
+        result = report(selection, n_in=n_in, n_after_filter=n_in - n_filtered,
+                        n_embedded=store.rows, eps=cfg.curate.curate_eps, k=k)
+    else:
+        write_parquet_atomic(selection_table(index, Selection.empty(cfg.curate.curate_top_n)),
+                             store.root / "selection.parquet")
+        result = report(Selection.empty(cfg.curate.curate_top_n), n_in=n_in, n_after_filter=n_in - n_filtered, n_embedded=0,
+                        eps=cfg.curate.curate_eps, k=0)
+    result.update(rejected_by_stage=dict(rejected_by_stage), rows=store.rows, settings=settings, embed_s=round(embed_s, 3),
+                  select_s=round(time.perf_counter() - start, 3))
+    write_json_atomic(report_path, result)
+    return result
+
+
+def format_report(result: dict[str, Any], out: Path) -> str:
+    return (
+        f"curate: {result['n_in']} in, {result['n_after_resolution_filter']} after the resolution "
+        f"filter, {result['n_embedded']} embedded, {result['n_after_dedup']} after SemDeDup "
+        f"(eps {result['eps']}), {result['n_selected']} selected (top {result['top_n']} of "
+        f"{result['clusters']} clusters)\n"
+        f"curation: {out}/{CURATE_DIR}/selection.parquet  report: {out}/{CURATE_DIR}/report.json"
+    )

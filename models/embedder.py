@@ -1,0 +1,208 @@
+"""EVA-CLIP image (and text) embeddings through open_clip, L2-normalised.
+
+A model is named by one string:
+
+* a local folder holding ``open_clip_config.json`` and the weights (what ``tiny`` builds),
+* ``hf-hub:<org>/<repo>`` (open_clip's own hub loader),
+* a built-in open_clip architecture name (``EVA02-L-14``) together with ``weights``: a
+  checkpoint file (state dict), one of open_clip's pretrained tags, or ``random`` (random
+  weights, for throughput measurements only: they cost exactly what real weights cost).
+
+Preprocessing is the model's own (size, mean, std, shortest-side resize, centre crop), done
+on tensors from the decoded view so that on a GPU it runs there, in fp16, with the model.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from engine.errors import ConfigError
+
+RANDOM_WEIGHTS = "random"
+CONFIG_FILE = "open_clip_config.json"
+WEIGHTS_FILE = "open_clip_model.safetensors"
+
+# A random-weight EVA02 of the real family: timm's EVA02-tiny vision tower, a 2-layer text
+# tower on the CLIP tokenizer's vocabulary. Small enough to build and run in a test.
+TINY_CONFIG = {
+    "model_cfg": {
+        "embed_dim": 64,
+        "vision_cfg": {
+            "image_size": 224,
+            "timm_model_name": "eva02_tiny_patch14_224",
+            "timm_model_pretrained": False,
+            "timm_pool": "token",
+            "timm_proj": None,
+        },
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+        "custom_text": True,
+    },
+    "preprocess_cfg": {
+        "size": 224,
+        "mean": [0.48145466, 0.4578275, 0.40821073],
+        "std": [0.26862954, 0.26130258, 0.27577711],
+        "interpolation": "bicubic",
+        "resize_mode": "shortest",
+    },
+}
+
+
+def build_tiny(folder: Path, seed: int = 0) -> Path:
+    """Write a random-weight tiny EVA02-CLIP to ``folder`` in open_clip's local-dir layout."""
+    import open_clip
+    import torch
+    from safetensors.torch import save_file
+
+    torch.manual_seed(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = {k: v for k, v in TINY_CONFIG["model_cfg"].items() if k != "custom_text"}
+    model = open_clip.CustomTextCLIP(**cfg)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(folder / WEIGHTS_FILE))
+    (folder / CONFIG_FILE).write_text(json.dumps(TINY_CONFIG, indent=2))
+    return folder
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """The model's own image preprocessing, as numbers we can apply to tensors."""
+
+    size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str  # "bicubic" | "bilinear"
+
+
+class ClipEmbedder:
+    """Batched, L2-normalised EVA-CLIP embeddings of images (uint8 HWC arrays) and texts."""
+
+    def __init__(self, model: str, *, weights: str = "", device: str = "cpu",
+                 fp16: bool | None = None) -> None:
+        import open_clip
+        import torch
+
+        self.device = device
+        self.fp16 = device.startswith("cuda") if fp16 is None else fp16
+        precision = "fp16" if self.fp16 else "fp32"
+        name, pretrained = _open_clip_name(model, weights)
+        self.model = open_clip.create_model(
+            name, pretrained=pretrained, precision=precision, device=device, load_weights=True
+        ).eval()
+        self.tokenizer = open_clip.get_tokenizer(name)
+        cfg = self.model.visual.preprocess_cfg
+        size = cfg["size"] if isinstance(cfg["size"], int) else cfg["size"][0]
+        self.preprocess = Preprocess(size, tuple(cfg["mean"]), tuple(cfg["std"]),
+                                     cfg.get("interpolation", "bicubic"))
+        self.name = model
+        self._dtype = torch.float16 if self.fp16 else torch.float32
+        self.dim = int(self.embed_texts(["a"]).shape[1])  # open_clip keeps it in no single place
+
+    def embed_images(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        """(N, D) float32, unit norm, for RGB uint8 HWC arrays of any size."""
+        import torch
+
+        if not images:
+            return np.zeros((0, self.dim), np.float32)
+        pixels = torch.stack([self._to_pixels(img) for img in images])
+        with torch.inference_mode():
+            features = self.model.encode_image(pixels, normalize=False)
+        return _normalise(features)
+
+    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """(N, D) float32, unit norm: CLIP text embeddings in the same space as the images."""
+        import torch
+
+        tokens = self.tokenizer(list(texts)).to(self.device)
+        with torch.inference_mode():
+            features = self.model.encode_text(tokens, normalize=False)
+        return _normalise(features)
+
+    def _to_pixels(self, image: np.ndarray):
+        """Shortest side to ``size`` (antialiased), centre crop, scale, normalise: on the device."""
+        import torch
+        import torch.nn.functional as F
+
+        p = self.preprocess
+        x = torch.from_numpy(np.require(image, requirements=("C", "W"))).to(self.device, non_blocking=True)
+        x = x.permute(2, 0, 1).unsqueeze(0).float()
+        h, w = x.shape[-2:]
+        scale = p.size / min(h, w)
+        new_h, new_w = max(p.size, round(h * scale)), max(p.size, round(w * scale))
+        mode = "bicubic" if p.interpolation == "bicubic" else "bilinear"
+        x = F.interpolate(x, size=(new_h, new_w), mode=mode, antialias=True, align_corners=False)
+        top, left = (new_h - p.size) // 2, (new_w - p.size) // 2
+        x = x[0, :, top:top + p.size, left:left + p.size].clamp_(0, 255) / 255.0
+        mean = torch.tensor(p.mean, device=x.device).view(3, 1, 1)
+        std = torch.tensor(p.std, device=x.device).view(3, 1, 1)
+        return ((x - mean) / std).to(self._dtype)
+
+    def describe(self) -> str:
+        return f"open_clip {self.name} ({'fp16' if self.fp16 else 'fp32'}, {self.device})"
+
+
+def _normalise(features) -> np.ndarray:
+
+    features = features.float()
+    features = features / features.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    return features.cpu().numpy().astype(np.float32, copy=False)
+
+
+def check_model(model: str, weights: str) -> None:
+    """Fail before any work starts when the embedding model cannot be loaded as named."""
+    _open_clip_name(model, weights)
+
+
+def _open_clip_name(model: str, weights: str) -> tuple[str, str | None]:
+    """Map our model naming onto open_clip's (model_name, pretrained)."""
+    import open_clip
+
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if not (path / CONFIG_FILE).is_file():
+            raise ConfigError(f"embedding model folder {path} has no {CONFIG_FILE}")
+        return f"local-dir:{path}", None
+    if model.startswith("hf-hub:"):
+        return model, None
+    if model not in open_clip.list_models():
+        raise ConfigError(
+            f"embedding model {model!r} is neither a folder with {CONFIG_FILE}, an 'hf-hub:' id, "
+            f"nor an open_clip architecture (e.g. EVA02-L-14)"
+        )
+    if not weights:
+        raise ConfigError(
+            f"embedding model {model} needs --embed-weights: a checkpoint file, an open_clip "
+            f"pretrained tag, or '{RANDOM_WEIGHTS}' (random weights, for benchmarks)"
+        )
+    if weights == RANDOM_WEIGHTS:
+        return model, None
+    if Path(weights).expanduser().is_file():
+        return model, str(Path(weights).expanduser())
+    if weights in open_clip.list_pretrained_tags_by_model(model):
+        return model, weights
+    raise ConfigError(f"--embed-weights {weights!r}: no such file, and not a pretrained tag of {model}")
+
+
+def ensure_tiny(root: Path) -> Path:
+    """The tiny embedder's folder under ``root``, built once (atomically: temp folder, rename)."""
+    import shutil
+    import tempfile
+
+    folder = root / "embed"
+    if (folder / CONFIG_FILE).is_file():
+        return folder
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".embed-", dir=root))
+    try:
+        build_tiny(tmp)
+        tmp.rename(folder)
+    except OSError:
+        if not (folder / CONFIG_FILE).is_file():  # lost a race with another builder: theirs is fine
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
