@@ -11,59 +11,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
-from engine.config import option
-from engine.errors import ConfigError
+from engine.config import FusionConfig
 from engine.record import Box
 
 XYXY = tuple[float, float, float, float]
 SIZE_BUCKETS = ("small", "medium", "large")
-
-
-@dataclass(frozen=True)
-class FusionConfig:
-    open_min_score: float = option(0.3, "keep open-set (OWLv2) boxes scoring at least this")
-    closed_min_score: float = option(0.5, "keep closed-set detector boxes scoring at least this")
-    merge_iou: float = option(
-        0.5, "an open-set and a closed-set box with the same label and IoU >= this become one"
-    )
-    small_area: float = option(
-        0.01, "a box covering less than this share of the image is small (0.01 = 10%% x 10%%)"
-    )
-    large_area: float = option(0.1, "a box covering at least this share of the image is large")
-    quota_small: int = option(5, "boxes kept from the small bucket before the others")
-    quota_medium: int = option(3, "boxes kept from the medium bucket (plus what small left over)")
-    quota_large: int = option(2, "boxes kept from the large bucket (plus what medium left over)")
-    max_boxes: int = option(10, "at most this many boxes per image")
-    label_synonyms: tuple[str, ...] = option(
-        ("person=man,woman,boy,girl,child,people", "car=automobile", "cell phone=mobile phone,phone",
-         "tv=television", "sofa=couch", "bicycle=bike", "motorcycle=motorbike", "airplane=aeroplane,plane"),
-        "label groups treated as one when merging: 'canonical=syn1,syn2'",
-    )
-
-    def validate(self) -> None:
-        for name in ("open_min_score", "closed_min_score", "merge_iou"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be in [0, 1]")
-        if not 0.0 < self.small_area <= self.large_area <= 1.0:
-            raise ConfigError("need 0 < --small-area <= --large-area <= 1")
-        if min(self.quota_small, self.quota_medium, self.quota_large, self.max_boxes) < 0:
-            raise ConfigError("box quotas and --max-boxes must be >= 0")
-        for group in self.label_synonyms:
-            if "=" not in group:
-                raise ConfigError(f"--label-synonyms entry {group!r} must read 'canonical=syn1,syn2'")
-
-    def synonym_map(self) -> dict[str, str]:
-        """Every synonym (and canonical name), normalised, → its canonical name."""
-        table: dict[str, str] = {}
-        for group in self.label_synonyms:
-            canonical, _, rest = group.partition("=")
-            head = _singular(_clean(canonical))
-            for word in (canonical, *rest.split(",")):
-                if word.strip():
-                    table[_singular(_clean(word))] = head
-        return table
 
 
 # --- coordinates ---------------------------------------------------------------------
@@ -116,13 +70,23 @@ def _singular(word_phrase: str) -> str:
     head, _, last = word_phrase.rpartition(" ")
     if len(last) > 3 and last.endswith("ies"):
         last = last[:-3] + "y"
-    elif len(last) > 3 and last.endswith(("ches", "shes", "sses", "xes", "zes")):
-        last = last[:-2]
-    elif len(last) > 4 and last.endswith("uses"):
+    elif len(last) > 3 and last.endswith(("ches", "shes", "sses", "xes", "zes")) or len(last) > 4 and last.endswith("uses"):
         last = last[:-2]
     elif len(last) > 2 and last.endswith("s") and not last.endswith(("ss", "us", "is")):
         last = last[:-1]
     return f"{head} {last}" if head else last
+
+
+def synonym_map(cfg: FusionConfig) -> dict[str, str]:
+    """Every synonym (and canonical name), normalised, → its canonical name."""
+    table: dict[str, str] = {}
+    for group in cfg.label_synonyms:
+        canonical, _, rest = group.partition("=")
+        head = _singular(_clean(canonical))
+        for word in (canonical, *rest.split(",")):
+            if word.strip():
+                table[_singular(_clean(word))] = head
+    return table
 
 
 def canonical_label(label: str, synonyms: dict[str, str]) -> str:
@@ -146,7 +110,7 @@ def merge_detectors(open_boxes: Sequence[Box], closed_boxes: Sequence[Box], cfg:
     the label, score and coordinates of the more confident of the two, with source "fused".
     Unmatched boxes pass through unchanged.
     """
-    synonyms = cfg.synonym_map()
+    synonyms = synonym_map(cfg)
     open_labels = [canonical_label(b.label, synonyms) for b in open_boxes]
     closed_labels = [canonical_label(b.label, synonyms) for b in closed_boxes]
     pairs = []

@@ -32,7 +32,11 @@ class Owlv2Detector:
     def __init__(self, model: str, *, device: str = "cpu", preprocess: str = "tensor",
                  query_template: str = "a photo of a {}", nms_iou: float = 0.5, fp16: bool | None = None):
         import torch
-        from transformers import AutoImageProcessor, AutoTokenizer, Owlv2ForObjectDetection
+        from transformers import (
+            AutoImageProcessor,
+            AutoTokenizer,
+            Owlv2ForObjectDetection,
+        )
 
         if preprocess not in PREPROCESS_MODES:
             raise ValueError(f"preprocess must be one of {PREPROCESS_MODES}")

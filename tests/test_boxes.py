@@ -1,7 +1,6 @@
 import pytest
 
 from engine.boxes import (
-    FusionConfig,
     balanced_sample,
     canonical_label,
     fuse_boxes,
@@ -9,8 +8,10 @@ from engine.boxes import (
     keep_confident,
     merge_detectors,
     normalise_pixels,
+    synonym_map,
     unpad_square,
 )
+from engine.config import FusionConfig
 from engine.errors import ConfigError
 from engine.record import Box
 
@@ -56,7 +57,7 @@ def test_per_detector_thresholds_and_empty_boxes():
 
 
 def test_labels_singular_and_synonyms():
-    syn = FusionConfig().synonym_map()
+    syn = synonym_map(FusionConfig())
     assert canonical_label("Dogs", syn) == "dog"
     assert canonical_label("buses", syn) == "bus"
     assert canonical_label("glass", syn) == "glass"

@@ -5,7 +5,12 @@ import pytest
 import torch
 
 from engine.errors import ConfigError
-from models.detector import OnnxDetector, TransformersDetector, load_detector, read_label_map
+from models.detector import (
+    OnnxDetector,
+    TransformersDetector,
+    load_detector,
+    read_label_map,
+)
 from tests.tiny_experts import TINY_DETECTOR_LABELS, build_tiny_detector
 
 

@@ -3,7 +3,13 @@ import pytest
 import torch
 
 from models import ram_plus
-from models.ram_plus import RamPlus, RamPlusConfig, build_tiny, load_ram_plus, read_checkpoint_state
+from models.ram_plus import (
+    RamPlus,
+    RamPlusConfig,
+    build_tiny,
+    load_ram_plus,
+    read_checkpoint_state,
+)
 
 
 def released_checkpoint_keys() -> dict[str, tuple[int, ...]]:

@@ -9,9 +9,21 @@ from pathlib import Path
 
 def build_tiny_owlv2(folder: Path) -> Path:
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import Owlv2Config, Owlv2ForObjectDetection, Owlv2ImageProcessor, Owlv2Processor
-    from transformers import PreTrainedTokenizerFast
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
+    from transformers import (
+        Owlv2Config,
+        Owlv2ForObjectDetection,
+        Owlv2ImageProcessor,
+        Owlv2Processor,
+        PreTrainedTokenizerFast,
+    )
 
     torch.manual_seed(0)
     specials = ["<pad>", "<|startoftext|>", "<|endoftext|>"]
