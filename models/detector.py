@@ -164,3 +164,20 @@ def load_detector(model: str, *, device: str = "cpu", label_map: str = "", input
     if model.endswith(".onnx"):
         return OnnxDetector(model, label_map=label_map, input_size=input_size, device=device)
     return TransformersDetector(model, device=device)
+
+
+TINY_DETECTOR_LABELS = {0: "dog", 1: "cat", 2: "car"}
+
+
+def build_tiny(folder: Path) -> Path:
+    """A random-weight YOLOS (no backbone download) saved as a transformers checkpoint."""
+    import torch
+    from transformers import YolosConfig, YolosForObjectDetection, YolosImageProcessor
+
+    torch.manual_seed(0)
+    config = YolosConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                         image_size=[64, 64], patch_size=16, num_detection_tokens=5,
+                         id2label=TINY_DETECTOR_LABELS, label2id={v: k for k, v in TINY_DETECTOR_LABELS.items()})
+    YolosForObjectDetection(config).eval().save_pretrained(folder)
+    YolosImageProcessor(size={"shortest_edge": 64, "longest_edge": 96}).save_pretrained(folder)
+    return Path(folder)

@@ -6,12 +6,13 @@ import torch
 
 from engine.errors import ConfigError
 from models.detector import (
+    TINY_DETECTOR_LABELS,
     OnnxDetector,
     TransformersDetector,
     load_detector,
     read_label_map,
 )
-from tests.tiny_experts import TINY_DETECTOR_LABELS, build_tiny_detector
+from models.detector import build_tiny as build_tiny_detector
 
 
 def image(h, w, value=255):

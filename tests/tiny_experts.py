@@ -52,19 +52,3 @@ def build_tiny_owlv2(folder: Path) -> Path:
                    tokenizer=tokenizer).save_pretrained(folder)
     return Path(folder)
 
-
-TINY_DETECTOR_LABELS = {0: "dog", 1: "cat", 2: "car"}
-
-
-def build_tiny_detector(folder: Path) -> Path:
-    """A random-weight YOLOS (no backbone download) saved as a transformers checkpoint."""
-    import torch
-    from transformers import YolosConfig, YolosForObjectDetection, YolosImageProcessor
-
-    torch.manual_seed(0)
-    config = YolosConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                         image_size=[64, 64], patch_size=16, num_detection_tokens=5,
-                         id2label=TINY_DETECTOR_LABELS, label2id={v: k for k, v in TINY_DETECTOR_LABELS.items()})
-    YolosForObjectDetection(config).eval().save_pretrained(folder)
-    YolosImageProcessor(size={"shortest_edge": 64, "longest_edge": 96}).save_pretrained(folder)
-    return Path(folder)
