@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 import torch
+from tiny_experts import build_tiny_owlv2
 
 from models.owlv2 import Owlv2Detector
-from tests.tiny_experts import build_tiny_owlv2
 
 
 @pytest.fixture(scope="module")
