@@ -90,6 +90,9 @@ class OnnxDetector:
         self.size = input_size or (static[0] if len(static) == 2 and static[0] == static[1] else 0)
         if not self.size:
             raise ConfigError(f"{path}: the input size is dynamic; give it with --closed-input-size")
+        from models.preprocess import Letterbox
+
+        self.letterbox = Letterbox(self.size, "cpu")  # 0–255, no normalisation: the graph's own
         self.fixed_batch = shape[0] if isinstance(shape[0], int) else 0
         outputs = {o.name for o in self.session.get_outputs()}
         if not {"boxes", "scores", "labels"} <= outputs:
@@ -118,23 +121,9 @@ class OnnxDetector:
         return out
 
     def _inputs(self, images: Sequence[np.ndarray]) -> tuple[np.ndarray, list[float]]:
-        """Longer side → ``size``, padded bottom/right, float32 0–255 NCHW."""
-        import torch
-        import torch.nn.functional as F
-
-        s = self.size
-        batch = np.zeros((len(images), 3, s, s), np.float32)
-        scales = []
-        for i, image in enumerate(images):
-            h, w = image.shape[:2]
-            scale = s / max(h, w)
-            nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
-            t = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
-            if (nh, nw) != (h, w):
-                t = F.interpolate(t, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
-            batch[i, :, :nh, :nw] = t[0].numpy()
-            scales.append(scale)
-        return batch, scales
+        """Longer side → ``size``, padded bottom/right, float32 0–255 NCHW (the file's contract)."""
+        batch, scales = self.letterbox(images)
+        return batch.numpy(), scales
 
     def describe(self) -> str:
         return f"closed-set onnx {self.name} ({self.providers[0]})"

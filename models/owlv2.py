@@ -19,6 +19,7 @@ Boxes come back normalised to [0, 1] of the original image (see ``engine.boxes.u
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -46,12 +47,11 @@ class Owlv2Detector:
         self.tokenizer = AutoTokenizer.from_pretrained(model)
         self.processor = AutoImageProcessor.from_pretrained(model)
         self.size = self.model.config.vision_config.image_size
-        self.mean = torch.tensor(self.processor.image_mean, device=device).view(1, 3, 1, 1)
-        self.std = torch.tensor(self.processor.image_std, device=device).view(1, 3, 1, 1)
         self.preprocess_mode = preprocess
         self.query_template = query_template
         self.nms_iou = nms_iou
         self.max_query_tokens = min(self.tokenizer.model_max_length, self.model.config.text_config.max_position_embeddings)
+        self._letterbox = None  # built on first use (buffers reused across batches)
         self._queries: dict[str, torch.Tensor] = {}  # query text → projected text embedding
         self.name = model
 
@@ -81,23 +81,15 @@ class Owlv2Detector:
 
     def preprocess(self, images: Sequence[np.ndarray]):
         """RGB uint8 HWC arrays → (B, 3, S, S) normalised, padded bottom/right to a square."""
-        import torch
-        import torch.nn.functional as F
+        from models.preprocess import Letterbox
 
         if self.preprocess_mode == "stock":
             pixels = self.processor(images=list(images), return_tensors="pt")["pixel_values"]
             return pixels.to(self.device, self.dtype)
-        s = self.size
-        batch = torch.zeros(len(images), 3, s, s, device=self.device)  # padding = 0 in [0, 1], as stock
-        for i, image in enumerate(images):
-            h, w = image.shape[:2]
-            scale = s / max(h, w)
-            nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
-            t = torch.from_numpy(np.ascontiguousarray(image)).to(self.device).permute(2, 0, 1)[None].float()
-            if (nh, nw) != (h, w):
-                t = F.interpolate(t, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
-            batch[i, :, :nh, :nw] = t[0] / 255.0
-        return ((batch - self.mean) / self.std).to(self.dtype)
+        if self._letterbox is None or self._letterbox.side != self.size:
+            self._letterbox = Letterbox(self.size, self.device, self.processor.image_mean, self.processor.image_std)
+        pixels, _ = self._letterbox(images)  # padding 0 = black, as the stock path
+        return pixels.to(self.dtype)
 
     def detect(self, images: Sequence[np.ndarray], queries: Sequence[Sequence[str]], *,
                min_score: float = 0.0) -> list[list[Box]]:
@@ -154,3 +146,60 @@ def _cxcywh_to_xyxy(boxes):
 
     cx, cy, w, h = boxes.unbind(-1)
     return torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], dim=-1)
+
+
+TINY_VISION = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+               "image_size": 64, "patch_size": 16}
+
+
+def build_tiny(folder: Path, *, vision: dict | None = None) -> Path:
+    """A random-weight OWLv2 with an in-memory byte-level BPE tokenizer (no download).
+
+    ``vision`` replaces the tiny vision tower (``{}``: the real base one, 960 px) for
+    throughput measurements. Traps: ``projection_dim`` must equal the text hidden size, and
+    OWLv2 masks queries whose first token id is 0, so the BOS id is 1.
+    """
+    import torch
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
+    from transformers import (
+        Owlv2Config,
+        Owlv2ForObjectDetection,
+        Owlv2ImageProcessor,
+        Owlv2Processor,
+        PreTrainedTokenizerFast,
+    )
+
+    torch.manual_seed(0)
+    specials = ["<pad>", "<|startoftext|>", "<|endoftext|>"]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    bpe.train_from_iterator(["a photo of a dog cat person car tree sky table cup"] * 4, trainer)
+    bpe.post_processor = processors.TemplateProcessing(
+        single="<|startoftext|> $A <|endoftext|>", special_tokens=[("<|startoftext|>", 1), ("<|endoftext|>", 2)]
+    )
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|startoftext|>", eos_token="<|endoftext|>",
+                                        pad_token="<pad>", unk_token="<|endoftext|>", model_max_length=16)
+    hidden = 32
+    config = Owlv2Config(
+        text_config={"vocab_size": bpe.get_vocab_size(), "hidden_size": hidden, "intermediate_size": 64,
+                     "num_hidden_layers": 2, "num_attention_heads": 2, "max_position_embeddings": 16,
+                     "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0},
+        vision_config=TINY_VISION if vision is None else vision,
+        projection_dim=hidden,
+    )
+    Owlv2ForObjectDetection(config).eval().save_pretrained(folder)
+    side = config.vision_config.image_size
+    Owlv2Processor(image_processor=Owlv2ImageProcessor(size={"height": side, "width": side}),
+                   tokenizer=tokenizer).save_pretrained(folder)
+    return Path(folder)
+

@@ -358,14 +358,11 @@ class RamPlus(nn.Module):
     def preprocess(self, images: list[np.ndarray], device: str | torch.device) -> torch.Tensor:
         """RGB uint8 HWC arrays → normalised (B, 3, S, S), resized on the device (the reference
         resizes to a square, ignoring the aspect ratio)."""
-        size = self.cfg.image_size
-        mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
-        batch = []
-        for image in images:
-            t = torch.from_numpy(np.ascontiguousarray(image)).to(device).permute(2, 0, 1)[None].float()
-            batch.append(F.interpolate(t, size=(size, size), mode="bilinear", antialias=True, align_corners=False))
-        return (torch.cat(batch) / 255.0 - mean) / std
+        from models.preprocess import normalise, resize, to_tensor
+
+        size = (self.cfg.image_size, self.cfg.image_size)
+        batch = torch.cat([resize(to_tensor(image, device), size) for image in images])
+        return normalise(batch, IMAGENET_MEAN, IMAGENET_STD, torch.float32)
 
 
 # --- files -----------------------------------------------------------------------------

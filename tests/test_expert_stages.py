@@ -3,7 +3,6 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from tiny_experts import build_tiny_owlv2
 
 from engine.config import ExpertsConfig, FusionConfig, RunConfig, RuntimeConfig
 from engine.errors import ConfigError
@@ -21,6 +20,7 @@ from engine.stages.experts import build_tag, tag_vocabulary
 from engine.stages.tag import ClipTag, RamPlusTag
 from models import ram_plus
 from models.detector import build_tiny as build_tiny_detector
+from models.owlv2 import build_tiny as build_tiny_owlv2
 
 
 def sample(key, h=48, w=80, seed=0, **views):
