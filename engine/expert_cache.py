@@ -134,4 +134,4 @@ class CachedExpert(Stage):
             self.cache.close()
 
     def describe(self) -> str:
-        return f"{self.inner.describe()} [expert cache {self.cache_path.name}: {self.hits} hits]"
+        return f"{self.inner.describe()} [expert cache {self.cache_path}]"

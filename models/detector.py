@@ -55,7 +55,9 @@ class TransformersDetector:
 
         if not images:
             return []
-        inputs = self.processor(images=list(images), return_tensors="pt")
+        # the processor wraps arrays with torch.from_numpy, which wants writable memory
+        images = [img if img.flags.writeable else img.copy() for img in images]
+        inputs = self.processor(images=images, return_tensors="pt")
         inputs = {k: v.to(self.device, self.dtype) if v.is_floating_point() else v.to(self.device)
                   for k, v in inputs.items()}
         with torch.inference_mode():

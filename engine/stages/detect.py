@@ -79,8 +79,6 @@ class Detect(Stage):
 
     def _fuse(self, sample: Sample, open_boxes: list[Box], closed_boxes: list[Box]) -> None:
         sample.boxes = fuse_boxes(open_boxes, closed_boxes, self.fusion)
-        sample.scores["boxes_open"] = float(len(open_boxes))
-        sample.scores["boxes_closed"] = float(len(closed_boxes))
         sample.views.pop(OWLV2_VIEW, None)
         sample.views.pop(CLOSED_VIEW, None)
 

@@ -81,9 +81,11 @@ def tag_vocabulary(cfg: RunConfig, ram_plus: str) -> list[str]:
 def build_detect(cfg: RunConfig) -> Stage:
     experts = cfg.experts
     owlv2 = model_path(experts.owlv2_model, "owlv2", cfg)
-    closed = model_path(experts.closed_detector, "detector", cfg)
+    # with --models tiny every expert runs, the closed-set detector too (it is off by default)
+    closed_name = experts.closed_detector or ("tiny" if cfg.runtime.models == "tiny" else "")
+    closed = model_path(closed_name, "detector", cfg)
     stage = Detect(experts, cfg.boxes, owlv2_model=owlv2, closed_model=closed, device=cfg.runtime.device,
-                   owlv2_side=_owlv2_side(owlv2), closed_side=experts.closed_input_size or 1333)
+                   owlv2_side=_owlv2_side(owlv2), closed_side=_closed_side(closed, experts))
     # boxes depend on the tags (OWLv2's queries), so the tagger's fingerprint is part of theirs
     print_ = fingerprint("detect", _options(experts, set(dataclasses.asdict(experts)) - _NOT_OUTPUT - _TAG_FIELDS),
                          cfg.boxes, tag_fingerprint(cfg), cfg.runtime.models)
@@ -96,6 +98,17 @@ def _owlv2_side(model: str) -> int:
     if config.is_file():
         return int(json.loads(config.read_text())["vision_config"].get("image_size", 960))
     return 960
+
+
+def _closed_side(model: str, experts: ExpertsConfig) -> int:
+    """The view the closed-set detector needs: its processor's longest edge (DETR: 1333)."""
+    if experts.closed_input_size:
+        return experts.closed_input_size
+    processor = Path(model) / "preprocessor_config.json"
+    if model and not model.endswith(".onnx") and processor.is_file():
+        size = json.loads(processor.read_text()).get("size", {})
+        return int(size.get("longest_edge") or max(size.get("height", 0), size.get("width", 0)) or 1333)
+    return 1333
 
 
 def _cached(stage: Stage, cfg: RunConfig, expert: str, fields: tuple[str, ...]) -> Stage:
