@@ -28,6 +28,7 @@ non-default sizes such as the tiny test model).
 from __future__ import annotations
 
 import json
+import pickle
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -388,7 +389,13 @@ def read_checkpoint_state(path: Path) -> dict[str, torch.Tensor]:
     its sizes (``relative_position_index``, ``attn_mask``) are dropped, and the old name
     ``vision_multi`` becomes ``tagging_head``, as the reference's loader does.
     """
-    raw = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:  # a checkpoint that pickled more than tensors
+        raise ValueError(
+            f"{path} holds more than tensors; if you trust it, re-save its state dict once: "
+            f"torch.save({{'model': torch.load(path, weights_only=False)['model']}}, path)"
+        ) from exc
     state = raw.get("model", raw)
     out = {}
     for key, value in state.items():

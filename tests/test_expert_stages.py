@@ -176,6 +176,9 @@ def test_build_tag_misconfiguration_fails_up_front(tmp_path):
     cfg = RunConfig(runtime=RuntimeConfig(out=str(tmp_path), cache_dir=str(tmp_path)))
     with pytest.raises(ConfigError, match="--ram-plus-model"):
         build_tag(cfg)
+    missing = dataclasses.replace(cfg, experts=ExpertsConfig(ram_plus_model=str(tmp_path / "nope.pth")))
+    with pytest.raises(ConfigError, match="does not exist"):
+        build_tag(missing)
     clip = dataclasses.replace(cfg, experts=ExpertsConfig(tagger="clip"))
     with pytest.raises(ConfigError, match="vocabulary"):
         tag_vocabulary(clip, "")

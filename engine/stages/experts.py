@@ -53,6 +53,9 @@ def build_tag(cfg: RunConfig, *, embedder_factory=None) -> Stage:
         if not ram_plus:
             raise ConfigError("--tagger ram_plus needs --ram-plus-model (the ram_plus_swin_large_14m.pth "
                               "checkpoint or its folder); or use --tagger clip")
+        if ram_plus != "tiny" and cfg.runtime.models != "tiny" and not Path(ram_plus).expanduser().exists():
+            raise ConfigError(f"--ram-plus-model {ram_plus} does not exist: give the local "
+                              f"ram_plus_swin_large_14m.pth (or its folder) with ram_tag_list.txt beside it")
         stage: Stage = RamPlusTag(experts, model=model_path(ram_plus, "ram_plus", cfg), device=device)
     else:
         if embedder_factory is None:
