@@ -239,6 +239,94 @@ def _check_writable(out: Path) -> None:
         raise ConfigError(f"output folder {out} is not writable (checked {probe_dir})")
 
 
+# --- pass 2: vision experts (engine/stages/tag.py, engine/stages/detect.py, engine/boxes.py) ---
+
+TAGGERS = ("ram_plus", "clip")
+
+
+@dataclass(frozen=True)
+class ExpertsConfig:
+    tagger: str = option("ram_plus", "image tagger: ram_plus, or clip (zero-shot from the pass-1 "
+                         "embedding against the same vocabulary)", choices=TAGGERS)
+    ram_plus_model: str = option(
+        "", "RAM++ checkpoint (ram_plus_swin_large_14m.pth) or its folder, with ram_tag_list.txt "
+        "(and ram_tag_list_threshold.txt) beside it; 'tiny'"
+    )
+    tag_batch: int = option(16, "images per tagging batch")
+    max_tags: int = option(30, "keep at most this many tags per image (they are OWLv2's queries)")
+    tag_vocab: str = option(
+        "", "clip tagger: vocabulary file, one tag a line (default: ram_tag_list.txt beside --ram-plus-model)"
+    )
+    clip_tag_template: str = option("a photo of a {}.", "clip tagger: text prompt per tag")
+    clip_tag_threshold: float = option(0.2, "clip tagger: minimum cosine similarity of a tag")
+    clip_tag_top_k: int = option(10, "clip tagger: at most this many tags per image")
+    owlv2_model: str = option(
+        "google/owlv2-base-patch16-ensemble", "open-set detector (transformers OWLv2 folder or hub id; "
+        "'tiny'; '' turns it off)"
+    )
+    owlv2_preprocess: str = option("tensor", "OWLv2 preprocessing: tensor (fast) or stock (the processor)",
+                                   choices=("tensor", "stock"))
+    owlv2_query_template: str = option("a photo of a {}", "OWLv2 text query per tag")
+    owlv2_nms_iou: float = option(0.5, "OWLv2: per-label non-maximum suppression IoU (1 = off)")
+    closed_detector: str = option(
+        "", "closed-set detector: transformers object-detection checkpoint (folder or hub id) or an "
+        ".onnx file with boxes/scores/labels outputs; 'tiny'; '' = off"
+    )
+    closed_label_map: str = option("", "ONNX detector: labels.json / labels.txt (default: beside the .onnx)")
+    closed_input_size: int = option(0, "ONNX detector: input side when the graph's is dynamic")
+    detect_batch: int = option(8, "images per detection batch")
+    expert_cache: str = option(
+        "", "expert outputs cache (sqlite) keyed by image hash + expert config: '' = "
+        "<cache-dir>/experts.sqlite, 'off' = no cache"
+    )
+
+    def validate(self) -> None:
+        if min(self.tag_batch, self.detect_batch) < 1:
+            raise ConfigError("--tag-batch and --detect-batch must be >= 1")
+        if self.max_tags < 0 or self.clip_tag_top_k < 0 or self.closed_input_size < 0:
+            raise ConfigError("--max-tags, --clip-tag-top-k and --closed-input-size must be >= 0")
+        if "{}" not in self.clip_tag_template or "{}" not in self.owlv2_query_template:
+            raise ConfigError("--clip-tag-template and --owlv2-query-template need a {} for the tag")
+        if not 0.0 < self.owlv2_nms_iou <= 1.0:
+            raise ConfigError("--owlv2-nms-iou must be in (0, 1]")
+
+
+@dataclass(frozen=True)
+class FusionConfig:
+    """Box fusion rules (engine/boxes.py); every default is listed in the README."""
+
+    open_min_score: float = option(0.3, "keep open-set (OWLv2) boxes scoring at least this")
+    closed_min_score: float = option(0.5, "keep closed-set detector boxes scoring at least this")
+    merge_iou: float = option(
+        0.5, "an open-set and a closed-set box with the same label and IoU >= this become one"
+    )
+    small_area: float = option(
+        0.01, "a box covering less than this share of the image is small (0.01 = 10%% x 10%%)"
+    )
+    large_area: float = option(0.1, "a box covering at least this share of the image is large")
+    quota_small: int = option(5, "boxes kept from the small bucket before the others")
+    quota_medium: int = option(3, "boxes kept from the medium bucket (plus what small left over)")
+    quota_large: int = option(2, "boxes kept from the large bucket (plus what medium left over)")
+    max_boxes: int = option(10, "at most this many boxes per image")
+    label_synonyms: tuple[str, ...] = option(
+        ("person=man,woman,boy,girl,child,people", "car=automobile", "cell phone=mobile phone,phone",
+         "tv=television", "sofa=couch", "bicycle=bike", "motorcycle=motorbike", "airplane=aeroplane,plane"),
+        "label groups treated as one when merging: 'canonical=syn1,syn2'",
+    )
+
+    def validate(self) -> None:
+        for name in ("open_min_score", "closed_min_score", "merge_iou"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be in [0, 1]")
+        if not 0.0 < self.small_area <= self.large_area <= 1.0:
+            raise ConfigError("need 0 < --small-area <= --large-area <= 1")
+        if min(self.quota_small, self.quota_medium, self.quota_large, self.max_boxes) < 0:
+            raise ConfigError("box quotas and --max-boxes must be >= 0")
+        for group in self.label_synonyms:
+            if "=" not in group:
+                raise ConfigError(f"--label-synonyms entry {group!r} must read 'canonical=syn1,syn2'")
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """The whole configuration of one run; sections are passed down, never re-spread."""
@@ -251,6 +339,8 @@ class RunConfig:
     caption: CaptionConfig = CaptionConfig()
     runtime: RuntimeConfig = RuntimeConfig()
     curate: CurateConfig = CurateConfig()
+    experts: ExpertsConfig = ExpertsConfig()
+    boxes: FusionConfig = FusionConfig()
 
     def validate(self) -> RunConfig:
         for section in dataclasses.fields(self):

@@ -22,6 +22,7 @@ from engine.readers import ShardReport, expand_shards, read_shard, shard_end, sh
 from engine.record import Sample, ShardEnd
 from engine.runtime import Item, Pipeline, RunSummary, SigintStops
 from engine.stage import Stage
+from engine.stages.experts import build_detect, build_tag
 from engine.stages.caption import CaptionStage
 from engine.stages.ocr import Ocr
 from engine.stages.prompt import FusionPrompt
@@ -33,6 +34,8 @@ StageFactory = Callable[[RunConfig], Stage]
 STAGES: dict[str, StageFactory | None] = {
     "probe": lambda cfg: ResolutionFilter(cfg.filter),
     "decode": None,  # built from the views of the stages after it
+    "tag": build_tag,
+    "detect": build_detect,
     "ocr": lambda cfg: Ocr(cfg.ocr),
     "prompt": lambda cfg: FusionPrompt(cfg.prompt),
     "caption": lambda cfg: CaptionStage(cfg.caption, cfg.runtime),

@@ -249,51 +249,25 @@ def build_clip_vision(folder: Path) -> None:
     ).save_pretrained(folder)
 
 
+# --- the vision experts' roles -----------------------------------------------------------
+
+
+@register("ram_plus")
+def build_ram_plus(folder: Path) -> None:
+    from models.ram_plus import build_tiny
+
+    build_tiny(folder)
+
+
+@register("detector")
+def build_closed_detector(folder: Path) -> None:
+    from models.detector import build_tiny
+
+    build_tiny(folder)
+
+
 @register("owlv2")
 def build_owlv2(folder: Path) -> None:
-    """OWLv2 with a CLIP-style tokenizer whose BOS id is 1: OWLv2 drops queries starting with 0."""
-    from tokenizers import processors
-    from transformers import (
-        Owlv2Config,
-        Owlv2ForObjectDetection,
-        Owlv2ImageProcessor,
-        Owlv2Processor,
-        PreTrainedTokenizerFast,
-    )
+    from models.owlv2 import build_tiny
 
-    specials = ["<pad>", "<|startoftext|>", "<|endoftext|>"]
-    pad, bos, eos = range(len(specials))
-    bpe = byte_bpe_tokenizer(_corpus(), specials, vocab_size=400)
-    bpe.post_processor = processors.TemplateProcessing(
-        single="<|startoftext|> $A <|endoftext|>",
-        special_tokens=[("<|startoftext|>", bos), ("<|endoftext|>", eos)],
-    )
-    max_query_tokens = 16
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=bpe,
-        bos_token="<|startoftext|>",
-        eos_token="<|endoftext|>",
-        pad_token="<pad>",
-        unk_token="<|endoftext|>",
-        model_max_length=max_query_tokens,
-    )
-    hidden = 32  # projection_dim must equal the text hidden size (OWLv2's box/class heads)
-    config = Owlv2Config(
-        text_config={
-            "vocab_size": bpe.get_vocab_size(),
-            "hidden_size": hidden,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "max_position_embeddings": max_query_tokens,
-            "bos_token_id": bos,
-            "eos_token_id": eos,
-            "pad_token_id": pad,
-        },
-        vision_config=_VISION,
-        projection_dim=hidden,
-    )
-    Owlv2ForObjectDetection(config).eval().save_pretrained(folder)
-    Owlv2Processor(
-        image_processor=Owlv2ImageProcessor(size={"height": 64, "width": 64}), tokenizer=tokenizer
-    ).save_pretrained(folder)
+    build_tiny(folder)

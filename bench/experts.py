@@ -1,0 +1,195 @@
+"""``python -m bench experts``: images/s of every vision expert, and OWLv2 preprocessing.
+
+Per expert, on decoded views of photo-sized images (the work of the tag/detect stages
+after decode): RAM++ tagging, CLIP zero-shot tagging from a stored embedding over a
+4,585-tag vocabulary, OWLv2 queried with tags, the closed-set detector, box fusion.
+Default: tiny random-weight models (CPU, machinery only). ``--real``: the real sizes with
+random weights (RAM++ Swin-L 384, OWLv2 base 960 px vision tower, a closed-set
+DETR-ResNet-50 — random weights cost what real ones cost), meant for a GPU.
+
+OWLv2 preprocessing: the engine's tensor path (resize the longer side, pad) against the
+stock processor (``AutoImageProcessor``: pad, Gaussian blur, resize the square), and the
+PIL/SciPy processor when SciPy is installed, at 960 px, same images, same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def photos(n: int, seed: int = 0) -> list[np.ndarray]:
+    """Smooth random colour fields of common photo shapes, RGB uint8."""
+    import torch
+    import torch.nn.functional as F
+
+    rng = np.random.default_rng(seed)
+    shapes = [(768, 1024), (1024, 768), (720, 1280), (900, 900)]
+    out = []
+    for i in range(n):
+        h, w = shapes[i % len(shapes)]
+        coarse = torch.from_numpy(rng.random((1, 3, 9, 12), dtype=np.float32))
+        img = F.interpolate(coarse, size=(h, w), mode="bicubic", align_corners=False)[0].permute(1, 2, 0)
+        out.append((img.clamp(0, 1) * 255).to(torch.uint8).numpy())
+    return out
+
+
+def view(image: np.ndarray, side: int) -> np.ndarray:
+    """What the decode stage hands a stage: longer side <= side."""
+    from PIL import Image
+
+    h, w = image.shape[:2]
+    scale = min(1.0, side / max(h, w))
+    if scale == 1.0:
+        return image
+    return np.asarray(Image.fromarray(image).resize((round(w * scale), round(h * scale)), Image.BILINEAR))
+
+
+def timed(fn, repeat: int) -> float:
+    fn()  # warm-up (lazy init, allocator, kernels)
+    _sync()
+    start = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    _sync()
+    return (time.perf_counter() - start) / repeat
+
+
+def _sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench experts", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=8, help="images per batch")
+    parser.add_argument("--repeat", type=int, default=3, help="timed batches per expert")
+    parser.add_argument("--real", action="store_true", help="real model sizes, random weights (for a GPU)")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    images = photos(args.images)
+    with tempfile.TemporaryDirectory() as tmp:
+        experts = _build(Path(tmp), real=args.real, device=device)
+        print(f"experts: {'real sizes, random weights' if args.real else 'tiny random-weight models'}, "
+              f"{device}, batch {args.images}, {args.threads} torch thread(s)")
+        total = 0.0
+        for name, fn in experts.items():
+            seconds = timed(lambda fn=fn: fn(images), args.repeat)
+            total += seconds
+            _row(name, args.images, seconds)
+        _row("all experts together", args.images, total)
+        _preprocessing(images, Path(tmp), device, args.repeat)
+    return 0
+
+
+def _row(name: str, n: int, seconds: float) -> None:
+    print(f"  {name:<32} {n / seconds:10.1f} images/s  ({1000 * seconds / n:8.2f} ms/image)")
+
+
+def _build(tmp: Path, *, real: bool, device: str) -> dict:
+    import torch
+
+    from engine.boxes import fuse_boxes
+    from engine.config import FusionConfig
+    from engine.record import Box
+    from models import detector, owlv2, ram_plus
+    from models.clip_tagger import ClipZeroShotTagger
+
+    if real:
+        ram_dir = tmp / "ram"
+        ram_dir.mkdir()
+        tags = [f"tag {i}" for i in range(4585)]
+        (ram_dir / ram_plus.TAG_LIST_NAME).write_text("\n".join(tags))
+        torch.save({"model": ram_plus.RamPlus(ram_plus.RamPlusConfig(), tags).state_dict()}, ram_dir / ram_plus.CHECKPOINT_NAME)
+        owl_dir = owlv2.build_tiny(tmp / "owlv2", vision={})  # OWLv2 base vision tower, 960 px
+        closed_dir = _real_detr(tmp / "detr")
+    else:
+        ram_dir = ram_plus.build_tiny(tmp / "ram")
+        owl_dir = owlv2.build_tiny(tmp / "owlv2")
+        closed_dir = detector.build_tiny(tmp / "closed")
+    dtype = torch.float16 if device.startswith("cuda") else torch.float32
+    ram = ram_plus.load_ram_plus(ram_dir, device=device, dtype=dtype)
+    owl = owlv2.Owlv2Detector(str(owl_dir), device=device)
+    closed = detector.load_detector(str(closed_dir), device=device)
+
+    class RandomText:
+        name = "random"
+
+        def embed_texts(self, texts):
+            return np.random.default_rng(len(texts)).standard_normal((len(texts), 768)).astype(np.float32)
+
+    clip = ClipZeroShotTagger(RandomText(), [f"tag {i}" for i in range(4585)], threshold=0.05, top_k=10)
+    embeddings = np.random.default_rng(1).standard_normal((64, 768)).astype(np.float32)
+    embeddings /= np.linalg.norm(embeddings, axis=1, keepdims=True)
+    queries = [list(ram_plus.TINY_TAGS[:8])] * 64
+    rng = np.random.default_rng(2)
+    raw = [Box("dog", float(s), (x, y, x + 0.1 + s / 4, y + 0.1), "owlv2") for s, x, y in rng.random((40, 3)) * 0.6]
+    fusion = FusionConfig()
+    closed_side = 1333 if real else 96
+
+    def run_ram(imgs):
+        with torch.inference_mode():
+            ram.tags(ram(ram.preprocess([view(i, 384) for i in imgs], device).to(dtype)))
+
+    return {
+        f"tag: RAM++ ({ram.cfg.image_size} px)": run_ram,
+        "tag: CLIP zero-shot (4,585)": lambda imgs: clip.tag(embeddings[: len(imgs)]),
+        f"detect: OWLv2 ({owl.size} px, 8 tags)": lambda imgs: owl.detect(
+            [view(i, owl.size) for i in imgs], queries[: len(imgs)], min_score=0.1),
+        "detect: closed-set": lambda imgs: closed.detect([view(i, closed_side) for i in imgs], min_score=0.3),
+        "box fusion (40 raw boxes)": lambda imgs: [fuse_boxes(raw, raw[:10], fusion) for _ in imgs],
+    }
+
+
+def _real_detr(folder: Path) -> Path:
+    """DETR-ResNet-50 with random weights (transformers' own ResNet, no timm download)."""
+    from transformers import DetrConfig, DetrForObjectDetection, DetrImageProcessor
+
+    config = DetrConfig(use_timm_backbone=False, use_pretrained_backbone=False, num_labels=91)
+    DetrForObjectDetection(config).eval().save_pretrained(folder)
+    DetrImageProcessor().save_pretrained(folder)
+    return folder
+
+
+def _preprocessing(images: list[np.ndarray], tmp: Path, device: str, repeat: int) -> None:
+    """OWLv2 at its real 960 px input: the engine's tensor path vs the stock processors, on
+    views already sized by the decode stage (longer side 960: pad + normalise only) and on
+    full-size photos (the resize, with the stock path's Gaussian anti-aliasing, included)."""
+    from transformers import Owlv2ImageProcessor
+
+    from models.owlv2 import Owlv2Detector
+
+    det = Owlv2Detector(str(tmp / "owlv2"), device=device)
+    det.size = 960
+    stock = Owlv2ImageProcessor(size={"height": 960, "width": 960})
+    try:
+        import scipy  # noqa: F401
+        from transformers.models.owlv2.image_processing_pil_owlv2 import Owlv2ImageProcessorPil
+
+        pil = Owlv2ImageProcessorPil(size={"height": 960, "width": 960})
+    except ImportError:
+        pil = None
+    n = len(images)
+    print(f"OWLv2 preprocessing to 960 px ({device}, {n} images of 0.8-0.9 MP):")
+    for label, batch in (("960 px views", [view(i, 960) for i in images]), ("full-size photos", images)):
+        ours = timed(lambda batch=batch: det.preprocess(batch), repeat)
+        theirs = timed(lambda batch=batch: stock(images=batch, return_tensors="pt"), repeat)
+        line = (f"  {label:<17} tensor {n / ours:7.1f}/s   stock {n / theirs:7.1f}/s "
+                f"(tensor/stock {theirs / ours:4.1f}x)")
+        if pil is not None:
+            slow = timed(lambda batch=batch: pil(images=batch[:2], return_tensors="pt"), 1) / 2 * n
+            line += f"   PIL/SciPy {n / slow:6.1f}/s (tensor/PIL {slow / ours:5.1f}x)"
+        print(line)

@@ -1,0 +1,137 @@
+"""Expert outputs kept per image, so re-captioning never reruns the experts.
+
+An entry is addressed by the SHA-256 of the image bytes and a fingerprint of everything
+that shapes the expert's output (stage name, its config section, the models it loads);
+another caption engine or prompt template changes neither, so a second run over the same
+images reads tags and boxes from here. The store is one SQLite file (WAL mode: the tag
+and detect stages read and write it from their own threads, each with its own connection).
+
+:class:`CachedExpert` wraps an expert stage: hits are filled in from the cache, only the
+misses reach the wrapped stage (whose models are loaded on the first miss).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+from engine.record import Box, Sample, Tag
+from engine.stage import ImageView, Resources, Stage
+
+# Sample fields an expert may fill, and how to rebuild them from JSON.
+FIELDS = {
+    "tags": lambda rows: [Tag(**r) for r in rows],
+    "boxes": lambda rows: [Box(r["label"], r["score"], tuple(r["xyxy"]), r["source"]) for r in rows],
+}
+
+
+def image_digest(sample: Sample) -> str:
+    return hashlib.sha256(sample.image_bytes).hexdigest()
+
+
+def fingerprint(*parts: Any) -> str:
+    """Stable digest of config dataclasses / strings describing an expert."""
+    def plain(part):
+        return dataclasses.asdict(part) if dataclasses.is_dataclass(part) else part
+
+    text = json.dumps([plain(p) for p in parts], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+class ExpertCache:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(self.path, timeout=60)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute(
+            "CREATE TABLE IF NOT EXISTS experts (image TEXT, expert TEXT, payload TEXT, PRIMARY KEY (image, expert))"
+        )
+        self.db.commit()
+
+    def get_many(self, images: list[str], expert: str) -> dict[str, dict]:
+        found: dict[str, dict] = {}
+        for start in range(0, len(images), 500):  # SQLite's bound-parameter limit
+            chunk = images[start:start + 500]
+            marks = ",".join("?" * len(chunk))
+            rows = self.db.execute(
+                f"SELECT image, payload FROM experts WHERE expert = ? AND image IN ({marks})", [expert, *chunk]
+            )
+            found.update((image, json.loads(payload)) for image, payload in rows)
+        return found
+
+    def put_many(self, entries: dict[str, dict], expert: str) -> None:
+        self.db.executemany(
+            "INSERT OR REPLACE INTO experts VALUES (?, ?, ?)",
+            [(image, expert, json.dumps(payload)) for image, payload in entries.items()],
+        )
+        self.db.commit()
+
+    def close(self) -> None:
+        self.db.close()
+
+
+class CachedExpert(Stage):
+    """``inner`` with its ``fields`` read from / written to the cache, keyed per image."""
+
+    def __init__(self, inner: Stage, cache_path: Path, expert_fingerprint: str, fields: tuple[str, ...]):
+        unknown = set(fields) - set(FIELDS)
+        if unknown:
+            raise ValueError(f"cannot cache sample fields {sorted(unknown)}")
+        self.inner = inner
+        self.name = inner.name
+        self.cache_path = Path(cache_path)
+        self.expert = expert_fingerprint
+        self.fields = fields
+        self.cache: ExpertCache | None = None
+        self.inner_ready = False
+        self.hits = 0
+
+    def resources(self) -> Resources:
+        return self.inner.resources()
+
+    def views(self) -> tuple[ImageView, ...]:
+        return self.inner.views()
+
+    def setup(self) -> None:
+        self.cache = ExpertCache(self.cache_path)  # opened in the worker thread that uses it
+
+    def process(self, batch: list[Sample]) -> list[Sample]:
+        keyed = {id(s): image_digest(s) for s in batch if s.image_bytes}
+        found = self.cache.get_many(sorted(set(keyed.values())), self.expert)
+        misses = []
+        for sample in batch:
+            payload = found.get(keyed.get(id(sample), ""))
+            if payload is None:
+                misses.append(sample)
+                continue
+            for name in self.fields:
+                setattr(sample, name, FIELDS[name](payload[name]))
+            for view in self.inner.views():
+                sample.views.pop(view.name, None)  # the expert would have consumed it
+            self.hits += 1
+        if misses:
+            if not self.inner_ready:
+                self.inner.setup()
+                self.inner_ready = True
+            self.inner.process(misses)
+            fresh = {
+                keyed[id(s)]: {name: [dataclasses.asdict(v) for v in getattr(s, name)] for name in self.fields}
+                for s in misses if s.alive and id(s) in keyed
+            }
+            if fresh:
+                self.cache.put_many(fresh, self.expert)
+        return batch
+
+    def teardown(self) -> None:
+        if self.inner_ready:
+            self.inner.teardown()
+        if self.cache is not None:
+            self.cache.close()
+
+    def describe(self) -> str:
+        return f"{self.inner.describe()} [expert cache {self.cache_path}]"

@@ -1,0 +1,111 @@
+"""Tagging stage: ``sample.tags`` from RAM++ (its own 384 px view) or CLIP zero-shot.
+
+The CLIP tagger reads the pass-1 embedding (``sample.embedding``); only a sample that
+arrives without one is embedded here, from the ``embed`` view the embedder uses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from engine.config import ExpertsConfig
+from engine.record import Sample
+from engine.stage import ImageView, Resources, Stage
+
+RAM_VIEW = ImageView("ram_plus", 384)
+EMBED_VIEW = ImageView("embed", 448)  # the pass-1 embedder's view (engine/stages/embed.py)
+
+
+class RamPlusTag(Stage):
+    name = "tag"
+
+    def __init__(self, cfg: ExpertsConfig, *, model: str, device: str):
+        self.cfg = cfg
+        self.model_name = model
+        self.device = device
+        self.model = None
+
+    def resources(self) -> Resources:
+        return Resources(batch_size=self.cfg.tag_batch, device=self.device)
+
+    def views(self) -> tuple[ImageView, ...]:
+        return (RAM_VIEW,)
+
+    def setup(self) -> None:
+        import torch
+
+        from models.ram_plus import load_ram_plus
+
+        dtype = torch.float16 if self.device.startswith("cuda") else torch.float32
+        self.model = load_ram_plus(self.model_name, device=self.device, dtype=dtype)
+
+    def process(self, batch: list[Sample]) -> list[Sample]:
+        import torch
+
+        images = [s.views.pop(RAM_VIEW.name) for s in batch]
+        with torch.inference_mode():
+            probs = self.model(self.model.preprocess(images, self.device).to(self.model.label_embed.dtype))
+        for sample, tags in zip(batch, self.model.tags(probs)):
+            sample.tags = tags[: self.cfg.max_tags]
+        return batch
+
+    def teardown(self) -> None:
+        self.model = None
+
+    def describe(self) -> str:
+        return f"tag: RAM++ {self.model_name} ({self.device})"
+
+
+class ClipTag(Stage):
+    """``embedder_factory()`` gives an object with ``embed_texts`` (and ``embed_images`` for
+    samples without a pass-1 embedding), e.g. ``models.embedder.ClipEmbedder``."""
+
+    name = "tag"
+
+    def __init__(self, cfg: ExpertsConfig, *, vocabulary: list[str], embedder_factory: Callable[[], object],
+                 cache_dir: str, device: str):
+        self.cfg = cfg
+        self.vocabulary = vocabulary
+        self.embedder_factory = embedder_factory
+        self.cache_dir = cache_dir
+        self.device = device
+        self.embedder = None
+        self.tagger = None
+
+    def resources(self) -> Resources:
+        return Resources(batch_size=self.cfg.tag_batch, device=self.device)
+
+    def views(self) -> tuple[ImageView, ...]:
+        return (EMBED_VIEW,)
+
+    def setup(self) -> None:
+        from pathlib import Path
+
+        from models.clip_tagger import ClipZeroShotTagger
+
+        self.embedder = self.embedder_factory()
+        self.tagger = ClipZeroShotTagger(
+            self.embedder, self.vocabulary, template=self.cfg.clip_tag_template,
+            threshold=self.cfg.clip_tag_threshold, top_k=self.cfg.clip_tag_top_k, cache_dir=Path(self.cache_dir),
+        )
+
+    def process(self, batch: list[Sample]) -> list[Sample]:
+        missing = [s for s in batch if s.embedding is None]
+        if missing:
+            vectors = self.embedder.embed_images([s.views[EMBED_VIEW.name] for s in missing])
+            for sample, vector in zip(missing, vectors):
+                sample.embedding = vector
+        for sample in batch:
+            sample.views.pop(EMBED_VIEW.name, None)
+        vectors = np.stack([np.asarray(s.embedding, np.float32) for s in batch])
+        for sample, tags in zip(batch, self.tagger.tag(vectors)):
+            sample.tags = tags[: self.cfg.max_tags]
+        return batch
+
+    def teardown(self) -> None:
+        self.embedder = self.tagger = None
+
+    def describe(self) -> str:
+        return f"tag: CLIP zero-shot over {len(self.vocabulary)} tags ({self.device})"
