@@ -105,6 +105,19 @@ def _check_writable(out: Path) -> None:
 
 
 @dataclass(frozen=True)
+class ScoreConfig:
+    pos_tagger: str = option(
+        "pattern", "part-of-speech tagger for the coverage scores: pattern (built in, offline) or "
+        "spacy[:model] (an installed spaCy English pipeline)"
+    )
+
+    def validate(self) -> None:
+        from engine.language import pos_tagger
+
+        pos_tagger(self.pos_tagger)  # a missing spaCy pipeline fails here, before any work
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """The whole configuration of one run; sections are passed down, never re-spread."""
 
@@ -112,6 +125,7 @@ class RunConfig:
     filter: FilterConfig = FilterConfig()
     decode: DecodeConfig = DecodeConfig()
     runtime: RuntimeConfig = RuntimeConfig()
+    score: ScoreConfig = ScoreConfig()
 
     def validate(self) -> RunConfig:
         for section in dataclasses.fields(self):

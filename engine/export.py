@@ -123,7 +123,7 @@ def validate_llava(path: Path) -> list[str]:
     return problems
 
 
-def add_export_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("kind", choices=tuple(FILES), help="llava: LLaVA pre-training JSON; "
                         "jsonl: image_id, url, image_path, caption per line")
     parser.add_argument("out", type=Path, help="output folder written by the engine")
@@ -132,7 +132,7 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"llava: the human turn after <image> (default: {DEFAULT_INSTRUCTION!r})")
 
 
-def run_export(args: argparse.Namespace) -> int:
+def command(args: argparse.Namespace) -> int:
     path, count = export(args.kind, args.out, args.to, instruction=args.instruction)
     print(f"exported {count} captioned samples to {path} (images under {args.to / 'images'})")
     return 0
@@ -140,5 +140,5 @@ def run_export(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="densefusion_local.py export", description=__doc__.split("\n")[0])
-    add_export_arguments(parser)
-    return run_export(parser.parse_args(argv))
+    add_arguments(parser)
+    return command(parser.parse_args(argv))

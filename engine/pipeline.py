@@ -22,6 +22,7 @@ from engine.readers import ShardReport, expand_shards, read_shard, shard_end, sh
 from engine.record import Sample, ShardEnd
 from engine.runtime import Item, Pipeline, RunSummary, SigintStops
 from engine.stage import Stage
+from engine.stages.score import ScoreStage
 from engine.writers import DatasetWriter
 from models.base import resolve_device
 
@@ -30,6 +31,7 @@ StageFactory = Callable[[RunConfig], Stage]
 STAGES: dict[str, StageFactory | None] = {
     "probe": lambda cfg: ResolutionFilter(cfg.filter),
     "decode": None,  # built from the views of the stages after it
+    "score": lambda cfg: ScoreStage(cfg.score),
 }
 ALWAYS = ("probe",)
 

@@ -5,7 +5,8 @@
 Shows the run's figures (manifest, metrics.json), the Table 1 statistics, charts of the
 distributions (matplotlib, inline SVG), a sample of images (inline thumbnails) with their fused
 boxes drawn as an SVG overlay, tags, OCR lines, alt text, caption and coverage scores, and the
-rejects with their reasons. Statistics come from OUT/stats.json, computed first when missing.
+rejects with their reasons. Statistics come from OUT/stats.json, recomputed when missing or
+older than the manifest.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import html
 import io
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from engine.dataset_reader import (
     WrittenSample,
@@ -82,7 +85,7 @@ def _histogram_chart(title: str, hist: dict[str, list]) -> str:
 
     figure, axes = plt.subplots(figsize=(4.6, 2.8))
     edges, counts = hist["edges"], hist["counts"]
-    axes.bar(edges[:-1], counts, width=[b - a for a, b in zip(edges, edges[1:])], align="edge",
+    axes.bar(edges[:-1], counts, width=np.diff(edges), align="edge",
              color="#3cb44b", edgecolor="white")
     axes.set_title(title)
     axes.set_ylabel("captions")
@@ -216,7 +219,8 @@ def rejects_table(rejects: list[dict[str, Any]]) -> str:
 
 def build_report(out: Path, *, samples: int = 24, to: Path | None = None) -> Path:
     out = check_output(Path(out))
-    stats = read_json(out / "stats.json") or output_stats(out)
+    stats = read_json(out / "stats.json") if _fresh(out / "stats.json", out / "manifest.json") else None
+    stats = stats or output_stats(out)
     cards = []
     for sample in iter_samples(out, with_images=True):
         if len(cards) >= samples:
@@ -242,13 +246,18 @@ def build_report(out: Path, *, samples: int = 24, to: Path | None = None) -> Pat
     return target
 
 
-def add_report_arguments(parser: argparse.ArgumentParser) -> None:
+def _fresh(derived: Path, source: Path) -> bool:
+    """Whether ``derived`` was written after the run last changed ``source``."""
+    return derived.exists() and (not source.exists() or derived.stat().st_mtime >= source.stat().st_mtime)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("out", type=Path, help="output folder written by the engine")
     parser.add_argument("--samples", type=int, default=24, help="images shown (default: 24)")
     parser.add_argument("--to", type=Path, default=None, help="HTML file (default: OUT/report.html)")
 
 
-def run_report(args: argparse.Namespace) -> int:
+def command(args: argparse.Namespace) -> int:
     path = build_report(args.out, samples=args.samples, to=args.to)
     print(f"report: {path} (open it in a browser; it needs no server)")
     return 0
@@ -256,5 +265,5 @@ def run_report(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="densefusion_local.py report", description=__doc__.split("\n")[0])
-    add_report_arguments(parser)
-    return run_report(parser.parse_args(argv))
+    add_arguments(parser)
+    return command(parser.parse_args(argv))

@@ -143,19 +143,19 @@ def format_table1(stats: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="densefusion_local.py stats", description=__doc__.split("\n")[0])
-    add_stats_arguments(parser)
+    add_arguments(parser)
     args = parser.parse_args(argv)
-    return run_stats(args)
+    return command(args)
 
 
-def add_stats_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("out", type=Path, help="output folder written by the engine")
     parser.add_argument("--pos-tagger", default="pattern",
                         help="pattern (built in, offline) or spacy[:model] (default: pattern)")
     parser.add_argument("--json", action="store_true", help="print stats.json instead of the table")
 
 
-def run_stats(args: argparse.Namespace) -> int:
+def command(args: argparse.Namespace) -> int:
     stats = output_stats(args.out, args.pos_tagger)
     print(json.dumps(stats, indent=2) if args.json else format_table1(stats))
     print(f"written: {args.out / 'stats.json'}")

@@ -10,7 +10,8 @@ from engine.coverage import (
 )
 from engine.language import pos_tagger
 from engine.record import Box, Caption, OcrLine, Sample, Source, Tag
-from engine.stages.score import ScoreConfig, ScoreStage
+from engine.config import ScoreConfig
+from engine.stages.score import ScoreStage
 
 
 def test_ocr_lines_count_when_reproduced_whole_ignoring_case_and_punctuation():

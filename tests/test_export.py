@@ -7,7 +7,7 @@ import pytest
 import densefusion_local
 from engine.dataset_reader import iter_samples
 from engine.export import export, main, validate_llava
-from tests.output_fixture import CAPTIONS, write_fixture_output
+from output_fixture import CAPTIONS, write_fixture_output
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from engine.report import boxes_overlay, build_report, main
-from tests.output_fixture import CAPTIONS, write_fixture_output
+from output_fixture import CAPTIONS, write_fixture_output
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

@@ -4,7 +4,7 @@ import pytest
 
 from engine import stats
 from engine.language import pos_tagger
-from tests.output_fixture import write_fixture_output
+from output_fixture import write_fixture_output
 
 # Hand-counted: chars / words / sentences; parts of speech per caption
 #   "A red car."                                  10 / 3 / 1   noun car, adj red
@@ -69,3 +69,16 @@ def test_stats_command_on_an_output_folder(tmp_path, capsys):
     assert written["table1"]["samples"] == 3  # the failed sample is a reject, not a sample
     assert written["rejects"]["total"] == 1
     assert written["categories"] == {"photo": 1, "commercial design": 1}
+
+
+def test_output_commands_run_through_the_cli(tmp_path, capsys):
+    import densefusion_local
+
+    out = write_fixture_output(tmp_path / "out")
+    assert densefusion_local.main(["stats", str(out)]) == 0
+    assert "Nouns" in capsys.readouterr().out
+    assert densefusion_local.main(["export", "jsonl", str(out), "--to", str(tmp_path / "x")]) == 0
+    assert (tmp_path / "x" / "densefusion.jsonl").read_text().count("\n") == 2
+    assert densefusion_local.main(["report", str(out), "--samples", "1"]) == 0
+    assert (out / "report.html").read_text().count('class="sample"') == 1
+    assert densefusion_local.main(["stats", str(tmp_path / "missing")]) == 2

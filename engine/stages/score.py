@@ -2,24 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from engine.config import option
+from engine.config import ScoreConfig
 from engine.coverage import Evidence, coverage_scores
 from engine.language import pos_tagger
 from engine.record import Sample
 from engine.stage import Resources, Stage, run_per_sample
-
-
-@dataclass(frozen=True)
-class ScoreConfig:
-    pos_tagger: str = option(
-        "pattern", "part-of-speech tagger for scores and statistics: pattern (built in, offline) "
-        "or spacy[:model] (an installed spaCy English pipeline)"
-    )
-
-    def validate(self) -> None:
-        pos_tagger(self.pos_tagger)  # a missing spaCy pipeline fails here, before any work
 
 
 def evidence(sample: Sample) -> Evidence:
