@@ -54,10 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Commands that read a finished output folder; each module has add_arguments() and command().
 OUTPUT_TOOLS = {
-    "stats": ("engine.stats", "the paper's Table 1, length histograms, coverage and categories "
-                              "of an output folder (writes OUT/stats.json)"),
-    "export": ("engine.export", "export an output folder as LLaVA pre-training JSON or JSONL, "
-                                "images included"),
+    "stats": ("engine.stats", ("the paper's Table 1, length histograms, coverage and categories "
+                               "of an output folder (writes OUT/stats.json)")),
+    "export": ("engine.export", ("export an output folder as LLaVA pre-training JSON or JSONL, "
+                                 "images included")),
     "report": ("engine.report", "write a static HTML report of an output folder (OUT/report.html)"),
 }
 

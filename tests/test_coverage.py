@@ -1,5 +1,6 @@
 import pytest
 
+from engine.config import ScoreConfig
 from engine.coverage import (
     Evidence,
     coverage_scores,
@@ -10,7 +11,6 @@ from engine.coverage import (
 )
 from engine.language import pos_tagger
 from engine.record import Box, Caption, OcrLine, Sample, Source, Tag
-from engine.config import ScoreConfig
 from engine.stages.score import ScoreStage
 
 

@@ -3,11 +3,11 @@ import json
 from pathlib import Path
 
 import pytest
+from output_fixture import CAPTIONS, write_fixture_output
 
 import densefusion_local
 from engine.dataset_reader import iter_samples
 from engine.export import export, main, validate_llava
-from output_fixture import CAPTIONS, write_fixture_output
 
 
 @pytest.fixture(scope="module")

@@ -5,10 +5,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from output_fixture import CAPTIONS, write_fixture_output
 from PIL import Image
 
 from engine.report import boxes_overlay, build_report, main
-from output_fixture import CAPTIONS, write_fixture_output
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

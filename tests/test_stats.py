@@ -1,10 +1,10 @@
 import json
 
 import pytest
+from output_fixture import write_fixture_output
 
 from engine import stats
 from engine.language import pos_tagger
-from output_fixture import write_fixture_output
 
 # Hand-counted: chars / words / sentences; parts of speech per caption
 #   "A red car."                                  10 / 3 / 1   noun car, adj red

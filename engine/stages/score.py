@@ -20,7 +20,7 @@ def evidence(sample: Sample) -> Evidence:
 class ScoreStage(Stage):
     name = "score"
 
-    def __init__(self, config: ScoreConfig = ScoreConfig()):
+    def __init__(self, config: ScoreConfig):
         self.config = config
         self._tagger = None
 
