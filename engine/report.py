@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from engine.category import SCORE_PREFIX, category_of
 from engine.dataset_reader import (
     WrittenSample,
     check_output,
@@ -27,7 +28,7 @@ from engine.dataset_reader import (
     read_json,
     read_rejects,
 )
-from engine.stats import POS_COLUMNS, format_table1, output_stats
+from engine.stats import POS_COLUMNS, TABLE1_HEADER, output_stats, table1_row
 
 THUMB_SIDE = 360
 MAX_REJECT_ROWS = 200
@@ -38,15 +39,15 @@ body{font-family:system-ui,sans-serif;margin:24px;color:#222;background:#fafafa}
 h1{margin:0 0 4px}h2{border-bottom:1px solid #ccc;padding-bottom:4px;margin-top:32px}
 table{border-collapse:collapse;font-size:14px}td,th{border:1px solid #ddd;padding:4px 8px;text-align:right}
 th{background:#eee}td.l,th.l{text-align:left}
-.charts{display:flex;flex-wrap:wrap;gap:16px}.chart{background:#fff;border:1px solid #ddd;padding:8px}
-.chart svg{width:380px;height:auto}
+.charts{display:flex;flex-wrap:wrap;gap:12px}.chart{background:#fff;border:1px solid #ddd;padding:8px}
+.chart svg{width:290px;height:auto}
 .samples{display:grid;grid-template-columns:repeat(auto-fill,minmax(380px,1fr));gap:16px}
 .sample{background:#fff;border:1px solid #ddd;padding:10px;font-size:13px}
 .frame{position:relative;display:inline-block;line-height:0}.frame img{max-width:100%}
 .frame svg{position:absolute;left:0;top:0;width:100%;height:100%}
 .tag{display:inline-block;background:#eef;border-radius:3px;padding:1px 5px;margin:1px}
 .caption{white-space:pre-wrap;background:#f4f4f4;padding:6px;max-height:220px;overflow:auto}
-.muted{color:#777}pre{font-size:12px;background:#fff;border:1px solid #ddd;padding:8px;overflow:auto}
+.top{display:flex;flex-wrap:wrap;gap:48px}.muted{color:#777}pre{font-size:12px;background:#fff;border:1px solid #ddd;padding:8px;overflow:auto}
 """
 
 
@@ -67,7 +68,7 @@ def _bar_chart(title: str, labels: list[str], values: list[float], xlabel: str =
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(figsize=(4.6, 2.8))
+    figure, axes = plt.subplots(figsize=(3.9, 2.4))
     axes.barh(labels[::-1], values[::-1], color="#4363d8")
     axes.set_title(title)
     axes.set_xlabel(xlabel)
@@ -83,7 +84,7 @@ def _histogram_chart(title: str, hist: dict[str, list]) -> str:
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(figsize=(4.6, 2.8))
+    figure, axes = plt.subplots(figsize=(3.9, 2.4))
     edges, counts = hist["edges"], hist["counts"]
     axes.bar(edges[:-1], counts, width=np.diff(edges), align="edge",
              color="#3cb44b", edgecolor="white")
@@ -106,10 +107,10 @@ def charts(stats: dict[str, Any]) -> list[str]:
         names = list(POS_COLUMNS.values())
         out.append(_bar_chart("parts of speech (share of words)", names,
                               [100 * t[n] for n in names], "%"))
-    if stats["coverage"]:
-        names = list(stats["coverage"])
-        out.append(_bar_chart("evidence coverage (mean)", names,
-                              [stats["coverage"][n]["mean"] for n in names]))
+    shares = [n for n in stats["coverage"] if n != "unseen_nouns"]  # a count, not a share
+    if shares:
+        out.append(_bar_chart("evidence coverage (mean share)", shares,
+                              [stats["coverage"][n]["mean"] for n in shares]))
     if stats["categories"]:
         out.append(_bar_chart("image categories", list(stats["categories"]),
                               list(stats["categories"].values()), "images"))
@@ -160,7 +161,10 @@ def sample_card(sample: WrittenSample) -> str:
         picture = f'<p class="muted">image not shown: {_e(type(exc).__name__)}</p>'
     tags = "".join(f'<span class="tag">{_e(t["name"])} {t["score"]:.2f}</span>' for t in a.get("tags") or [])
     ocr = "".join(f"<li>{_e(o['text'])}</li>" for o in a.get("ocr") or [])
-    scores = ", ".join(f"{_e(k)} {v:.2f}" for k, v in sorted((a.get("scores") or {}).items()))
+    all_scores = a.get("scores") or {}
+    category = category_of(all_scores)
+    scores = ", ".join(f"{_e(k)} {v:.2f}" for k, v in sorted(all_scores.items())
+                       if not k.startswith(SCORE_PREFIX))
     caption = a.get("caption") or ""
     return (
         f'<div class="sample" data-key="{_e(sample.key)}"><b>{_e(sample.key)}</b> '
@@ -171,7 +175,10 @@ def sample_card(sample: WrittenSample) -> str:
         f"<div><b>OCR</b>{f'<ul>{ocr}</ul>' if ocr else ' <span class=muted>none</span>'}</div>"
         f"<div><b>alt text</b> {_e(a.get('alt_text') or '') or '<span class=muted>none</span>'}</div>"
         f"<div><b>caption</b>{f'<div class=caption>{_e(caption)}</div>' if caption else ' <span class=muted>none</span>'}</div>"
-        f"<div><b>scores</b> {scores or '<span class=muted>none</span>'}</div></div>"
+        f"<div><b>scores</b> {scores or '<span class=muted>none</span>'}</div>"
+        + (f"<div><b>category</b> {_e(category)} {all_scores[SCORE_PREFIX + category]:.2f}</div>"
+           if category else "")
+        + "</div>"
     )
 
 
@@ -203,6 +210,20 @@ def run_figures(manifest: dict[str, Any], metrics: dict[str, Any]) -> str:
     return "".join(parts)
 
 
+def table1_html(stats: dict[str, Any]) -> str:
+    head = "".join(f"<th>{_e(h)}</th>" for h in TABLE1_HEADER)
+    row = "".join(f"<td>{_e(v)}</td>" for v in table1_row(stats))
+    parts = [f'<table id="table1-table"><tr>{head}</tr><tr>{row}</tr></table>',
+             (f'<p class="muted">{stats["table1"]["captions"]} captions; parts of speech by the '
+              f'{_e(stats["pos_tagger"])} tagger, as shares of all caption words</p>')]
+    if stats["coverage"]:
+        rows = "".join(f'<tr><th class="l">{_e(name)}</th><td>{s["mean"]:.3f}</td><td>{s["median"]:.3f}</td>'
+                       f'<td>{s["samples"]}</td></tr>' for name, s in stats["coverage"].items())
+        parts.append('<h3>evidence coverage</h3><table id="coverage-table"><tr><th class="l">score</th>'
+                     f"<th>mean</th><th>median</th><th>samples</th></tr>{rows}</table>")
+    return "".join(parts)
+
+
 def rejects_table(rejects: list[dict[str, Any]]) -> str:
     if not rejects:
         return '<p class="muted">no rejects</p>'
@@ -230,8 +251,8 @@ def build_report(out: Path, *, samples: int = 24, to: Path | None = None) -> Pat
 <html lang="en"><head><meta charset="utf-8"><title>densefusion report: {_e(out.name)}</title>
 <style>{CSS}</style></head><body>
 <h1>densefusion report</h1><p class="muted">{_e(out.resolve())}</p>
-<section id="summary"><h2>Run</h2>{run_figures(read_json(out / "manifest.json"), read_json(out / "metrics.json"))}</section>
-<section id="table1"><h2>Statistics (paper Table 1)</h2><pre>{_e(format_table1(stats))}</pre></section>
+<div class="top"><section id="summary"><h2>Run</h2>{run_figures(read_json(out / "manifest.json"), read_json(out / "metrics.json"))}</section>
+<section id="table1"><h2>Statistics (paper Table 1)</h2>{table1_html(stats)}</section></div>
 <section id="charts"><h2>Distributions</h2><div class="charts">
 {"".join(f'<div class="chart">{svg}</div>' for svg in charts(stats))}</div></section>
 <section id="samples"><h2>Samples ({len(cards)} of {stats["table1"]["samples"]})</h2>

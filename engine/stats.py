@@ -118,13 +118,19 @@ def output_stats(out: Path, tagger_name: str = "pattern") -> dict[str, Any]:
     return stats
 
 
+TABLE1_HEADER = ("Samples", "Char.", "Word", "Sen.", "Nouns", "Adj.", "Adv.", "Verb.", "Num.")
+
+
+def table1_row(stats: dict[str, Any]) -> tuple[str, ...]:
+    """Table 1's cells, rounded as the paper prints them."""
+    t = stats["table1"]
+    return (str(t["samples"]), f"{t['chars']:.0f}", f"{t['words']:.0f}", f"{t['sentences']:.1f}",
+            *(f"{100 * t[POS_COLUMNS[c]]:.1f}%" for c in POS_CLASSES))
+
+
 def format_table1(stats: dict[str, Any]) -> str:
     t = stats["table1"]
-    header = ("Samples", "Char.", "Word", "Sen.", "Nouns", "Adj.", "Adv.", "Verb.", "Num.")
-    values = (
-        str(t["samples"]), f"{t['chars']:.0f}", f"{t['words']:.0f}", f"{t['sentences']:.1f}",
-        *(f"{100 * t[POS_COLUMNS[c]]:.1f}%" for c in POS_CLASSES),
-    )
+    header, values = TABLE1_HEADER, table1_row(stats)
     widths = [max(len(h), len(v)) for h, v in zip(header, values)]
     lines = ["  ".join(h.rjust(w) for h, w in zip(header, widths)),
              "  ".join(v.rjust(w) for v, w in zip(values, widths))]
