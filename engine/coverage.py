@@ -62,7 +62,13 @@ SYNONYM_GROUPS: tuple[tuple[str, ...], ...] = (
 
 # Nouns that describe the picture or a place in it rather than name an object.
 DESCRIPTIVE_NOUNS = frozenset(
-    ["image", "picture", "photo", "photograph", "scene", "view", "shot", "frame", "composition", "background", "foreground", "left", "right", "top", "bottom", "center", "centre", "middle", "side", "corner", "edge", "front", "back", "part", "area", "section", "portion", "half", "color", "colour", "shade", "tone", "hue", "shape", "size", "style", "design", "pattern", "texture", "detail", "details", "atmosphere", "mood", "setting", "overall", "appearance", "lighting", "light", "shadow", "focus", "depth", "perspective", "angle", "element", "elements", "feature", "features", "object", "objects", "item", "items", "thing", "things", "variety", "number", "lot", "kind", "type", "sense", "space", "surface", "line", "lines", "arrangement", "contrast", "palette", "theme", "aspect", "way", "one"]
+    """image picture photo photograph scene view shot frame composition background foreground
+    left right top bottom center centre middle side corner edge front back part area section
+    portion half color colour shade tone hue shape size style design pattern texture detail
+    details atmosphere mood setting overall appearance lighting light shadow focus depth
+    perspective angle element elements feature features object objects item items thing things
+    variety number lot kind type sense space surface line lines arrangement contrast palette
+    theme aspect way one""".split()
 )
 
 _NON_ALNUM = re.compile(r"[\W_]+")

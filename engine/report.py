@@ -47,7 +47,7 @@ th{background:#eee}td.l,th.l{text-align:left}
 .frame svg{position:absolute;left:0;top:0;width:100%;height:100%}
 .tag{display:inline-block;background:#eef;border-radius:3px;padding:1px 5px;margin:1px}
 .caption{white-space:pre-wrap;background:#f4f4f4;padding:6px;max-height:220px;overflow:auto}
-.top{display:flex;flex-wrap:wrap;gap:48px}.muted{color:#777}pre{font-size:12px;background:#fff;border:1px solid #ddd;padding:8px;overflow:auto}
+.top{display:flex;flex-wrap:wrap;gap:48px}.muted{color:#777}
 """
 
 
@@ -247,11 +247,12 @@ def build_report(out: Path, *, samples: int = 24, to: Path | None = None) -> Pat
         if len(cards) >= samples:
             break
         cards.append(sample_card(sample))
+    figures = run_figures(read_json(out / "manifest.json"), read_json(out / "metrics.json"))
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>densefusion report: {_e(out.name)}</title>
 <style>{CSS}</style></head><body>
 <h1>densefusion report</h1><p class="muted">{_e(out.resolve())}</p>
-<div class="top"><section id="summary"><h2>Run</h2>{run_figures(read_json(out / "manifest.json"), read_json(out / "metrics.json"))}</section>
+<div class="top"><section id="summary"><h2>Run</h2>{figures}</section>
 <section id="table1"><h2>Statistics (paper Table 1)</h2>{table1_html(stats)}</section></div>
 <section id="charts"><h2>Distributions</h2><div class="charts">
 {"".join(f'<div class="chart">{svg}</div>' for svg in charts(stats))}</div></section>
