@@ -134,15 +134,22 @@ def thumbnail(image_bytes: bytes) -> tuple[str, int, int]:
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode(), *size
 
 
-def boxes_overlay(boxes: list[dict[str, Any]], width: int, height: int) -> str:
+def boxes_overlay(boxes: list[dict[str, Any]], width: int, height: int,
+                  ocr: list[dict[str, Any]] = ()) -> str:
     """Boxes are normalised to [0, 1]; the SVG uses the thumbnail's pixel space so text keeps
-    its proportions, and is stretched over the image by CSS."""
+    its proportions, and is stretched over the image by CSS. OCR lines get dashed outlines."""
     parts = [f'<svg class="boxes" viewBox="0 0 {width} {height}" preserveAspectRatio="none">']
+    for line in ocr:
+        x0, y0, x1, y1 = line["xyxy"]
+        parts.append(
+            f'<rect class="ocr" x="{x0 * width:.1f}" y="{y0 * height:.1f}" width="{(x1 - x0) * width:.1f}" '
+            f'height="{(y1 - y0) * height:.1f}" fill="none" stroke="#555" stroke-width="1.5" stroke-dasharray="4 3"/>'
+        )
     for i, box in enumerate(boxes):
         x0, y0, x1, y1 = box["xyxy"]
         color = _COLORS[i % len(_COLORS)]
         parts.append(
-            f'<rect x="{x0 * width:.1f}" y="{y0 * height:.1f}" width="{(x1 - x0) * width:.1f}" '
+            f'<rect class="box" x="{x0 * width:.1f}" y="{y0 * height:.1f}" width="{(x1 - x0) * width:.1f}" '
             f'height="{(y1 - y0) * height:.1f}" fill="none" stroke="{color}" stroke-width="2"/>'
             f'<text x="{x0 * width + 2:.1f}" y="{y0 * height + 12:.1f}" fill="{color}" '
             f'font-size="12" font-weight="bold">{_e(box["label"])} {box["score"]:.2f}</text>'
@@ -156,7 +163,7 @@ def sample_card(sample: WrittenSample) -> str:
     try:
         src, w, h = thumbnail(sample.image_bytes)
         picture = (f'<div class="frame"><img src="{src}" width="{w}" height="{h}" alt="{_e(sample.key)}">'
-                   f'{boxes_overlay(a.get("boxes") or [], w, h)}</div>')
+                   f'{boxes_overlay(a.get("boxes") or [], w, h, a.get("ocr") or [])}</div>')
     except Exception as exc:  # noqa: BLE001 - a picture the browser cannot show must not end the report
         picture = f'<p class="muted">image not shown: {_e(type(exc).__name__)}</p>'
     tags = "".join(f'<span class="tag">{_e(t["name"])} {t["score"]:.2f}</span>' for t in a.get("tags") or [])
