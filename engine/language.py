@@ -47,8 +47,11 @@ def tokens(text: str) -> list[str]:
     return _TOKEN.findall(text)
 
 
+_HAS_ALNUM = re.compile(r"[^\W_]")
+
+
 def is_word(token: str) -> bool:
-    return token.lower() not in _CLITICS and any(c.isalnum() for c in token)
+    return _HAS_ALNUM.search(token) is not None and token.lower() not in _CLITICS
 
 
 def words(text: str) -> list[str]:
@@ -67,7 +70,7 @@ def sentences(text: str) -> list[str]:
         found.append(text[start : end.end()].strip())
         start = end.end()
     found.append(text[start:].strip())
-    return [s for s in found if any(c.isalnum() for c in s)]
+    return [s for s in found if _HAS_ALNUM.search(s)]
 
 
 def _is_abbreviation(word: str) -> bool:
