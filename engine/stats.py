@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ import numpy as np
 
 from engine.category import category_of
 from engine.coverage import COVERAGE_SCORES
-from engine.dataset_reader import iter_samples, read_rejects
+from engine.dataset_reader import iter_tar, read_rejects, shard_tars
 from engine.language import POS_CLASSES, PosTagger, pos_tagger, sentences, tagged_words
 from engine.manifest import write_json_atomic
 
@@ -75,45 +76,93 @@ def summary(values: list[float]) -> dict[str, float]:
             "min": float(a.min()), "max": float(a.max())}
 
 
-def compute_stats(annotations: Iterable[dict[str, Any]], rejects: list[dict[str, Any]],
-                  tagger: PosTagger) -> dict[str, Any]:
-    counts = CaptionCounts()
-    scores: dict[str, list[float]] = {name: [] for name in COVERAGE_SCORES}
-    categories: Counter = Counter()
-    finish: Counter = Counter()
-    samples = 0
-    for ann in annotations:
-        samples += 1
+@dataclass
+class Tally:
+    """Everything the statistics count, for any set of samples; tallies of shards merge."""
+
+    samples: int = 0
+    captions: CaptionCounts = field(default_factory=CaptionCounts)
+    scores: dict[str, list[float]] = field(default_factory=lambda: {name: [] for name in COVERAGE_SCORES})
+    categories: Counter = field(default_factory=Counter)
+    finish: Counter = field(default_factory=Counter)
+
+    def add(self, ann: dict[str, Any], tagger: PosTagger) -> None:
+        self.samples += 1
         caption = (ann.get("caption") or "").strip()
         if caption:
-            counts.add(caption, tagger)
-        for name, value in (ann.get("scores") or {}).items():
-            if name in scores:
-                scores[name].append(value)
-        category = category_of(ann.get("scores") or {})
+            self.captions.add(caption, tagger)
+        scores = ann.get("scores") or {}
+        for name, value in scores.items():
+            if name in self.scores:
+                self.scores[name].append(value)
+        category = category_of(scores)
         if category:
-            categories[category] += 1
+            self.categories[category] += 1
         if ann.get("engine"):
-            finish[ann["engine"].get("finish_reason", "")] += 1
+            self.finish[ann["engine"].get("finish_reason", "")] += 1
+
+    def merge(self, other: Tally) -> Tally:
+        self.samples += other.samples
+        for name in ("chars", "words", "sentences"):
+            getattr(self.captions, name).extend(getattr(other.captions, name))
+        self.captions.pos.update(other.captions.pos)
+        for name, values in other.scores.items():
+            self.scores[name].extend(values)
+        self.categories.update(other.categories)
+        self.finish.update(other.finish)
+        return self
+
+
+def summarise(tally: Tally, rejects: list[dict[str, Any]], tagger_name: str) -> dict[str, Any]:
+    counts = tally.captions
     return {
-        "table1": table1(counts, samples),
-        "pos_tagger": tagger.name,
+        "table1": table1(counts, tally.samples),
+        "pos_tagger": tagger_name,
         "histograms": {"chars": histogram(counts.chars), "words": histogram(counts.words),
                        "sentences": histogram(counts.sentences)},
-        "coverage": {name: summary(v) for name, v in scores.items() if v},
-        "categories": dict(categories.most_common()),
-        "finish_reasons": dict(finish.most_common()),
+        "coverage": {name: summary(v) for name, v in tally.scores.items() if v},
+        "categories": dict(tally.categories.most_common()),
+        "finish_reasons": dict(tally.finish.most_common()),
         "rejects": {"total": len(rejects),
                     "by_stage": dict(Counter(r.get("stage", "") for r in rejects).most_common()),
                     "by_reason": dict(Counter(r.get("reason", "") for r in rejects).most_common(20))},
     }
 
 
-def output_stats(out: Path, tagger_name: str = "pattern") -> dict[str, Any]:
-    """Statistics of an output folder, also written to OUT/stats.json."""
+def compute_stats(annotations: Iterable[dict[str, Any]], rejects: list[dict[str, Any]],
+                  tagger: PosTagger) -> dict[str, Any]:
+    tally = Tally()
+    for ann in annotations:
+        tally.add(ann, tagger)
+    return summarise(tally, rejects, tagger.name)
+
+
+def tally_shard(tar_path: Path, tagger_name: str) -> Tally:
+    """One shard's tally; a top-level function so worker processes can run it."""
+    tagger, tally = pos_tagger(tagger_name), Tally()
+    for sample in iter_tar(tar_path):
+        tally.add(sample.annotations, tagger)
+    return tally
+
+
+def output_stats(out: Path, tagger_name: str = "pattern", workers: int = 1) -> dict[str, Any]:
+    """Statistics of an output folder, also written to OUT/stats.json. Part-of-speech tagging is
+    pure Python (~300 captions/s per core), so shards are spread over ``workers`` processes."""
     out = Path(out)
-    stats = compute_stats((s.annotations for s in iter_samples(out)), read_rejects(out),
-                          pos_tagger(tagger_name))
+    pos_tagger(tagger_name)  # a bad tagger name fails here, not in a worker
+    tars = shard_tars(out)
+    tally = Tally()
+    if workers > 1 and len(tars) > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(min(workers, len(tars)), mp_context=multiprocessing.get_context("spawn")) as pool:
+            for part in pool.map(tally_shard, tars, [tagger_name] * len(tars)):
+                tally.merge(part)
+    else:
+        for tar in tars:
+            tally.merge(tally_shard(tar, tagger_name))
+    stats = summarise(tally, read_rejects(out), pos_tagger(tagger_name).name)
     write_json_atomic(out / "stats.json", stats)
     return stats
 
@@ -158,11 +207,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("out", type=Path, help="output folder written by the engine")
     parser.add_argument("--pos-tagger", default="pattern",
                         help="pattern (built in, offline) or spacy[:model] (default: pattern)")
+    parser.add_argument("--workers", type=int, default=max(1, min(8, os.cpu_count() or 1)),
+                        help="processes tagging shards in parallel (default: CPU cores, at most 8)")
     parser.add_argument("--json", action="store_true", help="print stats.json instead of the table")
 
 
 def command(args: argparse.Namespace) -> int:
-    stats = output_stats(args.out, args.pos_tagger)
+    stats = output_stats(args.out, args.pos_tagger, args.workers)
     print(json.dumps(stats, indent=2) if args.json else format_table1(stats))
     print(f"written: {args.out / 'stats.json'}")
     return 0

@@ -82,3 +82,15 @@ def test_output_commands_run_through_the_cli(tmp_path, capsys):
     assert densefusion_local.main(["report", str(out), "--samples", "1"]) == 0
     assert (out / "report.html").read_text().count('class="sample"') == 1
     assert densefusion_local.main(["stats", str(tmp_path / "missing")]) == 2
+
+
+def test_shards_tallied_in_worker_processes_give_the_same_figures(tmp_path):
+    from output_fixture import fixture_samples
+
+    out = tmp_path / "out"
+    for shard in ("00000", "00001"):
+        write_fixture_output(out, fixture_samples(shard))
+    serial = stats.output_stats(out, workers=1)
+    parallel = stats.output_stats(out, workers=2)
+    assert parallel == serial
+    assert serial["table1"]["samples"] == 6 and serial["rejects"]["total"] == 2
