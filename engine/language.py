@@ -13,6 +13,7 @@ tag set the pattern tagger uses does not separate them, and nouns include proper
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from functools import lru_cache
 from typing import Protocol
@@ -138,20 +139,31 @@ class SpacyPosTagger:
         return [_UNIVERSAL.get(token.pos_, OTHER) for token in doc]
 
 
-def pos_tagger(name: str = "pattern") -> PosTagger:
-    """``pattern`` or ``spacy[:model]``; a spaCy model that is not installed is a config error."""
+def check_pos_tagger(name: str) -> None:
+    """Fail on a tagger that cannot load, without loading it (config validation stays cheap:
+    importing TextBlob alone takes seconds)."""
     if name == "pattern":
-        return PatternPosTagger()
+        return
     if name == "spacy" or name.startswith("spacy:"):
-        model = name.partition(":")[2] or "en_core_web_sm"
-        try:
-            return SpacyPosTagger(model)
-        except (ImportError, OSError) as exc:
-            raise ConfigError(
-                f"POS tagger {name!r} needs spaCy and its English pipeline {model!r} installed "
-                f"({type(exc).__name__}: {exc}); use 'pattern' for the built-in offline tagger"
-            ) from None
+        model = _spacy_model(name)
+        for package in ("spacy", model):
+            if importlib.util.find_spec(package) is None:
+                raise ConfigError(
+                    f"POS tagger {name!r} needs spaCy and its English pipeline {model!r} installed "
+                    f"({package!r} is not); use 'pattern' for the built-in offline tagger"
+                )
+        return
     raise ConfigError(f"unknown POS tagger {name!r}: use 'pattern' or 'spacy[:model]'")
+
+
+def _spacy_model(name: str) -> str:
+    return name.partition(":")[2] or "en_core_web_sm"
+
+
+def pos_tagger(name: str = "pattern") -> PosTagger:
+    """``pattern`` or ``spacy[:model]`` (an installed pipeline package; nothing is downloaded)."""
+    check_pos_tagger(name)
+    return PatternPosTagger() if name == "pattern" else SpacyPosTagger(_spacy_model(name))
 
 
 def tagged_words(text: str, tagger: PosTagger) -> list[tuple[str, str]]:

@@ -26,7 +26,7 @@ import numpy as np
 from engine.category import category_of
 from engine.coverage import COVERAGE_SCORES
 from engine.dataset_reader import iter_tar, read_rejects, shard_tars
-from engine.language import POS_CLASSES, PosTagger, pos_tagger, sentences, tagged_words
+from engine.language import POS_CLASSES, PosTagger, check_pos_tagger, pos_tagger, sentences, tagged_words
 from engine.manifest import write_json_atomic
 
 HISTOGRAM_BINS = 20
@@ -149,7 +149,7 @@ def output_stats(out: Path, tagger_name: str = "pattern", workers: int = 1) -> d
     """Statistics of an output folder, also written to OUT/stats.json. Part-of-speech tagging is
     pure Python (~300 captions/s per core), so shards are spread over ``workers`` processes."""
     out = Path(out)
-    pos_tagger(tagger_name)  # a bad tagger name fails here, not in a worker
+    check_pos_tagger(tagger_name)  # a bad tagger name fails here, not in a worker
     tars = shard_tars(out)
     tally = Tally()
     if workers > 1 and len(tars) > 1:
@@ -162,7 +162,7 @@ def output_stats(out: Path, tagger_name: str = "pattern", workers: int = 1) -> d
     else:
         for tar in tars:
             tally.merge(tally_shard(tar, tagger_name))
-    stats = summarise(tally, read_rejects(out), pos_tagger(tagger_name).name)
+    stats = summarise(tally, read_rejects(out), tagger_name)
     write_json_atomic(out / "stats.json", stats)
     return stats
 

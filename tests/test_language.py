@@ -57,3 +57,11 @@ def test_unknown_or_missing_taggers_are_config_errors():
         pos_tagger("nltk")
     with pytest.raises(ConfigError, match="pattern"):
         pos_tagger("spacy:no_such_pipeline_xyz")
+
+
+def test_run_config_rejects_a_tagger_that_cannot_load(tmp_path):
+    from engine import config
+
+    with pytest.raises(ConfigError, match="spaCy"):
+        config.build(runtime={"out": str(tmp_path)}, score={"pos_tagger": "spacy:no_such_pipeline_xyz"})
+    assert config.build(runtime={"out": str(tmp_path)}).score.pos_tagger == "pattern"
