@@ -28,7 +28,7 @@ from engine.dataset_reader import (
     read_json,
     read_rejects,
 )
-from engine.stats import POS_COLUMNS, TABLE1_HEADER, output_stats, table1_row
+from engine.stats import PAPER_ROWS, POS_COLUMNS, TABLE1_HEADER, output_stats, table1_row
 
 THUMB_SIDE = 360
 MAX_REJECT_ROWS = 200
@@ -219,10 +219,12 @@ def run_figures(manifest: dict[str, Any], metrics: dict[str, Any]) -> str:
 
 def table1_html(stats: dict[str, Any]) -> str:
     head = "".join(f"<th>{_e(h)}</th>" for h in TABLE1_HEADER)
-    row = "".join(f"<td>{_e(v)}</td>" for v in table1_row(stats))
-    parts = [f'<table id="table1-table"><tr>{head}</tr><tr>{row}</tr></table>',
+    rows = "".join(f'<tr{" class=muted" if paper else ""}><th class="l">{_e(row[0])}</th>'
+                   + "".join(f"<td>{_e(v)}</td>" for v in row[1:]) + "</tr>"
+                   for paper, row in [(False, table1_row(stats))] + [(True, r) for r in PAPER_ROWS])
+    parts = [f'<table id="table1-table"><tr>{head}</tr>{rows}</table>',
              (f'<p class="muted">{stats["table1"]["captions"]} captions; parts of speech by the '
-              f'{_e(stats["pos_tagger"])} tagger, as shares of all caption words</p>')]
+              f'{_e(stats["pos_tagger"])} tagger, as shares of all caption words; grey rows: the paper</p>')]
     if stats["coverage"]:
         rows = "".join(f'<tr><th class="l">{_e(name)}</th><td>{s["mean"]:.3f}</td><td>{s["median"]:.3f}</td>'
                        f'<td>{s["samples"]}</td></tr>' for name, s in stats["coverage"].items())

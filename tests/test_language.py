@@ -42,8 +42,11 @@ def test_pattern_tagger_classes_on_a_plain_sentence():
         ("on", OTHER), ("the", OTHER), ("lake", NOUN)]
 
 
-def test_auxiliaries_count_as_verbs():
-    assert [c for _, c in tagged_words("They are sleeping.", pos_tagger())] == [OTHER, VERB, VERB]
+def test_auxiliaries_and_negation_are_not_verbs_or_adverbs():
+    tagged = tagged_words("It has been designed well and has two wheels. He did not go; he can run.", pos_tagger())
+    verbs = [w for w, c in tagged if c == VERB]
+    assert verbs == ["designed", "has", "go", "run"]  # "has two wheels": a main verb
+    assert [w for w, c in tagged if c == ADV] == ["well"]
 
 
 def test_noun_forms_match_singular_and_plural_both_ways():

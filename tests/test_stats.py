@@ -8,8 +8,8 @@ from engine.language import pos_tagger
 
 # Hand-counted: chars / words / sentences; parts of speech per caption
 #   "A red car."                                  10 / 3 / 1   noun car, adj red
-#   "Two dogs run quickly. They are sleeping!"    40 / 7 / 2   num Two, noun dogs, verbs run are
-#                                                              sleeping, adv quickly
+#   "Two dogs run quickly. They are sleeping!"    40 / 7 / 2   num Two, noun dogs, verbs run
+#                                                              sleeping (are: auxiliary), adv quickly
 #   "Three small boats float slowly on the lake." 43 / 8 / 1   num Three, adj small, nouns boats
 #                                                              lake, verb float, adv slowly
 CAPTIONS = ("A red car.", "Two dogs run quickly. They are sleeping!",
@@ -31,7 +31,7 @@ def test_table1_matches_hand_counts():
     assert t["nouns"] == pytest.approx(4 / 18)
     assert t["adjectives"] == pytest.approx(2 / 18)
     assert t["adverbs"] == pytest.approx(2 / 18)
-    assert t["verbs"] == pytest.approx(4 / 18)
+    assert t["verbs"] == pytest.approx(3 / 18)
     assert t["numerals"] == pytest.approx(2 / 18)
     assert result["pos_tagger"] == "pattern"
 
