@@ -218,7 +218,7 @@ def run_figures(manifest: dict[str, Any], metrics: dict[str, Any]) -> str:
 
 
 def table1_html(stats: dict[str, Any]) -> str:
-    head = "".join(f"<th>{_e(h)}</th>" for h in TABLE1_HEADER)
+    head = f'<th class="l">{_e(TABLE1_HEADER[0])}</th>' + "".join(f"<th>{_e(h)}</th>" for h in TABLE1_HEADER[1:])
     rows = "".join(f'<tr{" class=muted" if paper else ""}><th class="l">{_e(row[0])}</th>'
                    + "".join(f"<td>{_e(v)}</td>" for v in row[1:]) + "</tr>"
                    for paper, row in [(False, table1_row(stats))] + [(True, r) for r in PAPER_ROWS])
