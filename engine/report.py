@@ -28,7 +28,7 @@ from engine.dataset_reader import (
     read_json,
     read_rejects,
 )
-from engine.stats import PAPER_ROWS, POS_COLUMNS, TABLE1_HEADER, output_stats, table1_row
+from engine.stats import PAPER_ROWS, POS_COLUMNS, TABLE1_HEADER, default_workers, output_stats, table1_row
 
 THUMB_SIDE = 360
 MAX_REJECT_ROWS = 200
@@ -250,7 +250,7 @@ def rejects_table(rejects: list[dict[str, Any]]) -> str:
 def build_report(out: Path, *, samples: int = 24, to: Path | None = None) -> Path:
     out = check_output(Path(out))
     stats = read_json(out / "stats.json") if _fresh(out / "stats.json", out / "manifest.json") else None
-    stats = stats or output_stats(out)
+    stats = stats or output_stats(out, workers=default_workers())
     cards = []
     for sample in iter_samples(out, with_images=True):
         if len(cards) >= samples:

@@ -25,11 +25,12 @@ import numpy as np
 
 from engine.category import category_of
 from engine.coverage import COVERAGE_SCORES
-from engine.dataset_reader import iter_tar, read_rejects, shard_tars
+from engine.dataset_reader import iter_tar, read_json, read_rejects, shard_tars
 from engine.language import POS_CLASSES, PosTagger, check_pos_tagger, pos_tagger, sentences, tagged_words
 from engine.manifest import write_json_atomic
 
 HISTOGRAM_BINS = 20
+CAPTIONS_PER_WORKER = 1000
 POS_COLUMNS = {"noun": "nouns", "adjective": "adjectives", "adverb": "adverbs", "verb": "verbs",
                "numeral": "numerals"}
 
@@ -137,6 +138,10 @@ def compute_stats(annotations: Iterable[dict[str, Any]], rejects: list[dict[str,
     return summarise(tally, rejects, tagger.name)
 
 
+def default_workers() -> int:
+    return max(1, min(8, os.cpu_count() or 1))
+
+
 def tally_shard(tar_path: Path, tagger_name: str) -> Tally:
     """One shard's tally; a top-level function so worker processes can run it."""
     tagger, tally = pos_tagger(tagger_name), Tally()
@@ -152,11 +157,14 @@ def output_stats(out: Path, tagger_name: str = "pattern", workers: int = 1) -> d
     check_pos_tagger(tagger_name)  # a bad tagger name fails here, not in a worker
     tars = shard_tars(out)
     tally = Tally()
-    if workers > 1 and len(tars) > 1:
+    # A worker costs seconds to start (importing TextBlob), the time of ~1,000 captions.
+    written = sum(s.get("written", 0) for s in read_json(out / "manifest.json").get("shards", {}).values())
+    workers = min(workers, len(tars), max(1, written // CAPTIONS_PER_WORKER))
+    if workers > 1:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
-        with ProcessPoolExecutor(min(workers, len(tars)), mp_context=multiprocessing.get_context("spawn")) as pool:
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
             for part in pool.map(tally_shard, tars, [tagger_name] * len(tars)):
                 tally.merge(part)
     else:
@@ -213,7 +221,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("out", type=Path, help="output folder written by the engine")
     parser.add_argument("--pos-tagger", default="pattern",
                         help="pattern (built in, offline) or spacy[:model] (default: pattern)")
-    parser.add_argument("--workers", type=int, default=max(1, min(8, os.cpu_count() or 1)),
+    parser.add_argument("--workers", type=int, default=default_workers(),
                         help="processes tagging shards in parallel (default: CPU cores, at most 8)")
     parser.add_argument("--json", action="store_true", help="print stats.json instead of the table")
 
