@@ -5,7 +5,7 @@ adjectives, adverbs, verbs and numerals among all caption words (pooled over the
 the paper's "lexical composition"). Words, sentences and parts of speech are defined in
 engine/language.py. Only samples with a non-empty caption count towards the caption figures.
 
-    python densefusion_local.py stats OUT [--pos-tagger pattern|spacy[:model]]
+    python densefusion_local.py stats OUT [--pos-tagger pattern|spacy[:model]] [--workers N]
 
 writes OUT/stats.json and prints the table.
 """
