@@ -328,6 +328,19 @@ class FusionConfig:
 
 
 @dataclass(frozen=True)
+class ScoreConfig:
+    pos_tagger: str = option(
+        "pattern", "part-of-speech tagger for the coverage scores: pattern (built in, offline) or "
+        "spacy[:model] (an installed spaCy English pipeline)"
+    )
+
+    def validate(self) -> None:
+        from engine.language import check_pos_tagger
+
+        check_pos_tagger(self.pos_tagger)  # a missing spaCy pipeline fails here, before any work
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """The whole configuration of one run; sections are passed down, never re-spread."""
 
@@ -341,6 +354,7 @@ class RunConfig:
     curate: CurateConfig = CurateConfig()
     experts: ExpertsConfig = ExpertsConfig()
     boxes: FusionConfig = FusionConfig()
+    score: ScoreConfig = ScoreConfig()
 
     def validate(self) -> RunConfig:
         for section in dataclasses.fields(self):

@@ -26,6 +26,7 @@ from engine.stages.experts import build_detect, build_tag
 from engine.stages.caption import CaptionStage
 from engine.stages.ocr import Ocr
 from engine.stages.prompt import FusionPrompt
+from engine.stages.score import ScoreStage
 from engine.writers import DatasetWriter
 from models.base import resolve_device
 
@@ -39,6 +40,7 @@ STAGES: dict[str, StageFactory | None] = {
     "ocr": lambda cfg: Ocr(cfg.ocr),
     "prompt": lambda cfg: FusionPrompt(cfg.prompt),
     "caption": lambda cfg: CaptionStage(cfg.caption, cfg.runtime),
+    "score": lambda cfg: ScoreStage(cfg.score),
 }
 ALWAYS = ("probe",)
 
