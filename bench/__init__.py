@@ -1,0 +1,1 @@
+"""Profiling suite: ``python -m bench NAME [options]``; each benchmark prints its figures."""

@@ -59,8 +59,8 @@ class FilterConfig:
 class DecodeConfig:
     decoder: str = option(
         "auto",
-        "image decoder: auto (dali › torchvision nvJPEG on a GPU › pil), pil, torchvision, dali",
-        choices=("auto", "pil", "torchvision", "dali"),
+        "image decoder: auto (torchvision nvJPEG on a GPU, else pil), pil, torchvision",
+        choices=("auto", "pil", "torchvision"),
     )
     decode_threads: int = option(max(1, min(8, os.cpu_count() or 1)), "CPU decode threads")
     decode_batch: int = option(32, "images per decode batch")

@@ -19,7 +19,6 @@ class Resources:
 
     batch_size: int = 1
     device: str = "cpu"  # "cpu" or "cuda[:N]"
-    threads: int = 1  # worker threads running process() concurrently (stateless stages only)
 
 
 @dataclass(frozen=True)

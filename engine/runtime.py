@@ -1,0 +1,259 @@
+"""The staged runtime: one thread per stage, joined by bounded queues.
+
+    source thread ─q─▶ stage 1 ─q─▶ stage 2 ─q─▶ … ─q─▶ writer (calling thread)
+
+Queues carry lists of items (samples and :class:`ShardEnd` markers) and hold at most
+``queue_depth`` lists, so a slow stage stops the ones before it (back-pressure) and memory
+stays bounded. Each stage thread re-batches to its own batch size, flushes a partial batch
+when a shard ends or its input runs dry, and forwards dead samples untouched; FIFO order
+keeps every marker behind its shard's samples, so the writer can commit on it.
+Torch, ONNX Runtime and PIL release the GIL in their kernels, which is what makes threads
+(rather than processes) enough here, and keeps models loaded once per worker.
+"""
+
+from __future__ import annotations
+
+import queue
+import signal
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine.record import Sample, ShardEnd
+from engine.stage import Stage
+
+Item = Sample | ShardEnd
+_STOP = object()  # end of input, passed down the chain
+_IDLE_FLUSH_S = 0.2  # a partial batch waits at most this long for more input
+_MAX_FAILED_BATCHES = 3  # a stage that raises on this many batches in a row is broken, not the data
+
+
+@dataclass
+class StageMetrics:
+    name: str
+    description: str = ""
+    items: int = 0
+    batches: int = 0
+    busy_s: float = 0.0
+    failed_batches: int = 0
+    queue_depth_sum: int = 0
+    queue_samples: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self, wall_s: float) -> dict[str, Any]:
+        return {
+            "stage": self.name,
+            "description": self.description,
+            "items": self.items,
+            "batches": self.batches,
+            "busy_s": round(self.busy_s, 3),
+            "items_per_busy_s": round(self.items / self.busy_s, 2) if self.busy_s else None,
+            "busy_share": round(self.busy_s / wall_s, 3) if wall_s else None,
+            "mean_queue_depth": round(self.queue_depth_sum / self.queue_samples, 2) if self.queue_samples else 0,
+            "failed_batches": self.failed_batches,
+            **self.extra,
+        }
+
+
+@dataclass
+class RunSummary:
+    shards_done: list[str]
+    shards_skipped: list[str]
+    written: int
+    rejected: int
+    rejects_by_stage: dict[str, int]
+    wall_s: float
+    interrupted: bool
+    stages: list[dict[str, Any]]
+
+    @property
+    def images_per_s(self) -> float:
+        return (self.written + self.rejected) / self.wall_s if self.wall_s else 0.0
+
+
+class StageFailed(RuntimeError):
+    """A stage raised repeatedly: a bug or a broken model, not a bad sample."""
+
+
+class Pipeline:
+    def __init__(self, stages: list[Stage], queue_depth: int, progress: Callable[[int, int], None] | None = None):
+        self.stages = stages
+        self.queue_depth = queue_depth
+        self.progress = progress
+        self.metrics = [StageMetrics(s.name) for s in stages]
+        self._stop = threading.Event()
+        self._errors: list[BaseException] = []
+
+    def stop(self) -> None:
+        """Stop reading; finished shards stay committed, the open one is redone next run."""
+        self._stop.set()
+
+    def run(self, source: Iterator[Item], writer) -> tuple[Counter, bool]:
+        """Drive ``source`` through the stages into ``writer``; returns rejects by stage."""
+        queues = [queue.Queue(self.queue_depth) for _ in range(len(self.stages) + 1)]
+        ready = threading.Barrier(len(self.stages) + 1)
+        threads = [threading.Thread(target=self._stage_loop, name=f"stage-{s.name}",
+                                    args=(s, m, queues[i], queues[i + 1], ready), daemon=True)
+                   for i, (s, m) in enumerate(zip(self.stages, self.metrics))]
+        for thread in threads:
+            thread.start()
+        try:
+            ready.wait()  # every stage has loaded its model, or one failed and broke the barrier
+        except threading.BrokenBarrierError:
+            self._stop.set()
+            self._drain_threads(threads, queues)
+            raise self._errors[0]
+        feeder = threading.Thread(target=self._feed, args=(source, queues[0]), name="source", daemon=True)
+        feeder.start()
+        rejects = self._write_loop(queues[-1], writer)
+        feeder.join()
+        for thread in threads:
+            thread.join()
+        if self._errors:
+            raise self._errors[0]
+        return rejects, self._stop.is_set()
+
+    def _drain_threads(self, threads, queues) -> None:
+        queues[0].put(_STOP)
+        for i, thread in enumerate(threads):
+            while thread.is_alive():
+                try:
+                    queues[i + 1].get(timeout=0.1)
+                except queue.Empty:
+                    pass
+
+    def _feed(self, source: Iterator[Item], out: queue.Queue) -> None:
+        chunk: list[Item] = []
+        try:
+            for item in source:
+                if self._stop.is_set():
+                    break
+                chunk.append(item)
+                if len(chunk) >= 64 or isinstance(item, ShardEnd):
+                    out.put(chunk)
+                    chunk = []
+            else:
+                if chunk:
+                    out.put(chunk)
+        except BaseException as exc:  # noqa: BLE001 - reported by run()
+            self._errors.append(exc)
+            self._stop.set()
+        out.put(_STOP)
+
+    def _stage_loop(self, stage: Stage, metrics: StageMetrics, inbox: queue.Queue,
+                    outbox: queue.Queue, ready: threading.Barrier) -> None:
+        try:
+            stage.setup()
+            metrics.description = stage.describe()
+        except BaseException as exc:  # noqa: BLE001 - reported by run()
+            self._errors.append(exc)
+            ready.abort()
+            return
+        ready.wait()
+        batch_size = stage.resources().batch_size
+        pending: list[Sample] = []
+        try:
+            while True:
+                try:
+                    items = inbox.get(timeout=_IDLE_FLUSH_S if pending else None)
+                except queue.Empty:
+                    self._flush(stage, metrics, pending, outbox)
+                    pending = []
+                    continue
+                metrics.queue_depth_sum += inbox.qsize()
+                metrics.queue_samples += 1
+                if items is _STOP:
+                    self._flush(stage, metrics, pending, outbox)
+                    outbox.put(_STOP)
+                    return
+                passthrough: list[Item] = []
+                for item in items:
+                    if isinstance(item, Sample) and item.alive:
+                        pending.append(item)
+                        if len(pending) >= batch_size:
+                            self._flush(stage, metrics, pending, outbox)
+                            pending = []
+                    elif isinstance(item, ShardEnd):
+                        self._flush(stage, metrics, pending, outbox, passthrough)
+                        pending, passthrough = [], []
+                        outbox.put([item])
+                    else:
+                        passthrough.append(item)
+                if passthrough:
+                    outbox.put(passthrough)
+        except BaseException as exc:  # noqa: BLE001 - reported by run()
+            self._errors.append(exc)
+            self._stop.set()
+            outbox.put(_STOP)
+        finally:
+            stage.teardown()
+            extra = getattr(stage, "metrics", None)
+            if callable(extra):
+                metrics.extra.update(extra())
+
+    def _flush(self, stage: Stage, metrics: StageMetrics, batch: list[Sample], outbox: queue.Queue,
+               passthrough: list[Item] | None = None) -> None:
+        if batch:
+            start = time.perf_counter()
+            try:
+                result = stage.process(batch)
+                if len(result) != len(batch):
+                    raise RuntimeError(f"stage {stage.name} returned {len(result)} samples for {len(batch)}")
+                metrics.failed_batches = 0
+            except Exception as exc:  # noqa: BLE001 - recorded on every sample of the batch
+                metrics.failed_batches += 1
+                if metrics.failed_batches >= _MAX_FAILED_BATCHES:
+                    raise StageFailed(f"stage {stage.name!r} failed {_MAX_FAILED_BATCHES} batches in a row; "
+                                      f"last error: {type(exc).__name__}: {exc}") from exc
+                for sample in batch:
+                    sample.fail(stage.name, f"batch failed: {type(exc).__name__}: {exc}")
+                result = batch
+            metrics.busy_s += time.perf_counter() - start
+            metrics.items += len(batch)
+            metrics.batches += 1
+            outbox.put(list(result) + (passthrough or []))
+        elif passthrough:
+            outbox.put(passthrough)
+
+    def _write_loop(self, inbox: queue.Queue, writer) -> Counter:
+        rejects: Counter = Counter()
+        while True:
+            items = inbox.get()
+            if items is _STOP:
+                return rejects
+            for item in items:
+                if isinstance(item, ShardEnd):
+                    writer.commit(item)
+                    continue
+                writer.write(item)
+                if not item.alive:
+                    rejects[item.stage] += 1
+                if self.progress:
+                    self.progress(1, 0 if item.alive else 1)
+
+
+class SigintStops:
+    """First Ctrl-C: stop after committing finished shards. Second: the default (abort)."""
+
+    def __init__(self, pipeline: Pipeline):
+        self.pipeline = pipeline
+        self._previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        print("\nstopping: finished shards are committed; rerun with the same --out to resume "
+              "(Ctrl-C again to abort)", flush=True)
+        self.pipeline.stop()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        return False
