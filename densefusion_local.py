@@ -73,7 +73,8 @@ def command_demo(args: argparse.Namespace) -> int:
 
 def demo_overrides(out: str, shards: list[Path]) -> dict:
     return {"input": {"shards": tuple(map(str, shards))},
-            "runtime": {"out": out, "models": "tiny"}}
+            "runtime": {"out": out, "models": "tiny"},
+            "qc": {"qc_action": "flag"}}  # tiny models write noise: show verdicts, keep samples
 
 
 COMMANDS = {"run": command_run, "demo": command_demo}

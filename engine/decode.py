@@ -20,7 +20,6 @@ from engine.config import DecodeConfig, FilterConfig
 from engine.record import Sample
 from engine.stage import ImageView, Resources, Stage
 
-
 VERIFY_VIEW = ImageView("_verify", 64)
 
 

@@ -18,10 +18,18 @@ from engine.decode import Decode
 from engine.errors import ConfigError
 from engine.manifest import Manifest, write_json_atomic
 from engine.probe import ResolutionFilter
-from engine.readers import ShardReport, expand_shards, read_shard, shard_end, shard_kind, shard_name
+from engine.readers import (
+    ShardReport,
+    expand_shards,
+    read_shard,
+    shard_end,
+    shard_kind,
+    shard_name,
+)
 from engine.record import Sample, ShardEnd
 from engine.runtime import Item, Pipeline, RunSummary, SigintStops
 from engine.stage import Stage
+from engine.stages.qc import QualityControl
 from engine.writers import DatasetWriter
 from models.base import resolve_device
 
@@ -30,6 +38,7 @@ StageFactory = Callable[[RunConfig], Stage]
 STAGES: dict[str, StageFactory | None] = {
     "probe": lambda cfg: ResolutionFilter(cfg.filter),
     "decode": None,  # built from the views of the stages after it
+    "qc": lambda cfg: QualityControl(cfg.qc),
 }
 ALWAYS = ("probe",)
 

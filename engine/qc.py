@@ -13,76 +13,11 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 
-from engine.config import option
-from engine.errors import ConfigError
-
-RULES = (
-    "empty",  # nothing but whitespace
-    "short",  # fewer words than a detailed caption can have
-    "token_limit",  # the engine stopped at max_new_tokens (finish_reason "length")
-    "unfinished",  # no sentence-final punctuation: cut off mid-sentence
-    "repeated_ngrams",  # a decoding loop: a large share of the word n-grams are repeats
-    "repeated_sentences",  # the same sentence written again and again
-    "scaffolding",  # the prompt's structure leaked: coordinates, [OCR], "external information"
-)
-
-# What the fusion prompt shows the engine and a caption must never echo. Coordinates are the
-# prompt's normalised boxes "[0.12, 0.34, ...]"; the bracketed headers and phrases are its
-# section names and instructions (paper appendix C.2).
-DEFAULT_SCAFFOLDING = (
-    r"\[\s*[01]?\.\d+\s*,\s*[01]?\.\d+",
-    r"\[\s*(?:ocr|world knowledge|detection box|external information|caption|image)\s*\]",
-    r"external information",
-    r"detection box",
-    r"bounding box",
-    r"world knowledge",
-)
+from engine.config import QcConfig
 
 _SENTENCE_END = re.compile(r"[.!?。！？…][\"'”’)\]」』]*\s*$")
 _SENTENCE_SPLIT = re.compile(r"(?<=[.!?。！？])\s+")
 _WORD = re.compile(r"\w+(?:['’]\w+)*")
-
-
-@dataclass(frozen=True)
-class QcConfig:
-    qc_action: str = option(
-        "drop",
-        "what a failed quality-control rule does: drop the sample (to rejects/) or only flag it",
-        choices=("drop", "flag"),
-    )
-    qc_rules: tuple[str, ...] = option(RULES, "quality-control rules to run: " + ", ".join(RULES))
-    qc_flag_rules: tuple[str, ...] = option(
-        (), "rules that only flag, even when --qc-action is drop"
-    )
-    qc_min_words: int = option(20, "rule 'short': captions with fewer words fail")
-    qc_ngram: int = option(4, "rule 'repeated_ngrams': n-gram length, in words")
-    qc_max_ngram_repeat_share: float = option(
-        0.3, "rule 'repeated_ngrams': largest share of n-grams that may repeat an earlier one"
-    )
-    qc_max_sentence_repeats: int = option(
-        2, "rule 'repeated_sentences': most times one sentence may occur"
-    )
-    qc_scaffolding: tuple[str, ...] = option(
-        DEFAULT_SCAFFOLDING,
-        "rule 'scaffolding': regular expressions (case-insensitive) a caption must not match",
-    )
-
-    def validate(self) -> None:
-        unknown = sorted(set(self.qc_rules).union(self.qc_flag_rules) - set(RULES))
-        if unknown:
-            raise ConfigError(f"unknown quality-control rule(s) {unknown}; known: {list(RULES)}")
-        if self.qc_min_words < 0 or self.qc_ngram < 1 or self.qc_max_sentence_repeats < 1:
-            raise ConfigError("--qc-min-words >= 0, --qc-ngram >= 1, --qc-max-sentence-repeats >= 1")
-        if not 0.0 <= self.qc_max_ngram_repeat_share <= 1.0:
-            raise ConfigError("--qc-max-ngram-repeat-share must be within [0, 1]")
-        for pattern in self.qc_scaffolding:
-            try:
-                re.compile(pattern)
-            except re.error as exc:
-                raise ConfigError(f"--qc-scaffolding pattern {pattern!r}: {exc}") from None
-
-    def drops(self, rule: str) -> bool:
-        return self.qc_action == "drop" and rule not in self.qc_flag_rules
 
 
 @dataclass(frozen=True)
@@ -115,7 +50,7 @@ def most_repeated_sentence(text: str) -> tuple[str, int]:
 
 
 def check_caption(text: str, finish_reason: str, cfg: QcConfig) -> list[Verdict]:
-    """Every enabled rule the caption fails, in :data:`RULES` order."""
+    """Every enabled rule the caption fails, in :data:`QC_RULES` order."""
     enabled = set(cfg.qc_rules)
     if not text.strip():
         # An empty caption fails every other rule too; one verdict says it all.

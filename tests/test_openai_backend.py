@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 
 from bench.chat_server import ChatServer
+from engine.config import ApiConfig
 from engine.errors import ConfigError
 from models.caption.base import SamplingParams
 from models.caption.openai_backend import (
-    ApiConfig,
     OpenAIEngine,
     backoff_seconds,
     chat_request,

@@ -2,8 +2,9 @@ import dataclasses
 
 import pytest
 
+from engine.config import QC_RULES, QcConfig
 from engine.errors import ConfigError
-from engine.qc import RULES, QcConfig, check_caption
+from engine.qc import check_caption
 from engine.record import Caption, Sample, Source
 from engine.stages.qc import QualityControl
 
@@ -105,7 +106,7 @@ def test_flag_rules_only_flag_while_others_drop():
 
 def test_disabled_rules_and_thresholds_are_configurable():
     text, finish, _ = BAD["short"]
-    assert check_caption(text, finish, QcConfig(qc_rules=tuple(r for r in RULES if r != "short"))) == []
+    assert check_caption(text, finish, QcConfig(qc_rules=tuple(r for r in QC_RULES if r != "short"))) == []
     assert check_caption(text, finish, QcConfig(qc_min_words=3)) == []
     loop = BAD["repeated_ngrams"][0]
     assert check_caption(loop, "stop", QcConfig(qc_max_ngram_repeat_share=0.95)) == []
@@ -132,3 +133,37 @@ def test_samples_without_a_caption_are_left_alone():
 def test_bad_settings_fail_validation(change):
     with pytest.raises(ConfigError):
         dataclasses.replace(QcConfig(), **change).validate()
+
+
+def test_drops_land_in_rejects_with_the_rule_name_through_the_pipeline(tmp_path):
+    import io
+
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from engine import config, pipeline
+    from engine.record import ShardEnd
+
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 48), "white").save(buf, format="JPEG")
+    cases = {"good": (GOOD, "stop"), "loop": BAD["repeated_ngrams"][:2],
+             "cut": BAD["token_limit"][:2], "leak": BAD["scaffolding_ocr"][:2]}
+
+    def source(skip):
+        for key, (text, finish) in cases.items():
+            sample = _sample(text, finish)
+            sample.key, sample.image_bytes = key, buf.getvalue()
+            sample.source = Source(shard="s0", path="mem", member=f"{key}.jpg")
+            yield sample
+        yield ShardEnd("s0", "mem", len(cases))
+
+    cfg = config.build(runtime={"out": str(tmp_path), "stages": ("qc",), "progress": False},
+                       filter={"min_short_edge": 0})
+    summary = pipeline.run(cfg, source_paths=[], source=source)
+    assert (summary.written, summary.rejected) == (1, 3)
+    rejects = pq.read_table(tmp_path / "rejects" / "s0.parquet").to_pylist()
+    reasons = {r["key"]: (r["stage"], r["reason"].split(":")[0]) for r in rejects}
+    assert reasons == {"loop": ("qc", "repeated_ngrams"), "cut": ("qc", "token_limit"),
+                       "leak": ("qc", "scaffolding")}
+    written = pq.read_table(tmp_path / "shards" / "s0.parquet").to_pylist()
+    assert [row["key"] for row in written] == ["good"]

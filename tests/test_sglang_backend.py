@@ -2,12 +2,12 @@ import os
 
 import pytest
 
+from engine.config import SGLANG_CHAT_TEMPLATES, SglangConfig
 from engine.errors import ConfigError
 from models.caption.base import SamplingParams
 from models.caption.sglang_backend import (
     CHAT_TEMPLATES,
     IMAGE_TOKEN,
-    SglangConfig,
     caption_from_output,
     engine_args,
     layout_prompt,
@@ -92,3 +92,7 @@ def test_explicit_sglang_without_sglang_is_a_config_error(monkeypatch):
 def test_bad_settings_fail_validation(change):
     with pytest.raises(ConfigError):
         SglangConfig(**change).validate()
+
+
+def test_config_offers_exactly_the_templates_the_backend_knows():
+    assert set(SGLANG_CHAT_TEMPLATES) == set(CHAT_TEMPLATES)

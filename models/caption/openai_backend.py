@@ -31,8 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from engine.config import option
-from engine.errors import ConfigError
+from engine.config import ApiConfig
 from engine.record import Caption
 from models.caption.base import SamplingParams
 
@@ -40,41 +39,6 @@ log = logging.getLogger(__name__)
 
 API_KEY_ENV = "OPENAI_API_KEY"
 RETRYABLE_STATUS = frozenset({408, 409, 425, 429}) | frozenset(range(500, 600))
-
-
-@dataclass(frozen=True)
-class ApiConfig:
-    api_base: str = option(
-        "", "OpenAI-compatible endpoint for --caption-backend openai (e.g. http://host:8000/v1)"
-    )
-    api_model: str = option("", "model name the endpoint serves (e.g. gpt-4o)")
-    api_concurrency: int = option(16, "requests in flight at once")
-    api_max_retries: int = option(6, "retries per request before the sample fails")
-    api_timeout: float = option(120.0, "seconds to wait for one response")
-    api_backoff: float = option(1.0, "first retry waits about this long (s), doubling each time")
-    api_max_backoff: float = option(60.0, "longest wait before a retry, Retry-After included (s)")
-    api_image_detail: str = option(
-        "high", "image detail level sent with each image", choices=("auto", "low", "high")
-    )
-    api_jpeg_quality: int = option(90, "JPEG quality of the image sent")
-
-    def validate(self) -> None:
-        if self.api_base and not self.api_base.startswith(("http://", "https://")):
-            raise ConfigError(f"--api-base {self.api_base!r} must start with http:// or https://")
-        if self.api_concurrency < 1 or self.api_max_retries < 0:
-            raise ConfigError("--api-concurrency must be >= 1 and --api-max-retries >= 0")
-        if self.api_timeout <= 0 or self.api_backoff < 0 or self.api_max_backoff < 0:
-            raise ConfigError("--api-timeout must be > 0, --api-backoff/--api-max-backoff >= 0")
-        if not 1 <= self.api_jpeg_quality <= 100:
-            raise ConfigError("--api-jpeg-quality must be within 1..100")
-
-    def require_endpoint(self) -> None:
-        """The openai backend needs both; other backends ignore them."""
-        if not self.api_base or not self.api_model:
-            raise ConfigError(
-                "--caption-backend openai needs --api-base URL and --api-model NAME "
-                f"(and the key, if the endpoint wants one, in ${API_KEY_ENV})"
-            )
 
 
 # --- request building and response parsing (pure) ----------------------------------------

@@ -16,12 +16,11 @@ import importlib.util
 import logging
 import threading
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from engine.config import option
+from engine.config import SglangConfig
 from engine.errors import ConfigError
 from engine.record import Caption
 from models.caption.base import SamplingParams
@@ -44,32 +43,6 @@ CHAT_TEMPLATES = {
         "<|im_end|>\n<|im_start|>assistant\n",
     ),
 }
-
-
-@dataclass(frozen=True)
-class SglangConfig:
-    sglang_dp_size: int = option(0, "SGLang data-parallel replicas (0: one per visible GPU / tp)")
-    sglang_tp_size: int = option(1, "SGLang tensor-parallel GPUs per replica")
-    sglang_dummy_weights: bool = option(
-        False, "load random weights of the checkpoint's shape (benchmarks: same cost as real)"
-    )
-    sglang_radix_cache: bool = option(True, "reuse the shared prompt prefix's KV cache")
-    sglang_mem_fraction: float = option(0.85, "share of GPU memory for weights and KV cache")
-    sglang_window: int = option(256, "caption requests kept in flight in the engine")
-    sglang_chat_template: str = option(
-        "vicuna_v1", "chat template of the caption model", choices=tuple(CHAT_TEMPLATES)
-    )
-    sglang_image_first: bool = option(
-        False,
-        "put the image before the prompt text (how LLaVA training lays it out) instead of "
-        "after it; image-first gives up sharing the instruction's KV cache across requests",
-    )
-
-    def validate(self) -> None:
-        if self.sglang_dp_size < 0 or self.sglang_tp_size < 1 or self.sglang_window < 1:
-            raise ConfigError("--sglang-dp-size >= 0, --sglang-tp-size >= 1, --sglang-window >= 1")
-        if not 0.0 < self.sglang_mem_fraction < 1.0:
-            raise ConfigError("--sglang-mem-fraction must be within (0, 1)")
 
 
 def sglang_available() -> bool:
