@@ -59,10 +59,12 @@ def shapes_image(rng: random.Random, width: int, height: int) -> Image.Image:
 
 
 def text_image(lines: tuple[str, ...], width: int, height: int, background, foreground) -> Image.Image:
-    """Large, high-contrast, left-aligned lines (>= 40 px), as a poster or slide would have."""
+    """Large, high-contrast, left-aligned lines (>= 24 px), as a poster or slide would have."""
     image = Image.new("RGB", (width, height), background)
     draw = ImageDraw.Draw(image)
     size = max(40, height // 10)
+    while size > 24 and max(draw.textlength(line, font=_font(size)) for line in lines) > width * 5 // 6:
+        size -= 2  # shrink until every line fits inside the image, so all of it can be read
     y = height // 6
     for line in lines:
         draw.text((width // 12, y), line, font=_font(size), fill=foreground)

@@ -1,0 +1,26 @@
+"""Prompt stage: the experts' outputs on each sample written into the fusion prompt."""
+
+from __future__ import annotations
+
+from engine.prompt import PromptConfig, sample_prompt
+from engine.record import Sample
+from engine.stage import Resources, Stage, run_per_sample
+
+
+class FusionPrompt(Stage):
+    name = "prompt"
+
+    def __init__(self, config: PromptConfig):
+        self.config = config
+
+    def resources(self) -> Resources:
+        return Resources(batch_size=64)
+
+    def process(self, batch: list[Sample]) -> list[Sample]:
+        def fill(sample: Sample) -> None:
+            sample.prompt = sample_prompt(sample, self.config)
+
+        return run_per_sample(self.name, batch, fill)
+
+    def describe(self) -> str:
+        return f"{self.name} ({self.config.prompt_template} template)"
