@@ -240,6 +240,21 @@ class SglangConfig:
             raise ConfigError("--sglang-mem-fraction must be within (0, 1)")
 
 
+# --- meta-dataset mode (engine/stages/subset.py) ----------------------------------------
+
+
+@dataclass(frozen=True)
+class SubsetConfig:
+    subset_share: float = option(
+        1.0, "caption only this seeded random share of the samples (meta dataset: 0.1 of 1M)"
+    )
+    subset_seed: int = option(0, "seed of the --subset-share draw (same seed, same samples)")
+
+    def validate(self) -> None:
+        if not 0.0 < self.subset_share <= 1.0:
+            raise ConfigError("--subset-share must be within (0, 1]")
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """The whole configuration of one run; sections are passed down, never re-spread."""
@@ -251,6 +266,7 @@ class RunConfig:
     qc: QcConfig = QcConfig()
     api: ApiConfig = ApiConfig()
     sglang: SglangConfig = SglangConfig()
+    subset: SubsetConfig = SubsetConfig()
 
     def validate(self) -> RunConfig:
         for section in dataclasses.fields(self):

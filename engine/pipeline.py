@@ -30,6 +30,7 @@ from engine.record import Sample, ShardEnd
 from engine.runtime import Item, Pipeline, RunSummary, SigintStops
 from engine.stage import Stage
 from engine.stages.qc import QualityControl
+from engine.stages.subset import SeededSubset
 from engine.writers import DatasetWriter
 from models.base import resolve_device
 
@@ -37,10 +38,11 @@ StageFactory = Callable[[RunConfig], Stage]
 
 STAGES: dict[str, StageFactory | None] = {
     "probe": lambda cfg: ResolutionFilter(cfg.filter),
+    "subset": lambda cfg: SeededSubset(cfg.subset),  # before decode: skipped samples cost nothing
     "decode": None,  # built from the views of the stages after it
     "qc": lambda cfg: QualityControl(cfg.qc),
 }
-ALWAYS = ("probe",)
+ALWAYS = ("probe", "subset")  # subset is a no-op unless --subset-share < 1
 
 
 def resolved(cfg: RunConfig) -> RunConfig:
