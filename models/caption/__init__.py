@@ -1,0 +1,1 @@
+"""Caption engines: the interface (``base``), the backends by name (``registry``)."""

@@ -1,0 +1,117 @@
+"""Caption engine on transformers with the tiny LLaVA-NeXT, and the caption stage."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from engine.config import RuntimeConfig
+from engine.errors import ConfigError
+from engine.prompt import fusion_prompt
+from engine.record import OcrLine, Sample, Source
+from engine.stages.caption import CaptionStage
+from models import tiny
+from models.caption.base import SamplingParams
+from models.caption.registry import CaptionConfig, load_engine
+
+SIZES = [(300, 100), (200, 480), (64, 64), (1000, 333), (129, 131)]  # (height, width)
+
+
+@pytest.fixture(scope="module")
+def tiny_root(tmp_path_factory):
+    torch.set_num_threads(1)
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_root):
+    folder = tiny.ensure("caption", tiny_root / "tiny")
+    engine = load_engine(CaptionConfig(), "tiny", str(folder), "cpu")
+    yield engine
+    engine.close()
+
+
+def images():
+    rng = np.random.default_rng(0)
+    return [rng.integers(0, 255, (h, w, 3), dtype=np.uint8) for h, w in SIZES]
+
+
+def test_loads_from_saved_folder_through_production_path(engine):
+    from transformers import LlavaNextForConditionalGeneration, LlavaNextProcessor
+
+    assert isinstance(engine.net, LlavaNextForConditionalGeneration)
+    assert isinstance(engine.processor, LlavaNextProcessor)
+    assert engine.net.dtype == torch.float32 and engine.backend == "transformers"
+    assert engine.processor.tokenizer.padding_side == "left"
+
+
+def test_batch_of_mixed_sizes_generates_one_caption_each(engine):
+    prompts = [fusion_prompt(f"alt {i}", [], [OcrLine("HELLO", 0.9, (0, 0, 1, 1))] * i) for i in range(5)]
+    params = SamplingParams(max_new_tokens=12, min_new_tokens=12)
+    captions = engine.generate(prompts, images(), params=params)
+    assert len(captions) == 5
+    for caption in captions:
+        assert caption.finish_reason == "length" and caption.output_tokens == 12
+        assert caption.model == "tiny" and caption.seconds > 0
+    # AnyRes: the number of image tokens follows each image's size and aspect ratio
+    assert len({c.prompt_tokens for c in captions}) > 1
+
+
+def test_batched_equals_one_by_one_under_left_padding(engine):
+    prompts = [fusion_prompt("short", [], []), fusion_prompt("a much longer alt text " * 8, [], [])]
+    params = SamplingParams(max_new_tokens=8)
+    batched = engine.generate(prompts, images()[:2], params=params)
+    single = [engine.generate([p], [i], params=params)[0] for p, i in zip(prompts, images()[:2])]
+    assert [c.text for c in batched] == [c.text for c in single]
+    assert [c.prompt_tokens for c in batched] == [c.prompt_tokens for c in single]
+
+
+def test_stop_reason_when_eos_comes(engine):
+    # a random tiny model rarely emits EOS by itself: check the accounting on a given sequence
+    eos = next(iter(engine.eos_ids))
+    caption = engine._caption([5, 6, eos, engine.pad_id], prompt_tokens=10, seconds=0.1)
+    assert caption.finish_reason == "stop" and caption.output_tokens == 2
+
+
+def test_a_failing_input_fails_alone(engine):
+    bad = np.zeros((0, 10, 3), np.uint8)  # an empty image the processor cannot take
+    captions = engine.generate(["p1", "p2"], [images()[0], bad], params=SamplingParams(max_new_tokens=3))
+    assert captions[0].finish_reason == "length"
+    assert captions[1].finish_reason == "error" and captions[1].text
+
+
+def make_sample(i: int, image: np.ndarray) -> Sample:
+    sample = Sample(key=f"k{i}", source=Source("s", "s.tar", f"k{i}"), alt_text=f"alt {i}")
+    sample.views["caption"] = image
+    sample.prompt = fusion_prompt(sample.alt_text, [], [])
+    return sample
+
+
+def test_stage_captions_samples(tiny_root):
+    runtime = RuntimeConfig(out="/tmp/unused", models="tiny", device="cpu", cache_dir=str(tiny_root))
+    stage = CaptionStage(CaptionConfig(caption_batch=4, max_new_tokens=6), runtime)
+    assert stage.views()[0].name == "caption" and stage.resources().batch_size == 4
+    stage.setup()
+    samples = [make_sample(i, img) for i, img in enumerate(images()[:3])]
+    samples[1].prompt = ""
+    stage.process(samples)
+    stage.teardown()
+    assert samples[0].caption.output_tokens <= 6 and samples[2].caption is not None
+    assert samples[1].status == "error" and "prompt stage" in samples[1].reason
+    assert samples[0].annotations()["engine"]["backend"] == "transformers"
+
+
+def test_missing_model_folder_is_a_config_error():
+    runtime = RuntimeConfig(out="/tmp/unused", device="cpu")
+    with pytest.raises(ConfigError, match="does not exist"):
+        CaptionStage(CaptionConfig(caption_model="/nowhere/llava"), runtime)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [{"caption_backend": "nope"}, {"max_new_tokens": 0}, {"min_new_tokens": 500}, {"top_p": 0.0}],
+)
+def test_config_validation(bad):
+    with pytest.raises(ConfigError):
+        dataclasses.replace(CaptionConfig(), **bad).validate()
