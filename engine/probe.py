@@ -63,8 +63,11 @@ class ResolutionFilter(Stage):
     def _check(self, sample: Sample) -> None:
         try:
             header = probe_header(sample.image_bytes)
-        except (UnidentifiedImageError, ValueError, OSError, SyntaxError) as exc:
-            sample.fail(self.name, f"not a readable image: {_reason(exc)}")
+        except UnidentifiedImageError:
+            sample.fail(self.name, f"not an image: unknown format (starts with {sample.image_bytes[:12]!r})")
+            return
+        except (ValueError, OSError, SyntaxError) as exc:
+            sample.fail(self.name, f"not a readable image: {type(exc).__name__}: {exc}")
             return
         except Image.DecompressionBombError as exc:
             sample.fail(self.name, f"decompression bomb: {exc}")
@@ -87,7 +90,3 @@ class ResolutionFilter(Stage):
     def describe(self) -> str:
         return f"probe (min short edge {self.cfg.min_short_edge}, max pixels {self.cfg.max_pixels})"
 
-
-def _reason(exc: Exception) -> str:
-    message = str(exc).replace("<_io.BytesIO object at 0x", "<bytes").split(" at 0x")[0]
-    return f"{type(exc).__name__}: {message}"

@@ -103,9 +103,9 @@ class Pipeline:
         try:
             ready.wait()  # every stage has loaded its model, or one failed and broke the barrier
         except threading.BrokenBarrierError:
-            self._stop.set()
-            self._drain_threads(threads, queues)
-            raise self._errors[0]
+            for thread in threads:  # each returns at the broken barrier, tearing down what it loaded
+                thread.join()
+            raise self._errors[0] from None
         feeder = threading.Thread(target=self._feed, args=(source, queues[0]), name="source", daemon=True)
         feeder.start()
         rejects = self._write_loop(queues[-1], writer)
@@ -115,15 +115,6 @@ class Pipeline:
         if self._errors:
             raise self._errors[0]
         return rejects, self._stop.is_set()
-
-    def _drain_threads(self, threads, queues) -> None:
-        queues[0].put(_STOP)
-        for i, thread in enumerate(threads):
-            while thread.is_alive():
-                try:
-                    queues[i + 1].get(timeout=0.1)
-                except queue.Empty:
-                    pass
 
     def _feed(self, source: Iterator[Item], out: queue.Queue) -> None:
         chunk: list[Item] = []
@@ -152,7 +143,11 @@ class Pipeline:
             self._errors.append(exc)
             ready.abort()
             return
-        ready.wait()
+        try:
+            ready.wait()
+        except threading.BrokenBarrierError:  # another stage could not load: nothing will run
+            stage.teardown()
+            return
         batch_size = stage.resources().batch_size
         pending: list[Sample] = []
         try:

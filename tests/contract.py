@@ -1,0 +1,51 @@
+"""The output contract, checked the same way by every end-to-end test."""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from engine.readers import ShardReport, read_shard, shard_name
+from engine.config import InputConfig
+
+
+def input_keys(path: Path) -> list[str]:
+    return [s.key for s in read_shard(path, InputConfig(), ShardReport())]
+
+
+def output_rows(out: Path, shard: str) -> tuple[list[dict], list[dict]]:
+    written = pq.read_table(out / "shards" / f"{shard}.parquet").to_pylist()
+    rejected = pq.read_table(out / "rejects" / f"{shard}.parquet").to_pylist()
+    return written, rejected
+
+
+def check_output_contract(out: Path, inputs: list[Path]) -> dict[str, tuple[list[dict], list[dict]]]:
+    """Every input key lands exactly once: written xor rejected (a repeated input key is the one
+    exception: its later copies are rejects). Tar and parquet agree; the manifest counts match."""
+    manifest = json.loads((out / "manifest.json").read_text())["shards"]
+    result = {}
+    for path in inputs:
+        shard = shard_name(path)
+        written, rejected = output_rows(out, shard)
+        keys_in = input_keys(path)
+        duplicates = Counter(keys_in) - Counter(set(keys_in))
+        written_keys = [r["key"] for r in written]
+        rejected_keys = [r["key"] for r in rejected]
+        assert len(written_keys) == len(set(written_keys)), "a key written twice"
+        assert Counter(written_keys) + Counter(rejected_keys) == Counter(keys_in), "keys lost or invented"
+        assert not (set(written_keys) & set(rejected_keys)) - set(duplicates), "a key both written and rejected"
+        assert all(r["stage"] and r["reason"] for r in rejected), "a reject without stage or reason"
+        with tarfile.open(out / "shards" / f"{shard}.tar") as tar:
+            names = tar.getnames()
+            for key in written_keys:
+                assert f"{key}.json" in names
+                annotations = json.load(tar.extractfile(f"{key}.json"))
+                assert annotations["key"] == key
+        assert len(names) == 2 * len(written_keys)
+        assert manifest[shard]["written"] == len(written) and manifest[shard]["rejected"] == len(rejected)
+        result[shard] = (written, rejected)
+    return result

@@ -1,0 +1,151 @@
+import threading
+import time
+
+import pytest
+
+from engine.record import Sample, ShardEnd, Source
+from engine.runtime import Pipeline, StageFailed
+from engine.stage import Resources, Stage
+
+
+def samples(shard: str, n: int, dead: set[int] = frozenset()):
+    for i in range(n):
+        sample = Sample(key=f"{shard}-{i}", source=Source(shard, shard, str(i)))
+        if i in dead:
+            sample.fail("read", "broken")
+        yield sample
+    yield ShardEnd(shard, shard, n)
+
+
+class Recorder(Stage):
+    def __init__(self, name="rec", batch_size=4, fail_keys=(), delay=0.0):
+        self.name, self.batch_size, self.fail_keys, self.delay = name, batch_size, set(fail_keys), delay
+        self.batches: list[list[str]] = []
+        self.setup_thread = None
+
+    def resources(self):
+        return Resources(batch_size=self.batch_size)
+
+    def setup(self):
+        self.setup_thread = threading.current_thread().name
+
+    def process(self, batch):
+        time.sleep(self.delay)
+        self.batches.append([s.key for s in batch])
+        for sample in batch:
+            if sample.key in self.fail_keys:
+                sample.fail(self.name, "bad")
+            sample.scores[self.name] = 1.0
+        return batch
+
+
+class ListWriter:
+    def __init__(self):
+        self.events = []
+
+    def write(self, sample):
+        self.events.append(("sample", sample.key, sample.status))
+
+    def commit(self, end):
+        self.events.append(("commit", end.shard))
+
+
+def run(stages, items, depth=2):
+    writer = ListWriter()
+    rejects, interrupted = Pipeline(stages, depth).run(iter(items), writer)
+    return writer.events, rejects
+
+
+def test_every_sample_reaches_the_writer_before_its_shard_commits():
+    first, second = Recorder("a", 3, fail_keys={"s1-2"}), Recorder("b", 5)
+    items = list(samples("s1", 7, dead={4})) + list(samples("s2", 4))
+    events, rejects = run([first, second], items)
+    commits = [i for i, e in enumerate(events) if e[0] == "commit"]
+    assert [events[i][1] for i in commits] == ["s1", "s2"]
+    s1_keys = {e[1] for e in events[: commits[0]] if e[0] == "sample"}
+    assert s1_keys == {f"s1-{i}" for i in range(7)}
+    assert {e[1] for e in events[commits[0]:] if e[0] == "sample"} == {f"s2-{i}" for i in range(4)}
+    assert rejects == {"read": 1, "a": 1}
+    # dead samples never reach process(); batches never exceed the batch size and never span a shard end
+    assert all(len(b) <= 3 for b in first.batches) and "s1-4" not in sum(first.batches, [])
+    assert "s1-2" not in sum(second.batches, [])
+    assert all(len({k.split("-")[0] for k in b}) == 1 for b in second.batches)
+    assert first.setup_thread == "stage-a" and second.setup_thread == "stage-b"
+
+
+def test_a_batch_that_raises_fails_its_samples_only():
+    class FlakyOnce(Recorder):
+        def process(self, batch):
+            if not self.batches:
+                self.batches.append([])
+                raise RuntimeError("CUDA hiccup")
+            return super().process(batch)
+
+    events, rejects = run([FlakyOnce("f", 2)], list(samples("s", 6)))
+    statuses = [e[2] for e in events if e[0] == "sample"]
+    assert statuses.count("error") == 2 and statuses.count("ok") == 4
+    assert rejects == {"f": 2}
+
+
+def test_a_stage_that_always_raises_stops_the_run():
+    class Broken(Recorder):
+        def process(self, batch):
+            raise ValueError("bug")
+
+    with pytest.raises(StageFailed, match="bug"):
+        run([Broken("x", 1)], list(samples("s", 10)))
+
+
+def test_setup_failure_raises_before_any_input_is_read():
+    class NoModel(Recorder):
+        def setup(self):
+            raise FileNotFoundError("model missing")
+
+    pulled = []
+
+    def source():
+        for item in samples("s", 3):
+            pulled.append(item)
+            yield item
+
+    with pytest.raises(FileNotFoundError):
+        Pipeline([Recorder("ok"), NoModel("nm")], 2).run(source(), ListWriter())
+    assert pulled == []
+
+
+def test_bounded_queues_hold_back_a_fast_source():
+    produced = []
+
+    def source():
+        for item in samples("s", 2000):
+            produced.append(item)
+            yield item
+
+    slow = Recorder("slow", batch_size=8, delay=0.02)
+    pipeline = Pipeline([slow], queue_depth=2)
+    writer = ListWriter()
+    thread = threading.Thread(target=pipeline.run, args=(source(), writer))
+    thread.start()
+    time.sleep(0.5)
+    in_flight = len(produced) - len(writer.events)
+    pipeline.stop()
+    thread.join()
+    # two queues of depth 2 with 64-item chunks, one pending batch, one chunk in the feeder's hand
+    assert in_flight <= 5 * 64 + 8
+    assert len(produced) < 2000
+
+
+def test_stop_ends_without_committing_the_open_shard():
+    pipeline = Pipeline([Recorder("r", 4, delay=0.01)], 2)
+
+    def source():
+        yield from samples("done", 4)
+        for item in samples("open", 500):
+            if isinstance(item, Sample) and item.key == "open-100":
+                pipeline.stop()
+            yield item
+
+    writer = ListWriter()
+    _, interrupted = pipeline.run(source(), writer)
+    assert interrupted
+    assert [e[1] for e in writer.events if e[0] == "commit"] == ["done"]
