@@ -68,9 +68,8 @@ def build_engine(backend: str, args: argparse.Namespace, stack: contextlib.ExitS
         cfg = SglangConfig(sglang_dummy_weights=args.dummy_weights)
         cfg.validate()
         return SglangEngine(cfg, path), f"sglang ({args.model})"
-    from models.caption.registry import CaptionConfig, load_engine
-
     from models.base import resolve_device
+    from models.caption.registry import CaptionConfig, load_engine
 
     device = resolve_device(args.device)
     cfg = dataclasses.replace(CaptionConfig(), caption_model=args.model, caption_backend=backend)

@@ -2,7 +2,7 @@ import sys
 import types
 
 from engine.record import Caption
-from models.caption.figures import CaptionTally, gpu_figures
+from models.caption.figures import CaptionTally, GpuSampler, gpu_figures
 
 
 def _caption(prompt: int, output: int, finish: str = "stop") -> Caption:
@@ -48,3 +48,20 @@ def test_gpu_figures_read_nvml_when_present(monkeypatch):
 
     monkeypatch.setattr(fake, "nvmlInit", no_driver)
     assert gpu_figures() == {}
+
+
+def test_gpu_sampler_keeps_peak_memory_and_mean_utilisation(monkeypatch):
+    reads = iter([{"gpu0_memory_used_gib": 3.0, "gpu0_util_percent": 80.0},
+                  {"gpu0_memory_used_gib": 5.0, "gpu0_util_percent": 100.0},
+                  {"gpu0_memory_used_gib": 4.0, "gpu0_util_percent": 60.0}])
+    monkeypatch.setattr("models.caption.figures.gpu_figures", lambda: next(reads))
+    sampler = GpuSampler(every_s=0.0)
+    for _ in range(3):
+        sampler.maybe_sample()
+    assert sampler.figures() == {"gpu0_memory_peak_gib": 5.0, "gpu0_mean_util_percent": 80.0}
+    throttled = GpuSampler(every_s=3600.0)
+    monkeypatch.setattr("models.caption.figures.gpu_figures", lambda: {"gpu0_util_percent": 1.0})
+    throttled.maybe_sample()
+    throttled.maybe_sample()  # within every_s: not read again
+    assert throttled.figures() == {"gpu0_mean_util_percent": 1.0}
+    assert GpuSampler().figures() == {}

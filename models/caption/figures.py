@@ -1,12 +1,13 @@
 """Throughput figures of a caption engine: tokens/s, images/s, cache hits, GPU memory/util.
 
-The caption stage feeds every batch's captions to :class:`CaptionTally` and reports
-``tally.figures() | engine.metrics() | gpu_figures()`` as its ``metrics()``, which the
-runtime merges into ``metrics.json``.
+The caption stage feeds every batch's captions to :class:`CaptionTally`, lets a
+:class:`GpuSampler` read NVML now and then, and reports ``tally.figures() | engine.metrics() |
+sampler.figures()`` as its ``metrics()``, which the runtime merges into ``metrics.json``.
 """
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -65,3 +66,35 @@ def gpu_figures() -> dict[str, float]:
     finally:
         pynvml.nvmlShutdown()
     return figures
+
+
+class GpuSampler:
+    """Peak memory and mean utilisation per GPU, from NVML reads at most every ``every_s``."""
+
+    def __init__(self, every_s: float = 5.0):
+        self.every_s = every_s
+        self._last = float("-inf")
+        self._peak: dict[str, float] = {}
+        self._util_sum: dict[str, float] = {}
+        self._reads = 0
+
+    def maybe_sample(self) -> None:
+        now = time.monotonic()
+        if now - self._last < self.every_s:
+            return
+        self._last = now
+        figures = gpu_figures()
+        if not figures:
+            return
+        self._reads += 1
+        for name, value in figures.items():
+            if name.endswith("_memory_used_gib"):
+                self._peak[name] = max(value, self._peak.get(name, 0.0))
+            else:
+                self._util_sum[name] = self._util_sum.get(name, 0.0) + value
+
+    def figures(self) -> dict[str, float]:
+        figures = {name.replace("_used_", "_peak_"): v for name, v in self._peak.items()}
+        figures.update({name.replace("_util_", "_mean_util_"): total / self._reads
+                        for name, total in self._util_sum.items()})
+        return figures

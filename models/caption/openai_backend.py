@@ -34,6 +34,7 @@ import numpy as np
 from engine.config import ApiConfig
 from engine.record import Caption
 from models.caption.base import SamplingParams
+from models.caption.registry import BackendSettings, CaptionConfig, register
 
 log = logging.getLogger(__name__)
 
@@ -237,6 +238,12 @@ class OpenAIEngine:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+@register("openai")
+def load(config: CaptionConfig, model: str, path: str, device: str,
+         settings: BackendSettings) -> OpenAIEngine:
+    return OpenAIEngine(settings.api)  # the model is the endpoint's: --api-model
 
 
 def _read_quietly(exc: urllib.error.HTTPError) -> str:

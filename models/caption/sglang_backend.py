@@ -24,6 +24,7 @@ from engine.config import SglangConfig
 from engine.errors import ConfigError
 from engine.record import Caption
 from models.caption.base import SamplingParams
+from models.caption.registry import BackendSettings, CaptionConfig, register
 
 log = logging.getLogger(__name__)
 
@@ -194,3 +195,9 @@ class SglangEngine:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=10)
         self._engine.shutdown()
+
+
+@register("sglang")
+def load(config: CaptionConfig, model: str, path: str, device: str,
+         settings: BackendSettings) -> SglangEngine:
+    return SglangEngine(settings.sglang, path)

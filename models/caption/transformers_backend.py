@@ -15,7 +15,7 @@ import numpy as np
 from engine.errors import ConfigError
 from engine.record import Caption
 from models.caption.base import SamplingParams
-from models.caption.registry import CaptionConfig, register
+from models.caption.registry import BackendSettings, CaptionConfig, register
 
 
 class TransformersCaptionEngine:
@@ -112,5 +112,7 @@ class TransformersCaptionEngine:
 
 
 @register("transformers")
-def load(config: CaptionConfig, model: str, path: str, device: str) -> TransformersCaptionEngine:
+def load(
+    config: CaptionConfig, model: str, path: str, device: str, _settings: BackendSettings
+) -> TransformersCaptionEngine:
     return TransformersCaptionEngine(model, path, device, dtype=config.caption_dtype)
