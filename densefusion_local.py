@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from pathlib import Path
 
@@ -45,7 +46,20 @@ def build_parser() -> argparse.ArgumentParser:
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
         sub.add_argument("--config", metavar="YAML", help="YAML file with config sections; flags override it")
         config_module.add_arguments(sub)
+    for name, (module, help_text) in OUTPUT_TOOLS.items():
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        importlib.import_module(module).add_arguments(sub)
     return parser
+
+
+# Commands that read a finished output folder; each module has add_arguments() and command().
+OUTPUT_TOOLS = {
+    "stats": ("engine.stats", ("the paper's Table 1, length histograms, coverage and categories "
+                               "of an output folder (writes OUT/stats.json)")),
+    "export": ("engine.export", ("export an output folder as LLaVA pre-training JSON or JSONL, "
+                                 "images included")),
+    "report": ("engine.report", "write a static HTML report of an output folder (OUT/report.html)"),
+}
 
 
 def command_run(args: argparse.Namespace) -> int:
@@ -83,6 +97,8 @@ COMMANDS = {"run": command_run, "demo": command_demo}
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command in OUTPUT_TOOLS:
+            return importlib.import_module(OUTPUT_TOOLS[args.command][0]).command(args)
         return COMMANDS[args.command](args)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)

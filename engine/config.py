@@ -256,6 +256,19 @@ class SubsetConfig:
 
 
 @dataclass(frozen=True)
+class ScoreConfig:
+    pos_tagger: str = option(
+        "pattern", "part-of-speech tagger for the coverage scores: pattern (built in, offline) or "
+        "spacy[:model] (an installed spaCy English pipeline)"
+    )
+
+    def validate(self) -> None:
+        from engine.language import pos_tagger
+
+        pos_tagger(self.pos_tagger)  # a missing spaCy pipeline fails here, before any work
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """The whole configuration of one run; sections are passed down, never re-spread."""
 
@@ -267,6 +280,7 @@ class RunConfig:
     api: ApiConfig = ApiConfig()
     sglang: SglangConfig = SglangConfig()
     subset: SubsetConfig = SubsetConfig()
+    score: ScoreConfig = ScoreConfig()
 
     def validate(self) -> RunConfig:
         for section in dataclasses.fields(self):

@@ -31,6 +31,7 @@ from engine.runtime import Item, Pipeline, RunSummary, SigintStops
 from engine.stage import Stage
 from engine.stages.qc import QualityControl
 from engine.stages.subset import SeededSubset
+from engine.stages.score import ScoreStage
 from engine.writers import DatasetWriter
 from models.base import resolve_device
 
@@ -41,6 +42,7 @@ STAGES: dict[str, StageFactory | None] = {
     "subset": lambda cfg: SeededSubset(cfg.subset),  # before decode: skipped samples cost nothing
     "decode": None,  # built from the views of the stages after it
     "qc": lambda cfg: QualityControl(cfg.qc),
+    "score": lambda cfg: ScoreStage(cfg.score),
 }
 ALWAYS = ("probe", "subset")  # subset is a no-op unless --subset-share < 1
 

@@ -1,0 +1,88 @@
+"""Reading back a finished output folder (the output contract that engine/writers.py writes).
+
+Statistics, exports and the report all start here. The tar shards are the source of truth:
+``<key>.json`` holds ``sample.annotations()`` with ``meta`` and ``scores`` as real objects,
+and the image bytes sit next to it. Only committed shards are read (temporaries end in .tmp).
+"""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from engine.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class WrittenSample:
+    annotations: dict[str, Any]
+    image_name: str  # tar member name, "<key>.<ext>"
+    image_bytes: bytes | None  # None unless asked for
+
+    @property
+    def key(self) -> str:
+        return self.annotations["key"]
+
+    @property
+    def caption(self) -> str:
+        return self.annotations.get("caption") or ""
+
+
+def check_output(out: Path) -> Path:
+    out = Path(out)
+    if not (out / "shards").is_dir():
+        raise ConfigError(f"{out} is not an output folder: it has no shards/ (run the engine first)")
+    return out
+
+
+def shard_tars(out: Path) -> list[Path]:
+    return sorted(check_output(out).glob("shards/*.tar"))
+
+
+def _member_key(name: str) -> tuple[str, str]:
+    """WebDataset's rule: the key is the name up to the first dot of its last path part."""
+    folder, _, base = name.rpartition("/")
+    stem, _, ext = base.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), ext
+
+
+def iter_samples(out: Path, *, with_images: bool = False) -> Iterator[WrittenSample]:
+    """Every written sample, shard by shard, in the order the writer wrote them."""
+    for tar_path in shard_tars(out):
+        yield from _iter_tar(tar_path, with_images)
+
+
+def _iter_tar(tar_path: Path, with_images: bool) -> Iterator[WrittenSample]:
+    pending: dict[str, dict[str, Any]] = {}
+    with tarfile.open(tar_path, "r:") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            key, ext = _member_key(member.name)
+            entry = pending.setdefault(key, {})
+            if ext == "json":
+                entry["json"] = json.loads(tar.extractfile(member).read())
+            else:
+                entry["image_name"] = member.name
+                entry["image"] = tar.extractfile(member).read() if with_images else None
+            if "json" in entry and "image_name" in entry:
+                yield WrittenSample(entry["json"], entry["image_name"], entry["image"])
+                del pending[key]
+
+
+def read_rejects(out: Path) -> list[dict[str, Any]]:
+    import pyarrow.parquet as pq
+
+    rows: list[dict[str, Any]] = []
+    for path in sorted(check_output(out).glob("rejects/*.parquet")):
+        rows.extend(pq.read_table(path).to_pylist())
+    return rows
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A figures file (manifest.json, metrics.json, stats.json); {} when the run wrote none."""
+    return json.loads(path.read_text()) if path.exists() else {}

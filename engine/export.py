@@ -1,0 +1,144 @@
+"""Exports of an output folder in the forms people train with.
+
+    python densefusion_local.py export llava OUT --to DIR   # DIR/densefusion_llava.json
+    python densefusion_local.py export jsonl OUT --to DIR   # DIR/densefusion.jsonl
+
+Both write the images under DIR/images/<shard>/<key>.<ext> (the original bytes from the tar
+shards) and point at them with paths relative to DIR, so DIR can be moved as a whole.
+``llava`` is LLaVA's pre-training format (one conversation per image: the instruction, then
+the caption); ``jsonl`` has the fields of the released DenseFusion-1M files (``image_id``,
+``url``, ``image_path``, ``caption``). Samples without a caption are left out of both. The
+WebDataset tars and parquet files of OUT itself load as they are (see README).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from engine.dataset_reader import WrittenSample, check_output, iter_samples
+
+DEFAULT_INSTRUCTION = "Describe this image in detail."
+FILES = {"llava": "densefusion_llava.json", "jsonl": "densefusion.jsonl"}
+
+
+def image_path(sample: WrittenSample) -> str:
+    """Where the image goes, relative to the export folder."""
+    shard = sample.annotations.get("shard") or "images"
+    return f"images/{shard}/{Path(sample.image_name).name}"
+
+
+def _write_image(to: Path, relative: str, data: bytes) -> None:
+    target = to / relative
+    if target.exists() and target.stat().st_size == len(data):
+        return  # a rerun of the same export
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(target.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, target)
+
+
+def captioned(out: Path, to: Path) -> Iterator[tuple[WrittenSample, str]]:
+    """Captioned samples with their image written under ``to``; yields (sample, relative path)."""
+    for sample in iter_samples(out, with_images=True):
+        if not sample.caption.strip():
+            continue
+        relative = image_path(sample)
+        _write_image(to, relative, sample.image_bytes)
+        yield sample, relative
+
+
+def llava_record(sample: WrittenSample, relative: str, instruction: str) -> dict[str, Any]:
+    return {
+        "id": sample.key,
+        "image": relative,
+        "conversations": [
+            {"from": "human", "value": f"<image>\n{instruction}"},
+            {"from": "gpt", "value": sample.caption},
+        ],
+    }
+
+
+def jsonl_record(sample: WrittenSample, relative: str) -> dict[str, Any]:
+    return {
+        "image_id": sample.key,
+        "url": (sample.annotations.get("meta") or {}).get("url"),
+        "image_path": relative,
+        "caption": sample.caption,
+    }
+
+
+def export(kind: str, out: Path, to: Path, *, instruction: str = DEFAULT_INSTRUCTION) -> tuple[Path, int]:
+    """Write the export; returns its file and the number of records. Written under a temporary
+    name and renamed, so a stopped export never leaves a half file behind."""
+    out, to = check_output(Path(out)), Path(to)
+    to.mkdir(parents=True, exist_ok=True)
+    target = to / FILES[kind]
+    tmp = target.with_name(target.name + ".tmp")
+    count = 0
+    with open(tmp, "w", encoding="utf-8") as handle:
+        if kind == "llava":
+            # One JSON list (what LLaVA's loader json.load()s), streamed record by record.
+            handle.write("[")
+            for sample, relative in captioned(out, to):
+                handle.write(",\n" if count else "\n")
+                json.dump(llava_record(sample, relative, instruction), handle, ensure_ascii=False)
+                count += 1
+            handle.write("\n]\n")
+        else:
+            for sample, relative in captioned(out, to):
+                handle.write(json.dumps(jsonl_record(sample, relative), ensure_ascii=False) + "\n")
+                count += 1
+    os.replace(tmp, target)
+    return target, count
+
+
+def validate_llava(path: Path) -> list[str]:
+    """Problems with a LLaVA pre-training JSON (empty when it is valid): the schema above, and
+    every image path existing relative to the file's folder."""
+    problems = []
+    records = json.loads(Path(path).read_text())
+    if not isinstance(records, list):
+        return [f"{path}: expected a JSON list"]
+    for i, rec in enumerate(records):
+        where = f"record {i} ({rec.get('id') if isinstance(rec, dict) else '?'})"
+        if not isinstance(rec, dict) or set(rec) != {"id", "image", "conversations"}:
+            problems.append(f"{where}: keys must be id, image, conversations")
+            continue
+        if not isinstance(rec["id"], str) or not isinstance(rec["image"], str):
+            problems.append(f"{where}: id and image must be strings")
+        elif not (Path(path).parent / rec["image"]).is_file():
+            problems.append(f"{where}: image {rec['image']} does not exist")
+        turns = rec["conversations"]
+        if (not isinstance(turns, list) or len(turns) != 2
+                or [t.get("from") for t in turns if isinstance(t, dict)] != ["human", "gpt"]
+                or not all(isinstance(t.get("value"), str) and t["value"] for t in turns)):
+            problems.append(f"{where}: conversations must be one human turn, then one gpt turn")
+        elif not turns[0]["value"].startswith("<image>\n"):
+            problems.append(f"{where}: the human turn must start with '<image>\\n'")
+    return problems
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("kind", choices=tuple(FILES), help="llava: LLaVA pre-training JSON; "
+                        "jsonl: image_id, url, image_path, caption per line")
+    parser.add_argument("out", type=Path, help="output folder written by the engine")
+    parser.add_argument("--to", type=Path, required=True, help="folder to write the export and images to")
+    parser.add_argument("--instruction", default=DEFAULT_INSTRUCTION,
+                        help=f"llava: the human turn after <image> (default: {DEFAULT_INSTRUCTION!r})")
+
+
+def command(args: argparse.Namespace) -> int:
+    path, count = export(args.kind, args.out, args.to, instruction=args.instruction)
+    print(f"exported {count} captioned samples to {path} (images under {args.to / 'images'})")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="densefusion_local.py export", description=__doc__.split("\n")[0])
+    add_arguments(parser)
+    return command(parser.parse_args(argv))

@@ -1,0 +1,269 @@
+"""A static HTML report of an output folder: one self-contained file, no server.
+
+    python densefusion_local.py report OUT [--samples 24] [--to OUT/report.html]
+
+Shows the run's figures (manifest, metrics.json), the Table 1 statistics, charts of the
+distributions (matplotlib, inline SVG), a sample of images (inline thumbnails) with their fused
+boxes drawn as an SVG overlay, tags, OCR lines, alt text, caption and coverage scores, and the
+rejects with their reasons. Statistics come from OUT/stats.json, recomputed when missing or
+older than the manifest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from engine.dataset_reader import (
+    WrittenSample,
+    check_output,
+    iter_samples,
+    read_json,
+    read_rejects,
+)
+from engine.stats import POS_COLUMNS, format_table1, output_stats
+
+THUMB_SIDE = 360
+MAX_REJECT_ROWS = 200
+_COLORS = ("#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#46f0f0", "#f032e6", "#808000")
+
+CSS = """
+body{font-family:system-ui,sans-serif;margin:24px;color:#222;background:#fafafa}
+h1{margin:0 0 4px}h2{border-bottom:1px solid #ccc;padding-bottom:4px;margin-top:32px}
+table{border-collapse:collapse;font-size:14px}td,th{border:1px solid #ddd;padding:4px 8px;text-align:right}
+th{background:#eee}td.l,th.l{text-align:left}
+.charts{display:flex;flex-wrap:wrap;gap:16px}.chart{background:#fff;border:1px solid #ddd;padding:8px}
+.chart svg{width:380px;height:auto}
+.samples{display:grid;grid-template-columns:repeat(auto-fill,minmax(380px,1fr));gap:16px}
+.sample{background:#fff;border:1px solid #ddd;padding:10px;font-size:13px}
+.frame{position:relative;display:inline-block;line-height:0}.frame img{max-width:100%}
+.frame svg{position:absolute;left:0;top:0;width:100%;height:100%}
+.tag{display:inline-block;background:#eef;border-radius:3px;padding:1px 5px;margin:1px}
+.caption{white-space:pre-wrap;background:#f4f4f4;padding:6px;max-height:220px;overflow:auto}
+.muted{color:#777}pre{font-size:12px;background:#fff;border:1px solid #ddd;padding:8px;overflow:auto}
+"""
+
+
+def _e(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _svg(figure) -> str:
+    buffer = io.StringIO()
+    figure.savefig(buffer, format="svg", bbox_inches="tight")
+    svg = buffer.getvalue()
+    return svg[svg.index("<svg"):]  # drop the XML prolog and doctype: inline SVG needs neither
+
+
+def _bar_chart(title: str, labels: list[str], values: list[float], xlabel: str = "") -> str:
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(4.6, 2.8))
+    axes.barh(labels[::-1], values[::-1], color="#4363d8")
+    axes.set_title(title)
+    axes.set_xlabel(xlabel)
+    figure.tight_layout()
+    svg = _svg(figure)
+    plt.close(figure)
+    return svg
+
+
+def _histogram_chart(title: str, hist: dict[str, list]) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(4.6, 2.8))
+    edges, counts = hist["edges"], hist["counts"]
+    axes.bar(edges[:-1], counts, width=np.diff(edges), align="edge",
+             color="#3cb44b", edgecolor="white")
+    axes.set_title(title)
+    axes.set_ylabel("captions")
+    figure.tight_layout()
+    svg = _svg(figure)
+    plt.close(figure)
+    return svg
+
+
+def charts(stats: dict[str, Any]) -> list[str]:
+    out = []
+    for name, label in (("words", "words per caption"), ("chars", "characters per caption"),
+                        ("sentences", "sentences per caption")):
+        if stats["histograms"][name]["counts"]:
+            out.append(_histogram_chart(label, stats["histograms"][name]))
+    t = stats["table1"]
+    if t["captions"]:
+        names = list(POS_COLUMNS.values())
+        out.append(_bar_chart("parts of speech (share of words)", names,
+                              [100 * t[n] for n in names], "%"))
+    if stats["coverage"]:
+        names = list(stats["coverage"])
+        out.append(_bar_chart("evidence coverage (mean)", names,
+                              [stats["coverage"][n]["mean"] for n in names]))
+    if stats["categories"]:
+        out.append(_bar_chart("image categories", list(stats["categories"]),
+                              list(stats["categories"].values()), "images"))
+    if stats["rejects"]["by_stage"]:
+        by_stage = stats["rejects"]["by_stage"]
+        out.append(_bar_chart("rejects by stage", [k or "?" for k in by_stage], list(by_stage.values()),
+                              "samples"))
+    return out
+
+
+def thumbnail(image_bytes: bytes) -> tuple[str, int, int]:
+    """(data URL, width, height) of a JPEG thumbnail; EXIF orientation applied like the engine."""
+    from PIL import Image, ImageOps
+
+    with Image.open(io.BytesIO(image_bytes)) as image:
+        image = ImageOps.exif_transpose(image).convert("RGB")
+        image.thumbnail((THUMB_SIDE, THUMB_SIDE))
+        buffer = io.BytesIO()
+        image.save(buffer, "JPEG", quality=80)
+        size = image.size
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode(), *size
+
+
+def boxes_overlay(boxes: list[dict[str, Any]], width: int, height: int) -> str:
+    """Boxes are normalised to [0, 1]; the SVG uses the thumbnail's pixel space so text keeps
+    its proportions, and is stretched over the image by CSS."""
+    parts = [f'<svg class="boxes" viewBox="0 0 {width} {height}" preserveAspectRatio="none">']
+    for i, box in enumerate(boxes):
+        x0, y0, x1, y1 = box["xyxy"]
+        color = _COLORS[i % len(_COLORS)]
+        parts.append(
+            f'<rect x="{x0 * width:.1f}" y="{y0 * height:.1f}" width="{(x1 - x0) * width:.1f}" '
+            f'height="{(y1 - y0) * height:.1f}" fill="none" stroke="{color}" stroke-width="2"/>'
+            f'<text x="{x0 * width + 2:.1f}" y="{y0 * height + 12:.1f}" fill="{color}" '
+            f'font-size="12" font-weight="bold">{_e(box["label"])} {box["score"]:.2f}</text>'
+        )
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def sample_card(sample: WrittenSample) -> str:
+    a = sample.annotations
+    try:
+        src, w, h = thumbnail(sample.image_bytes)
+        picture = (f'<div class="frame"><img src="{src}" width="{w}" height="{h}" alt="{_e(sample.key)}">'
+                   f'{boxes_overlay(a.get("boxes") or [], w, h)}</div>')
+    except Exception as exc:  # noqa: BLE001 - a picture the browser cannot show must not end the report
+        picture = f'<p class="muted">image not shown: {_e(type(exc).__name__)}</p>'
+    tags = "".join(f'<span class="tag">{_e(t["name"])} {t["score"]:.2f}</span>' for t in a.get("tags") or [])
+    ocr = "".join(f"<li>{_e(o['text'])}</li>" for o in a.get("ocr") or [])
+    scores = ", ".join(f"{_e(k)} {v:.2f}" for k, v in sorted((a.get("scores") or {}).items()))
+    caption = a.get("caption") or ""
+    return (
+        f'<div class="sample" data-key="{_e(sample.key)}"><b>{_e(sample.key)}</b> '
+        f'<span class="muted">{a.get("width")}×{a.get("height")}, shard {_e(a.get("shard", ""))}</span><br>'
+        f"{picture}"
+        f"<div><b>tags</b> {tags or '<span class=muted>none</span>'}</div>"
+        f"<div><b>boxes</b> {len(a.get('boxes') or [])}</div>"
+        f"<div><b>OCR</b>{f'<ul>{ocr}</ul>' if ocr else ' <span class=muted>none</span>'}</div>"
+        f"<div><b>alt text</b> {_e(a.get('alt_text') or '') or '<span class=muted>none</span>'}</div>"
+        f"<div><b>caption</b>{f'<div class=caption>{_e(caption)}</div>' if caption else ' <span class=muted>none</span>'}</div>"
+        f"<div><b>scores</b> {scores or '<span class=muted>none</span>'}</div></div>"
+    )
+
+
+def _figures_table(title: str, rows: list[tuple[str, Any]]) -> str:
+    body = "".join(f'<tr><th class="l">{_e(k)}</th><td class="l">{_e(v)}</td></tr>' for k, v in rows)
+    return f"<h3>{_e(title)}</h3><table>{body}</table>"
+
+
+def run_figures(manifest: dict[str, Any], metrics: dict[str, Any]) -> str:
+    shards = manifest.get("shards", {})
+    parts = [_figures_table("shards", [
+        ("finished shards", len(shards)),
+        ("samples read", sum(s.get("samples", 0) for s in shards.values())),
+        ("written", sum(s.get("written", 0) for s in shards.values())),
+        ("rejected", sum(s.get("rejected", 0) for s in shards.values())),
+    ])]
+    if metrics:
+        parts.append(_figures_table("run", [(k, metrics[k]) for k in
+                                            ("wall_s", "images_per_s", "written", "rejected", "device")
+                                            if k in metrics]))
+        stages = metrics.get("stages") or []
+        if stages:
+            columns = [c for c in ("stage", "items", "items_per_busy_s", "busy_share", "description")
+                       if c in stages[0]]
+            head = "".join(f'<th class="l">{_e(c)}</th>' for c in columns)
+            rows = "".join("<tr>" + "".join(f'<td class="l">{_e(s.get(c, ""))}</td>' for c in columns) + "</tr>"
+                           for s in stages)
+            parts.append(f"<h3>stages</h3><table><tr>{head}</tr>{rows}</table>")
+    return "".join(parts)
+
+
+def rejects_table(rejects: list[dict[str, Any]]) -> str:
+    if not rejects:
+        return '<p class="muted">no rejects</p>'
+    rows = "".join(
+        f'<tr><td class="l">{_e(r.get("key", ""))}</td><td class="l">{_e(r.get("shard", ""))}</td>'
+        f'<td class="l">{_e(r.get("stage", ""))}</td><td class="l">{_e(r.get("status", ""))}</td>'
+        f'<td class="l">{_e(r.get("reason", ""))}</td></tr>'
+        for r in rejects[:MAX_REJECT_ROWS])
+    more = (f'<p class="muted">{len(rejects) - MAX_REJECT_ROWS} more in rejects/*.parquet</p>'
+            if len(rejects) > MAX_REJECT_ROWS else "")
+    return ('<table id="rejects-table"><tr><th class="l">key</th><th class="l">shard</th>'
+            f'<th class="l">stage</th><th class="l">status</th><th class="l">reason</th></tr>{rows}</table>{more}')
+
+
+def build_report(out: Path, *, samples: int = 24, to: Path | None = None) -> Path:
+    out = check_output(Path(out))
+    stats = read_json(out / "stats.json") if _fresh(out / "stats.json", out / "manifest.json") else None
+    stats = stats or output_stats(out)
+    cards = []
+    for sample in iter_samples(out, with_images=True):
+        if len(cards) >= samples:
+            break
+        cards.append(sample_card(sample))
+    page = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>densefusion report: {_e(out.name)}</title>
+<style>{CSS}</style></head><body>
+<h1>densefusion report</h1><p class="muted">{_e(out.resolve())}</p>
+<section id="summary"><h2>Run</h2>{run_figures(read_json(out / "manifest.json"), read_json(out / "metrics.json"))}</section>
+<section id="table1"><h2>Statistics (paper Table 1)</h2><pre>{_e(format_table1(stats))}</pre></section>
+<section id="charts"><h2>Distributions</h2><div class="charts">
+{"".join(f'<div class="chart">{svg}</div>' for svg in charts(stats))}</div></section>
+<section id="samples"><h2>Samples ({len(cards)} of {stats["table1"]["samples"]})</h2>
+<div class="samples">{"".join(cards)}</div></section>
+<section id="rejects"><h2>Rejects ({stats["rejects"]["total"]})</h2>{rejects_table(read_rejects(out))}</section>
+</body></html>
+"""
+    target = Path(to) if to else out / "report.html"
+    tmp = target.with_name(target.name + ".tmp")
+    tmp.write_text(page, encoding="utf-8")
+    tmp.replace(target)
+    return target
+
+
+def _fresh(derived: Path, source: Path) -> bool:
+    """Whether ``derived`` was written after the run last changed ``source``."""
+    return derived.exists() and (not source.exists() or derived.stat().st_mtime >= source.stat().st_mtime)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("out", type=Path, help="output folder written by the engine")
+    parser.add_argument("--samples", type=int, default=24, help="images shown (default: 24)")
+    parser.add_argument("--to", type=Path, default=None, help="HTML file (default: OUT/report.html)")
+
+
+def command(args: argparse.Namespace) -> int:
+    path = build_report(args.out, samples=args.samples, to=args.to)
+    print(f"report: {path} (open it in a browser; it needs no server)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="densefusion_local.py report", description=__doc__.split("\n")[0])
+    add_arguments(parser)
+    return command(parser.parse_args(argv))

@@ -1,0 +1,42 @@
+"""Evidence coverage scores (engine/coverage.py) for each caption, into ``sample.scores``."""
+
+from __future__ import annotations
+
+from engine.config import ScoreConfig
+from engine.coverage import Evidence, coverage_scores
+from engine.language import pos_tagger
+from engine.record import Sample
+from engine.stage import Resources, Stage, run_per_sample
+
+
+def evidence(sample: Sample) -> Evidence:
+    return Evidence(
+        tags=tuple(t.name for t in sample.tags),
+        box_labels=tuple(b.label for b in sample.boxes),
+        ocr_lines=tuple(o.text for o in sample.ocr),
+    )
+
+
+class ScoreStage(Stage):
+    name = "score"
+
+    def __init__(self, config: ScoreConfig):
+        self.config = config
+        self._tagger = None
+
+    def resources(self) -> Resources:
+        return Resources(batch_size=64)
+
+    def setup(self) -> None:
+        self._tagger = pos_tagger(self.config.pos_tagger)
+
+    def process(self, batch: list[Sample]) -> list[Sample]:
+        return run_per_sample(self.name, batch, self._score)
+
+    def _score(self, sample: Sample) -> None:
+        if sample.caption is None or not sample.caption.text.strip():
+            return  # nothing to score; quality control decides what an empty caption means
+        sample.scores.update(coverage_scores(sample.caption.text, evidence(sample), self._tagger))
+
+    def describe(self) -> str:
+        return f"score (coverage, POS tagger {self.config.pos_tagger})"

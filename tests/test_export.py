@@ -1,0 +1,122 @@
+import glob
+import json
+from pathlib import Path
+
+import pytest
+from output_fixture import CAPTIONS, write_fixture_output
+
+import densefusion_local
+from engine.dataset_reader import iter_samples
+from engine.export import export, main, validate_llava
+
+
+@pytest.fixture(scope="module")
+def fixture_out(tmp_path_factory) -> Path:
+    return write_fixture_output(tmp_path_factory.mktemp("fixture") / "out")
+
+
+@pytest.fixture(scope="module")
+def demo_out(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("demo") / "out"
+    assert densefusion_local.main(["demo", "--out", str(out), "--no-progress"]) == 0
+    return out
+
+
+def test_llava_export_matches_the_schema_and_images_exist(fixture_out, tmp_path):
+    path, count = export("llava", fixture_out, tmp_path / "llava", instruction="Describe it.")
+    records = json.loads(path.read_text())
+    assert count == len(records) == 2  # s2 has no caption, "bad" was rejected
+    assert validate_llava(path) == []
+    first = records[0]
+    assert first == {"id": "s0", "image": "images/00000/s0.jpg", "conversations": [
+        {"from": "human", "value": "<image>\nDescribe it."}, {"from": "gpt", "value": CAPTIONS["s0"]}]}
+    original = next(s for s in iter_samples(fixture_out, with_images=True) if s.key == "s0")
+    assert (path.parent / first["image"]).read_bytes() == original.image_bytes
+
+
+def test_llava_validator_catches_missing_images_and_bad_turns(fixture_out, tmp_path):
+    path, _ = export("llava", fixture_out, tmp_path / "llava")
+    records = json.loads(path.read_text())
+    (path.parent / records[0]["image"]).unlink()
+    records[1]["conversations"].reverse()
+    path.write_text(json.dumps(records))
+    problems = validate_llava(path)
+    assert len(problems) == 2
+    assert "does not exist" in problems[0] and "one human turn" in problems[1]
+
+
+def test_jsonl_export_has_the_released_fields(fixture_out, tmp_path):
+    assert main(["jsonl", str(fixture_out), "--to", str(tmp_path / "j")]) == 0
+    lines = [json.loads(x) for x in (tmp_path / "j" / "densefusion.jsonl").read_text().splitlines()]
+    assert [set(x) for x in lines] == [{"image_id", "url", "image_path", "caption"}] * 2
+    assert lines[0]["url"] == "https://example.com/s0.jpg" and lines[1]["url"] is None
+    assert all((tmp_path / "j" / x["image_path"]).is_file() for x in lines)
+    assert lines[1]["caption"] == CAPTIONS["s1"]
+
+
+def test_rerunning_an_export_gives_the_same_files(fixture_out, tmp_path):
+    first, _ = export("jsonl", fixture_out, tmp_path)
+    before = first.read_bytes()
+    again, count = export("jsonl", fixture_out, tmp_path)
+    assert again.read_bytes() == before and count == 2
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_demo_output_loads_with_webdataset(demo_out):
+    import webdataset as wds
+
+    tars = sorted(glob.glob(str(demo_out / "shards" / "*.tar")))
+    rows = list(wds.WebDataset(tars, shardshuffle=False))
+    written = sum(s["written"] for s in json.loads((demo_out / "manifest.json").read_text())["shards"].values())
+    assert len(rows) == written > 0
+    for row in rows:
+        annotations = json.loads(row["json"])
+        assert annotations["key"] == row["__key__"]
+        assert row.get("jpg") or row.get("png")  # the original image bytes
+
+
+def _hf(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf" / "datasets"))
+    from datasets import load_dataset
+
+    return load_dataset
+
+
+def test_demo_output_loads_with_datasets_parquet(demo_out, monkeypatch, tmp_path):
+    load_dataset = _hf(monkeypatch, tmp_path)
+    files = sorted(glob.glob(str(demo_out / "shards" / "*.parquet")))
+    ds = load_dataset("parquet", data_files={"train": files}, split="train")
+    keys = [s.key for s in iter_samples(demo_out)]
+    assert ds["key"] == keys
+    assert json.loads(ds[0]["meta"])["url"].startswith("https://example.com/demo/")
+
+
+def test_fixture_output_loads_with_datasets_webdataset(fixture_out, monkeypatch, tmp_path):
+    load_dataset = _hf(monkeypatch, tmp_path)
+    ds = load_dataset("webdataset", data_files={"train": [str(fixture_out / "shards" / "00000.tar")]},
+                      split="train")
+    assert ds["__key__"] == ["s0", "s1", "s2"]
+    assert all(image.size == (64, 48) for image in ds["jpg"])
+    assert ds[1]["json"]["ocr"][0]["text"] == "GRAND OPENING"
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "known contract gap: the writer keeps each image's own extension (.jpg, .png); datasets' "
+    "webdataset loader infers one set of fields from the first 5 samples and drops the images "
+    "of other extensions (or raises when they mix within those 5). Fix in the writer: one "
+    "image field name for every sample."))
+def test_demo_output_with_mixed_image_formats_loads_with_datasets_webdataset(demo_out, monkeypatch, tmp_path):
+    load_dataset = _hf(monkeypatch, tmp_path)
+    tars = sorted(glob.glob(str(demo_out / "shards" / "*.tar")))
+    ds = load_dataset("webdataset", data_files={"train": tars}, split="train")
+    assert len(ds) == len(list(iter_samples(demo_out)))
+    image_fields = [f for f in ds.column_names if not f.startswith("__") and f != "json"]
+    assert all(any(row[f] is not None for f in image_fields) for row in ds)
+
+
+def test_export_of_the_demo_output_validates(demo_out, tmp_path):
+    path, count = export("llava", demo_out, tmp_path / "x")
+    assert count == sum(bool(s.caption.strip()) for s in iter_samples(demo_out))
+    assert validate_llava(path) == []

@@ -1,0 +1,59 @@
+import pytest
+
+from engine.errors import ConfigError
+from engine.language import (
+    ADJ,
+    ADV,
+    NOUN,
+    NUM,
+    OTHER,
+    VERB,
+    noun_forms,
+    pos_tagger,
+    sentences,
+    tagged_words,
+    tokens,
+    words,
+)
+
+
+def test_tokens_split_clitics_and_keep_numbers_and_abbreviations_whole():
+    assert tokens("The man’s hat isn't 3.5 m tall, e.g. 1,000 cm.") == [
+        "The", "man", "'s", "hat", "is", "n't", "3.5", "m", "tall", ",", "e.g.", "1,000", "cm", "."]
+
+
+def test_words_leave_out_punctuation_and_clitics():
+    # hand count: the / man's / hat / is(n't) / well-lit / 50% -> 6 words
+    assert words("The man's hat isn't well-lit (50%)!") == ["The", "man", "hat", "is", "well-lit", "50%"]
+
+
+def test_sentences_end_at_terminal_punctuation_but_not_after_abbreviations():
+    text = 'Dr. Smith waits, e.g. at 3.5 p.m. by the U.S. sign. "Stop!" he says? Yes   '
+    assert sentences(text) == ["Dr. Smith waits, e.g. at 3.5 p.m. by the U.S. sign.", '"Stop!"',
+                               "he says?", "Yes"]
+    assert sentences("") == [] and sentences(" ... ") == []
+    assert sentences("no full stop at the end") == ["no full stop at the end"]
+
+
+def test_pattern_tagger_classes_on_a_plain_sentence():
+    tagger = pos_tagger("pattern")
+    assert tagged_words("Three small boats float slowly on the lake.", tagger) == [
+        ("Three", NUM), ("small", ADJ), ("boats", NOUN), ("float", VERB), ("slowly", ADV),
+        ("on", OTHER), ("the", OTHER), ("lake", NOUN)]
+
+
+def test_auxiliaries_count_as_verbs():
+    assert [c for _, c in tagged_words("They are sleeping.", pos_tagger())] == [OTHER, VERB, VERB]
+
+
+def test_noun_forms_match_singular_and_plural_both_ways():
+    assert noun_forms("Buses") & noun_forms("bus")
+    assert noun_forms("children") & noun_forms("child")
+    assert not noun_forms("cat") & noun_forms("car")
+
+
+def test_unknown_or_missing_taggers_are_config_errors():
+    with pytest.raises(ConfigError, match="unknown POS tagger"):
+        pos_tagger("nltk")
+    with pytest.raises(ConfigError, match="pattern"):
+        pos_tagger("spacy:no_such_pipeline_xyz")

@@ -1,0 +1,71 @@
+"""The report renders in a real headless Chromium (Debian's package, driven by Playwright)."""
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from output_fixture import CAPTIONS, write_fixture_output
+from PIL import Image
+
+from engine.report import boxes_overlay, build_report, main
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def test_boxes_are_drawn_in_thumbnail_pixels():
+    svg = boxes_overlay([{"label": "car <1>", "score": 0.9, "xyxy": [0.1, 0.2, 0.6, 0.8]}], 200, 100)
+    assert 'viewBox="0 0 200 100"' in svg
+    assert 'x="20.0" y="20.0" width="100.0" height="60.0"' in svg
+    assert "car &lt;1&gt; 0.90" in svg  # labels are escaped
+
+
+def test_report_file_holds_every_part(tmp_path):
+    out = write_fixture_output(tmp_path / "out")
+    assert main([str(out)]) == 0
+    page = (out / "report.html").read_text()
+    for section in ("summary", "table1", "charts", "samples", "rejects"):
+        assert f'id="{section}"' in page
+    assert page.count('class="sample"') == 3 and page.count("<img") == 3
+    assert "truncated JPEG" in page  # the reject's reason
+    assert "GRAND OPENING" in page and "red car parked" in page
+    assert CAPTIONS["s0"] in page and "cov_tags" not in page  # the fixture's samples were not scored
+    assert 'src="http' not in page and 'href="http' not in page  # self-contained: nothing to fetch
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    assert Path(CHROMIUM).exists(), "Debian's chromium package is required (apt-get install chromium)"
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+def test_report_renders_in_headless_chromium(tmp_path, browser):
+    out = write_fixture_output(tmp_path / "out")
+    path = build_report(out)
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    failed = []
+    page.on("requestfailed", lambda r: failed.append(r.url))
+    page.goto(path.resolve().as_uri())
+    assert page.title().startswith("densefusion report")
+    for section in ("#summary", "#table1", "#charts", "#samples", "#rejects"):
+        assert page.locator(section).is_visible()
+    assert page.locator(".chart svg").count() >= 4
+    assert page.locator(".sample").count() == 3
+    assert page.locator(".sample img").evaluate_all("imgs => imgs.every(i => i.complete && i.naturalWidth > 0)")
+    box = page.locator('.sample[data-key="s0"] svg.boxes rect').bounding_box()
+    frame = page.locator('.sample[data-key="s0"] .frame img').bounding_box()
+    # box s0 spans x 0.1..0.6 of the image; the 2 px stroke adds 1 px on each side
+    assert box["width"] == pytest.approx(0.5 * frame["width"] + 2, abs=1)
+    assert page.locator("#rejects-table tr").count() == 2  # header + one reject
+    assert failed == []
+    shot = page.screenshot(full_page=True)
+    pixels = np.asarray(Image.open(io.BytesIO(shot)).convert("L"), dtype=float)
+    assert pixels.shape[0] > 900 and pixels.std() > 10  # a page with content, not a blank sheet
+    page.close()
