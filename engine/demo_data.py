@@ -93,7 +93,7 @@ def demo_members(shard_index: int, seed: int = 0) -> list[DemoMember]:
         url = f"https://example.com/demo/{key}.{ext}"
         members.append(DemoMember(key, image, ext, alt, {"url": url, "kind": kind, **meta}))
 
-    for i in range(4):
+    for _ in range(4):
         w, h = rng.choice([(800, 600), (640, 960), (1024, 576), (720, 720)])
         add("scene", _jpeg(shapes_image(rng, w, h)), alt=rng.choice(ALT_TEXTS))
     poster = POSTER_LINES[shard_index % len(POSTER_LINES)]

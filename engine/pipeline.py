@@ -110,7 +110,8 @@ def run(cfg: RunConfig, *, source_paths: list[Path] | None = None,
     summary = RunSummary(
         shards_done=sorted(manifest.finished - set(skipped)), shards_skipped=skipped,
         written=writer.written, rejected=writer.rejected, rejects_by_stage=dict(rejects),
-        wall_s=wall, interrupted=interrupted, stages=[m.as_dict(wall) for m in pipeline.metrics],
+        wall_s=wall, interrupted=interrupted and not {shard_name(p) for p in paths} <= manifest.finished,
+ stages=[m.as_dict(wall) for m in pipeline.metrics],
     )
     write_json_atomic(out / "metrics.json", {
         "wall_s": round(wall, 3), "images_per_s": round(summary.images_per_s, 2),

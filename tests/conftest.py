@@ -44,3 +44,14 @@ def sample_members(key: str, image: bytes, alt: str = "alt", ext: str = "jpg", *
 def tiny_cache(tmp_path_factory) -> Path:
     """One cache folder for tiny models across the whole test session (built once)."""
     return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="session")
+def demo_output(tmp_path_factory, tiny_cache) -> Path:
+    """One `demo` run shared by every test that inspects a full output (it is the slow part)."""
+    import densefusion_local
+
+    out = tmp_path_factory.mktemp("demo") / "out"
+    code = densefusion_local.main(["demo", "--out", str(out), "--no-progress", "--cache-dir", str(tiny_cache)])
+    assert code == 0
+    return out

@@ -23,7 +23,7 @@ def test_help_lists_stages_and_options(capsys):
 
 def test_flags_override_yaml_which_overrides_defaults(tmp_path):
     yaml_file = tmp_path / "c.yaml"
-    yaml_file.write_text("filter: {min_short_edge: 300, max_pixels: 1000000}\nruntime: {out: %s}\n" % tmp_path)
+    yaml_file.write_text(f"filter: {{min_short_edge: 300, max_pixels: 1000000}}\nruntime: {{out: {tmp_path}}}\n")
     parser = densefusion_local.build_parser()
     args = parser.parse_args(["run", "--config", str(yaml_file), "--min-short-edge", "512", "--stages", "probe", "decode"])
     cfg = config.build(args, args.config)

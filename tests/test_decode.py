@@ -122,7 +122,8 @@ def test_decode_without_consumers_still_verifies_pixels():
 def test_torchvision_decoder_matches_pil_and_falls_back_for_other_formats():
     pytest.importorskip("torchvision")
     rng = np.random.default_rng(0)
-    photo = encode(Image.fromarray(rng.integers(0, 255, (12, 16, 3), dtype=np.uint8)).resize((1280, 960), Image.Resampling.BICUBIC), "JPEG")
+    smooth = Image.fromarray(rng.integers(0, 255, (12, 16, 3), dtype=np.uint8)).resize((1280, 960), Image.Resampling.BICUBIC)
+    photo = encode(smooth, "JPEG")
     cmyk = encode(Image.new("CMYK", (600, 500), (0, 255, 255, 0)), "JPEG")
     png = encode(Image.new("RGB", (600, 500), (5, 6, 7)), "PNG")
     views = (ImageView("v", 320),)
