@@ -19,12 +19,13 @@ from engine.prompt import PromptConfig, fusion_prompt
 from engine.record import Box, OcrLine
 
 
-def caption_engine_prompt(annotations: dict[str, Any], config: PromptConfig = PromptConfig()) -> str:
-    """The caption-engine prompt of a written sample, rebuilt from its ``<key>.json``."""
+def caption_engine_prompt(annotations: dict[str, Any], config: PromptConfig | None = None) -> str:
+    """The caption-engine prompt of a written sample, rebuilt from its ``<key>.json``; the
+    run's prompt limits (decimals, lengths) apply, its template does not."""
     boxes = [Box(b["label"], b["score"], tuple(b["xyxy"]), b.get("source", ""))
              for b in annotations.get("boxes") or []]
     ocr = [OcrLine(o["text"], o["score"], tuple(o["xyxy"])) for o in annotations.get("ocr") or []]
-    config = dataclasses.replace(config, prompt_template="caption_engine")
+    config = dataclasses.replace(config or PromptConfig(), prompt_template="caption_engine")
     return fusion_prompt(annotations.get("alt_text") or "", boxes, ocr, config=config)
 
 
