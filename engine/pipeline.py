@@ -30,8 +30,8 @@ from engine.record import Sample, ShardEnd
 from engine.runtime import Item, Pipeline, RunSummary, SigintStops
 from engine.stage import Stage
 from engine.stages.qc import QualityControl
-from engine.stages.subset import SeededSubset
 from engine.stages.score import ScoreStage
+from engine.stages.subset import SeededSubset
 from engine.writers import DatasetWriter
 from models.base import resolve_device
 
