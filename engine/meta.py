@@ -29,7 +29,10 @@ def caption_engine_prompt(annotations: dict[str, Any], config: PromptConfig | No
     return fusion_prompt(annotations.get("alt_text") or "", boxes, ocr, config=config)
 
 
+META_SHARE = 0.1  # the paper: 100K GPT-4V captions for a 1M selection
+
+
 def meta_overrides() -> dict[str, dict[str, Any]]:
-    """What ``meta`` sets on top of the user's flags: GPT-4V template, remote backend, and the
-    paper's 10% share unless --subset-share says otherwise (applied by the CLI)."""
+    """What ``meta`` sets on top of the user's flags: the GPT-4V template and the remote
+    backend (the share is :data:`META_SHARE` unless --subset-share says otherwise)."""
     return {"prompt": {"prompt_template": "gpt4v"}, "caption": {"caption_backend": "openai"}}

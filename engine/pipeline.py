@@ -18,20 +18,13 @@ from engine.decode import Decode
 from engine.errors import ConfigError
 from engine.manifest import Manifest, write_json_atomic
 from engine.probe import ResolutionFilter
-from engine.readers import (
-    ShardReport,
-    expand_shards,
-    read_shard,
-    shard_end,
-    shard_kind,
-    shard_name,
-)
+from engine.readers import ShardReport, expand_shards, read_shard, shard_end, shard_kind, shard_name
 from engine.record import Sample, ShardEnd
 from engine.runtime import Item, Pipeline, RunSummary, SigintStops
 from engine.stage import Stage
 from engine.stages.qc import QualityControl
 from engine.stages.score import ScoreStage
-from engine.stages.subset import SeededSubset
+from engine.subset import take_subset
 from engine.writers import DatasetWriter
 from models.base import resolve_device
 
@@ -39,12 +32,11 @@ StageFactory = Callable[[RunConfig], Stage]
 
 STAGES: dict[str, StageFactory | None] = {
     "probe": lambda cfg: ResolutionFilter(cfg.filter),
-    "subset": lambda cfg: SeededSubset(cfg.subset),  # before decode: skipped samples cost nothing
     "decode": None,  # built from the views of the stages after it
     "qc": lambda cfg: QualityControl(cfg.qc),
     "score": lambda cfg: ScoreStage(cfg.score),
 }
-ALWAYS = ("probe", "subset")  # subset is a no-op unless --subset-share < 1
+ALWAYS = ("probe",)
 
 
 def resolved(cfg: RunConfig) -> RunConfig:
@@ -95,6 +87,7 @@ def run(cfg: RunConfig, *, source_paths: list[Path] | None = None,
     manifest = Manifest(out / "manifest.json")
     skipped = [shard_name(p) for p in paths if shard_name(p) in manifest.finished]
     items = source(manifest.finished) if source else shard_source(paths, cfg, manifest.finished)
+    items = take_subset(items, cfg.subset)
 
     progress = _Progress(cfg.runtime.progress)
     pipeline = Pipeline(stages, cfg.runtime.queue_depth, progress.update)
