@@ -91,8 +91,7 @@ def command_demo(args: argparse.Namespace) -> int:
 
 def demo_overrides(out: str, shards: list[Path]) -> dict:
     return {"input": {"shards": tuple(map(str, shards))},
-            "runtime": {"out": out, "models": "tiny"},
-            "qc": {"qc_action": "flag"}}  # tiny models write noise: show verdicts, keep samples
+            "runtime": {"out": out, "models": "tiny"}}
 
 
 def command_meta(args: argparse.Namespace) -> int:

@@ -11,6 +11,7 @@ and prints images/s and the ratios.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import io
 import tempfile
 import time
@@ -96,30 +97,39 @@ def main(argv: list[str] | None = None) -> int:
                                             Image.Resampling.BICUBIC))
 
         probe_stage = ResolutionFilter(FilterConfig())
-        decode_stage = Decode(DecodeConfig(decode_threads=args.threads, decoder="pil"), FilterConfig(),
-                              (ImageView("embed", args.view),))
-        decode_stage.setup()
 
-        def engine_decode():
-            batch = samples()
-            probe_stage.process(batch)
-            for start in range(0, len(batch), 32):
-                decode_stage.process(batch[start:start + 32])
-            assert all(s.alive for s in batch)
+        def engine_decode(decoder: str) -> float:
+            stage = Decode(DecodeConfig(decode_threads=args.threads, decoder=decoder), FilterConfig(),
+                           (ImageView("embed", args.view),))
+            stage.setup()
+
+            def run():
+                batch = samples()
+                probe_stage.process(batch)
+                for start in range(0, len(batch), 32):
+                    stage.process(batch[start:start + 32])
+                assert all(s.alive for s in batch)
+
+            rate = timed(run, n)
+            stage.teardown()
+            return rate
 
         read_only = timed(samples, n)
         figures = {
             "baseline check (decode, then size)": timed(baseline_check, n),
             "header probe": timed(engine_probe, n),
             "baseline decode + resize": timed(baseline_decode, n),
-            f"engine decode ({args.threads} threads, draft)": timed(engine_decode, n),
+            f"engine decode, pil ({args.threads} threads, draft)": engine_decode("pil"),
         }
-        decode_stage.teardown()
+        if importlib.util.find_spec("nvidia") and importlib.util.find_spec("nvidia.dali"):
+            figures[f"engine decode, dali cpu ({args.threads} threads)"] = engine_decode("dali")
 
     print(f"{n} JPEGs, mean {mp:.2f} MP; tar read alone: {read_only:,.0f} images/s")
     for name, rate in figures.items():
         print(f"  {name:<40} {rate:>10,.0f} images/s")
     values = list(figures.values())
     print(f"header probe vs decode-then-check: {values[1] / values[0]:.1f}x")
-    print(f"engine decode vs baseline decode:  {values[3] / values[2]:.1f}x")
+    print(f"engine decode (pil) vs baseline decode:  {values[3] / values[2]:.1f}x")
+    if len(values) > 4:
+        print(f"engine decode (dali cpu) vs baseline decode:  {values[4] / values[2]:.1f}x")
     return 0

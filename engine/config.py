@@ -60,8 +60,8 @@ class FilterConfig:
 class DecodeConfig:
     decoder: str = option(
         "auto",
-        "image decoder: auto (torchvision nvJPEG on a GPU, else pil), pil, torchvision",
-        choices=("auto", "pil", "torchvision"),
+        "image decoder: auto (on a GPU: dali if installed, else torchvision's nvJPEG; on a CPU: pil)",
+        choices=("auto", "pil", "torchvision", "dali"),
     )
     decode_threads: int = option(max(1, min(8, os.cpu_count() or 1)), "CPU decode threads")
     decode_batch: int = option(32, "images per decode batch")
@@ -69,6 +69,113 @@ class DecodeConfig:
     def validate(self) -> None:
         if self.decode_threads < 1 or self.decode_batch < 1:
             raise ConfigError("--decode-threads and --decode-batch must be >= 1")
+
+
+# --- pass 2: OCR expert, fusion prompt, caption engine ---------------------------------
+
+PROMPT_TEMPLATES = ("caption_engine", "gpt4v")  # engine/prompt.py holds their text
+OCR_BACKENDS = ("rapidocr", "paddleocr")  # models/ocr.py
+
+
+@dataclass(frozen=True)
+class PromptConfig:
+    prompt_template: str = option(
+        "caption_engine",
+        "fusion prompt: caption_engine (what the DenseFusion engine was trained on) or gpt4v",
+        choices=PROMPT_TEMPLATES,
+    )
+    box_decimals: int = option(2, "decimals of the normalised box coordinates in the prompt")
+    prompt_alt_text_chars: int = option(600, "alt text longer than this is cut in the prompt")
+    prompt_ocr_chars: int = option(1000, "OCR text in the prompt is cut after this many characters")
+    prompt_label_chars: int = option(60, "box labels longer than this are cut in the prompt")
+
+    def validate(self) -> None:
+        if self.prompt_template not in PROMPT_TEMPLATES:
+            raise ConfigError(f"--prompt-template must be one of {', '.join(PROMPT_TEMPLATES)}")
+        if not 0 <= self.box_decimals <= 6:
+            raise ConfigError("--box-decimals must be between 0 and 6")
+        if min(self.prompt_alt_text_chars, self.prompt_ocr_chars, self.prompt_label_chars) < 1:
+            raise ConfigError("--prompt-*-chars limits must be >= 1")
+
+
+@dataclass(frozen=True)
+class OcrConfig:
+    ocr_backend: str = option("rapidocr", "OCR backend (see models/ocr.py)", choices=OCR_BACKENDS)
+    ocr_model_dir: str = option(
+        "",
+        "rapidocr: folder with *det*.onnx and *rec*.onnx to use instead of the bundled PP-OCR; "
+        "paddleocr (required): folder with det/ and rec/ PaddleOCR inference models",
+    )
+    ocr_min_score: float = option(0.5, "drop recognised lines below this confidence")
+    ocr_max_lines: int = option(32, "at most this many lines per image, in reading order")
+    ocr_max_chars: int = option(1000, "at most this many characters of text per image")
+    ocr_max_side: int = option(960, "longer side of the image the OCR reads (pixels)")
+    ocr_angle_cls: bool = option(False, "classify and turn upside-down text lines (slower)")
+    ocr_threads: int = option(1, "ONNX Runtime threads per OCR session")
+
+    def validate(self) -> None:
+        if self.ocr_backend not in OCR_BACKENDS:
+            raise ConfigError(f"--ocr-backend must be one of {', '.join(OCR_BACKENDS)}")
+        if not 0.0 <= self.ocr_min_score <= 1.0:
+            raise ConfigError("--ocr-min-score must be between 0 and 1")
+        if self.ocr_max_lines < 1 or self.ocr_max_chars < 1 or self.ocr_threads < 1:
+            raise ConfigError("--ocr-max-lines, --ocr-max-chars and --ocr-threads must be >= 1")
+        if self.ocr_max_side < 32:
+            raise ConfigError("--ocr-max-side must be >= 32")
+
+
+@dataclass(frozen=True)
+class CaptionConfig:
+    caption_model: str = option(
+        "llava-hf/llava-v1.6-vicuna-7b-hf",
+        "caption engine: local folder or hub id of a LLaVA-NeXT checkpoint (the DenseFusion "
+        "engine once converted to the llava-hf layout), or 'tiny'",
+    )
+    caption_backend: str = option(
+        "auto",
+        "caption backend: auto (sglang on a GPU where installed, else transformers), "
+        "transformers, sglang, openai (--api-base, --api-model; key in $OPENAI_API_KEY)",
+    )
+    caption_batch: int = option(8, "images per generation batch")
+    caption_max_side: int = option(1344, "longer side of the image handed to the engine (AnyRes)")
+    max_new_tokens: int = option(400, "token limit of a caption (the paper's average ~190 words)")
+    min_new_tokens: int = option(
+        0, "generate at least this many tokens (benchmarks set it to --max-new-tokens)"
+    )
+    temperature: float = option(0.0, "sampling temperature; 0 = greedy")
+    top_p: float = option(1.0, "nucleus sampling mass (with temperature > 0)")
+    caption_dtype: str = option(
+        "auto",
+        "weights dtype: auto (bfloat16 on a GPU, float32 on the CPU), bfloat16, float16, float32",
+        choices=("auto", "bfloat16", "float16", "float32"),
+    )
+
+    def validate(self) -> None:
+        from models.caption.registry import backend_names
+
+        if self.caption_backend not in backend_names():
+            raise ConfigError(
+                f"--caption-backend {self.caption_backend!r}: known backends are "
+                f"{', '.join(backend_names())}"
+            )
+        if self.caption_batch < 1 or self.max_new_tokens < 1:
+            raise ConfigError("--caption-batch and --max-new-tokens must be >= 1")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ConfigError("--min-new-tokens must be between 0 and --max-new-tokens")
+        if self.caption_max_side < 64:
+            raise ConfigError("--caption-max-side must be >= 64")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise ConfigError("--temperature must be >= 0 and --top-p in (0, 1]")
+
+    def sampling(self):
+        from models.caption.base import SamplingParams
+
+        return SamplingParams(
+            max_new_tokens=self.max_new_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            min_new_tokens=self.min_new_tokens,
+        )
 
 
 @dataclass(frozen=True)
@@ -134,9 +241,10 @@ QC_SCAFFOLDING = (
 @dataclass(frozen=True)
 class QcConfig:
     qc_action: str = option(
-        "drop",
-        "what a failed quality-control rule does: drop the sample (to rejects/) or only flag it",
-        choices=("drop", "flag"),
+        "auto",
+        "what a failed quality-control rule does: drop the sample (to rejects/) or only flag it; "
+        "auto: drop, but flag with --models tiny (whose captions are noise)",
+        choices=("auto", "drop", "flag"),
     )
     qc_rules: tuple[str, ...] = option(QC_RULES, "quality-control rules to run: " + ", ".join(QC_RULES))
     qc_flag_rules: tuple[str, ...] = option(
@@ -169,8 +277,14 @@ class QcConfig:
             except re.error as exc:
                 raise ConfigError(f"--qc-scaffolding pattern {pattern!r}: {exc}") from None
 
+    def for_models(self, models: str) -> QcConfig:
+        """``auto`` settled for the run's models."""
+        if self.qc_action != "auto":
+            return self
+        return dataclasses.replace(self, qc_action="flag" if models == "tiny" else "drop")
+
     def drops(self, rule: str) -> bool:
-        return self.qc_action == "drop" and rule not in self.qc_flag_rules
+        return self.qc_action != "flag" and rule not in self.qc_flag_rules
 
 
 # --- caption backends (models/caption/) -------------------------------------------------
@@ -275,6 +389,9 @@ class RunConfig:
     input: InputConfig = InputConfig()
     filter: FilterConfig = FilterConfig()
     decode: DecodeConfig = DecodeConfig()
+    ocr: OcrConfig = OcrConfig()
+    prompt: PromptConfig = PromptConfig()
+    caption: CaptionConfig = CaptionConfig()
     runtime: RuntimeConfig = RuntimeConfig()
     qc: QcConfig = QcConfig()
     api: ApiConfig = ApiConfig()

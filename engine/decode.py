@@ -2,13 +2,15 @@
 
 CPU path: PIL on a thread pool (PIL releases the GIL while decoding), with JPEG draft mode
 (the DCT-domain 1/2, 1/4, 1/8 reduction) when the largest view is much smaller than the
-image. GPU path: torchvision's nvJPEG for batches of plain JPEGs, PIL for everything else.
+image. Batch paths (DALI, or torchvision's nvJPEG) take the plain RGB/grey JPEGs, which are
+nearly all of a web crawl; PIL takes everything else, so every mode is handled one way.
 Every mode (CMYK, 16-bit, palette, alpha, animated) ends as RGB uint8; EXIF orientation is
 applied; the pixel limit guards against decompression bombs.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import math
 from concurrent.futures import ThreadPoolExecutor
@@ -17,6 +19,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from engine.config import DecodeConfig, FilterConfig
+from engine.errors import ConfigError
 from engine.record import Sample
 from engine.stage import ImageView, Resources, Stage
 
@@ -86,11 +89,13 @@ class Decode(Stage):
 
     def setup(self) -> None:
         self._pool = ThreadPoolExecutor(self.cfg.decode_threads, thread_name_prefix="decode")
+        if self.backend == "dali":
+            from engine.decode_dali import DaliDecoder
+
+            self._dali = DaliDecoder(self.image_views, self.cfg.decode_batch, self.cfg.decode_threads, self.device)
 
     def process(self, batch: list[Sample]) -> list[Sample]:
-        pending = batch
-        if self.backend == "torchvision":
-            pending = self._decode_nvjpeg(batch)
+        pending = self._decode_batched(batch) if self.backend != "pil" else batch
         results = self._pool.map(self._decode_one, pending) if self._pool else map(self._decode_one, pending)
         for sample, (views, error) in zip(pending, results):
             if error:
@@ -109,15 +114,23 @@ class Decode(Stage):
         except Exception as exc:  # noqa: BLE001 - corrupt or truncated pixel data is per-sample
             return {}, f"cannot decode {sample.image_format or 'image'}: {type(exc).__name__}: {exc}"
 
-    def _decode_nvjpeg(self, batch: list[Sample]) -> list[Sample]:
-        """Decode plain JPEGs on the GPU in one call; return the samples left for PIL."""
-        from engine.decode_gpu import decode_jpegs_on_gpu
+    def _decode_batched(self, batch: list[Sample]) -> list[Sample]:
+        """Decode the plain JPEGs of the batch in one call; return the samples left for PIL."""
+        plain = [s for s in batch if s.image_format == "JPEG" and s.image_mode in ("RGB", "L")]
+        left = [s for s in batch if not (s.image_format == "JPEG" and s.image_mode in ("RGB", "L"))]
+        if not plain:
+            return left
+        if self.backend == "dali":
+            try:
+                decoded = self._dali.decode([s.image_bytes for s in plain], [(s.width, s.height) for s in plain])
+            except RuntimeError:  # DALI fails the whole batch for one bad file: PIL sorts them out
+                return batch
+        else:
+            from engine.decode_gpu import decode_jpegs_on_gpu
 
-        jpegs = [s for s in batch if s.image_format == "JPEG"]
-        decoded = decode_jpegs_on_gpu([s.image_bytes for s in jpegs], self.image_views, self.device)
-        left = [s for s in batch if s.image_format != "JPEG"]
-        for sample, views in zip(jpegs, decoded):
-            if views is None:  # CMYK, progressive oddities...: PIL handles every mode
+            decoded = decode_jpegs_on_gpu([s.image_bytes for s in plain], self.image_views, self.device)
+        for sample, views in zip(plain, decoded):
+            if views is None:
                 left.append(sample)
             else:
                 sample.views.update(views)
@@ -140,6 +153,11 @@ def _merge_views(views: tuple[ImageView, ...]) -> tuple[ImageView, ...]:
 
 
 def _pick_backend(decoder: str, device: str) -> str:
+    dali = importlib.util.find_spec("nvidia") is not None and importlib.util.find_spec("nvidia.dali") is not None
     if decoder == "auto":
-        return "torchvision" if device.startswith("cuda") else "pil"
+        if not device.startswith("cuda"):
+            return "pil"
+        return "dali" if dali else "torchvision"
+    if decoder == "dali" and not dali:
+        raise ConfigError("--decoder dali needs NVIDIA DALI: pip install -e '.[dali]' (or use --decoder auto)")
     return decoder

@@ -22,18 +22,25 @@ from engine.readers import ShardReport, expand_shards, read_shard, shard_end, sh
 from engine.record import Sample, ShardEnd
 from engine.runtime import Item, Pipeline, RunSummary, SigintStops
 from engine.stage import Stage
+from engine.stages.caption import CaptionStage
+from engine.stages.ocr import Ocr
+from engine.stages.prompt import FusionPrompt
 from engine.stages.qc import QualityControl
 from engine.stages.score import ScoreStage
 from engine.subset import take_subset
 from engine.writers import DatasetWriter
 from models.base import resolve_device
+from models.caption.registry import BackendSettings
 
 StageFactory = Callable[[RunConfig], Stage]
 
 STAGES: dict[str, StageFactory | None] = {
     "probe": lambda cfg: ResolutionFilter(cfg.filter),
     "decode": None,  # built from the views of the stages after it
-    "qc": lambda cfg: QualityControl(cfg.qc),
+    "ocr": lambda cfg: Ocr(cfg.ocr),
+    "prompt": lambda cfg: FusionPrompt(cfg.prompt),
+    "caption": lambda cfg: CaptionStage(cfg.caption, cfg.runtime, BackendSettings(cfg.api, cfg.sglang)),
+    "qc": lambda cfg: QualityControl(cfg.qc.for_models(cfg.runtime.models)),
     "score": lambda cfg: ScoreStage(cfg.score),
 }
 ALWAYS = ("probe",)

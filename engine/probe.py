@@ -72,7 +72,8 @@ class ResolutionFilter(Stage):
         except Image.DecompressionBombError as exc:
             sample.fail(self.name, f"decompression bomb: {exc}")
             return
-        sample.width, sample.height, sample.image_format = header.width, header.height, header.format
+        sample.width, sample.height = header.width, header.height
+        sample.image_format, sample.image_mode = header.format, header.mode
         sample.meta.setdefault("original_width", header.width)
         sample.meta.setdefault("original_height", header.height)
         if header.width * header.height > self.cfg.max_pixels:

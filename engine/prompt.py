@@ -24,10 +24,8 @@ from __future__ import annotations
 import re
 import unicodedata
 from collections.abc import Sequence
-from dataclasses import dataclass
 
-from engine.config import option
-from engine.errors import ConfigError
+from engine.config import PROMPT_TEMPLATES, PromptConfig
 from engine.record import Box, OcrLine, Sample
 
 CAPTION_ENGINE_INSTRUCTION = (
@@ -117,7 +115,7 @@ GPT4V_INSTRUCTION = "\n".join(  # noqa: FLY002 - one list item per line reads li
     ]
 )
 
-TEMPLATES = {"caption_engine": CAPTION_ENGINE_INSTRUCTION, "gpt4v": GPT4V_INSTRUCTION}
+TEMPLATES = dict(zip(PROMPT_TEMPLATES, (CAPTION_ENGINE_INSTRUCTION, GPT4V_INSTRUCTION), strict=True))
 
 # Labels the templates use; data must never contain one (any case, any inner spacing).
 _MARKER = re.compile(
@@ -126,27 +124,7 @@ _MARKER = re.compile(
     re.IGNORECASE,
 )
 _SPACES = re.compile(r"\s+")
-
-
-@dataclass(frozen=True)
-class PromptConfig:
-    prompt_template: str = option(
-        "caption_engine",
-        "fusion prompt: caption_engine (what the DenseFusion engine was trained on) or gpt4v",
-        choices=tuple(TEMPLATES),
-    )
-    box_decimals: int = option(2, "decimals of the normalised box coordinates in the prompt")
-    prompt_alt_text_chars: int = option(600, "alt text longer than this is cut in the prompt")
-    prompt_ocr_chars: int = option(1000, "OCR text in the prompt is cut after this many characters")
-    prompt_label_chars: int = option(60, "box labels longer than this are cut in the prompt")
-
-    def validate(self) -> None:
-        if self.prompt_template not in TEMPLATES:
-            raise ConfigError(f"--prompt-template must be one of {sorted(TEMPLATES)}")
-        if not 0 <= self.box_decimals <= 6:
-            raise ConfigError("--box-decimals must be between 0 and 6")
-        if min(self.prompt_alt_text_chars, self.prompt_ocr_chars, self.prompt_label_chars) < 1:
-            raise ConfigError("--prompt-*-chars limits must be >= 1")
+DEFAULT_CONFIG = PromptConfig()
 
 
 def sanitize(text: str, max_chars: int) -> str:
@@ -174,7 +152,7 @@ def fusion_prompt(
     ocr: Sequence[OcrLine],
     /,
     *,
-    config: PromptConfig = PromptConfig(),
+    config: PromptConfig = DEFAULT_CONFIG,
 ) -> str:
     """The prompt for one image in the configured template."""
     world = sanitize(alt_text, config.prompt_alt_text_chars)

@@ -73,6 +73,7 @@ class Sample:
     width: int = 0  # after EXIF orientation
     height: int = 0
     image_format: str = ""  # as the header says ("JPEG", "PNG", ...)
+    image_mode: str = ""  # PIL mode from the header ("RGB", "CMYK", "P", ...)
     views: dict[str, np.ndarray] = field(default_factory=dict)  # decoded RGB uint8 HWC per consumer
     embedding: np.ndarray | None = None
     tags: list[Tag] = field(default_factory=list)

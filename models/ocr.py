@@ -23,37 +23,9 @@ from typing import Protocol
 
 import numpy as np
 
-from engine.config import option
+from engine.config import OcrConfig
 from engine.errors import ConfigError
 from engine.record import OcrLine
-
-BACKENDS = ("rapidocr", "paddleocr")
-
-
-@dataclass(frozen=True)
-class OcrConfig:
-    ocr_backend: str = option("rapidocr", "OCR backend (see models/ocr.py)", choices=BACKENDS)
-    ocr_model_dir: str = option(
-        "",
-        "rapidocr: folder with *det*.onnx and *rec*.onnx to use instead of the bundled PP-OCR; "
-        "paddleocr (required): folder with det/ and rec/ PaddleOCR inference models",
-    )
-    ocr_min_score: float = option(0.5, "drop recognised lines below this confidence")
-    ocr_max_lines: int = option(32, "at most this many lines per image, in reading order")
-    ocr_max_chars: int = option(1000, "at most this many characters of text per image")
-    ocr_max_side: int = option(960, "longer side of the image the OCR reads (pixels)")
-    ocr_angle_cls: bool = option(False, "classify and turn upside-down text lines (slower)")
-    ocr_threads: int = option(1, "ONNX Runtime threads per OCR session")
-
-    def validate(self) -> None:
-        if self.ocr_backend not in BACKENDS:
-            raise ConfigError(f"--ocr-backend must be one of {', '.join(BACKENDS)}")
-        if not 0.0 <= self.ocr_min_score <= 1.0:
-            raise ConfigError("--ocr-min-score must be between 0 and 1")
-        if self.ocr_max_lines < 1 or self.ocr_max_chars < 1 or self.ocr_threads < 1:
-            raise ConfigError("--ocr-max-lines, --ocr-max-chars and --ocr-threads must be >= 1")
-        if self.ocr_max_side < 32:
-            raise ConfigError("--ocr-max-side must be >= 32")
 
 
 @dataclass(frozen=True)
@@ -90,7 +62,8 @@ class OcrModel:
         found = [
             t
             for t in self.backend.detect_and_read(image)
-            if t.score >= self.config.ocr_min_score and t.text.strip()
+            # lines without a letter or digit are shapes read as bullets and dashes
+            if t.score >= self.config.ocr_min_score and any(ch.isalnum() for ch in t.text)
         ]
         lines = []
         budget = self.config.ocr_max_chars
@@ -161,7 +134,7 @@ class RapidOcrBackend:
         if not folder.is_dir():
             raise ConfigError(f"--ocr-model-dir {folder} is not a folder")
         self.params = {
-            "Global.log_level": "warning",
+            "Global.log_level": "error",
             "Global.text_score": config.ocr_min_score,
             "Global.use_cls": config.ocr_angle_cls,
             "Det.model_path": str(_one_onnx(folder, "det")),

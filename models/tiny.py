@@ -13,12 +13,13 @@ from __future__ import annotations
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 from engine.errors import ConfigError
 
 # Bump when a builder changes, so cached folders from an older build are not reused.
-BUILD_VERSION = 1
+BUILD_VERSION = 3
 SEED = 0
 
 Builder = Callable[[Path], None]
@@ -88,6 +89,10 @@ def byte_bpe_tokenizer(corpus: Iterable[str], specials: list[str], vocab_size: i
     return tokenizer
 
 
+def _printable(piece: str) -> bool:
+    return bool(piece) and piece.isascii() and (piece.isprintable() or piece.strip() == "")
+
+
 def _corpus() -> list[str]:
     from engine.prompt import CAPTION_ENGINE_INSTRUCTION
 
@@ -121,21 +126,49 @@ _VICUNA_CHAT_TEMPLATE = (
 )
 
 
-@register("caption")
-def build_llava_next(folder: Path) -> None:
-    """LLaVA-NeXT: CLIP vision tower + Llama, AnyRes over a 64 px base with a 2×2 grid."""
+@dataclass(frozen=True)
+class LlavaNextSize:
+    """The dimensions of a LLaVA-NeXT build; the tokenizer is always the small in-memory BPE."""
+
+    vision: dict
+    text: dict
+    base: int  # the vision tower's input side: AnyRes tiles and the overview are this size
+    pinpoints: tuple[tuple[int, int], ...]
+
+
+TINY_LLAVA_NEXT = LlavaNextSize(
+    vision=_VISION,
+    text={"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+          "num_attention_heads": 4, "num_key_value_heads": 4},
+    base=64,
+    pinpoints=((64, 128), (128, 64), (128, 128)),
+)
+
+# llava-hf/llava-v1.6-vicuna-7b-hf: CLIP ViT-L/14-336 + Vicuna-7B (Llama-2 dims, full MHA).
+LLAVA_NEXT_7B = LlavaNextSize(
+    vision={"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
+            "num_attention_heads": 16, "image_size": 336, "patch_size": 14},
+    text={"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+          "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32064,
+          "rms_norm_eps": 1e-5},
+    base=336,
+    pinpoints=((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008)),
+)
+
+
+def llava_next_parts(size: LlavaNextSize):
+    """``(LlavaNextConfig, LlavaNextProcessor)`` of the given dimensions, nothing allocated."""
     from transformers import (
         CLIPVisionConfig,
         LlamaConfig,
         LlavaNextConfig,
-        LlavaNextForConditionalGeneration,
         LlavaNextImageProcessor,
         LlavaNextProcessor,
         PreTrainedTokenizerFast,
     )
 
     specials = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
-    unk, bos, eos, pad, image = range(len(specials))
+    _unk, bos, eos, pad, image = range(len(specials))
     bpe = byte_bpe_tokenizer(_corpus(), specials, vocab_size=512)
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=bpe,
@@ -148,49 +181,66 @@ def build_llava_next(folder: Path) -> None:
     )
     tokenizer.chat_template = _VICUNA_CHAT_TEMPLATE
     text = LlamaConfig(
-        vocab_size=bpe.get_vocab_size(),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
+        **{"vocab_size": bpe.get_vocab_size(), **size.text},
         max_position_embeddings=4096,
         bos_token_id=bos,
         eos_token_id=eos,
         pad_token_id=pad,
     )
-    pinpoints = [[64, 128], [128, 64], [128, 128]]
+    pinpoints = [list(p) for p in size.pinpoints]
     config = LlavaNextConfig(
-        vision_config=CLIPVisionConfig(**_VISION, projection_dim=32),
+        vision_config=CLIPVisionConfig(**size.vision, projection_dim=768),
         text_config=text,
         image_token_index=image,
         image_grid_pinpoints=pinpoints,
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
     )
-    model = LlavaNextForConditionalGeneration(config).eval()
-    model.generation_config.pad_token_id = pad
-    model.generation_config.bos_token_id = bos
-    model.generation_config.eos_token_id = eos
     processor = LlavaNextProcessor(
         image_processor=LlavaNextImageProcessor(
-            size={"shortest_edge": 64},
-            crop_size={"height": 64, "width": 64},
+            size={"shortest_edge": size.base},
+            crop_size={"height": size.base, "width": size.base},
             image_grid_pinpoints=pinpoints,
         ),
         tokenizer=tokenizer,
-        patch_size=_VISION["patch_size"],
+        patch_size=size.vision["patch_size"],
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,  # the CLS token, as in the llava-hf checkpoints
         chat_template=_VICUNA_CHAT_TEMPLATE,
     )
+    return config, processor
+
+
+@register("caption")
+def build_llava_next(folder: Path) -> None:
+    """LLaVA-NeXT: CLIP vision tower + Llama, AnyRes over a 64 px base with a 2×2 grid."""
+    from transformers import LlavaNextForConditionalGeneration
+
+    config, processor = llava_next_parts(TINY_LLAVA_NEXT)
+    model = LlavaNextForConditionalGeneration(config).eval()
+    generation = model.generation_config
+    text = config.text_config
+    generation.pad_token_id, generation.bos_token_id = text.pad_token_id, text.bos_token_id
+    generation.eos_token_id = text.eos_token_id
+    # random weights pick any token: keep to printable ASCII pieces so the noise stays text
+    tokenizer = processor.tokenizer
+    generation.suppress_tokens = [
+        i
+        for i in range(len(tokenizer))
+        if i != text.eos_token_id
+        and (i in tokenizer.all_special_ids or not _printable(tokenizer.decode([i])))
+    ]
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
 
 
 @register("clip")
 def build_clip_vision(folder: Path) -> None:
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        CLIPVisionModelWithProjection,
+    )
 
     model = CLIPVisionModelWithProjection(CLIPVisionConfig(**_VISION, projection_dim=32)).eval()
     model.save_pretrained(folder)

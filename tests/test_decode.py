@@ -119,17 +119,19 @@ def test_decode_without_consumers_still_verifies_pixels():
     assert not truncated.alive
 
 
-def test_torchvision_decoder_matches_pil_and_falls_back_for_other_formats():
-    pytest.importorskip("torchvision")
+@pytest.mark.parametrize("decoder, package", [("torchvision", "torchvision"), ("dali", "nvidia.dali")])
+def test_batch_decoders_match_pil_and_fall_back_for_other_formats(decoder, package):
+    pytest.importorskip(package)
     rng = np.random.default_rng(0)
+    rotated = exif_rotated_jpeg(900, 500, 6)
     smooth = Image.fromarray(rng.integers(0, 255, (12, 16, 3), dtype=np.uint8)).resize((1280, 960), Image.Resampling.BICUBIC)
     photo = encode(smooth, "JPEG")
     cmyk = encode(Image.new("CMYK", (600, 500), (0, 255, 255, 0)), "JPEG")
     png = encode(Image.new("RGB", (600, 500), (5, 6, 7)), "PNG")
     views = (ImageView("v", 320),)
-    samples = [sample_of(photo, "a"), sample_of(cmyk, "b"), sample_of(png, "c")]
+    samples = [sample_of(photo, "a"), sample_of(cmyk, "b"), sample_of(png, "c"), sample_of(rotated, "d")]
     ResolutionFilter(FilterConfig(min_short_edge=0)).process(samples)
-    stage = Decode(DecodeConfig(decoder="torchvision"), FilterConfig(), views, device="cpu")
+    stage = Decode(DecodeConfig(decoder=decoder), FilterConfig(), views, device="cpu")
     stage.setup()
     stage.process(samples)
     reference = decode_views(photo, views, 10**9)["v"]
@@ -137,3 +139,5 @@ def test_torchvision_decoder_matches_pil_and_falls_back_for_other_formats():
     assert samples[0].views["v"].shape == reference.shape == (240, 320, 3)
     assert np.abs(samples[0].views["v"].astype(int) - reference.astype(int)).mean() < 4
     assert samples[1].views["v"].shape == (267, 320, 3) and samples[2].views["v"][0, 0].tolist() == [5, 6, 7]
+    rotated_view = samples[3].views["v"]  # EXIF orientation applied by the batch decoder too
+    assert rotated_view.shape == (320, 178, 3) and rotated_view[:100].mean() > 200 and rotated_view[-100:].mean() < 50

@@ -81,6 +81,7 @@ def test_threshold_and_caps():
     texts = [RawText(f"line{i}", 0.9, (0, 10 * i, 50, 10 * i + 8)) for i in range(6)]
     texts.append(RawText("unsure", 0.2, (0, 100, 50, 108)))
     texts.append(RawText("   ", 0.99, (0, 120, 50, 128)))
+    texts.append(RawText("•-", 0.99, (0, 130, 50, 138)))
     image = np.zeros((200, 100, 3), np.uint8)
     assert [line.text for line in model_with(texts).read(image)] == [f"line{i}" for i in range(6)]
     assert [line.text for line in model_with(texts, ocr_max_lines=2).read(image)] == ["line0", "line1"]

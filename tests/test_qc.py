@@ -167,3 +167,10 @@ def test_drops_land_in_rejects_with_the_rule_name_through_the_pipeline(tmp_path)
                        "leak": ("qc", "scaffolding")}
     written = pq.read_table(tmp_path / "shards" / "s0.parquet").to_pylist()
     assert [row["key"] for row in written] == ["good"]
+
+
+def test_auto_drops_on_real_models_and_flags_on_tiny_ones():
+    assert QcConfig().for_models("").qc_action == "drop"
+    assert QcConfig().for_models("tiny").qc_action == "flag"  # tiny models write noise
+    assert QcConfig(qc_action="drop").for_models("tiny").qc_action == "drop"  # asked for explicitly
+    assert QcConfig().drops("short") and not QcConfig(qc_action="flag").drops("short")

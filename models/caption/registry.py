@@ -15,64 +15,10 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from engine.config import ApiConfig, SglangConfig, option
-from engine.errors import ConfigError
-from models.caption.base import CaptionEngine, SamplingParams
+from engine.config import ApiConfig, CaptionConfig, SglangConfig
+from models.caption.base import CaptionEngine
 
 log = logging.getLogger(__name__)
-
-DEFAULT_MODEL = "llava-hf/llava-v1.6-vicuna-7b-hf"
-
-
-@dataclass(frozen=True)
-class CaptionConfig:
-    caption_model: str = option(
-        DEFAULT_MODEL,
-        "caption engine: local folder or hub id of a LLaVA-NeXT checkpoint (the DenseFusion "
-        "engine once converted to the llava-hf layout), or 'tiny'",
-    )
-    caption_backend: str = option(
-        "auto",
-        "caption backend: auto (sglang on a GPU where installed, else transformers), "
-        "transformers, sglang, openai (--api-base, --api-model; key in $OPENAI_API_KEY)",
-        choices=("auto", "transformers", "sglang", "openai"),
-    )
-    caption_batch: int = option(8, "images per generation batch")
-    caption_max_side: int = option(1344, "longer side of the image handed to the engine (AnyRes)")
-    max_new_tokens: int = option(400, "token limit of a caption (the paper's average ~190 words)")
-    min_new_tokens: int = option(
-        0, "generate at least this many tokens (benchmarks set it to --max-new-tokens)"
-    )
-    temperature: float = option(0.0, "sampling temperature; 0 = greedy")
-    top_p: float = option(1.0, "nucleus sampling mass (with temperature > 0)")
-    caption_dtype: str = option(
-        "auto",
-        "weights dtype: auto (bfloat16 on a GPU, float32 on the CPU), bfloat16, float16, float32",
-        choices=("auto", "bfloat16", "float16", "float32"),
-    )
-
-    def validate(self) -> None:
-        if self.caption_backend not in (*_BACKEND_MODULES, "auto"):
-            raise ConfigError(
-                f"--caption-backend {self.caption_backend!r}: known backends are "
-                f"{', '.join(sorted(_BACKEND_MODULES))}"
-            )
-        if self.caption_batch < 1 or self.max_new_tokens < 1:
-            raise ConfigError("--caption-batch and --max-new-tokens must be >= 1")
-        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
-            raise ConfigError("--min-new-tokens must be between 0 and --max-new-tokens")
-        if self.caption_max_side < 64:
-            raise ConfigError("--caption-max-side must be >= 64")
-        if self.temperature < 0 or not 0 < self.top_p <= 1:
-            raise ConfigError("--temperature must be >= 0 and --top-p in (0, 1]")
-
-    def sampling(self) -> SamplingParams:
-        return SamplingParams(
-            max_new_tokens=self.max_new_tokens,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            min_new_tokens=self.min_new_tokens,
-        )
 
 
 @dataclass(frozen=True)
@@ -91,6 +37,10 @@ _BACKEND_MODULES = {
     "sglang": "models.caption.sglang_backend",
     "openai": "models.caption.openai_backend",
 }
+
+
+def backend_names() -> list[str]:
+    return ["auto", *sorted(_BACKEND_MODULES)]
 
 
 def register(name: str) -> Callable[[EngineLoader], EngineLoader]:

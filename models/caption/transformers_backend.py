@@ -21,24 +21,16 @@ from models.caption.registry import BackendSettings, CaptionConfig, register
 class TransformersCaptionEngine:
     backend = "transformers"
 
-    def __init__(self, model: str, path: str, device: str, *, dtype: str = "auto"):
-        import torch
-        from transformers import AutoModelForImageTextToText, AutoProcessor
-
-        self.model, self.device = model, device
-        self.processor = AutoProcessor.from_pretrained(path)
-        if not getattr(self.processor, "chat_template", None):
+    def __init__(self, model: str, processor, net, device: str):
+        """``processor`` and ``net`` as loaded by :func:`load` (or built in memory by a benchmark)."""
+        self.model, self.processor, self.net, self.device = model, processor, net, device
+        if not getattr(processor, "chat_template", None):
             raise ConfigError(f"caption model {model!r} has no chat template in its processor")
-        self.processor.tokenizer.padding_side = "left"
-        if dtype == "auto":
-            dtype = "bfloat16" if device.startswith("cuda") else "float32"
-        self.dtype = getattr(torch, dtype)
-        self.net = AutoModelForImageTextToText.from_pretrained(
-            path, dtype=self.dtype, attn_implementation="sdpa"
-        ).to(device).eval()
-        eos = self.net.generation_config.eos_token_id
+        processor.tokenizer.padding_side = "left"
+        self.dtype = net.dtype
+        eos = net.generation_config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
-        self.pad_id = self.processor.tokenizer.pad_token_id
+        self.pad_id = processor.tokenizer.pad_token_id
         if self.pad_id is None:
             self.pad_id = min(self.eos_ids)
 
@@ -64,7 +56,11 @@ class TransformersCaptionEngine:
 
         start = time.perf_counter()
         inputs = self.processor(
-            text=[self.chat_text(p) for p in prompts], images=list(images), return_tensors="pt", padding=True
+            text=[self.chat_text(p) for p in prompts],
+            # decoded views may be read-only; torch.from_numpy warns on those (copy only then)
+            images=[np.require(image, requirements="W") for image in images],
+            return_tensors="pt",
+            padding=True,
         ).to(self.device)
         inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
         sampling = {"do_sample": False}
@@ -111,8 +107,24 @@ class TransformersCaptionEngine:
             torch.cuda.empty_cache()
 
 
+def torch_dtype(name: str, device: str):
+    """``auto``: bfloat16 on a GPU, float32 on the CPU (where bf16 matmuls are slow or missing)."""
+    import torch
+
+    if name == "auto":
+        name = "bfloat16" if device.startswith("cuda") else "float32"
+    return getattr(torch, name)
+
+
 @register("transformers")
 def load(
     config: CaptionConfig, model: str, path: str, device: str, _settings: BackendSettings
 ) -> TransformersCaptionEngine:
-    return TransformersCaptionEngine(model, path, device, dtype=config.caption_dtype)
+    """A llava-hf style checkpoint folder or hub id, read by the libraries' own loaders."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(path)
+    net = AutoModelForImageTextToText.from_pretrained(
+        path, dtype=torch_dtype(config.caption_dtype, device), attn_implementation="sdpa"
+    )
+    return TransformersCaptionEngine(model, processor, net.to(device).eval(), device)
