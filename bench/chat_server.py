@@ -5,10 +5,13 @@ of actions can make it misbehave before answering: ``429:<retry-after>``, ``500`
 ``400``, ``timeout:<seconds>`` (sleep, then answer too late), ``malformed`` (broken JSON),
 ``reset`` (close the connection without a response). Once a prompt's script is used up it
 answers normally, after ``latency`` seconds, with ``output_words`` words of caption.
+``chaos`` scripts prompts nobody scripted: the i-th new prompt's first attempt gets
+``chaos[i % len(chaos)]`` (``ok`` for none), for runs whose prompts are not known up front.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 import time
@@ -19,8 +22,9 @@ from typing import Self
 
 class ChatServer:
     def __init__(self, scripts: dict[str, list[str]] | None = None, *, latency: float = 0.0,
-                 output_words: int = 12, expect_key: str | None = None):
+                 output_words: int = 12, expect_key: str | None = None, chaos: tuple[str, ...] = ()):
         self.scripts = {prompt: list(actions) for prompt, actions in (scripts or {}).items()}
+        self.chaos = chaos
         self.latency = latency
         self.output_words = output_words
         self.expect_key = expect_key
@@ -48,6 +52,8 @@ class ChatServer:
 
     def next_action(self, prompt: str) -> str:
         with self._lock:
+            if self.chaos and prompt not in self.attempts and prompt not in self.scripts:
+                self.scripts[prompt] = [self.chaos[len(self.attempts) % len(self.chaos)]]
             script = self.scripts.get(prompt, [])
             action = script.pop(0) if script else "ok"
             self.attempts[prompt].append((time.monotonic(), action))
@@ -61,8 +67,10 @@ class ChatServer:
             self.answered[prompt] += answered
 
     def caption_for(self, prompt: str) -> str:
+        """A caption unique to the prompt (by digest: prompts carry scaffolding a caption must not)."""
+        digest = hashlib.sha256(prompt.encode()).hexdigest()[:12]
         filler = " ".join(f"word{i}" for i in range(max(0, self.output_words - 3)))
-        return f"caption for {prompt} {filler}".strip() + "."
+        return f"caption for {digest} {filler}".strip() + "."
 
 
 def _handler(server: ChatServer):

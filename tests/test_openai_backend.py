@@ -1,4 +1,5 @@
 import logging
+import sys
 
 import numpy as np
 import pytest
@@ -138,3 +139,47 @@ def test_configuration_is_checked_before_any_work():
         ApiConfig(api_base="localhost:8000").validate()
     with pytest.raises(ConfigError):
         ApiConfig(api_concurrency=0).validate()
+
+
+def test_killed_then_resumed_cli_run_captions_every_sample_exactly_once(tmp_path, monkeypatch):
+    """Through the CLI, against a flaky server: SIGKILL mid-run, rerun, compare with a clean run."""
+    import subprocess
+
+    from contract import check_output_contract
+    from test_resume import ROOT, make_shards, run_and_kill
+
+    shards = make_shards(tmp_path / "in", n_shards=4, per_shard=8)
+    chaos = ("429:0.05", "ok", "500", "ok", "malformed", "timeout:1.5", "reset", "ok")
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)  # the runs below inherit it
+    with ChatServer(latency=0.05, output_words=30, expect_key=SECRET, chaos=chaos) as server:
+        def command(out):
+            return [sys.executable, str(ROOT / "densefusion_local.py"), "run", "--shards", *map(str, shards),
+                    "--out", str(out), "--no-progress", "--stages", "decode", "prompt", "caption", "qc",
+                    "--caption-backend", "openai", "--api-base", server.url, "--api-model", "fake-4v",
+                    "--api-concurrency", "4", "--api-timeout", "0.5", "--api-backoff", "0.01",
+                    "--caption-max-side", "256", "--decode-threads", "1", "--device", "cpu"]
+
+        clean = subprocess.run(command(tmp_path / "clean"), cwd=ROOT, capture_output=True, text=True)
+        assert clean.returncode == 0, clean.stderr
+        resumed = tmp_path / "resumed"
+        assert run_and_kill(command(resumed), resumed, after_shards=1) < len(shards)
+        final = subprocess.run(command(resumed), cwd=ROOT, capture_output=True, text=True)
+        assert final.returncode == 0, final.stderr
+
+    results = {}
+    for out in (tmp_path / "clean", resumed):
+        contract = check_output_contract(out, shards)  # every key written xor rejected, once
+        results[out.name] = {shard: (sorted((r["key"], r["caption"]) for r in written),
+                                     sorted((r["key"], r["stage"]) for r in rejected))
+                             for shard, (written, rejected) in contract.items()}
+        for written, rejected in contract.values():
+            assert all(r["caption"] == server.caption_for(r["prompt"]) for r in written)
+            assert {r["stage"] for r in rejected} <= {"probe"}  # only the too-small images
+    assert results["resumed"] == results["clean"]
+    assert any(action != "ok" for attempts in server.attempts.values() for _, action in attempts)
+    # The key went out in every request and was written nowhere.
+    assert server.auth_headers == {f"Bearer {SECRET}"}
+    for path in [*(tmp_path / "clean").rglob("*"), *resumed.rglob("*")]:
+        if path.is_file():
+            assert SECRET.encode() not in path.read_bytes(), path
+    assert SECRET not in clean.stdout + clean.stderr + final.stdout + final.stderr
