@@ -56,13 +56,14 @@ def make_samples(n: int):
     return samples
 
 
-def tiny_engine(cache_dir: Path):
+def tiny_engine(cache_dir: Path, threads: int):
     """The tiny LLaVA-NeXT through the production loader (saved folder → from_pretrained)."""
     from engine.config import CaptionConfig
     from models import tiny
     from models.caption.registry import load_engine
 
-    return load_engine(CaptionConfig(), "tiny", str(tiny.ensure("caption", cache_dir)), "cpu")
+    config = CaptionConfig(caption_cpu_threads=threads)
+    return load_engine(config, "tiny", str(tiny.ensure("caption", cache_dir)), "cpu")
 
 
 def real_size_engine():
@@ -134,13 +135,12 @@ def main(argv: list[str]) -> int:
     args = parse(argv)
     import torch
 
-    torch.set_num_threads(args.threads)
     tokens = args.tokens or (250 if args.real_size else 64)
     if args.backend:
         return caption_backends.compare(args, tokens)
     samples = make_samples(args.images)
     with tempfile.TemporaryDirectory() as tmp:
-        engine = real_size_engine() if args.real_size else tiny_engine(Path(args.cache_dir or tmp))
+        engine = real_size_engine() if args.real_size else tiny_engine(Path(args.cache_dir or tmp), args.threads)
         device = torch.cuda.get_device_name() if args.real_size else f"cpu, {args.threads} thread(s)"
         print(f"caption stage: {engine.model} on {engine.backend} ({device}); "
               f"{tokens} output tokens per image (fixed)")

@@ -144,6 +144,9 @@ class CaptionConfig:
     )
     temperature: float = option(0.0, "sampling temperature; 0 = greedy")
     top_p: float = option(1.0, "nucleus sampling mass (with temperature > 0)")
+    caption_cpu_threads: int = option(
+        1, "torch threads for a caption engine on the CPU (stages run side by side: more oversubscribe)"
+    )
     caption_dtype: str = option(
         "auto",
         "weights dtype: auto (bfloat16 on a GPU, float32 on the CPU), bfloat16, float16, float32",
@@ -158,8 +161,8 @@ class CaptionConfig:
                 f"--caption-backend {self.caption_backend!r}: known backends are "
                 f"{', '.join(backend_names())}"
             )
-        if self.caption_batch < 1 or self.max_new_tokens < 1:
-            raise ConfigError("--caption-batch and --max-new-tokens must be >= 1")
+        if min(self.caption_batch, self.max_new_tokens, self.caption_cpu_threads) < 1:
+            raise ConfigError("--caption-batch, --max-new-tokens and --caption-cpu-threads must be >= 1")
         if not 0 <= self.min_new_tokens <= self.max_new_tokens:
             raise ConfigError("--min-new-tokens must be between 0 and --max-new-tokens")
         if self.caption_max_side < 64:

@@ -19,9 +19,9 @@ SIZES = [(300, 100), (200, 480), (64, 64), (1000, 333), (129, 131)]  # (height, 
 
 
 @pytest.fixture(scope="module")
-def tiny_root(tmp_path_factory):
+def tiny_root(tiny_cache):
     torch.set_num_threads(1)
-    return tmp_path_factory.mktemp("cache")
+    return tiny_cache
 
 
 @pytest.fixture(scope="module")

@@ -30,7 +30,8 @@ def make_shards(folder: Path, n_shards: int = 6, per_shard: int = 60) -> list[Pa
 
 def command(shards: list[Path], out: Path) -> list[str]:
     return [sys.executable, str(ROOT / "densefusion_local.py"), "run", "--shards", *map(str, shards),
-            "--out", str(out), "--no-progress", "--decode-batch", "8", "--decode-threads", "1"]
+            "--out", str(out), "--no-progress", "--decode-batch", "8", "--decode-threads", "1",
+            "--stages", "decode"]  # the foundation's stages: no model-backed stage needed
 
 
 def finished(out: Path) -> int:
