@@ -94,14 +94,21 @@ def demo_overrides(out: str, shards: list[Path]) -> dict:
             "runtime": {"out": out, "models": "tiny"}}
 
 
-def command_meta(args: argparse.Namespace) -> int:
-    from engine import pipeline
-    from engine.export import export
+def meta_config(args: argparse.Namespace) -> config_module.RunConfig:
+    """The run's config with meta mode's settings; the paper's 10% share unless one was given."""
     from engine.meta import META_SHARE, meta_overrides
 
     cfg = config_module.build(args, args.config, **meta_overrides())
     if "subset.subset_share" not in vars(args) and cfg.subset.subset_share == 1.0:
         cfg = config_module.build(args, args.config, **meta_overrides(), subset={"subset_share": META_SHARE})
+    return cfg
+
+
+def command_meta(args: argparse.Namespace) -> int:
+    from engine import pipeline
+    from engine.export import export
+
+    cfg = meta_config(args)
     summary = pipeline.run(cfg)
     out = Path(cfg.runtime.out)
     print(pipeline.format_summary(summary, out))
