@@ -10,6 +10,7 @@ from models.caption.sglang_backend import (
     IMAGE_TOKEN,
     caption_from_output,
     engine_args,
+    generate_request,
     layout_prompt,
     require_sglang,
     sampling_dict,
@@ -96,3 +97,18 @@ def test_bad_settings_fail_validation(change):
 
 def test_config_offers_exactly_the_templates_the_backend_knows():
     assert set(SGLANG_CHAT_TEMPLATES) == set(CHAT_TEMPLATES)
+
+
+def test_request_carries_the_laid_out_prompt_the_image_and_the_sampling_params():
+    import numpy as np
+
+    image = np.random.default_rng(0).integers(0, 255, (30, 40, 3), dtype=np.uint8)
+    sampling = sampling_dict(SamplingParams(max_new_tokens=250, min_new_tokens=250))
+    request = generate_request(_fusion("a bus", "bus: [0.1, 0.2, 0.3, 0.4]"), image, sampling, SglangConfig())
+    assert set(request) == {"prompt", "image_data", "sampling_params"}
+    assert request["prompt"] == layout_prompt(_fusion("a bus", "bus: [0.1, 0.2, 0.3, 0.4]"), "vicuna_v1")
+    assert request["image_data"].size == (40, 30) and request["image_data"].mode == "RGB"
+    assert np.array_equal(np.asarray(request["image_data"]), image)
+    assert request["sampling_params"] is sampling
+    first = generate_request("p", image, sampling, SglangConfig(sglang_image_first=True, sglang_chat_template="chatml"))
+    assert first["prompt"] == layout_prompt("p", "chatml", image_first=True)

@@ -86,6 +86,14 @@ def sampling_dict(params: SamplingParams) -> dict[str, Any]:
     }
 
 
+def generate_request(prompt: str, image: np.ndarray, sampling: dict[str, Any], cfg: SglangConfig) -> dict[str, Any]:
+    """Keyword arguments of ``Engine.async_generate`` for one image (SGLang takes PIL images)."""
+    from PIL import Image
+
+    text = layout_prompt(prompt, cfg.sglang_chat_template, image_first=cfg.sglang_image_first)
+    return {"prompt": text, "image_data": Image.fromarray(image), "sampling_params": sampling}
+
+
 def engine_args(cfg: SglangConfig, model_path: str, n_gpus: int) -> dict[str, Any]:
     """Keyword arguments of ``sglang.Engine`` (they mirror its ``ServerArgs``)."""
     if n_gpus < cfg.sglang_tp_size:
@@ -158,22 +166,17 @@ class SglangEngine:
         return jobs.result()
 
     async def _generate_all(self, prompts, images, params) -> list[Caption]:
-        sampling = sampling_dict(params)
+        sampling = sampling_dict(params)  # one dict shared by the batch: SGLang only reads it
         return list(await asyncio.gather(
             *(self._caption(p, im, sampling) for p, im in zip(prompts, images))
         ))
 
     async def _caption(self, prompt: str, image: np.ndarray, sampling: dict) -> Caption:
-        from PIL import Image
-
-        text = layout_prompt(prompt, self.cfg.sglang_chat_template,
-                             image_first=self.cfg.sglang_image_first)
+        request = generate_request(prompt, image, sampling, self.cfg)
         async with self._window:
             start = time.monotonic()
             try:
-                out = await self._engine.async_generate(
-                    prompt=text, image_data=Image.fromarray(image), sampling_params=sampling
-                )
+                out = await self._engine.async_generate(**request)
             except Exception as exc:  # noqa: BLE001 - one request's failure is one sample's
                 return Caption(f"sglang: {type(exc).__name__}: {exc}", 0, 0, "error",
                                time.monotonic() - start, self.model, self.backend)
