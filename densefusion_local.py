@@ -3,6 +3,7 @@
 
     python densefusion_local.py demo --out runs/demo
     python densefusion_local.py run --shards '/data/laion/{00000..00099}.tar' --out /data/df
+    python densefusion_local.py meta --shards ... --out /data/meta --api-base URL --api-model gpt-4o
 """
 
 from __future__ import annotations
@@ -41,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
         ("curate", "pass 1 only: embed --shards, cluster, de-duplicate and select into --out/curate"),
         ("demo", "run the whole pipeline on built-in sample shards with tiny random-weight "
                  "models (writes noise captions; no weights or data needed)"),
+        ("meta", "meta dataset: caption a seeded random share of --shards (--subset-share, default 0.1) with the "
+                 "GPT-4V template through --api-base/--api-model, then export OUT/sft/ as LLaVA "
+                 "fine-tuning data for the caption engine"),
     ):
         sub = commands.add_parser(name, help=help_text, description=help_text,
                                   epilog=EPILOG.format(stages=_stage_list()),
@@ -114,7 +118,32 @@ def demo_overrides(out: str, shards: list[Path]) -> dict:
             "runtime": {"out": out, "models": "tiny"}}
 
 
-COMMANDS = {"run": command_run, "curate": command_curate, "demo": command_demo}
+def meta_config(args: argparse.Namespace) -> config_module.RunConfig:
+    """The run's config with meta mode's settings; the paper's 10% share unless one was given."""
+    from engine.meta import META_SHARE, meta_overrides
+
+    cfg = config_module.build(args, args.config, **meta_overrides())
+    if "subset.subset_share" not in vars(args) and cfg.subset.subset_share == 1.0:
+        cfg = config_module.build(args, args.config, **meta_overrides(), subset={"subset_share": META_SHARE})
+    return cfg
+
+
+def command_meta(args: argparse.Namespace) -> int:
+    from engine import pipeline
+    from engine.export import export
+
+    cfg = meta_config(args)
+    summary = pipeline.run(cfg)
+    out = Path(cfg.runtime.out)
+    print(pipeline.format_summary(summary, out))
+    if summary.interrupted:
+        return 130
+    path, count = export("sft", out, out / "sft")
+    print(f"meta: {count} GPT-4V captions exported as caption-engine fine-tuning data to {path}")
+    return 0
+
+
+COMMANDS = {"run": command_run, "curate": command_curate, "demo": command_demo, "meta": command_meta}
 
 
 def main(argv: list[str] | None = None) -> int:

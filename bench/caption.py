@@ -5,6 +5,8 @@
 call. ``--real-size`` builds LLaVA-1.6-7B (Vicuna) from its config with random weights
 directly on the GPU (bf16, SDPA): the same cost as real weights, no download.
 Every request generates exactly ``--tokens`` tokens (min = max new tokens).
+``--backend A B ...`` compares caption backends on the same inputs instead
+(``bench/caption_backends.py``).
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from bench import caption_backends
 
 # DESIGN.md: LLaVA-1.6-7B, ~3,200 prompt tokens, 250 output tokens, roofline per GPU
 ROOFLINE_IMAGES_PER_S = {"H100": 4.5, "A100": 2.4}
@@ -31,6 +35,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
                         help="LLaVA-1.6-7B with random weights on a GPU instead of the tiny model")
     parser.add_argument("--cache-dir", default="", help="tiny model cache (default: a temp folder)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    caption_backends.add_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -131,6 +136,8 @@ def main(argv: list[str]) -> int:
     import torch
 
     tokens = args.tokens or (250 if args.real_size else 64)
+    if args.backend:
+        return caption_backends.compare(args, tokens)
     samples = make_samples(args.images)
     with tempfile.TemporaryDirectory() as tmp:
         engine = real_size_engine() if args.real_size else tiny_engine(Path(args.cache_dir or tmp), args.threads)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -130,7 +131,11 @@ class CaptionConfig:
         "caption engine: local folder or hub id of a LLaVA-NeXT checkpoint (the DenseFusion "
         "engine once converted to the llava-hf layout), or 'tiny'",
     )
-    caption_backend: str = option("transformers", "caption backend (models/caption/registry.py): transformers")
+    caption_backend: str = option(
+        "auto",
+        "caption backend: auto (sglang on a GPU where installed, else transformers), "
+        "transformers, sglang, openai (--api-base, --api-model; key in $OPENAI_API_KEY)",
+    )
     caption_batch: int = option(8, "images per generation batch")
     caption_max_side: int = option(1344, "longer side of the image handed to the engine (AnyRes)")
     max_new_tokens: int = option(400, "token limit of a caption (the paper's average ~190 words)")
@@ -327,6 +332,163 @@ class FusionConfig:
                 raise ConfigError(f"--label-synonyms entry {group!r} must read 'canonical=syn1,syn2'")
 
 
+# --- caption quality control (engine/qc.py applies the rules) ----------------------------
+
+
+QC_RULES = (
+    "empty",  # nothing but whitespace
+    "short",  # fewer words than a detailed caption can have
+    "token_limit",  # the engine stopped at max_new_tokens (finish_reason "length")
+    "unfinished",  # no sentence-final punctuation: cut off mid-sentence
+    "repeated_ngrams",  # a decoding loop: a large share of the word n-grams are repeats
+    "repeated_sentences",  # the same sentence written again and again
+    "scaffolding",  # the prompt's structure leaked: coordinates, [OCR], "external information"
+)
+
+# What the fusion prompt shows the engine and a caption must never echo. Coordinates are the
+# prompt's normalised boxes "[0.12, 0.34, ...]"; the bracketed headers and phrases are its
+# section names and instructions (paper appendix C.2).
+QC_SCAFFOLDING = (
+    r"\[\s*[01]?\.\d+\s*,\s*[01]?\.\d+",
+    r"\[\s*(?:ocr|world knowledge|detection box|external information|caption|image)\s*\]",
+    r"external information",
+    r"detection box",
+    r"bounding box",
+    r"world knowledge",
+)
+
+
+@dataclass(frozen=True)
+class QcConfig:
+    qc_action: str = option(
+        "auto",
+        "what a failed quality-control rule does: drop the sample (to rejects/) or only flag it; "
+        "auto: drop, but flag with --models tiny (whose captions are noise)",
+        choices=("auto", "drop", "flag"),
+    )
+    qc_rules: tuple[str, ...] = option(QC_RULES, "quality-control rules to run: " + ", ".join(QC_RULES))
+    qc_flag_rules: tuple[str, ...] = option(
+        (), "rules that only flag, even when --qc-action is drop"
+    )
+    qc_min_words: int = option(20, "rule 'short': captions with fewer words fail")
+    qc_ngram: int = option(4, "rule 'repeated_ngrams': n-gram length, in words")
+    qc_max_ngram_repeat_share: float = option(
+        0.3, "rule 'repeated_ngrams': largest share of n-grams that may repeat an earlier one"
+    )
+    qc_max_sentence_repeats: int = option(
+        2, "rule 'repeated_sentences': most times one sentence may occur"
+    )
+    qc_scaffolding: tuple[str, ...] = option(
+        QC_SCAFFOLDING,
+        "rule 'scaffolding': regular expressions (case-insensitive) a caption must not match",
+    )
+
+    def validate(self) -> None:
+        unknown = sorted(set(self.qc_rules).union(self.qc_flag_rules) - set(QC_RULES))
+        if unknown:
+            raise ConfigError(f"unknown quality-control rule(s) {unknown}; known: {list(QC_RULES)}")
+        if self.qc_min_words < 0 or self.qc_ngram < 1 or self.qc_max_sentence_repeats < 1:
+            raise ConfigError("--qc-min-words >= 0, --qc-ngram >= 1, --qc-max-sentence-repeats >= 1")
+        if not 0.0 <= self.qc_max_ngram_repeat_share <= 1.0:
+            raise ConfigError("--qc-max-ngram-repeat-share must be within [0, 1]")
+        for pattern in self.qc_scaffolding:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ConfigError(f"--qc-scaffolding pattern {pattern!r}: {exc}") from None
+
+    def for_models(self, models: str) -> QcConfig:
+        """``auto`` settled for the run's models."""
+        if self.qc_action != "auto":
+            return self
+        return dataclasses.replace(self, qc_action="flag" if models == "tiny" else "drop")
+
+    def drops(self, rule: str) -> bool:
+        return self.qc_action != "flag" and rule not in self.qc_flag_rules
+
+
+# --- caption backends (models/caption/) -------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ApiConfig:
+    api_base: str = option(
+        "", "OpenAI-compatible endpoint for --caption-backend openai (e.g. http://host:8000/v1)"
+    )
+    api_model: str = option("", "model name the endpoint serves (e.g. gpt-4o)")
+    api_concurrency: int = option(16, "requests in flight at once")
+    api_max_retries: int = option(6, "retries per request before the sample fails")
+    api_timeout: float = option(120.0, "seconds to wait for one response")
+    api_backoff: float = option(1.0, "first retry waits about this long (s), doubling each time")
+    api_max_backoff: float = option(60.0, "longest wait before a retry, Retry-After included (s)")
+    api_image_detail: str = option(
+        "high", "image detail level sent with each image", choices=("auto", "low", "high")
+    )
+    api_jpeg_quality: int = option(90, "JPEG quality of the image sent")
+
+    def validate(self) -> None:
+        if self.api_base and not self.api_base.startswith(("http://", "https://")):
+            raise ConfigError(f"--api-base {self.api_base!r} must start with http:// or https://")
+        if self.api_concurrency < 1 or self.api_max_retries < 0:
+            raise ConfigError("--api-concurrency must be >= 1 and --api-max-retries >= 0")
+        if self.api_timeout <= 0 or self.api_backoff < 0 or self.api_max_backoff < 0:
+            raise ConfigError("--api-timeout must be > 0, --api-backoff/--api-max-backoff >= 0")
+        if not 1 <= self.api_jpeg_quality <= 100:
+            raise ConfigError("--api-jpeg-quality must be within 1..100")
+
+    def require_endpoint(self) -> None:
+        """The openai backend needs both; other backends ignore them."""
+        if not self.api_base or not self.api_model:
+            raise ConfigError(
+                "--caption-backend openai needs --api-base URL and --api-model NAME "
+                "(and the key, if the endpoint wants one, in $OPENAI_API_KEY)"
+            )
+
+
+SGLANG_CHAT_TEMPLATES = ("vicuna_v1", "mistral_instruct", "chatml")  # see sglang_backend
+
+
+@dataclass(frozen=True)
+class SglangConfig:
+    sglang_dp_size: int = option(0, "SGLang data-parallel replicas (0: one per visible GPU / tp)")
+    sglang_tp_size: int = option(1, "SGLang tensor-parallel GPUs per replica")
+    sglang_dummy_weights: bool = option(
+        False, "load random weights of the checkpoint's shape (benchmarks: same cost as real)"
+    )
+    sglang_radix_cache: bool = option(True, "reuse the shared prompt prefix's KV cache")
+    sglang_mem_fraction: float = option(0.85, "share of GPU memory for weights and KV cache")
+    sglang_window: int = option(256, "caption requests kept in flight in the engine")
+    sglang_chat_template: str = option(
+        "vicuna_v1", "chat template of the caption model", choices=SGLANG_CHAT_TEMPLATES
+    )
+    sglang_image_first: bool = option(
+        False,
+        "put the image before the prompt text (how LLaVA training lays it out) instead of "
+        "after it; image-first gives up sharing the instruction's KV cache across requests",
+    )
+
+    def validate(self) -> None:
+        if self.sglang_dp_size < 0 or self.sglang_tp_size < 1 or self.sglang_window < 1:
+            raise ConfigError("--sglang-dp-size >= 0, --sglang-tp-size >= 1, --sglang-window >= 1")
+        if not 0.0 < self.sglang_mem_fraction < 1.0:
+            raise ConfigError("--sglang-mem-fraction must be within (0, 1)")
+
+
+# --- meta-dataset mode (engine/stages/subset.py) ----------------------------------------
+
+
+@dataclass(frozen=True)
+class SubsetConfig:
+    subset_share: float = option(
+        1.0, "caption only this seeded random share of the samples (meta dataset: 0.1 of 1M)"
+    )
+    subset_seed: int = option(0, "seed of the --subset-share draw (same seed, same samples)")
+
+    def validate(self) -> None:
+        if not 0.0 < self.subset_share <= 1.0:
+            raise ConfigError("--subset-share must be within (0, 1]")
+
+
 @dataclass(frozen=True)
 class ScoreConfig:
     pos_tagger: str = option(
@@ -354,6 +516,10 @@ class RunConfig:
     curate: CurateConfig = CurateConfig()
     experts: ExpertsConfig = ExpertsConfig()
     boxes: FusionConfig = FusionConfig()
+    qc: QcConfig = QcConfig()
+    api: ApiConfig = ApiConfig()
+    sglang: SglangConfig = SglangConfig()
+    subset: SubsetConfig = SubsetConfig()
     score: ScoreConfig = ScoreConfig()
 
     def validate(self) -> RunConfig:

@@ -21,9 +21,11 @@ from pathlib import Path
 from typing import Any
 
 from engine.dataset_reader import WrittenSample, check_output, iter_samples
+from engine.meta import caption_engine_prompt
 
 DEFAULT_INSTRUCTION = "Describe this image in detail."
-FILES = {"llava": "densefusion_llava.json", "jsonl": "densefusion.jsonl"}
+FILES = {"llava": "densefusion_llava.json", "jsonl": "densefusion.jsonl",
+         "sft": "densefusion_sft.json"}
 
 
 def image_path(sample: WrittenSample) -> str:
@@ -63,6 +65,11 @@ def llava_record(sample: WrittenSample, relative: str, instruction: str) -> dict
     }
 
 
+def sft_instruction(sample: WrittenSample) -> str:
+    """sft: the caption-engine prompt with the sample's own evidence (meta-dataset mode)."""
+    return caption_engine_prompt(sample.annotations)
+
+
 def jsonl_record(sample: WrittenSample, relative: str) -> dict[str, Any]:
     return {
         "image_id": sample.key,
@@ -81,12 +88,13 @@ def export(kind: str, out: Path, to: Path, *, instruction: str = DEFAULT_INSTRUC
     tmp = target.with_name(target.name + ".tmp")
     count = 0
     with open(tmp, "w", encoding="utf-8") as handle:
-        if kind == "llava":
+        if kind in ("llava", "sft"):
             # One JSON list (what LLaVA's loader json.load()s), streamed record by record.
             handle.write("[")
             for sample, relative in captioned(out, to):
                 handle.write(",\n" if count else "\n")
-                json.dump(llava_record(sample, relative, instruction), handle, ensure_ascii=False)
+                human = sft_instruction(sample) if kind == "sft" else instruction
+                json.dump(llava_record(sample, relative, human), handle, ensure_ascii=False)
                 count += 1
             handle.write("\n]\n")
         else:
@@ -125,7 +133,9 @@ def validate_llava(path: Path) -> list[str]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("kind", choices=tuple(FILES), help="llava: LLaVA pre-training JSON; "
-                        "jsonl: image_id, url, image_path, caption per line")
+                        "jsonl: image_id, url, image_path, caption per line; "
+                        "sft: LLaVA conversations whose human turn is the caption-engine "
+                        "prompt with the sample's evidence (meta dataset → engine fine-tuning)")
     parser.add_argument("out", type=Path, help="output folder written by the engine")
     parser.add_argument("--to", type=Path, required=True, help="folder to write the export and images to")
     parser.add_argument("--instruction", default=DEFAULT_INSTRUCTION,

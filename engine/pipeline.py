@@ -22,13 +22,16 @@ from engine.readers import ShardReport, expand_shards, read_shard, shard_end, sh
 from engine.record import Sample, ShardEnd
 from engine.runtime import Item, Pipeline, RunSummary, SigintStops
 from engine.stage import Stage
-from engine.stages.experts import build_detect, build_tag
 from engine.stages.caption import CaptionStage
+from engine.stages.experts import build_detect, build_tag
 from engine.stages.ocr import Ocr
 from engine.stages.prompt import FusionPrompt
+from engine.stages.qc import QualityControl
 from engine.stages.score import ScoreStage
+from engine.subset import take_subset
 from engine.writers import DatasetWriter
 from models.base import resolve_device
+from models.caption.registry import BackendSettings
 
 StageFactory = Callable[[RunConfig], Stage]
 
@@ -39,7 +42,8 @@ STAGES: dict[str, StageFactory | None] = {
     "detect": build_detect,
     "ocr": lambda cfg: Ocr(cfg.ocr),
     "prompt": lambda cfg: FusionPrompt(cfg.prompt),
-    "caption": lambda cfg: CaptionStage(cfg.caption, cfg.runtime),
+    "caption": lambda cfg: CaptionStage(cfg.caption, cfg.runtime, BackendSettings(cfg.api, cfg.sglang)),
+    "qc": lambda cfg: QualityControl(cfg.qc.for_models(cfg.runtime.models)),
     "score": lambda cfg: ScoreStage(cfg.score),
 }
 ALWAYS = ("probe",)
@@ -93,6 +97,7 @@ def run(cfg: RunConfig, *, source_paths: list[Path] | None = None,
     manifest = Manifest(out / "manifest.json")
     skipped = [shard_name(p) for p in paths if shard_name(p) in manifest.finished]
     items = source(manifest.finished) if source else shard_source(paths, cfg, manifest.finished)
+    items = take_subset(items, cfg.subset)
 
     progress = _Progress(cfg.runtime.progress)
     pipeline = Pipeline(stages, cfg.runtime.queue_depth, progress.update)

@@ -198,7 +198,7 @@ class Pipeline:
                 if len(result) != len(batch):
                     raise RuntimeError(f"stage {stage.name} returned {len(result)} samples for {len(batch)}")
                 metrics.failed_batches = 0
-            except Exception as exc:  # noqa: BLE001 - recorded on every sample of the batch
+            except Exception as exc:
                 metrics.failed_batches += 1
                 if metrics.failed_batches >= _MAX_FAILED_BATCHES:
                     raise StageFailed(f"stage {stage.name!r} failed {_MAX_FAILED_BATCHES} batches in a row; "

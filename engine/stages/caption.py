@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import time
 from pathlib import Path
 
 from engine.config import RuntimeConfig
@@ -9,29 +11,51 @@ from engine.record import Sample
 from engine.stage import ImageView, Resources, Stage
 from models.base import TINY, ModelRef
 from models.caption.base import CaptionEngine
-from models.caption.registry import CaptionConfig, load_engine
+from models.caption.figures import CaptionTally, GpuSampler
+from models.caption.registry import (
+    BackendSettings,
+    CaptionConfig,
+    load_engine,
+    resolve_backend,
+)
 
 
 class CaptionStage(Stage):
     name = "caption"
 
-    def __init__(self, config: CaptionConfig, runtime: RuntimeConfig):
-        self.config = config
+    def __init__(self, config: CaptionConfig, runtime: RuntimeConfig,
+                 settings: BackendSettings | None = None):
         self.device = runtime.device  # already resolved from "auto" by the pipeline
+        # Settled now, so a missing SGLang or endpoint fails before any work.
+        backend = resolve_backend(config.caption_backend, self.device)
+        self.config = dataclasses.replace(config, caption_backend=backend)
+        self.settings = settings or BackendSettings()
         self.cache_dir = Path(runtime.cache_dir)
-        self.ref = ModelRef(TINY if runtime.models == TINY else config.caption_model, "caption")
-        self.ref.check()
+        if backend == "openai":
+            self.settings.api.require_endpoint()
+            self.ref = ModelRef(self.settings.api.api_model, "caption")  # remote: nothing to load
+        else:
+            self.ref = ModelRef(TINY if runtime.models == TINY else config.caption_model, "caption")
+            self.ref.check()
         self.engine: CaptionEngine | None = None
+        self.tally = CaptionTally()
+        self.gpu = GpuSampler()
+        self.engine_figures: dict[str, float] = {}
 
     def views(self) -> tuple[ImageView, ...]:
         return (ImageView("caption", self.config.caption_max_side),)
 
     def resources(self) -> Resources:
-        return Resources(batch_size=self.config.caption_batch, device=self.device)
+        # SGLang and remote endpoints keep a window of requests in flight inside one
+        # generate() call: a batch smaller than the window would leave it part empty.
+        window = {"sglang": self.settings.sglang.sglang_window,
+                  "openai": self.settings.api.api_concurrency}.get(self.config.caption_backend, 0)
+        return Resources(batch_size=max(self.config.caption_batch, window), device=self.device)
 
     def setup(self) -> None:
-        path = self.ref.resolve(self.cache_dir)
-        self.engine = load_engine(self.config, self.ref.name, path, self.device)
+        remote = self.config.caption_backend == "openai"
+        path = self.settings.api.api_base if remote else self.ref.resolve(self.cache_dir)
+        self.engine = load_engine(self.config, self.ref.name, path, self.device, self.settings)
 
     def process(self, batch: list[Sample]) -> list[Sample]:
         ready = []
@@ -44,11 +68,14 @@ class CaptionStage(Stage):
                 ready.append(sample)
         if not ready:
             return batch
+        start = time.perf_counter()
         captions = self.engine.generate(
             [s.prompt for s in ready],
             [s.views["caption"] for s in ready],
             params=self.config.sampling(),
         )
+        self.tally.add(captions, time.perf_counter() - start)
+        self.gpu.maybe_sample()
         for sample, caption in zip(ready, captions, strict=True):
             if caption.finish_reason == "error":
                 sample.fail(self.name, caption.text)
@@ -58,8 +85,13 @@ class CaptionStage(Stage):
 
     def teardown(self) -> None:
         if self.engine is not None:
+            self.engine_figures = getattr(self.engine, "metrics", dict)()
             self.engine.close()
             self.engine = None
+
+    def metrics(self) -> dict[str, float]:
+        """Tokens/s, images/s, the backend's own figures (retries, prefix-cache hits), GPU."""
+        return {**self.tally.figures(), **self.engine_figures, **self.gpu.figures()}
 
     def describe(self) -> str:
         backend = self.engine.backend if self.engine else self.config.caption_backend

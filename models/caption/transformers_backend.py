@@ -15,7 +15,7 @@ import numpy as np
 from engine.errors import ConfigError
 from engine.record import Caption
 from models.caption.base import SamplingParams
-from models.caption.registry import CaptionConfig, register
+from models.caption.registry import BackendSettings, CaptionConfig, register
 
 
 class TransformersCaptionEngine:
@@ -117,7 +117,9 @@ def torch_dtype(name: str, device: str):
 
 
 @register("transformers")
-def load(config: CaptionConfig, model: str, path: str, device: str) -> TransformersCaptionEngine:
+def load(
+    config: CaptionConfig, model: str, path: str, device: str, _settings: BackendSettings
+) -> TransformersCaptionEngine:
     """A llava-hf style checkpoint folder or hub id, read by the libraries' own loaders."""
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor

@@ -1,0 +1,93 @@
+"""Caption backends side by side on the same inputs, in one run (``python -m bench caption --backend``).
+
+    python -m bench caption --backend transformers openai --images 16 --tokens 32
+    python -m bench caption --backend transformers sglang --real-size      # on a GPU
+
+Every backend captions the same samples (``bench.caption.make_samples``) through the
+production caption stage at a fixed output length (min = max new tokens), after a warm-up
+batch. ``transformers`` is the tiny LLaVA-NeXT on the CPU, or LLaVA-1.6-7B with random
+weights on a GPU with ``--real-size``. ``openai`` without ``--api-base`` runs against a local
+fake chat-completions server (``bench/chat_server.py``) answering after ``--fake-latency``
+seconds: it measures the client (JPEG encoding, concurrency, HTTP), not a model. ``sglang``
+needs SGLang and a GPU; with ``--real-size`` it loads ``--sglang-model`` (a LLaVA-1.6-7B
+checkpoint folder, weights random with ``load_format=dummy``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import tempfile
+from pathlib import Path
+
+BACKENDS = ("transformers", "openai", "sglang")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--backend", nargs="+", choices=BACKENDS, default=None,
+                        help="compare these caption backends on the same inputs (first = baseline)")
+    parser.add_argument("--api-base", default="", help="openai: endpoint (default: a local fake server)")
+    parser.add_argument("--api-model", default="bench", help="openai: model name")
+    parser.add_argument("--concurrency", type=int, default=16, help="openai: requests in flight")
+    parser.add_argument("--fake-latency", type=float, default=0.2,
+                        help="openai without --api-base: seconds the fake server takes per request")
+    parser.add_argument("--sglang-model", default="",
+                        help="sglang: checkpoint folder (default: the tiny model; real size needs one)")
+
+
+def build_engine(backend: str, args: argparse.Namespace, cache_dir: Path, stack: contextlib.ExitStack):
+    """The loaded engine for ``backend`` and a label saying what it ran against."""
+    from bench.caption import real_size_engine, tiny_engine
+
+    if backend == "transformers":
+        engine = real_size_engine() if args.real_size else tiny_engine(cache_dir)
+        return engine, f"transformers ({engine.model}, {engine.device})"
+    if backend == "openai":
+        from engine.config import ApiConfig
+        from models.caption.openai_backend import OpenAIEngine
+
+        base, label = args.api_base, f"openai ({args.api_base})"
+        if not base:
+            from bench.chat_server import ChatServer
+
+            server = stack.enter_context(ChatServer(latency=args.fake_latency, output_words=args.tokens))
+            base, label = server.url, f"openai (local fake server, {args.fake_latency}s/request)"
+        cfg = ApiConfig(api_base=base, api_model=args.api_model, api_concurrency=args.concurrency)
+        cfg.validate()
+        return OpenAIEngine(cfg), label
+    from engine.config import SglangConfig
+    from models import tiny
+    from models.caption.sglang_backend import SglangEngine
+
+    path = args.sglang_model or str(tiny.ensure("caption", cache_dir))
+    cfg = SglangConfig(sglang_dummy_weights=args.real_size)
+    cfg.validate()
+    return SglangEngine(cfg, path), f"sglang ({Path(path).name}{', dummy weights' if args.real_size else ''})"
+
+
+def compare(args: argparse.Namespace, tokens: int) -> int:
+    from bench.caption import caption_stage, make_samples, measure
+
+    samples = make_samples(args.images)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for backend in args.backend:
+            with contextlib.ExitStack() as stack:
+                engine, label = build_engine(backend, args, Path(args.cache_dir or tmp), stack)
+                try:
+                    # A window-keeping backend is handed a batch as large as its window.
+                    batch = max(args.batch, args.concurrency) if backend == "openai" else args.batch
+                    result = measure(caption_stage(engine, batch, tokens), samples, batch)
+                    result["extra"] = getattr(engine, "metrics", dict)()
+                finally:
+                    engine.close()
+            rows.append((label, result))
+    print(f"{len(samples)} images, {tokens} output tokens each (fixed)")
+    print(f"  {'backend':<58} {'images/s':>9} {'out tok/s':>10} {'vs first':>9}")
+    base = rows[0][1]["images_per_s"]
+    for label, r in rows:
+        print(f"  {label:<58} {r['images_per_s']:>9.2f} {r['tokens_per_s']:>10.1f} {r['images_per_s'] / base:>8.2f}x")
+        extra = {k: round(v, 3) for k, v in r["extra"].items()}
+        if extra:
+            print(f"  {'':<58} {extra}")
+    return 0

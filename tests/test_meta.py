@@ -1,0 +1,83 @@
+import json
+
+from output_fixture import CAPTIONS, fixture_samples, write_fixture_output
+
+from engine.export import export, validate_llava
+from engine.meta import caption_engine_prompt
+from engine.prompt import CAPTION_ENGINE_INSTRUCTION, PromptConfig, sample_prompt
+
+
+def test_sft_export_puts_each_samples_caption_engine_prompt_in_the_human_turn(tmp_path):
+    out = write_fixture_output(tmp_path / "out")
+    path, count = export("sft", out, tmp_path / "sft")
+    records = json.loads(path.read_text())
+    assert count == len(records) == 2 and path.name == "densefusion_sft.json"
+    assert validate_llava(path) == []
+    by_key = {r["id"]: r for r in records}
+    originals = {s.key: s for s in fixture_samples()}
+    for key in ("s0", "s1"):
+        human, gpt = by_key[key]["conversations"]
+        # Exactly the prompt the caption stage builds for this sample at inference.
+        expected = sample_prompt(originals[key], PromptConfig(prompt_template="caption_engine"))
+        assert human["value"] == "<image>\n" + expected
+        assert human["value"].startswith("<image>\n" + CAPTION_ENGINE_INSTRUCTION)
+        assert gpt["value"] == CAPTIONS[key]
+    assert "GRAND OPENING" in by_key["s1"]["conversations"][0]["value"]
+    assert "car: [0.10, 0.20, 0.60, 0.80]" in by_key["s0"]["conversations"][0]["value"]
+
+
+def test_prompt_is_rebuilt_from_json_annotations_whatever_template_the_run_used():
+    sample = fixture_samples()[0]
+    annotations = json.loads(json.dumps(sample.annotations()))  # lists, not tuples
+    gpt4v_run = PromptConfig(prompt_template="gpt4v", box_decimals=3)
+    prompt = caption_engine_prompt(annotations, gpt4v_run)
+    assert prompt.startswith(CAPTION_ENGINE_INSTRUCTION)
+    assert "car: [0.100, 0.200, 0.600, 0.800]" in prompt
+
+
+def test_meta_defaults_to_the_papers_share_unless_one_is_given(tmp_path):
+    import densefusion_local
+
+    parser = densefusion_local.build_parser()
+    base = ["meta", "--out", str(tmp_path), "--api-base", "http://127.0.0.1:1/v1", "--api-model", "m"]
+    cfg = densefusion_local.meta_config(parser.parse_args(base))
+    assert cfg.subset.subset_share == 0.1
+    assert (cfg.prompt.prompt_template, cfg.caption.caption_backend) == ("gpt4v", "openai")
+    chosen = densefusion_local.meta_config(parser.parse_args([*base, "--subset-share", "1", "--subset-seed", "4"]))
+    assert (chosen.subset.subset_share, chosen.subset.subset_seed) == (1.0, 4)
+
+
+def test_meta_command_captions_the_subset_with_gpt4v_and_exports_sft(tmp_path, capsys):
+    import pyarrow.parquet as pq
+
+    import densefusion_local
+    from bench.chat_server import ChatServer
+    from engine.demo_data import write_demo_shards
+    from engine.prompt import GPT4V_INSTRUCTION
+    from engine.subset import in_subset
+
+    shards = write_demo_shards(tmp_path / "in", n_shards=1)
+    out = tmp_path / "out"
+    with ChatServer(output_words=40) as server:
+        code = densefusion_local.main([
+            "meta", "--shards", *map(str, shards), "--out", str(out), "--no-progress", "--device", "cpu",
+            "--stages", "decode", "prompt", "caption", "qc", "--api-base", server.url, "--api-model", "fake-4v",
+            "--subset-share", "0.6", "--subset-seed", "2", "--caption-max-side", "256",
+        ])
+    assert code == 0
+    written = pq.read_table(out / "shards" / f"{shards[0].stem}.parquet").to_pylist()
+    rejected = pq.read_table(out / "rejects" / f"{shards[0].stem}.parquet").to_pylist()
+    assert written and all(in_subset(r["key"], 0.6, 2) for r in written)
+    assert any(r["stage"] == "subset" for r in rejected)
+    for row in written:
+        assert row["prompt"].startswith(GPT4V_INSTRUCTION)  # GPT-4V was asked with its template
+        assert row["caption"] == server.caption_for(row["prompt"])
+    records = json.loads((out / "sft" / "densefusion_sft.json").read_text())
+    assert validate_llava(out / "sft" / "densefusion_sft.json") == []
+    assert sorted(r["id"] for r in records) == sorted(r["key"] for r in written)
+    by_key = {r["key"]: r for r in written}
+    for record in records:
+        human, gpt = record["conversations"]
+        assert human["value"].startswith("<image>\n" + CAPTION_ENGINE_INSTRUCTION)  # the engine's template
+        assert gpt["value"] == by_key[record["id"]]["caption"]
+    assert f"{len(records)} GPT-4V captions exported" in capsys.readouterr().out

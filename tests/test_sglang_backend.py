@@ -1,0 +1,114 @@
+import os
+
+import pytest
+
+from engine.config import SGLANG_CHAT_TEMPLATES, SglangConfig
+from engine.errors import ConfigError
+from models.caption.base import SamplingParams
+from models.caption.sglang_backend import (
+    CHAT_TEMPLATES,
+    IMAGE_TOKEN,
+    caption_from_output,
+    engine_args,
+    generate_request,
+    layout_prompt,
+    require_sglang,
+    sampling_dict,
+    sglang_available,
+)
+
+INSTRUCTION = (
+    "You are a powerful multimodal model and you should generate detailed descriptions of "
+    "this image, using additional external information such as [Caption], [Detection Box], "
+    "and [OCR]."
+)
+
+
+def _fusion(alt: str, box: str) -> str:
+    return (f"{INSTRUCTION}\n\n[External Information]:\n\n[World Knowledge]: {alt}\n\n"
+            f"[Detection Box]:\n\n{box}\n\n[OCR]:\n\n\n[IMAGE]:")
+
+
+@pytest.mark.parametrize("template", sorted(CHAT_TEMPLATES))
+def test_instruction_is_the_shared_prefix_and_the_image_follows_the_text(template):
+    a = layout_prompt(_fusion("a red bus", "bus: [0.10, 0.20, 0.80, 0.90]"), template)
+    b = layout_prompt(_fusion("two cats", "cat: [0.05, 0.40, 0.30, 0.70]"), template)
+    shared = os.path.commonprefix([a, b])
+    head, tail = CHAT_TEMPLATES[template]
+    assert shared.startswith(head + INSTRUCTION)  # whole instruction is common to both
+    assert IMAGE_TOKEN not in shared
+    for text in (a, b):
+        assert text.count(IMAGE_TOKEN) == 1
+        assert text.index("[IMAGE]:") < text.index(IMAGE_TOKEN)
+        assert text.endswith(IMAGE_TOKEN + tail)
+
+
+def test_image_first_layout_matches_llava_training():
+    text = layout_prompt("describe", "vicuna_v1", image_first=True)
+    assert text.endswith(f"USER: {IMAGE_TOKEN}\ndescribe ASSISTANT:")
+
+
+def test_sampling_params_are_passed_through():
+    params = SamplingParams(max_new_tokens=250, temperature=0.2, top_p=0.9, min_new_tokens=250)
+    assert sampling_dict(params) == {"max_new_tokens": 250, "min_new_tokens": 250,
+                                     "temperature": 0.2, "top_p": 0.9}
+
+
+def test_engine_args_span_the_gpus():
+    args = engine_args(SglangConfig(), "/ckpt/llava", 8)
+    assert (args["model_path"], args["dp_size"], args["tp_size"]) == ("/ckpt/llava", 8, 1)
+    assert args["load_format"] == "auto" and args["disable_radix_cache"] is False
+    args = engine_args(SglangConfig(sglang_tp_size=2, sglang_dummy_weights=True,
+                                    sglang_radix_cache=False), "m", 8)
+    assert (args["dp_size"], args["load_format"], args["disable_radix_cache"]) == (4, "dummy", True)
+    with pytest.raises(ConfigError):
+        engine_args(SglangConfig(sglang_tp_size=2), "m", 1)
+
+
+def test_outputs_become_captions():
+    out = {"text": "A bus.", "meta_info": {"prompt_tokens": 3000, "completion_tokens": 250,
+                                           "cached_tokens": 180,
+                                           "finish_reason": {"type": "length", "length": 250}}}
+    caption = caption_from_output(out, 1.5, "m")
+    assert (caption.text, caption.prompt_tokens, caption.output_tokens) == ("A bus.", 3000, 250)
+    assert caption.finish_reason == "length" and caption.backend == "sglang"
+    stop = caption_from_output({"text": "x", "meta_info": {"finish_reason": {"type": "stop"}}},
+                               0.1, "m")
+    assert stop.finish_reason == "stop"
+    abort = caption_from_output(
+        {"text": "", "meta_info": {"finish_reason": {"type": "abort", "message": "too long"}}},
+        0.1, "m")
+    assert abort.finish_reason == "error" and "too long" in abort.text
+
+
+def test_explicit_sglang_without_sglang_is_a_config_error(monkeypatch):
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
+    assert not sglang_available()
+    with pytest.raises(ConfigError, match="not installed"):
+        require_sglang()
+
+
+@pytest.mark.parametrize("change", [{"sglang_window": 0}, {"sglang_mem_fraction": 1.0},
+                                    {"sglang_tp_size": 0}])
+def test_bad_settings_fail_validation(change):
+    with pytest.raises(ConfigError):
+        SglangConfig(**change).validate()
+
+
+def test_config_offers_exactly_the_templates_the_backend_knows():
+    assert set(SGLANG_CHAT_TEMPLATES) == set(CHAT_TEMPLATES)
+
+
+def test_request_carries_the_laid_out_prompt_the_image_and_the_sampling_params():
+    import numpy as np
+
+    image = np.random.default_rng(0).integers(0, 255, (30, 40, 3), dtype=np.uint8)
+    sampling = sampling_dict(SamplingParams(max_new_tokens=250, min_new_tokens=250))
+    request = generate_request(_fusion("a bus", "bus: [0.1, 0.2, 0.3, 0.4]"), image, sampling, SglangConfig())
+    assert set(request) == {"prompt", "image_data", "sampling_params"}
+    assert request["prompt"] == layout_prompt(_fusion("a bus", "bus: [0.1, 0.2, 0.3, 0.4]"), "vicuna_v1")
+    assert request["image_data"].size == (40, 30) and request["image_data"].mode == "RGB"
+    assert np.array_equal(np.asarray(request["image_data"]), image)
+    assert request["sampling_params"] is sampling
+    first = generate_request("p", image, sampling, SglangConfig(sglang_image_first=True, sglang_chat_template="chatml"))
+    assert first["prompt"] == layout_prompt("p", "chatml", image_first=True)
