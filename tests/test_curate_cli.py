@@ -137,3 +137,16 @@ def test_run_curate_captions_only_the_selection(shards, cache, tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     assert sum(s["samples"] for s in manifest["shards"].values()) == len(written) + len(rejects)
     assert len(set(map(tuple, ((r["shard"], r["key"]) for r in rejects)))) == len(rejects)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--curate-eps", "1.5"], "--curate-eps"),
+    (["--embed-model", "/no/such/folder"], "embedding model"),
+    (["--embed-model", "EVA02-L-14", "--embed-weights", ""], "--embed-weights"),
+])
+def test_curate_misconfiguration_fails_before_work(shards, tmp_path, capsys, flags, message):
+    out = tmp_path / "bad"
+    args = ["curate", "--shards", str(shards[0]), "--out", str(out), "--no-progress", *flags]
+    assert densefusion_local.main(args) == 2
+    assert message in capsys.readouterr().err
+    assert not (out / "curate" / "manifest.json").exists()

@@ -51,11 +51,7 @@ def run_curate(cfg: RunConfig) -> dict[str, Any] | None:
     check_model(model, cfg.curate.embed_weights)
     root = curate_dir(cfg)
     store = EmbeddingStore(root)
-    stages = [
-        ResolutionFilter(cfg.filter),
-        Decode(cfg.decode, cfg.filter, (EMBED_VIEW,), cfg.runtime.device),
-        Embed(cfg.curate, model=model, device=cfg.runtime.device),
-    ]
+    stages = curate_stages(cfg, model)
     progress = _Progress(cfg.runtime.progress)
     pipeline = Pipeline(stages, cfg.runtime.queue_depth, progress.update)
     start = time.perf_counter()
@@ -69,6 +65,15 @@ def run_curate(cfg: RunConfig) -> dict[str, Any] | None:
         return None
     embed_s = time.perf_counter() - start
     return select_from_store(store, cfg, embed_s=embed_s)
+
+
+def curate_stages(cfg: RunConfig, model: str) -> list:
+    """Pass 1's per-image stages: header probe, one decode at the embedder's view, embed."""
+    return [
+        ResolutionFilter(cfg.filter),
+        Decode(cfg.decode, cfg.filter, (EMBED_VIEW,), cfg.runtime.device),
+        Embed(cfg.curate, model=model, device=cfg.runtime.device),
+    ]
 
 
 def select_from_store(store: EmbeddingStore, cfg: RunConfig, *, embed_s: float = 0.0) -> dict[str, Any]:
