@@ -96,7 +96,7 @@ def main(argv: list[str]) -> int:
 
 
 def _row(name: str, n: int, seconds: float) -> None:
-    print(f"  {name:<32} {n / seconds:10.1f} images/s  ({1000 * seconds / n:8.2f} ms/image)")
+    print(f"  {name:<32} {n / seconds:10.3g} images/s  ({1000 * seconds / n:9.1f} ms/image)")
 
 
 def _build(tmp: Path, *, real: bool, device: str) -> dict:
@@ -114,7 +114,7 @@ def _build(tmp: Path, *, real: bool, device: str) -> dict:
         tags = [f"tag {i}" for i in range(4585)]
         (ram_dir / ram_plus.TAG_LIST_NAME).write_text("\n".join(tags))
         torch.save({"model": ram_plus.RamPlus(ram_plus.RamPlusConfig(), tags).state_dict()}, ram_dir / ram_plus.CHECKPOINT_NAME)
-        owl_dir = owlv2.build_tiny(tmp / "owlv2", vision={})  # OWLv2 base vision tower, 960 px
+        owl_dir = owlv2.build_tiny(tmp / "owlv2", vision={"image_size": 960})  # OWLv2 base (ViT-B/16) at 960 px
         closed_dir = _real_detr(tmp / "detr")
     else:
         ram_dir = ram_plus.build_tiny(tmp / "ram")

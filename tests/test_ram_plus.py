@@ -162,3 +162,14 @@ def test_missing_tag_list_is_a_clear_error(tmp_path):
     (folder / ram_plus.TAG_LIST_NAME).unlink()
     with pytest.raises(FileNotFoundError, match="ram_tag_list.txt"):
         load_ram_plus(folder)
+
+
+def test_checkpoint_with_pickled_objects_is_refused_with_a_way_out(tmp_path):
+    import argparse
+
+    folder = build_tiny(tmp_path / "ram")
+    path = folder / ram_plus.CHECKPOINT_NAME
+    state = torch.load(path, weights_only=True)
+    torch.save({**state, "args": argparse.Namespace(lr=1e-4)}, path)  # what training scripts often add
+    with pytest.raises(ValueError, match="re-save its state dict"):
+        load_ram_plus(folder)
