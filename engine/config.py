@@ -383,9 +383,9 @@ class ScoreConfig:
     )
 
     def validate(self) -> None:
-        from engine.language import pos_tagger
+        from engine.language import check_pos_tagger
 
-        pos_tagger(self.pos_tagger)  # a missing spaCy pipeline fails here, before any work
+        check_pos_tagger(self.pos_tagger)  # a missing spaCy pipeline fails here, before any work
 
 
 @dataclass(frozen=True)

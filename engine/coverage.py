@@ -24,7 +24,8 @@ boxes, no tags, no object nouns) is left out rather than set to 0 or 1.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from engine.language import NOUN, PosTagger, noun_forms, tagged_words, words
@@ -62,7 +63,13 @@ SYNONYM_GROUPS: tuple[tuple[str, ...], ...] = (
 
 # Nouns that describe the picture or a place in it rather than name an object.
 DESCRIPTIVE_NOUNS = frozenset(
-    ["image", "picture", "photo", "photograph", "scene", "view", "shot", "frame", "composition", "background", "foreground", "left", "right", "top", "bottom", "center", "centre", "middle", "side", "corner", "edge", "front", "back", "part", "area", "section", "portion", "half", "color", "colour", "shade", "tone", "hue", "shape", "size", "style", "design", "pattern", "texture", "detail", "details", "atmosphere", "mood", "setting", "overall", "appearance", "lighting", "light", "shadow", "focus", "depth", "perspective", "angle", "element", "elements", "feature", "features", "object", "objects", "item", "items", "thing", "things", "variety", "number", "lot", "kind", "type", "sense", "space", "surface", "line", "lines", "arrangement", "contrast", "palette", "theme", "aspect", "way", "one"]
+    """image picture photo photograph scene view shot frame composition background foreground
+    left right top bottom center centre middle side corner edge front back part area section
+    portion half color colour shade tone hue shape size style design pattern texture detail
+    details atmosphere mood setting overall appearance lighting light shadow focus depth
+    perspective angle element elements feature features object objects item items thing things
+    variety number lot kind type sense space surface line lines arrangement contrast palette
+    theme aspect way one""".split()
 )
 
 _NON_ALNUM = re.compile(r"[\W_]+")
@@ -73,33 +80,40 @@ def normalise(text: str) -> str:
     return _NON_ALNUM.sub(" ", text.lower()).strip()
 
 
+_SYNONYMS = {normalise(name): tuple(normalise(g) for g in group)
+             for group in SYNONYM_GROUPS for name in group}
+
+
 def _synonyms(label: str) -> tuple[str, ...]:
     label = normalise(label)
-    for group in SYNONYM_GROUPS:
-        if label in (normalise(g) for g in group):
-            return tuple(normalise(g) for g in group)
-    return (label,)
+    return _SYNONYMS.get(label, (label,))
 
 
-def _phrase_forms(phrase: str) -> list[frozenset[str]]:
-    return [noun_forms(w) for w in normalise(phrase).split()]
+class CaptionWords:
+    """A caption's words as noun forms, indexed by form, so naming a label costs a few lookups
+    rather than a scan of the caption per label and synonym."""
 
+    def __init__(self, caption: str):
+        self.forms = [noun_forms(w) for w in normalise(caption).split()]
+        self.positions: dict[str, set[int]] = defaultdict(set)
+        for i, forms in enumerate(self.forms):
+            for form in forms:
+                self.positions[form].add(i)
 
-def _contains(caption_forms: Sequence[frozenset[str]], phrase: list[frozenset[str]]) -> bool:
-    n = len(phrase)
-    return n > 0 and any(
-        all(caption_forms[i + j] & phrase[j] for j in range(n))
-        for i in range(len(caption_forms) - n + 1)
-    )
+    def contains(self, phrase: str) -> bool:
+        """Whether the words of ``phrase`` (normalised) occur in order, each in one of its forms."""
+        words = phrase.split()
+        if not words:
+            return False
+        starts = set().union(*(self.positions.get(f, ()) for f in noun_forms(words[0])))
+        for offset, word in enumerate(words[1:], 1):
+            forms = noun_forms(word)
+            starts = {i for i in starts if i + offset < len(self.forms) and self.forms[i + offset] & forms}
+        return bool(starts)
 
-
-def names(caption_forms: Sequence[frozenset[str]], label: str) -> bool:
-    """Whether the caption (as the noun forms of its words) names ``label`` or a synonym."""
-    return any(_contains(caption_forms, _phrase_forms(alt)) for alt in _synonyms(label))
-
-
-def caption_forms(caption: str) -> list[frozenset[str]]:
-    return [noun_forms(w) for w in normalise(caption).split()]
+    def names(self, label: str) -> bool:
+        """Whether the caption names ``label`` or one of its synonyms."""
+        return any(self.contains(alt) for alt in _synonyms(label))
 
 
 @dataclass(frozen=True)
@@ -126,12 +140,12 @@ def ocr_token_coverage(caption: str, ocr_lines: Iterable[str]) -> float | None:
     return len(ocr_words & set(normalise(caption).split())) / len(ocr_words)
 
 
-def label_coverage(caption: str, labels: Iterable[str]) -> float | None:
+def label_coverage(caption: str | CaptionWords, labels: Iterable[str]) -> float | None:
     distinct = {normalise(label) for label in labels} - {""}
     if not distinct:
         return None
-    forms = caption_forms(caption)
-    return sum(names(forms, label) for label in distinct) / len(distinct)
+    caption_words = caption if isinstance(caption, CaptionWords) else CaptionWords(caption)
+    return sum(caption_words.names(label) for label in distinct) / len(distinct)
 
 
 def unseen_nouns(caption: str, evidence: Evidence, tagger: PosTagger) -> tuple[set[str], int]:
@@ -160,11 +174,12 @@ def unseen_nouns(caption: str, evidence: Evidence, tagger: PosTagger) -> tuple[s
 
 def coverage_scores(caption: str, evidence: Evidence, tagger: PosTagger) -> dict[str, float]:
     """The scores above for one caption; undefined ones are left out."""
+    caption_words = CaptionWords(caption)
     scores = {
         "cov_ocr_lines": ocr_line_coverage(caption, evidence.ocr_lines),
         "cov_ocr_tokens": ocr_token_coverage(caption, evidence.ocr_lines),
-        "cov_box_labels": label_coverage(caption, evidence.box_labels),
-        "cov_tags": label_coverage(caption, evidence.tags),
+        "cov_box_labels": label_coverage(caption_words, evidence.box_labels),
+        "cov_tags": label_coverage(caption_words, evidence.tags),
     }
     if words(caption):
         unseen, objects = unseen_nouns(caption, evidence, tagger)

@@ -53,10 +53,10 @@ def _member_key(name: str) -> tuple[str, str]:
 def iter_samples(out: Path, *, with_images: bool = False) -> Iterator[WrittenSample]:
     """Every written sample, shard by shard, in the order the writer wrote them."""
     for tar_path in shard_tars(out):
-        yield from _iter_tar(tar_path, with_images)
+        yield from iter_tar(tar_path, with_images=with_images)
 
 
-def _iter_tar(tar_path: Path, with_images: bool) -> Iterator[WrittenSample]:
+def iter_tar(tar_path: Path, *, with_images: bool = False) -> Iterator[WrittenSample]:
     pending: dict[str, dict[str, Any]] = {}
     with tarfile.open(tar_path, "r:") as tar:
         for member in tar:

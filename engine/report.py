@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from engine.category import SCORE_PREFIX, category_of
 from engine.dataset_reader import (
     WrittenSample,
     check_output,
@@ -27,7 +28,7 @@ from engine.dataset_reader import (
     read_json,
     read_rejects,
 )
-from engine.stats import POS_COLUMNS, format_table1, output_stats
+from engine.stats import PAPER_ROWS, POS_COLUMNS, TABLE1_HEADER, default_workers, output_stats, table1_row
 
 THUMB_SIDE = 360
 MAX_REJECT_ROWS = 200
@@ -38,15 +39,15 @@ body{font-family:system-ui,sans-serif;margin:24px;color:#222;background:#fafafa}
 h1{margin:0 0 4px}h2{border-bottom:1px solid #ccc;padding-bottom:4px;margin-top:32px}
 table{border-collapse:collapse;font-size:14px}td,th{border:1px solid #ddd;padding:4px 8px;text-align:right}
 th{background:#eee}td.l,th.l{text-align:left}
-.charts{display:flex;flex-wrap:wrap;gap:16px}.chart{background:#fff;border:1px solid #ddd;padding:8px}
-.chart svg{width:380px;height:auto}
+.charts{display:flex;flex-wrap:wrap;gap:12px}.chart{background:#fff;border:1px solid #ddd;padding:8px}
+.chart svg{width:290px;height:auto}
 .samples{display:grid;grid-template-columns:repeat(auto-fill,minmax(380px,1fr));gap:16px}
 .sample{background:#fff;border:1px solid #ddd;padding:10px;font-size:13px}
 .frame{position:relative;display:inline-block;line-height:0}.frame img{max-width:100%}
 .frame svg{position:absolute;left:0;top:0;width:100%;height:100%}
 .tag{display:inline-block;background:#eef;border-radius:3px;padding:1px 5px;margin:1px}
 .caption{white-space:pre-wrap;background:#f4f4f4;padding:6px;max-height:220px;overflow:auto}
-.muted{color:#777}pre{font-size:12px;background:#fff;border:1px solid #ddd;padding:8px;overflow:auto}
+.top{display:flex;flex-wrap:wrap;gap:48px}.muted{color:#777}
 """
 
 
@@ -67,7 +68,7 @@ def _bar_chart(title: str, labels: list[str], values: list[float], xlabel: str =
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(figsize=(4.6, 2.8))
+    figure, axes = plt.subplots(figsize=(3.9, 2.4))
     axes.barh(labels[::-1], values[::-1], color="#4363d8")
     axes.set_title(title)
     axes.set_xlabel(xlabel)
@@ -83,7 +84,7 @@ def _histogram_chart(title: str, hist: dict[str, list]) -> str:
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(figsize=(4.6, 2.8))
+    figure, axes = plt.subplots(figsize=(3.9, 2.4))
     edges, counts = hist["edges"], hist["counts"]
     axes.bar(edges[:-1], counts, width=np.diff(edges), align="edge",
              color="#3cb44b", edgecolor="white")
@@ -106,10 +107,10 @@ def charts(stats: dict[str, Any]) -> list[str]:
         names = list(POS_COLUMNS.values())
         out.append(_bar_chart("parts of speech (share of words)", names,
                               [100 * t[n] for n in names], "%"))
-    if stats["coverage"]:
-        names = list(stats["coverage"])
-        out.append(_bar_chart("evidence coverage (mean)", names,
-                              [stats["coverage"][n]["mean"] for n in names]))
+    shares = [n for n in stats["coverage"] if n != "unseen_nouns"]  # a count, not a share
+    if shares:
+        out.append(_bar_chart("evidence coverage (mean share)", shares,
+                              [stats["coverage"][n]["mean"] for n in shares]))
     if stats["categories"]:
         out.append(_bar_chart("image categories", list(stats["categories"]),
                               list(stats["categories"].values()), "images"))
@@ -133,15 +134,22 @@ def thumbnail(image_bytes: bytes) -> tuple[str, int, int]:
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode(), *size
 
 
-def boxes_overlay(boxes: list[dict[str, Any]], width: int, height: int) -> str:
+def boxes_overlay(boxes: list[dict[str, Any]], width: int, height: int,
+                  ocr: list[dict[str, Any]] = ()) -> str:
     """Boxes are normalised to [0, 1]; the SVG uses the thumbnail's pixel space so text keeps
-    its proportions, and is stretched over the image by CSS."""
+    its proportions, and is stretched over the image by CSS. OCR lines get dashed outlines."""
     parts = [f'<svg class="boxes" viewBox="0 0 {width} {height}" preserveAspectRatio="none">']
+    for line in ocr:
+        x0, y0, x1, y1 = line["xyxy"]
+        parts.append(
+            f'<rect class="ocr" x="{x0 * width:.1f}" y="{y0 * height:.1f}" width="{(x1 - x0) * width:.1f}" '
+            f'height="{(y1 - y0) * height:.1f}" fill="none" stroke="#555" stroke-width="1.5" stroke-dasharray="4 3"/>'
+        )
     for i, box in enumerate(boxes):
         x0, y0, x1, y1 = box["xyxy"]
         color = _COLORS[i % len(_COLORS)]
         parts.append(
-            f'<rect x="{x0 * width:.1f}" y="{y0 * height:.1f}" width="{(x1 - x0) * width:.1f}" '
+            f'<rect class="box" x="{x0 * width:.1f}" y="{y0 * height:.1f}" width="{(x1 - x0) * width:.1f}" '
             f'height="{(y1 - y0) * height:.1f}" fill="none" stroke="{color}" stroke-width="2"/>'
             f'<text x="{x0 * width + 2:.1f}" y="{y0 * height + 12:.1f}" fill="{color}" '
             f'font-size="12" font-weight="bold">{_e(box["label"])} {box["score"]:.2f}</text>'
@@ -155,12 +163,15 @@ def sample_card(sample: WrittenSample) -> str:
     try:
         src, w, h = thumbnail(sample.image_bytes)
         picture = (f'<div class="frame"><img src="{src}" width="{w}" height="{h}" alt="{_e(sample.key)}">'
-                   f'{boxes_overlay(a.get("boxes") or [], w, h)}</div>')
+                   f'{boxes_overlay(a.get("boxes") or [], w, h, a.get("ocr") or [])}</div>')
     except Exception as exc:  # noqa: BLE001 - a picture the browser cannot show must not end the report
         picture = f'<p class="muted">image not shown: {_e(type(exc).__name__)}</p>'
     tags = "".join(f'<span class="tag">{_e(t["name"])} {t["score"]:.2f}</span>' for t in a.get("tags") or [])
     ocr = "".join(f"<li>{_e(o['text'])}</li>" for o in a.get("ocr") or [])
-    scores = ", ".join(f"{_e(k)} {v:.2f}" for k, v in sorted((a.get("scores") or {}).items()))
+    all_scores = a.get("scores") or {}
+    category = category_of(all_scores)
+    scores = ", ".join(f"{_e(k)} {v:.2f}" for k, v in sorted(all_scores.items())
+                       if not k.startswith(SCORE_PREFIX))
     caption = a.get("caption") or ""
     return (
         f'<div class="sample" data-key="{_e(sample.key)}"><b>{_e(sample.key)}</b> '
@@ -171,7 +182,10 @@ def sample_card(sample: WrittenSample) -> str:
         f"<div><b>OCR</b>{f'<ul>{ocr}</ul>' if ocr else ' <span class=muted>none</span>'}</div>"
         f"<div><b>alt text</b> {_e(a.get('alt_text') or '') or '<span class=muted>none</span>'}</div>"
         f"<div><b>caption</b>{f'<div class=caption>{_e(caption)}</div>' if caption else ' <span class=muted>none</span>'}</div>"
-        f"<div><b>scores</b> {scores or '<span class=muted>none</span>'}</div></div>"
+        f"<div><b>scores</b> {scores or '<span class=muted>none</span>'}</div>"
+        + (f"<div><b>category</b> {_e(category)} {all_scores[SCORE_PREFIX + category]:.2f}</div>"
+           if category else "")
+        + "</div>"
     )
 
 
@@ -203,6 +217,22 @@ def run_figures(manifest: dict[str, Any], metrics: dict[str, Any]) -> str:
     return "".join(parts)
 
 
+def table1_html(stats: dict[str, Any]) -> str:
+    head = f'<th class="l">{_e(TABLE1_HEADER[0])}</th>' + "".join(f"<th>{_e(h)}</th>" for h in TABLE1_HEADER[1:])
+    rows = "".join(f'<tr{" class=muted" if paper else ""}><th class="l">{_e(row[0])}</th>'
+                   + "".join(f"<td>{_e(v)}</td>" for v in row[1:]) + "</tr>"
+                   for paper, row in [(False, table1_row(stats))] + [(True, r) for r in PAPER_ROWS])
+    parts = [f'<table id="table1-table"><tr>{head}</tr>{rows}</table>',
+             (f'<p class="muted">{stats["table1"]["captions"]} captions; parts of speech by the '
+              f'{_e(stats["pos_tagger"])} tagger, as shares of all caption words; grey rows: the paper</p>')]
+    if stats["coverage"]:
+        rows = "".join(f'<tr><th class="l">{_e(name)}</th><td>{s["mean"]:.3f}</td><td>{s["median"]:.3f}</td>'
+                       f'<td>{s["samples"]}</td></tr>' for name, s in stats["coverage"].items())
+        parts.append('<h3>evidence coverage</h3><table id="coverage-table"><tr><th class="l">score</th>'
+                     f"<th>mean</th><th>median</th><th>samples</th></tr>{rows}</table>")
+    return "".join(parts)
+
+
 def rejects_table(rejects: list[dict[str, Any]]) -> str:
     if not rejects:
         return '<p class="muted">no rejects</p>'
@@ -220,18 +250,19 @@ def rejects_table(rejects: list[dict[str, Any]]) -> str:
 def build_report(out: Path, *, samples: int = 24, to: Path | None = None) -> Path:
     out = check_output(Path(out))
     stats = read_json(out / "stats.json") if _fresh(out / "stats.json", out / "manifest.json") else None
-    stats = stats or output_stats(out)
+    stats = stats or output_stats(out, workers=default_workers())
     cards = []
     for sample in iter_samples(out, with_images=True):
         if len(cards) >= samples:
             break
         cards.append(sample_card(sample))
+    figures = run_figures(read_json(out / "manifest.json"), read_json(out / "metrics.json"))
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>densefusion report: {_e(out.name)}</title>
 <style>{CSS}</style></head><body>
 <h1>densefusion report</h1><p class="muted">{_e(out.resolve())}</p>
-<section id="summary"><h2>Run</h2>{run_figures(read_json(out / "manifest.json"), read_json(out / "metrics.json"))}</section>
-<section id="table1"><h2>Statistics (paper Table 1)</h2><pre>{_e(format_table1(stats))}</pre></section>
+<div class="top"><section id="summary"><h2>Run</h2>{figures}</section>
+<section id="table1"><h2>Statistics (paper Table 1)</h2>{table1_html(stats)}</section></div>
 <section id="charts"><h2>Distributions</h2><div class="charts">
 {"".join(f'<div class="chart">{svg}</div>' for svg in charts(stats))}</div></section>
 <section id="samples"><h2>Samples ({len(cards)} of {stats["table1"]["samples"]})</h2>

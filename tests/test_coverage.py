@@ -85,3 +85,32 @@ def test_score_stage_fills_sample_scores():
     assert batch[0].scores["cov_tags"] == 1.0 and batch[0].scores["cov_ocr_lines"] == 1.0
     assert batch[0].scores["unseen_nouns"] == 1.0  # sign
     assert batch[1].scores == {} and batch[1].alive
+
+
+def test_score_stage_runs_in_the_pipeline_and_reaches_the_statistics(tmp_path):
+    import io
+
+    from PIL import Image
+
+    from engine import config, pipeline
+    from engine.dataset_reader import iter_samples
+    from engine.record import ShardEnd
+    from engine.stats import output_stats
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (640, 480), (90, 120, 200)).save(buffer, "JPEG")
+
+    def source(skip):
+        for key, caption in (("a", "A car at a STOP sign."), ("b", "A car and a tree.")):
+            sample = _sample(key, caption)
+            sample.image_bytes = buffer.getvalue()
+            yield sample
+        yield ShardEnd("0", "in.tar", 2)
+
+    cfg = config.build(runtime={"out": str(tmp_path / "out"), "progress": False, "stages": ("score",)})
+    summary = pipeline.run(cfg, source=source)
+    assert summary.written == 2
+    written = {s.key: s.annotations["scores"] for s in iter_samples(tmp_path / "out")}
+    assert written["a"]["cov_ocr_lines"] == 1.0 and written["b"]["cov_ocr_lines"] == 0.0
+    stats = output_stats(tmp_path / "out")
+    assert stats["coverage"]["cov_ocr_lines"]["mean"] == 0.5 and stats["coverage"]["cov_tags"]["mean"] == 1.0

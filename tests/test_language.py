@@ -42,8 +42,11 @@ def test_pattern_tagger_classes_on_a_plain_sentence():
         ("on", OTHER), ("the", OTHER), ("lake", NOUN)]
 
 
-def test_auxiliaries_count_as_verbs():
-    assert [c for _, c in tagged_words("They are sleeping.", pos_tagger())] == [OTHER, VERB, VERB]
+def test_auxiliaries_and_negation_are_not_verbs_or_adverbs():
+    tagged = tagged_words("It has been designed well and has two wheels. He did not go; he can run.", pos_tagger())
+    verbs = [w for w, c in tagged if c == VERB]
+    assert verbs == ["designed", "has", "go", "run"]  # "has two wheels": a main verb
+    assert [w for w, c in tagged if c == ADV] == ["well"]
 
 
 def test_noun_forms_match_singular_and_plural_both_ways():
@@ -57,3 +60,11 @@ def test_unknown_or_missing_taggers_are_config_errors():
         pos_tagger("nltk")
     with pytest.raises(ConfigError, match="pattern"):
         pos_tagger("spacy:no_such_pipeline_xyz")
+
+
+def test_run_config_rejects_a_tagger_that_cannot_load(tmp_path):
+    from engine import config
+
+    with pytest.raises(ConfigError, match="spaCy"):
+        config.build(runtime={"out": str(tmp_path)}, score={"pos_tagger": "spacy:no_such_pipeline_xyz"})
+    assert config.build(runtime={"out": str(tmp_path)}).score.pos_tagger == "pattern"

@@ -20,6 +20,8 @@ def test_boxes_are_drawn_in_thumbnail_pixels():
     assert 'viewBox="0 0 200 100"' in svg
     assert 'x="20.0" y="20.0" width="100.0" height="60.0"' in svg
     assert "car &lt;1&gt; 0.90" in svg  # labels are escaped
+    with_ocr = boxes_overlay([], 200, 100, [{"text": "SALE", "score": 0.9, "xyxy": [0.5, 0.5, 1.0, 1.0]}])
+    assert 'class="ocr" x="100.0" y="50.0" width="100.0" height="50.0"' in with_ocr
 
 
 def test_report_file_holds_every_part(tmp_path):
@@ -59,13 +61,33 @@ def test_report_renders_in_headless_chromium(tmp_path, browser):
     assert page.locator(".chart svg").count() >= 4
     assert page.locator(".sample").count() == 3
     assert page.locator(".sample img").evaluate_all("imgs => imgs.every(i => i.complete && i.naturalWidth > 0)")
-    box = page.locator('.sample[data-key="s0"] svg.boxes rect').bounding_box()
+    box = page.locator('.sample[data-key="s0"] svg.boxes rect.box').bounding_box()
     frame = page.locator('.sample[data-key="s0"] .frame img').bounding_box()
     # box s0 spans x 0.1..0.6 of the image; the 2 px stroke adds 1 px on each side
     assert box["width"] == pytest.approx(0.5 * frame["width"] + 2, abs=1)
+    assert page.locator('.sample[data-key="s1"] svg.boxes rect.ocr').count() == 2
     assert page.locator("#rejects-table tr").count() == 2  # header + one reject
     assert failed == []
     shot = page.screenshot(full_page=True)
     pixels = np.asarray(Image.open(io.BytesIO(shot)).convert("L"), dtype=float)
     assert pixels.shape[0] > 900 and pixels.std() > 10  # a page with content, not a blank sheet
+    page.close()
+
+
+def test_report_of_the_demo_output(tmp_path, browser):
+    import json
+
+    import densefusion_local
+
+    out = tmp_path / "demo"
+    assert densefusion_local.main(["demo", "--out", str(out), "--no-progress"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())["shards"].values()
+    written, rejected = sum(s["written"] for s in manifest), sum(s["rejected"] for s in manifest)
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(build_report(out, samples=4).resolve().as_uri())
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["table1"]["samples"] == written and stats["rejects"]["total"] == rejected
+    assert page.locator(".sample").count() == min(4, written)
+    assert page.locator("#rejects-table tr").count() == rejected + 1
+    assert page.locator("#summary").inner_text().count(str(written)) >= 1
     page.close()

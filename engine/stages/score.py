@@ -28,7 +28,8 @@ class ScoreStage(Stage):
         return Resources(batch_size=64)
 
     def setup(self) -> None:
-        self._tagger = pos_tagger(self.config.pos_tagger)
+        """Nothing up front: the tagger is loaded with the first caption (importing TextBlob
+        costs seconds, which runs without captions, such as a probe-only pass, need not pay)."""
 
     def process(self, batch: list[Sample]) -> list[Sample]:
         return run_per_sample(self.name, batch, self._score)
@@ -36,7 +37,12 @@ class ScoreStage(Stage):
     def _score(self, sample: Sample) -> None:
         if sample.caption is None or not sample.caption.text.strip():
             return  # nothing to score; quality control decides what an empty caption means
+        if self._tagger is None:
+            self._tagger = pos_tagger(self.config.pos_tagger)
         sample.scores.update(coverage_scores(sample.caption.text, evidence(sample), self._tagger))
+
+    def teardown(self) -> None:
+        self._tagger = None
 
     def describe(self) -> str:
         return f"score (coverage, POS tagger {self.config.pos_tagger})"
