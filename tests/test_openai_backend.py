@@ -4,7 +4,7 @@ import sys
 import numpy as np
 import pytest
 
-from bench.chat_server import ChatServer
+from bench._chat_server import ChatServer
 from engine.config import ApiConfig
 from engine.errors import ConfigError
 from models.caption.base import SamplingParams
