@@ -6,7 +6,7 @@ call. ``--real-size`` builds LLaVA-1.6-7B (Vicuna) from its config with random w
 directly on the GPU (bf16, SDPA): the same cost as real weights, no download.
 Every request generates exactly ``--tokens`` tokens (min = max new tokens).
 ``--backend A B ...`` compares caption backends on the same inputs instead
-(``bench/caption_backends.py``).
+(``bench/_caption_backends.py``).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench import caption_backends
+from bench import _caption_backends as caption_backends
 
 # DESIGN.md: LLaVA-1.6-7B, ~3,200 prompt tokens, 250 output tokens, roofline per GPU
 ROOFLINE_IMAGES_PER_S = {"H100": 4.5, "A100": 2.4}

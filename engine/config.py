@@ -425,6 +425,9 @@ class ApiConfig:
         "high", "image detail level sent with each image", choices=("auto", "low", "high")
     )
     api_jpeg_quality: int = option(90, "JPEG quality of the image sent")
+    api_journal: bool = option(
+        True, "keep finished captions in OUT/journal/ so a rerun of a killed run does not pay for them again"
+    )
 
     def validate(self) -> None:
         if self.api_base and not self.api_base.startswith(("http://", "https://")):

@@ -42,7 +42,7 @@ STAGES: dict[str, StageFactory | None] = {
     "detect": build_detect,
     "ocr": lambda cfg: Ocr(cfg.ocr),
     "prompt": lambda cfg: FusionPrompt(cfg.prompt),
-    "caption": lambda cfg: CaptionStage(cfg.caption, cfg.runtime, BackendSettings(cfg.api, cfg.sglang)),
+    "caption": lambda cfg: CaptionStage(cfg.caption, cfg.runtime, BackendSettings(cfg.api, cfg.sglang, cfg.runtime.out)),
     "qc": lambda cfg: QualityControl(cfg.qc.for_models(cfg.runtime.models)),
     "score": lambda cfg: ScoreStage(cfg.score),
 }

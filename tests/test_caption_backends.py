@@ -5,7 +5,7 @@ import logging
 import numpy as np
 import pytest
 
-from bench.chat_server import ChatServer
+from bench._chat_server import ChatServer
 from engine.config import ApiConfig, RuntimeConfig
 from engine.errors import ConfigError
 from engine.record import Sample, Source

@@ -51,7 +51,7 @@ def test_meta_command_captions_the_subset_with_gpt4v_and_exports_sft(tmp_path, c
     import pyarrow.parquet as pq
 
     import densefusion_local
-    from bench.chat_server import ChatServer
+    from bench._chat_server import ChatServer
     from engine.demo_data import write_demo_shards
     from engine.prompt import GPT4V_INSTRUCTION
     from engine.subset import in_subset

@@ -4,7 +4,7 @@ import sys
 import numpy as np
 import pytest
 
-from bench.chat_server import ChatServer
+from bench._chat_server import ChatServer
 from engine.config import ApiConfig
 from engine.errors import ConfigError
 from models.caption.base import SamplingParams
@@ -151,20 +151,26 @@ def test_killed_then_resumed_cli_run_captions_every_sample_exactly_once(tmp_path
     shards = make_shards(tmp_path / "in", n_shards=4, per_shard=8)
     chaos = ("429:0.05", "ok", "500", "ok", "malformed", "timeout:1.5", "reset", "ok")
     monkeypatch.setenv("OPENAI_API_KEY", SECRET)  # the runs below inherit it
-    with ChatServer(latency=0.05, output_words=30, expect_key=SECRET, chaos=chaos) as server:
-        def command(out):
-            return [sys.executable, str(ROOT / "densefusion_local.py"), "run", "--shards", *map(str, shards),
-                    "--out", str(out), "--no-progress", "--stages", "decode", "prompt", "caption", "qc",
-                    "--caption-backend", "openai", "--api-base", server.url, "--api-model", "fake-4v",
-                    "--api-concurrency", "4", "--api-timeout", "0.5", "--api-backoff", "0.01",
-                    "--caption-max-side", "256", "--decode-threads", "1", "--device", "cpu"]
 
-        clean = subprocess.run(command(tmp_path / "clean"), cwd=ROOT, capture_output=True, text=True)
-        assert clean.returncode == 0, clean.stderr
-        resumed = tmp_path / "resumed"
-        assert run_and_kill(command(resumed), resumed, after_shards=1) < len(shards)
-        final = subprocess.run(command(resumed), cwd=ROOT, capture_output=True, text=True)
-        assert final.returncode == 0, final.stderr
+    def command(out, server):
+        return [sys.executable, str(ROOT / "densefusion_local.py"), "run", "--shards", *map(str, shards),
+                "--out", str(out), "--no-progress", "--stages", "decode", "prompt", "caption", "qc",
+                "--caption-backend", "openai", "--api-base", server.url, "--api-model", "fake-4v",
+                "--api-concurrency", "4", "--api-timeout", "0.5", "--api-backoff", "0.01",
+                "--caption-max-side", "256", "--decode-threads", "1", "--device", "cpu"]
+
+    with ChatServer(latency=0.05, output_words=30, expect_key=SECRET, chaos=chaos) as server:
+        clean = subprocess.run(command(tmp_path / "clean", server), cwd=ROOT, capture_output=True, text=True)
+    assert clean.returncode == 0, clean.stderr
+    resumed = tmp_path / "resumed"
+    with ChatServer(latency=0.05, output_words=30, expect_key=SECRET, chaos=chaos) as server:
+        assert run_and_kill(command(resumed, server), resumed, after_shards=1) < len(shards)
+        final = subprocess.run(command(resumed, server), cwd=ROOT, capture_output=True, text=True)
+    assert final.returncode == 0, final.stderr
+    # The rerun took what the killed run had been answered from its journal: only the requests
+    # in flight at the kill (at most --api-concurrency) were paid for twice.
+    assert sum(n > 1 for n in server.answered.values()) <= 4
+    assert (resumed / "journal" / "openai.jsonl").is_file()
 
     results = {}
     for out in (tmp_path / "clean", resumed):
@@ -183,3 +189,24 @@ def test_killed_then_resumed_cli_run_captions_every_sample_exactly_once(tmp_path
         if path.is_file():
             assert SECRET.encode() not in path.read_bytes(), path
     assert SECRET not in clean.stdout + clean.stderr + final.stdout + final.stderr
+
+
+def test_a_rerun_takes_finished_captions_from_the_journal(tmp_path):
+    from models.caption.journal import CaptionJournal
+
+    prompts, images = ["a", "b", "c"], _images(3)
+    with ChatServer({"c": ["400"]}) as server:
+        first = OpenAIEngine(ApiConfig(api_base=server.url, api_model="m"), CaptionJournal(tmp_path / "j.jsonl"))
+        before = first.generate(prompts, images, params=SamplingParams(32))
+        first.close()
+        with open(tmp_path / "j.jsonl", "a") as journal:
+            journal.write('{"id": "cut sho')  # a line cut by a kill
+        again = OpenAIEngine(ApiConfig(api_base=server.url, api_model="m"), CaptionJournal(tmp_path / "j.jsonl"))
+        after = again.generate(prompts, images, params=SamplingParams(32))
+        other_params = again.generate(prompts[:1], images[:1], params=SamplingParams(16))
+        again.close()
+    assert after[:2] == before[:2]  # the same captions, not asked again
+    assert {p: len(a) for p, a in server.attempts.items()} == {"a": 2, "b": 1, "c": 2}  # "a" again for 16 tokens
+    assert before[2].finish_reason == "error" and after[2].finish_reason == "stop"  # errors are not kept
+    assert again.metrics()["api_from_journal"] == 2 and other_params[0].finish_reason == "stop"
+    assert len(CaptionJournal(tmp_path / "j.jsonl")) == 4

@@ -27,6 +27,7 @@ import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -34,6 +35,7 @@ import numpy as np
 from engine.config import ApiConfig
 from engine.record import Caption
 from models.caption.base import SamplingParams
+from models.caption.journal import CaptionJournal, request_digest
 from models.caption.registry import BackendSettings, CaptionConfig, register
 
 log = logging.getLogger(__name__)
@@ -139,15 +141,16 @@ class _Failure:
 class OpenAIEngine:
     backend = "openai"
 
-    def __init__(self, cfg: ApiConfig):
+    def __init__(self, cfg: ApiConfig, journal: CaptionJournal | None = None):
         cfg.require_endpoint()
         self.cfg = cfg
+        self.journal = journal
         self.model = cfg.api_model
         self.device = "remote"
         self._url = cfg.api_base.rstrip("/") + "/chat/completions"
         self._pool = ThreadPoolExecutor(cfg.api_concurrency, thread_name_prefix="openai")
         self._rng = random.Random()
-        self._counts = {"requests": 0, "retries": 0, "errors": 0}
+        self._counts = {"requests": 0, "retries": 0, "errors": 0, "from_journal": 0}
 
     def generate(
         self, prompts: list[str], images: list[np.ndarray], /, *, params: SamplingParams
@@ -162,6 +165,19 @@ class OpenAIEngine:
         return list(await asyncio.gather(*jobs))
 
     async def _caption(self, prompt, image, params, window) -> Caption:
+        if self.journal is None:
+            return await self._request(prompt, image, params, window)
+        digest = request_digest(self.model, prompt, image, params)
+        known = self.journal.get(digest)
+        if known is not None:
+            self._counts["from_journal"] += 1
+            return known
+        caption = await self._request(prompt, image, params, window)
+        if caption.finish_reason != "error":
+            self.journal.add(digest, caption)
+        return caption
+
+    async def _request(self, prompt, image, params, window) -> Caption:
         loop = asyncio.get_running_loop()
         start = time.monotonic()
         try:
@@ -238,12 +254,17 @@ class OpenAIEngine:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        if self.journal is not None:
+            self.journal.close()
 
 
 @register("openai")
 def load(config: CaptionConfig, model: str, path: str, device: str,
          settings: BackendSettings) -> OpenAIEngine:
-    return OpenAIEngine(settings.api)  # the model is the endpoint's: --api-model
+    journal = None
+    if settings.api.api_journal and settings.out:
+        journal = CaptionJournal(Path(settings.out) / "journal" / "openai.jsonl")  # keyed by model too
+    return OpenAIEngine(settings.api, journal)  # the model is the endpoint's: --api-model
 
 
 def _read_quietly(exc: urllib.error.HTTPError) -> str:

@@ -27,6 +27,7 @@ class BackendSettings:
 
     api: ApiConfig = field(default_factory=ApiConfig)
     sglang: SglangConfig = field(default_factory=SglangConfig)
+    out: str = ""  # the run's output folder (the openai backend keeps its journal there)
 
 
 EngineLoader = Callable[[CaptionConfig, str, str, str, BackendSettings], CaptionEngine]

@@ -7,7 +7,7 @@ Every backend captions the same samples (``bench.caption.make_samples``) through
 production caption stage at a fixed output length (min = max new tokens), after a warm-up
 batch. ``transformers`` is the tiny LLaVA-NeXT on the CPU, or LLaVA-1.6-7B with random
 weights on a GPU with ``--real-size``. ``openai`` without ``--api-base`` runs against a local
-fake chat-completions server (``bench/chat_server.py``) answering after ``--fake-latency``
+fake chat-completions server (``bench/_chat_server.py``) answering after ``--fake-latency``
 seconds: it measures the client (JPEG encoding, concurrency, HTTP), not a model. ``sglang``
 needs SGLang and a GPU; with ``--real-size`` it loads ``--sglang-model`` (a LLaVA-1.6-7B
 checkpoint folder, weights random with ``load_format=dummy``).
@@ -40,7 +40,7 @@ def build_engine(backend: str, args: argparse.Namespace, cache_dir: Path, stack:
     from bench.caption import real_size_engine, tiny_engine
 
     if backend == "transformers":
-        engine = real_size_engine() if args.real_size else tiny_engine(cache_dir)
+        engine = real_size_engine() if args.real_size else tiny_engine(cache_dir, args.threads)
         return engine, f"transformers ({engine.model}, {engine.device})"
     if backend == "openai":
         from engine.config import ApiConfig
@@ -48,7 +48,7 @@ def build_engine(backend: str, args: argparse.Namespace, cache_dir: Path, stack:
 
         base, label = args.api_base, f"openai ({args.api_base})"
         if not base:
-            from bench.chat_server import ChatServer
+            from bench._chat_server import ChatServer
 
             server = stack.enter_context(ChatServer(latency=args.fake_latency, output_words=args.tokens))
             base, label = server.url, f"openai (local fake server, {args.fake_latency}s/request)"

@@ -1,0 +1,14 @@
+"""``python -m bench caption --backend ...`` compares backends on the same samples in one run."""
+
+from bench import caption
+
+
+def test_backends_are_compared_on_the_same_inputs(capsys, tmp_path):
+    argv = ["--backend", "transformers", "openai", "--images", "2", "--batch", "2", "--tokens", "3",
+            "--fake-latency", "0.01", "--concurrency", "2", "--cache-dir", str(tmp_path)]
+    assert caption.main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = [line for line in lines if line.strip().startswith(("transformers (", "openai ("))]
+    assert [row.split()[0] for row in rows] == ["transformers", "openai"]
+    assert rows[0].rstrip().endswith("1.00x")  # the first backend is the baseline
+    assert any("'api_requests': 4.0" in line for line in lines)  # warm-up batch + 2 measured images
