@@ -55,7 +55,7 @@ def require_sglang() -> None:
     if not sglang_available():
         raise ConfigError(
             f"--caption-backend sglang: SGLang is not installed (pip install "
-            f"'sglang[all]=={SGLANG_VERSION}' on a GPU node), or use --caption-backend "
+            f"sglang=={SGLANG_VERSION} on a GPU node), or use --caption-backend "
             f"transformers / auto"
         )
 
