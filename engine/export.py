@@ -28,10 +28,16 @@ FILES = {"llava": "densefusion_llava.json", "jsonl": "densefusion.jsonl",
          "sft": "densefusion_sft.json"}
 
 
+# The tar names every image <key>.jpg (see engine/writers.py); exported files get their real extension.
+_EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tif", "MPO": "jpg"}
+
+
 def image_path(sample: WrittenSample) -> str:
-    """Where the image goes, relative to the export folder."""
+    """Where the image goes, relative to the export folder, named by its real format."""
     shard = sample.annotations.get("shard") or "images"
-    return f"images/{shard}/{Path(sample.image_name).name}"
+    stem, _, ext = Path(sample.image_name).name.partition(".")
+    ext = _EXTENSIONS.get(sample.annotations.get("image_format", ""), ext)
+    return f"images/{shard}/{stem}.{ext}"
 
 
 def _write_image(to: Path, relative: str, data: bytes) -> None:

@@ -108,6 +108,7 @@ class Sample:
             "shard": self.source.shard,
             "width": self.width,
             "height": self.height,
+            "image_format": self.image_format,
             "alt_text": self.alt_text,
             "meta": self.meta,
             "tags": [asdict(t) for t in self.tags],

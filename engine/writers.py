@@ -1,6 +1,6 @@
 """Writers: the output contract, committed per shard, atomically.
 
-    OUT/shards/<shard>.tar       WebDataset: <key>.<ext> original bytes, <key>.json annotations
+    OUT/shards/<shard>.tar       WebDataset: <key>.jpg original bytes, <key>.json annotations
     OUT/shards/<shard>.parquet   one row per written sample
     OUT/rejects/<shard>.parquet  one row per sample not written: key, stage, status, reason
     OUT/manifest.json            finished shards with their counts
@@ -28,6 +28,11 @@ from engine.manifest import Manifest, fsync_dir
 from engine.record import Sample, ShardEnd
 
 _TMP = ".tmp"
+# Every image member is named <key>.jpg whatever its format (the bytes are the original file's,
+# its format is in the JSON's "image_format"): loaders such as Hugging Face datasets infer one set
+# of fields from the first samples and drop images stored under any other extension. Decoders
+# (PIL, webdataset's "pil" decoder, LLaVA's loaders) read the format from the bytes.
+IMAGE_MEMBER_EXT = "jpg"
 
 _XYXY = pa.list_(pa.float64())
 SCHEMA_FIELDS = {
@@ -37,6 +42,7 @@ SCHEMA_FIELDS = {
     "height": pa.int64(),
     "alt_text": pa.string(),
     "url": pa.string(),
+    "image_format": pa.string(),
     "tags": pa.list_(pa.struct([("name", pa.string()), ("score", pa.float64())])),
     "boxes": pa.list_(pa.struct([("label", pa.string()), ("score", pa.float64()),
                                  ("xyxy", _XYXY), ("source", pa.string())])),
@@ -94,7 +100,7 @@ class DatasetWriter:
     def write(self, sample: Sample) -> None:
         shard = self._shard(sample.source.shard)
         if sample.alive:
-            self._add_member(shard.tar, f"{sample.key}.{sample.image_ext}", sample.image_bytes)
+            self._add_member(shard.tar, f"{sample.key}.{IMAGE_MEMBER_EXT}", sample.image_bytes)
             annotations = sample.annotations()
             self._add_member(shard.tar, f"{sample.key}.json",
                              json.dumps(annotations, ensure_ascii=False).encode())

@@ -102,11 +102,6 @@ def test_fixture_output_loads_with_datasets_webdataset(fixture_out, monkeypatch,
     assert ds[1]["json"]["ocr"][0]["text"] == "GRAND OPENING"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known contract gap: the writer keeps each image's own extension (.jpg, .png); datasets' "
-    "webdataset loader infers one set of fields from the first 5 samples and drops the images "
-    "of other extensions (or raises when they mix within those 5). Fix in the writer: one "
-    "image field name for every sample."))
 def test_demo_output_with_mixed_image_formats_loads_with_datasets_webdataset(demo_out, monkeypatch, tmp_path):
     load_dataset = _hf(monkeypatch, tmp_path)
     tars = sorted(glob.glob(str(demo_out / "shards" / "*.tar")))
@@ -120,3 +115,8 @@ def test_export_of_the_demo_output_validates(demo_out, tmp_path):
     path, count = export("llava", demo_out, tmp_path / "x")
     assert count == sum(bool(s.caption.strip()) for s in iter_samples(demo_out))
     assert validate_llava(path) == []
+    # the tar names every image .jpg; exported files carry their real format's extension
+    formats = {s.key: s.annotations["image_format"] for s in iter_samples(demo_out)}
+    records = json.loads(path.read_text())
+    assert {"JPEG", "PNG"} <= set(formats.values())
+    assert all(r["image"].endswith(".png" if formats[r["id"]] == "PNG" else ".jpg") for r in records)
