@@ -29,6 +29,8 @@ BASE = [
     "timm>=1.0",
     "textblob>=0.18",  # offline part-of-speech tagging (pattern lexicon ships in the wheel)
     "matplotlib>=3.8",
+    "onnx>=1.16",  # models/export and the ONNX detector backend's tests
+    "onnxscript>=0.5",  # torch.onnx's exporter imports it
 ]
 
 EXTRAS = {

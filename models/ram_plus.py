@@ -338,7 +338,7 @@ class RamPlus(nn.Module):
         image_cls = F.normalize(image_embeds[:, 0], dim=-1)
         descriptions = self.label_embed.to(image_cls.dtype)
         logits = self.reweight_scale.exp() * image_cls @ descriptions.t()  # B, C*D
-        weights = logits.view(len(pixels), cfg.num_classes, cfg.descriptions_per_class).softmax(dim=-1)
+        weights = logits.view(-1, cfg.num_classes, cfg.descriptions_per_class).softmax(dim=-1)
         per_class = descriptions.view(cfg.num_classes, cfg.descriptions_per_class, cfg.text_dim)
         queries = torch.einsum("bcd,cde->bce", weights, per_class)  # the reference's per-image loop
         queries = F.relu(self.wordvec_proj(queries))

@@ -1,0 +1,81 @@
+"""``python -m models.export onnx|tensorrt ...``: compile the vision experts.
+
+    python -m models.export onnx --target embed --model EVA02-L-14 --weights eva02_l.bin --out exports/embed
+    python -m models.export onnx --target detector --model facebook/detr-resnet-50 --size 800 --out exports/det
+    python -m models.export tensorrt --onnx exports/embed/embed.onnx --fp16 --max-batch 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from engine.errors import ConfigError
+from models.base import ModelRef
+
+
+def main(argv: list[str] | None = None) -> int:
+    from models.export.targets import TARGETS
+
+    parser = argparse.ArgumentParser(prog="python -m models.export", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    onnx = commands.add_parser("onnx", help="export an expert's image network to ONNX and check it against torch")
+    onnx.add_argument("--target", required=True, choices=sorted(TARGETS))
+    onnx.add_argument("--model", required=True, help="checkpoint folder / file, hub id, or 'tiny'")
+    onnx.add_argument("--weights", default="", help="embed: open_clip weights file or tag")
+    onnx.add_argument("--size", type=int, default=0, help="detector: input side (default: the model's)")
+    onnx.add_argument("--out", required=True, help="folder for <target>.onnx and <target>.export.json")
+    onnx.add_argument("--opset", type=int, default=18)
+    onnx.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "densefusion"))
+    trt = commands.add_parser("tensorrt", help="build a TensorRT engine from an exported ONNX file (GPU node)")
+    trt.add_argument("--onnx", required=True)
+    trt.add_argument("--out", default="", help="plan file (default: beside the .onnx, .plan)")
+    trt.add_argument("--fp16", action=argparse.BooleanOptionalAction, default=True)
+    trt.add_argument("--min-batch", type=int, default=1)
+    trt.add_argument("--opt-batch", type=int, default=64)
+    trt.add_argument("--max-batch", type=int, default=256)
+    args = parser.parse_args(argv)
+    try:
+        return export_onnx_command(args) if args.command == "onnx" else tensorrt_command(args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def export_onnx_command(args: argparse.Namespace) -> int:
+    from models.export.onnx import export_onnx
+    from models.export.targets import build_target, write_label_map
+
+    ref = ModelRef(args.model, {"embed": "embed", "ram_plus": "ram_plus", "detector": "detector"}[args.target])
+    ref.check()
+    model = _embed_tiny(args.cache_dir) if (args.target == "embed" and ref.is_tiny) else ref.resolve(Path(args.cache_dir))
+    extra = str(args.size) if args.target == "detector" and args.size else args.weights
+    target = build_target(args.target, model, extra)
+    out = Path(args.out)
+    report = export_onnx(target, out, opset=args.opset)
+    write_label_map(target, out)
+    print(f"{report.onnx_path}: input {report.input_shape} (batch dynamic), outputs {report.outputs}; "
+          f"ONNX Runtime vs torch max |diff| {report.max_abs_diff:.2e}; {report.seconds:.1f}s")
+    return 0
+
+
+def _embed_tiny(cache_dir: str) -> str:
+    from models.embedder import ensure_tiny
+
+    return str(ensure_tiny(Path(cache_dir) / "tiny"))
+
+
+def tensorrt_command(args: argparse.Namespace) -> int:
+    from models.export.tensorrt import build_engine
+
+    onnx_path = Path(args.onnx)
+    plan = build_engine(onnx_path, Path(args.out) if args.out else onnx_path.with_suffix(".plan"), fp16=args.fp16,
+                        min_batch=args.min_batch, opt_batch=args.opt_batch, max_batch=args.max_batch)
+    print(f"TensorRT engine: {plan}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
