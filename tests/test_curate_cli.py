@@ -150,3 +150,10 @@ def test_curate_misconfiguration_fails_before_work(shards, tmp_path, capsys, fla
     assert densefusion_local.main(args) == 2
     assert message in capsys.readouterr().err
     assert not (out / "curate" / "manifest.json").exists()
+
+
+def test_resuming_with_another_embedding_model_is_refused(shards, clean, capsys):
+    args = ["curate", "--shards", str(shards[0]), "--out", str(clean), "--no-progress",
+            "--embed-model", "EVA02-L-14", "--embed-weights", "random"]
+    assert densefusion_local.main(args) == 2
+    assert "holds embeddings of tiny" in capsys.readouterr().err

@@ -52,7 +52,7 @@ def test_non_transitive_rule_is_followed():
     np.testing.assert_array_equal(~result.keep, reference_duplicates(x, EPS))
 
 
-@pytest.mark.parametrize("block", [1, 7, 64, 4096])
+@pytest.mark.parametrize("block", [3, 64, 4096])
 def test_blocked_mask_equals_reference_on_planted_clusters(block):
     rng = np.random.default_rng(1)
     dim = 32

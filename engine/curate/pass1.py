@@ -29,6 +29,7 @@ from engine.probe import ResolutionFilter
 from engine.readers import expand_shards, shard_kind
 from engine.runtime import Pipeline, SigintStops
 from engine.stages.embed import EMBED_VIEW, Embed, embed_model_path
+from models.embedder import check_model
 
 CURATE_DIR = "curate"
 
@@ -46,11 +47,15 @@ def run_curate(cfg: RunConfig) -> dict[str, Any] | None:
     for path in paths:
         shard_kind(path)
     model = embed_model_path(cfg.curate, cfg.runtime.models, cfg.runtime.cache_dir)
-    from models.embedder import check_model
-
     check_model(model, cfg.curate.embed_weights)
     root = curate_dir(cfg)
     store = EmbeddingStore(root)
+    # Embeddings of two models do not mix: a resumed store must keep the model it started with.
+    identity = "tiny" if "tiny" in (cfg.runtime.models, cfg.curate.embed_model) else \
+        f"{cfg.curate.embed_model} ({cfg.curate.embed_weights})"
+    if store.manifest.setdefault("embed_model", identity) != identity:
+        raise ConfigError(f"{root} holds embeddings of {store.manifest['embed_model']}, not {identity}: "
+                          f"use the same model to resume, or another --out")
     stages = curate_stages(cfg, model)
     progress = _Progress(cfg.runtime.progress)
     pipeline = Pipeline(stages, cfg.runtime.queue_depth, progress.update)
