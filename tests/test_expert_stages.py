@@ -53,7 +53,11 @@ def test_ram_tags_drive_owlv2_and_boxes_are_fused(models):
     for s in batch:
         assert len(s.tags) == 4 and all(t.name in ram_plus.TINY_TAGS for t in s.tags)
         assert [t.score for t in s.tags] == sorted((t.score for t in s.tags), reverse=True)
+    seen = []
+    owl_detect = detect.owlv2.detect
+    detect.owlv2.detect = lambda images, queries, **kw: seen.append(queries) or owl_detect(images, queries, **kw)
     detect.process(batch)
+    assert seen == [[[t.name for t in s.tags] for s in batch]]  # OWLv2 is queried with each image's tags
     closed_labels = {"dog", "cat", "car"}
     for s in batch:
         assert s.alive and s.views == {}
