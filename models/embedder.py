@@ -185,24 +185,3 @@ def _open_clip_name(model: str, weights: str) -> tuple[str, str | None]:
     if weights in open_clip.list_pretrained_tags_by_model(model):
         return model, weights
     raise ConfigError(f"--embed-weights {weights!r}: no such file, and not a pretrained tag of {model}")
-
-
-def ensure_tiny(root: Path) -> Path:
-    """The tiny embedder's folder under ``root``, built once (atomically: temp folder, rename)."""
-    import shutil
-    import tempfile
-
-    folder = root / "embed"
-    if (folder / CONFIG_FILE).is_file():
-        return folder
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".embed-", dir=root))
-    try:
-        build_tiny(tmp)
-        tmp.rename(folder)
-    except OSError:
-        if not (folder / CONFIG_FILE).is_file():  # lost a race with another builder: theirs is fine
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder

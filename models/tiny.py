@@ -252,6 +252,13 @@ def build_clip_vision(folder: Path) -> None:
 # --- the vision experts' roles -----------------------------------------------------------
 
 
+@register("embed")
+def build_eva_clip(folder: Path) -> None:
+    from models.embedder import build_tiny
+
+    build_tiny(folder)
+
+
 @register("ram_plus")
 def build_ram_plus(folder: Path) -> None:
     from models.ram_plus import build_tiny

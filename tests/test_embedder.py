@@ -8,13 +8,14 @@ from engine.config import CurateConfig
 from engine.errors import ConfigError
 from engine.record import Sample, Source
 from engine.stages.embed import EMBED_VIEW, Embed
-from models.embedder import CONFIG_FILE, ClipEmbedder, check_model, ensure_tiny
+from models.embedder import CONFIG_FILE, ClipEmbedder, check_model
+from models.tiny import ensure
 
 
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory):
     torch.set_num_threads(1)
-    return ensure_tiny(tmp_path_factory.mktemp("tiny"))
+    return ensure("embed", tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +25,7 @@ def embedder(tiny_folder):
 
 def test_tiny_is_built_once(tiny_folder):
     stamp = (tiny_folder / CONFIG_FILE).stat().st_mtime_ns
-    assert ensure_tiny(tiny_folder.parent) == tiny_folder
+    assert ensure("embed", tiny_folder.parent) == tiny_folder
     assert (tiny_folder / CONFIG_FILE).stat().st_mtime_ns == stamp
 
 

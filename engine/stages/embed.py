@@ -7,6 +7,7 @@ from pathlib import Path
 from engine.config import CurateConfig
 from engine.record import Sample
 from engine.stage import ImageView, Resources, Stage
+from models.base import ModelRef
 
 # EVA02 CLIP models take 224 px crops of the shorter side; a 448 px longer side keeps the
 # shorter side >= 224 for aspect ratios up to 2:1 without decoding more pixels than needed.
@@ -16,9 +17,7 @@ EMBED_VIEW = ImageView("embed", 448)
 def embed_model_path(cfg: CurateConfig, models: str, cache_dir: str) -> str:
     """The model name to load: the tiny folder (built once) when asked for tiny models."""
     if models == "tiny" or cfg.embed_model == "tiny":
-        from models.embedder import ensure_tiny
-
-        return str(ensure_tiny(Path(cache_dir) / "tiny"))
+        return ModelRef("tiny", "embed").resolve(Path(cache_dir))
     return cfg.embed_model
 
 

@@ -50,7 +50,7 @@ def export_onnx_command(args: argparse.Namespace) -> int:
 
     ref = ModelRef(args.model, {"embed": "embed", "ram_plus": "ram_plus", "detector": "detector"}[args.target])
     ref.check()
-    model = _embed_tiny(args.cache_dir) if (args.target == "embed" and ref.is_tiny) else ref.resolve(Path(args.cache_dir))
+    model = ref.resolve(Path(args.cache_dir))
     extra = str(args.size) if args.target == "detector" and args.size else args.weights
     target = build_target(args.target, model, extra)
     out = Path(args.out)
@@ -59,12 +59,6 @@ def export_onnx_command(args: argparse.Namespace) -> int:
     print(f"{report.onnx_path}: input {report.input_shape} (batch dynamic), outputs {report.outputs}; "
           f"ONNX Runtime vs torch max |diff| {report.max_abs_diff:.2e}; {report.seconds:.1f}s")
     return 0
-
-
-def _embed_tiny(cache_dir: str) -> str:
-    from models.embedder import ensure_tiny
-
-    return str(ensure_tiny(Path(cache_dir) / "tiny"))
 
 
 def tensorrt_command(args: argparse.Namespace) -> int:
