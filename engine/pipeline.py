@@ -24,8 +24,7 @@ from engine.runtime import Item, Pipeline, RunSummary, SigintStops
 from engine.stage import Stage
 from engine.stages.caption import CaptionStage
 from engine.stages.category import Categorize
-from engine.stages.embed import embed_model_path
-from engine.stages.experts import build_detect, build_tag
+from engine.stages.experts import build_detect, build_tag, pass1_embedder
 from engine.stages.ocr import Ocr
 from engine.stages.prompt import FusionPrompt
 from engine.stages.qc import QualityControl
@@ -34,17 +33,14 @@ from engine.subset import take_subset
 from engine.writers import DatasetWriter
 from models.base import resolve_device
 from models.caption.registry import BackendSettings
-from models.embedder import ClipEmbedder
 
 StageFactory = Callable[[RunConfig], Stage]
 
 STAGES: dict[str, StageFactory | None] = {
     "probe": lambda cfg: ResolutionFilter(cfg.filter),
     "decode": None,  # built from the views of the stages after it
-    "category": lambda cfg: Categorize(
-        lambda: ClipEmbedder(embed_model_path(cfg.curate, cfg.runtime.models, cfg.runtime.cache_dir),
-                             weights=cfg.curate.embed_weights, device=cfg.runtime.device),
-        batch_size=cfg.curate.embed_batch, device=cfg.runtime.device),  # leaves the embedding for the clip tagger
+    # leaves the embedding on the sample for the clip tagger
+    "category": lambda cfg: Categorize(pass1_embedder(cfg), batch_size=cfg.curate.embed_batch, device=cfg.runtime.device),
     "tag": build_tag,
     "detect": build_detect,
     "ocr": lambda cfg: Ocr(cfg.ocr),

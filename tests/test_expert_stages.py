@@ -194,3 +194,33 @@ def test_build_tag_misconfiguration_fails_up_front(tmp_path):
     assert isinstance(stage, CachedExpert) and isinstance(stage.inner, ClipTag)
     off = dataclasses.replace(clip, experts=dataclasses.replace(clip.experts, expert_cache="off"))
     assert isinstance(build_tag(off, embedder_factory=FakeEmbedder), ClipTag)
+
+
+def test_end_to_end_tags_to_owlv2_to_prompt_detection_boxes(tmp_path):
+    """Tiny models through the production factories: RAM++ tags query OWLv2, the closed-set
+    detector adds its boxes, the fused boxes are what the prompt's [Detection Box] lists."""
+    from engine.config import PromptConfig
+    from engine.stages.experts import build_detect
+    from engine.stages.prompt import FusionPrompt
+
+    torch.set_num_threads(1)
+    cfg = RunConfig(
+        runtime=RuntimeConfig(out=str(tmp_path / "out"), cache_dir=str(tmp_path / "cache"), models="tiny",
+                              device="cpu"),
+        experts=ExpertsConfig(expert_cache="off", max_tags=5),
+        boxes=FusionConfig(open_min_score=0.0, closed_min_score=0.0, max_boxes=4),
+    )
+    tag, detect, prompt = build_tag(cfg), build_detect(cfg), FusionPrompt(PromptConfig())
+    views = {v.name: 1 for stage in (tag, detect) for v in stage.views()}
+    batch = [sample("a", 60, 90, seed=5, **views), sample("b", 80, 40, seed=6, **views)]
+    for stage in (tag, detect, prompt):
+        stage.setup()
+        stage.process(batch)
+    for s in batch:
+        assert s.alive and s.tags and 0 < len(s.boxes) <= 4
+        tags = {t.name for t in s.tags}
+        assert all(b.label in tags for b in s.boxes if b.source == "owlv2")
+        section = s.prompt.split("[Detection Box]:")[1].split("[OCR]:")[0]
+        lines = [line for line in section.strip().splitlines() if line]
+        assert lines == [f"{b.label}: [{', '.join(f'{v:.2f}' for v in b.xyxy)}]" for b in s.boxes]
+    assert {b.source for s in batch for b in s.boxes} & {"owlv2", "fused"}  # the tag-driven detector contributed

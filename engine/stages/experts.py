@@ -42,11 +42,21 @@ def _options(experts: ExpertsConfig, names: set[str]) -> dict:
 
 
 def tag_fingerprint(cfg: RunConfig) -> str:
-    return fingerprint("tag", _options(cfg.experts, _TAG_FIELDS), cfg.runtime.models)
+    embedder = (cfg.curate.embed_model, cfg.curate.embed_weights) if cfg.experts.tagger == "clip" else None
+    return fingerprint("tag", _options(cfg.experts, _TAG_FIELDS), embedder, cfg.runtime.models)
+
+
+def pass1_embedder(cfg: RunConfig):
+    """A factory of the pass-1 EVA-CLIP embedder (built in the worker thread that calls it)."""
+    from engine.stages.embed import embed_model_path
+    from models.embedder import ClipEmbedder
+
+    path = embed_model_path(cfg.curate, cfg.runtime.models, cfg.runtime.cache_dir)
+    return lambda: ClipEmbedder(path, weights=cfg.curate.embed_weights, device=cfg.runtime.device)
 
 
 def build_tag(cfg: RunConfig, *, embedder_factory=None) -> Stage:
-    """``embedder_factory`` (clip tagger): a callable giving the text/image embedder."""
+    """``embedder_factory`` (clip tagger): gives the text/image embedder; default: pass 1's."""
     experts, device = cfg.experts, cfg.runtime.device
     ram_plus = experts.ram_plus_model or ("tiny" if cfg.runtime.models == "tiny" else "")
     if experts.tagger == "ram_plus":
@@ -58,10 +68,8 @@ def build_tag(cfg: RunConfig, *, embedder_factory=None) -> Stage:
                               f"ram_plus_swin_large_14m.pth (or its folder) with ram_tag_list.txt beside it")
         stage: Stage = RamPlusTag(experts, model=model_path(ram_plus, "ram_plus", cfg), device=device)
     else:
-        if embedder_factory is None:
-            raise ConfigError("--tagger clip needs the embedding model of pass 1 (engine/stages/embed.py)")
-        stage = ClipTag(experts, vocabulary=tag_vocabulary(cfg, ram_plus), embedder_factory=embedder_factory,
-                        cache_dir=cfg.runtime.cache_dir, device=device)
+        stage = ClipTag(experts, vocabulary=tag_vocabulary(cfg, ram_plus), cache_dir=cfg.runtime.cache_dir,
+                        embedder_factory=embedder_factory or pass1_embedder(cfg), device=device)
     return _cached(stage, cfg, tag_fingerprint(cfg), ("tags",))
 
 
