@@ -192,6 +192,10 @@ class CurateConfig:
         "merged2b_s4b_b131k", "weights for an architecture name: checkpoint file, open_clip "
         "pretrained tag, or 'random' (benchmarks only)"
     )
+    embed_onnx: str = option(
+        "", "run the embedder's image tower from this ONNX file (python -m models.export onnx "
+        "--target embed) on ONNX Runtime instead of torch"
+    )
     embed_batch: int = option(64, "images per embedding batch")
     curate_clusters: int = option(0, "k-means clusters (0: N / 10,000 like the paper, at least 1)")
     curate_eps: float = option(0.4, "SemDeDup epsilon: duplicates have cosine similarity > 1 - eps")
@@ -208,6 +212,9 @@ class CurateConfig:
             raise ConfigError("--curate-top-n, --embed-batch and --kmeans-iterations must be >= 1")
         if self.curate_clusters < 0 or self.kmeans_points_per_centroid < 1:
             raise ConfigError("--curate-clusters must be >= 0 and --kmeans-points-per-centroid >= 1")
+        if self.embed_onnx and not Path(self.embed_onnx).is_file():
+            raise ConfigError(f"--embed-onnx {self.embed_onnx} does not exist: export it with "
+                              f"`python -m models.export onnx --target embed --model ... --out DIR`")
 
 
 @dataclass(frozen=True)

@@ -82,7 +82,7 @@ class ClipEmbedder:
     """Batched, L2-normalised EVA-CLIP embeddings of images (uint8 HWC arrays) and texts."""
 
     def __init__(self, model: str, *, weights: str = "", device: str = "cpu",
-                 fp16: bool | None = None) -> None:
+                 fp16: bool | None = None, image_onnx: str = "") -> None:
         import open_clip
         import torch
 
@@ -101,6 +101,9 @@ class ClipEmbedder:
         self.name = model
         self._dtype = torch.float16 if self.fp16 else torch.float32
         self.dim = int(self.embed_texts(["a"]).shape[1])  # open_clip keeps it in no single place
+        # The image tower exported by `python -m models.export onnx --target embed`, run by ONNX
+        # Runtime (CUDA provider on a GPU); the text tower stays in torch (it runs once per vocabulary).
+        self.image_session = _onnx_session(image_onnx, device) if image_onnx else None
 
     def embed_images(self, images: Sequence[np.ndarray]) -> np.ndarray:
         """(N, D) float32, unit norm, for RGB uint8 HWC arrays of any size."""
@@ -109,6 +112,10 @@ class ClipEmbedder:
         if not images:
             return np.zeros((0, self.dim), np.float32)
         pixels = torch.stack([self._to_pixels(img) for img in images])
+        if self.image_session is not None:
+            name = self.image_session.get_inputs()[0].name
+            features = self.image_session.run(None, {name: pixels.float().cpu().numpy()})[0]
+            return _normalise(torch.from_numpy(features))
         with torch.inference_mode():
             features = self.model.encode_image(pixels, normalize=False)
         return _normalise(features)
@@ -142,7 +149,21 @@ class ClipEmbedder:
         return ((x - mean) / std).to(self._dtype)
 
     def describe(self) -> str:
+        if self.image_session is not None:
+            return f"open_clip {self.name}, image tower on onnxruntime {self.image_session.get_providers()[0]}"
         return f"open_clip {self.name} ({'fp16' if self.fp16 else 'fp32'}, {self.device})"
+
+
+def _onnx_session(path: str, device: str):
+    import onnxruntime as ort
+
+    if not Path(path).is_file():
+        raise ConfigError(f"--embed-onnx {path} does not exist: export it with "
+                          f"`python -m models.export onnx --target embed --model ... --out DIR`")
+    providers = ["CPUExecutionProvider"]
+    if device.startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
+        providers.insert(0, "CUDAExecutionProvider")
+    return ort.InferenceSession(path, providers=providers)
 
 
 def _normalise(features) -> np.ndarray:

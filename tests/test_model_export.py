@@ -51,3 +51,33 @@ def test_tensorrt_without_the_package_says_what_to_install(tmp_path, capsys):
         pass
     assert export_main(["tensorrt", "--onnx", str(tmp_path / "x.onnx")]) == 2
     assert "pip install -e '.[tensorrt]'" in capsys.readouterr().err
+
+
+def test_exported_embedder_tower_serves_the_engine(tmp_path, tiny_cache):
+    """The ONNX image tower gives the torch embeddings, and the pipeline uses it when asked."""
+    import densefusion_local
+    from engine import config as config_module
+    from engine.errors import ConfigError
+    from models.embedder import ClipEmbedder
+    from models.tiny import ensure
+
+    out = tmp_path / "embed"
+    assert export_main(["onnx", "--target", "embed", "--model", "tiny", "--out", str(out),
+                        "--cache-dir", str(tiny_cache)]) == 0
+    folder = str(ensure("embed", tiny_cache / "tiny"))
+    rng = np.random.default_rng(1)
+    images = [rng.integers(0, 255, (300, 400, 3), dtype=np.uint8), rng.integers(0, 255, (500, 250, 3), dtype=np.uint8)]
+    on_torch = ClipEmbedder(folder).embed_images(images)
+    onnx = ClipEmbedder(folder, image_onnx=str(out / "embed.onnx"))
+    assert "onnxruntime" in onnx.describe()
+    assert np.abs(onnx.embed_images(images) - on_torch).max() < 1e-4
+
+    with pytest.raises(ConfigError, match="--embed-onnx"):
+        config_module.build(None, None, curate={"embed_onnx": str(tmp_path / "missing.onnx")},
+                            runtime={"out": str(tmp_path / "o")})
+    demo_out = tmp_path / "demo"
+    assert densefusion_local.main(["demo", "--out", str(demo_out), "--no-progress", "--cache-dir", str(tiny_cache),
+                                   "--stages", "category", "--embed-onnx", str(out / "embed.onnx")]) == 0
+    metrics = json.loads((demo_out / "metrics.json").read_text())
+    category = next(s for s in metrics["stages"] if s["stage"] == "category")
+    assert "onnxruntime" in category["description"] and category["items"] > 0

@@ -39,7 +39,8 @@ class Embed(Stage):
     def setup(self) -> None:
         from models.embedder import ClipEmbedder
 
-        self.embedder = ClipEmbedder(self.model_name, weights=self.cfg.embed_weights, device=self.device)
+        self.embedder = ClipEmbedder(self.model_name, weights=self.cfg.embed_weights, device=self.device,
+                                     image_onnx=self.cfg.embed_onnx)
 
     def process(self, batch: list[Sample]) -> list[Sample]:
         ready = [s for s in batch if EMBED_VIEW.name in s.views]

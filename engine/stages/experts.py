@@ -52,7 +52,8 @@ def pass1_embedder(cfg: RunConfig):
     from models.embedder import ClipEmbedder
 
     path = embed_model_path(cfg.curate, cfg.runtime.models, cfg.runtime.cache_dir)
-    return lambda: ClipEmbedder(path, weights=cfg.curate.embed_weights, device=cfg.runtime.device)
+    return lambda: ClipEmbedder(path, weights=cfg.curate.embed_weights, device=cfg.runtime.device,
+                                image_onnx=cfg.curate.embed_onnx)
 
 
 def build_tag(cfg: RunConfig, *, embedder_factory=None) -> Stage:
