@@ -327,7 +327,7 @@ class RamPlus(nn.Module):
         )
         self.tagging_head = TaggingHead(cfg)
         self.fc = nn.Linear(cfg.hidden_size, 1)
-        self.reweight_scale = nn.Parameter(torch.ones(1) * float(np.log(1 / 0.07)))
+        self.reweight_scale = nn.Parameter(torch.tensor(float(np.log(1 / 0.07))))  # a 0-d scalar, as in the checkpoint
         per_class = torch.full((cfg.num_classes,), cfg.threshold) if thresholds is None else torch.tensor(thresholds)
         self.register_buffer("class_threshold", per_class.float(), persistent=False)
 

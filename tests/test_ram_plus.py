@@ -19,7 +19,12 @@ def released_checkpoint_keys() -> dict[str, tuple[int, ...]]:
     ``image_proj``; ``label_embed`` 4585 × 51 descriptions; ``wordvec_proj``; ``fc``;
     ``reweight_scale``; ``tagging_head`` = BLIP ``BertModel`` of q2l_config (768 wide,
     2 layers, encoder_width 512) after ``del_selfattention()`` removed its embeddings and
-    every layer's ``attention``)."""
+    every layer's ``attention``).
+
+    Checked on 2026-11-23 against an instance of the reference model (recognize-anything at
+    7cb804a, ``RAM_plus(image_size=384, vit="swin_l")``): its state dict is exactly these 367
+    names and shapes plus the derived ``relative_position_index`` / ``attn_mask`` buffers,
+    which the loader drops."""
     keys: dict[str, tuple[int, ...]] = {}
 
     def linear(name, d_out, d_in, bias=True):
@@ -53,7 +58,7 @@ def released_checkpoint_keys() -> dict[str, tuple[int, ...]]:
     keys["label_embed"] = (4585 * 51, 512)
     linear("wordvec_proj", 768, 512)
     linear("fc", 1, 768)
-    keys["reweight_scale"] = (1,)
+    keys["reweight_scale"] = ()  # 0-d in the reference (checked against an instance of it)
     for n in range(2):
         layer = f"tagging_head.encoder.layer.{n}"
         linear(f"{layer}.crossattention.self.query", 768, 768)
