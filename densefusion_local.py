@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import importlib
 import sys
 from pathlib import Path
@@ -147,6 +148,8 @@ COMMANDS = {"run": command_run, "curate": command_curate, "demo": command_demo, 
 
 
 def main(argv: list[str] | None = None) -> int:
+    # The run's own bar shows progress; the libraries' model-loading bars would interleave with it.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     args = build_parser().parse_args(argv)
     try:
         if args.command in OUTPUT_TOOLS:

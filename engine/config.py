@@ -112,14 +112,18 @@ class OcrConfig:
     ocr_max_side: int = option(960, "longer side of the image the OCR reads (pixels)")
     ocr_angle_cls: bool = option(False, "classify and turn upside-down text lines (slower)")
     ocr_threads: int = option(1, "ONNX Runtime threads per OCR session")
+    ocr_workers: int = option(
+        max(1, min(8, (os.cpu_count() or 2) // 2)),
+        "OCR sessions reading images in parallel (each its own session: PP-OCR reads one image per call)",
+    )
 
     def validate(self) -> None:
         if self.ocr_backend not in OCR_BACKENDS:
             raise ConfigError(f"--ocr-backend must be one of {', '.join(OCR_BACKENDS)}")
         if not 0.0 <= self.ocr_min_score <= 1.0:
             raise ConfigError("--ocr-min-score must be between 0 and 1")
-        if self.ocr_max_lines < 1 or self.ocr_max_chars < 1 or self.ocr_threads < 1:
-            raise ConfigError("--ocr-max-lines, --ocr-max-chars and --ocr-threads must be >= 1")
+        if min(self.ocr_max_lines, self.ocr_max_chars, self.ocr_threads, self.ocr_workers) < 1:
+            raise ConfigError("--ocr-max-lines, --ocr-max-chars, --ocr-threads and --ocr-workers must be >= 1")
         if self.ocr_max_side < 32:
             raise ConfigError("--ocr-max-side must be >= 32")
 

@@ -127,3 +127,19 @@ def test_rapidocr_model_dir_must_hold_one_det_and_one_rec(tmp_path):
 def test_config_validation(bad):
     with pytest.raises(ConfigError):
         OcrConfig(**bad).validate()
+
+
+def test_parallel_sessions_read_the_same_lines(ocr_stage):
+    """Several sessions in parallel give each image exactly what one session gives it."""
+    texts = ["OPEN DAILY", "WEST GATE", "FREE ENTRY", "NORTH PARK", "CITY HALL", "MAIN ST"]
+    images = [render([(text, 40, 60 + 30 * (i % 3))]) for i, text in enumerate(texts)]
+    parallel = Ocr(OcrConfig(ocr_workers=3))
+    parallel.setup()
+    one, many = ([Sample(key=str(i), source=Source("s", "s.tar", str(i)), views={"ocr": im})
+                  for i, im in enumerate(images)] for _ in range(2))
+    ocr_stage.process(one)
+    parallel.process(many)
+    parallel.teardown()
+    assert [[line.text for line in s.ocr] for s in many] == [[t] for t in texts]
+    assert [[line.text for line in s.ocr] for s in many] == [[line.text for line in s.ocr] for s in one]
+    assert parallel._idle.qsize() == 3  # every session is returned after use
