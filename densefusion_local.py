@@ -9,8 +9,8 @@
 from __future__ import annotations
 
 import argparse
-import os
 import importlib
+import os
 import sys
 from pathlib import Path
 
