@@ -102,7 +102,7 @@ def run(cfg: RunConfig, *, source_paths: list[Path] | None = None,
     items = source(manifest.finished) if source else shard_source(paths, cfg, manifest.finished)
     items = take_subset(items, cfg.subset)
 
-    progress = _Progress(cfg.runtime.progress)
+    progress = ProgressBar(cfg.runtime.progress)
     pipeline = Pipeline(stages, cfg.runtime.queue_depth, progress.update)
     writer = DatasetWriter(out, manifest)
     start = time.perf_counter()
@@ -128,7 +128,9 @@ def run(cfg: RunConfig, *, source_paths: list[Path] | None = None,
     return summary
 
 
-class _Progress:
+class ProgressBar:
+    """Images/s on stderr for both passes (tqdm), with the running reject count."""
+
     def __init__(self, enabled: bool):
         self.bar = None
         if enabled:

@@ -24,7 +24,7 @@ from engine.curate.store import EmbeddingStore, write_parquet_atomic
 from engine.decode import Decode
 from engine.errors import ConfigError
 from engine.manifest import write_json_atomic
-from engine.pipeline import _Progress, resolved, shard_source
+from engine.pipeline import ProgressBar, resolved, shard_source
 from engine.probe import ResolutionFilter
 from engine.readers import expand_shards, shard_kind
 from engine.runtime import Pipeline, SigintStops
@@ -57,7 +57,7 @@ def run_curate(cfg: RunConfig) -> dict[str, Any] | None:
         raise ConfigError(f"{root} holds embeddings of {store.manifest['embed_model']}, not {identity}: "
                           f"use the same model to resume, or another --out")
     stages = curate_stages(cfg, model)
-    progress = _Progress(cfg.runtime.progress)
+    progress = ProgressBar(cfg.runtime.progress)
     pipeline = Pipeline(stages, cfg.runtime.queue_depth, progress.update)
     start = time.perf_counter()
     try:
