@@ -10,7 +10,8 @@ from engine.category import (
     category_prototypes,
 )
 from engine.record import Sample, Source
-from engine.stages.category import CATEGORY_VIEW, Categorize
+from engine.stages.category import Categorize
+from engine.stages.embed import EMBED_VIEW
 
 DIM = 16
 
@@ -52,7 +53,7 @@ def _sample(key, embedding=None, red=None, side=8):
     s = Sample(key=key, source=Source("0", "in.tar", key))
     s.embedding = embedding
     if red is not None:
-        s.views[CATEGORY_VIEW.name] = np.full((side, side, 3), red, np.uint8)
+        s.views[EMBED_VIEW.name] = np.full((side, side, 3), red, np.uint8)
     return s
 
 
@@ -69,7 +70,7 @@ def test_stage_uses_pass1_embeddings_and_embeds_the_rest():
     assert category_of(batch[1].scores) == CATEGORIES[1] and batch[1].embedding is not None
     assert batch[2].status == "error" and "no decoded" in batch[2].reason
     assert embedder.image_calls == 1  # the pass-1 embedding was not recomputed
-    assert all(CATEGORY_VIEW.name not in s.views for s in batch)
+    assert all(EMBED_VIEW.name not in s.views for s in batch)
     assert sum(v for k, v in batch[0].scores.items() if k.startswith("category:")) == pytest.approx(1.0, abs=1e-3)
 
 

@@ -14,6 +14,30 @@ from models.base import ModelRef
 EMBED_VIEW = ImageView("embed", 448)
 
 
+def fill_embeddings(embedder, samples: list[Sample], stage: str) -> None:
+    """Embed, from their ``embed`` view, the samples that arrive without an embedding.
+
+    Shared by pass 1's embedder and the pass-2 stages that read the embedding (category, CLIP
+    tags), so an image is embedded at most once per run. A failing batch is retried one image
+    at a time: one bad image fails alone.
+    """
+    missing = [s for s in samples if s.embedding is None]
+    for sample in missing:
+        if EMBED_VIEW.name not in sample.views:
+            sample.fail(stage, f"no decoded '{EMBED_VIEW.name}' view and no embedding")
+    ready = [s for s in missing if s.alive]
+    try:
+        vectors = embedder.embed_images([s.views[EMBED_VIEW.name] for s in ready]) if ready else []
+    except Exception:  # noqa: BLE001 - find the bad image instead of losing the batch
+        vectors = None
+    for i, sample in enumerate(ready):
+        try:
+            sample.embedding = vectors[i] if vectors is not None else embedder.embed_images(
+                [sample.views[EMBED_VIEW.name]])[0]
+        except Exception as exc:  # noqa: BLE001 - per-sample failure is data
+            sample.fail(stage, f"{type(exc).__name__}: {exc}")
+
+
 def embed_model_path(cfg: CurateConfig, models: str, cache_dir: str) -> str:
     """The model name to load: the tiny folder (built once) when asked for tiny models."""
     if models == "tiny" or cfg.embed_model == "tiny":
@@ -43,29 +67,10 @@ class Embed(Stage):
                                      image_onnx=self.cfg.embed_onnx)
 
     def process(self, batch: list[Sample]) -> list[Sample]:
-        ready = [s for s in batch if EMBED_VIEW.name in s.views]
+        fill_embeddings(self.embedder, batch, self.name)
         for sample in batch:
-            if EMBED_VIEW.name not in sample.views:
-                sample.fail(self.name, "no decoded 'embed' view")
-        try:
-            vectors = self.embedder.embed_images([s.views[EMBED_VIEW.name] for s in ready])
-        except Exception:  # noqa: BLE001 - find the bad image instead of losing the batch
-            vectors = None
-        if vectors is None:
-            for sample in ready:
-                self._embed_one(sample)
-        else:
-            for sample, vector in zip(ready, vectors):
-                sample.embedding = vector
-        for sample in ready:
             sample.views.pop(EMBED_VIEW.name, None)  # pass 1 keeps no pixels past this point
         return batch
-
-    def _embed_one(self, sample: Sample) -> None:
-        try:
-            sample.embedding = self.embedder.embed_images([sample.views[EMBED_VIEW.name]])[0]
-        except Exception as exc:  # noqa: BLE001 - per-sample failure is data
-            sample.fail(self.name, f"{type(exc).__name__}: {exc}")
 
     def teardown(self) -> None:
         self.embedder = None

@@ -13,9 +13,9 @@ import numpy as np
 from engine.config import ExpertsConfig
 from engine.record import Sample
 from engine.stage import ImageView, Resources, Stage
+from engine.stages.embed import EMBED_VIEW, fill_embeddings
 
 RAM_VIEW = ImageView("ram_plus", 384)
-EMBED_VIEW = ImageView("embed", 448)  # the pass-1 embedder's view (engine/stages/embed.py)
 
 
 class RamPlusTag(Stage):
@@ -92,16 +92,14 @@ class ClipTag(Stage):
         )
 
     def process(self, batch: list[Sample]) -> list[Sample]:
-        missing = [s for s in batch if s.embedding is None]
-        if missing:
-            vectors = self.embedder.embed_images([s.views[EMBED_VIEW.name] for s in missing])
-            for sample, vector in zip(missing, vectors):
-                sample.embedding = vector
+        fill_embeddings(self.embedder, batch, self.name)
         for sample in batch:
             sample.views.pop(EMBED_VIEW.name, None)
-        vectors = np.stack([np.asarray(s.embedding, np.float32) for s in batch])
-        for sample, tags in zip(batch, self.tagger.tag(vectors)):
-            sample.tags = tags[: self.cfg.max_tags]
+        ready = [s for s in batch if s.alive]
+        if ready:
+            vectors = np.stack([np.asarray(s.embedding, np.float32) for s in ready])
+            for sample, tags in zip(ready, self.tagger.tag(vectors)):
+                sample.tags = tags[: self.cfg.max_tags]
         return batch
 
     def teardown(self) -> None:
