@@ -22,9 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from engine.manifest import Manifest, fsync_dir
+from engine.manifest import Manifest, fsync_dir, write_parquet_atomic
 from engine.record import Sample, ShardEnd
 
 _TMP = ".tmp"
@@ -116,13 +115,10 @@ class DatasetWriter:
         shard = self._open.pop(end.shard, None) or self._shard_new(end.shard)
         shard.tar.close()
         _fsync(shard.tar_path)
-        parquet = self.out / "shards" / f"{end.shard}.parquet{_TMP}"
-        rejects = self.out / "rejects" / f"{end.shard}.parquet{_TMP}"
-        pq.write_table(rows_to_table(shard.rows), parquet)
-        pq.write_table(pa.Table.from_pylist(shard.rejects, schema=REJECT_SCHEMA), rejects)
-        for tmp in (shard.tar_path, parquet, rejects):
-            _fsync(tmp)
-            os.replace(tmp, tmp.with_name(tmp.name[: -len(_TMP)]))
+        os.replace(shard.tar_path, shard.tar_path.with_name(shard.tar_path.name[: -len(_TMP)]))
+        write_parquet_atomic(rows_to_table(shard.rows), self.out / "shards" / f"{end.shard}.parquet")
+        write_parquet_atomic(pa.Table.from_pylist(shard.rejects, schema=REJECT_SCHEMA),
+                             self.out / "rejects" / f"{end.shard}.parquet")
         fsync_dir(self.out / "shards")
         fsync_dir(self.out / "rejects")
         self.manifest.finish(end.shard, path=end.path, samples=end.n_samples,

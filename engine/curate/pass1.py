@@ -20,10 +20,10 @@ from typing import Any
 from engine.config import RunConfig
 from engine.curate.kmeans import cluster, default_k
 from engine.curate.selection import Selection, report, select, selection_table
-from engine.curate.store import EmbeddingStore, write_parquet_atomic
+from engine.curate.store import EmbeddingStore
 from engine.decode import Decode
 from engine.errors import ConfigError
-from engine.manifest import write_json_atomic
+from engine.manifest import write_json_atomic, write_parquet_atomic
 from engine.pipeline import ProgressBar, resolved, shard_source
 from engine.probe import ResolutionFilter
 from engine.readers import expand_shards, shard_kind
@@ -53,8 +53,8 @@ def run_curate(cfg: RunConfig) -> dict[str, Any] | None:
     # Embeddings of two models do not mix: a resumed store must keep the model it started with.
     identity = "tiny" if "tiny" in (cfg.runtime.models, cfg.curate.embed_model) else \
         f"{cfg.curate.embed_model} ({cfg.curate.embed_weights})"
-    if store.manifest.setdefault("embed_model", identity) != identity:
-        raise ConfigError(f"{root} holds embeddings of {store.manifest['embed_model']}, not {identity}: "
+    if store.manifest.data.setdefault("embed_model", identity) != identity:
+        raise ConfigError(f"{root} holds embeddings of {store.manifest.data['embed_model']}, not {identity}: "
                           f"use the same model to resume, or another --out")
     stages = curate_stages(cfg, model)
     progress = ProgressBar(cfg.runtime.progress)
@@ -92,7 +92,7 @@ def select_from_store(store: EmbeddingStore, cfg: RunConfig, *, embed_s: float =
         if previous.get("rows") == store.rows and previous.get("settings") == settings:
             return previous
     index = store.consolidate()
-    shards = store.manifest["shards"].values()
+    shards = store.manifest.data["shards"].values()
     n_in = sum(s["samples"] for s in shards)
     rejects = store.rejects()
     rejected_by_stage = Counter(rejects.column("stage").to_pylist())

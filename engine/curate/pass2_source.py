@@ -52,7 +52,7 @@ def selected_source(cfg: RunConfig) -> Callable[[set[str]], Iterator[Sample | Sh
                 end = sample.filter if r["status"] == "filtered" else sample.fail
                 end(r["stage"], r["reason"])
                 yield sample
-            info = store.manifest["shards"].get(shard, {})
+            info = store.manifest.data["shards"].get(shard, {})
             yield ShardEnd(shard, str(path), info.get("samples", 0), tuple(info.get("errors", ())))
 
     return source

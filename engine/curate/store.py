@@ -15,29 +15,15 @@ the rest, with no gaps and no duplicates.
 
 from __future__ import annotations
 
-import json
-import os
-import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from engine.manifest import write_json_atomic
+from engine.manifest import Manifest, write_parquet_atomic
 from engine.record import Sample, ShardEnd
 
 INDEX_COLUMNS = ("key", "shard", "path", "member", "offset", "size", "width", "height", "alt_text", "row")
 DEFAULT_CHUNK_ROWS = 16384
-
-
-def write_parquet_atomic(table, path: Path) -> None:
-    import pyarrow.parquet as pq
-
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp)
-    with open(tmp, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 class EmbeddingStore:
@@ -48,10 +34,7 @@ class EmbeddingStore:
 
         self.root = root
         self.zarr_path = root / "embeddings.zarr"
-        self.manifest_path = root / "manifest.json"
-        self.manifest: dict[str, Any] = {"version": 1, "shards": {}}
-        if self.manifest_path.exists():
-            self.manifest = json.loads(self.manifest_path.read_text())
+        self.manifest = Manifest(root / "manifest.json")
         self.chunk_rows = chunk_rows
         self.array = zarr.open_array(self.zarr_path, mode="r+") if self.zarr_path.exists() else None
         if dim is not None:
@@ -76,12 +59,12 @@ class EmbeddingStore:
 
     @property
     def finished(self) -> set[str]:
-        return set(self.manifest["shards"])
+        return self.manifest.finished
 
     @property
     def rows(self) -> int:
         """Rows committed so far (rows past this belong to a shard that never finished)."""
-        return sum(s["rows"] for s in self.manifest["shards"].values())
+        return sum(s["rows"] for s in self.manifest.data["shards"].values())
 
     def write(self, sample: Sample) -> None:
         self._pending.setdefault(sample.source.shard, []).append(sample)
@@ -99,11 +82,8 @@ class EmbeddingStore:
             self.array[start:start + len(alive)] = vectors
         write_parquet_atomic(_index_table(alive, start), self.root / "index.parts" / f"{end.shard}.parquet")
         write_parquet_atomic(_rejects_table(dead), self.root / "rejects.parts" / f"{end.shard}.parquet")
-        self.manifest["shards"][end.shard] = {
-            "start_row": start, "rows": len(alive), "samples": len(samples), "rejected": len(dead),
-            "errors": list(end.errors), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        }
-        write_json_atomic(self.manifest_path, self.manifest)
+        self.manifest.finish(end.shard, start_row=start, rows=len(alive), samples=len(samples),
+                             rejected=len(dead), errors=list(end.errors))
 
     def close(self) -> None:
         """Uncommitted samples are dropped: their shard is redone on the next run."""
@@ -116,7 +96,7 @@ class EmbeddingStore:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        shards = sorted(self.manifest["shards"].items(), key=lambda kv: kv[1]["start_row"])
+        shards = sorted(self.manifest.data["shards"].items(), key=lambda kv: kv[1]["start_row"])
         parts = [pq.read_table(self.root / "index.parts" / f"{name}.parquet") for name, _ in shards]
         table = pa.concat_tables(parts) if parts else _index_table([], 0)
         write_parquet_atomic(table, self.root / "index.parquet")
