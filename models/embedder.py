@@ -131,22 +131,20 @@ class ClipEmbedder:
 
     def _to_pixels(self, image: np.ndarray):
         """Shortest side to ``size`` (antialiased), centre crop, scale, normalise: on the device."""
-        import torch
         import torch.nn.functional as F
 
+        from models.preprocess import normalise, to_tensor
+
         p = self.preprocess
-        x = torch.from_numpy(np.require(image, requirements=("C", "W"))).to(self.device, non_blocking=True)
-        x = x.permute(2, 0, 1).unsqueeze(0).float()
+        x = to_tensor(image, self.device).float()
         h, w = x.shape[-2:]
         scale = p.size / min(h, w)
         new_h, new_w = max(p.size, round(h * scale)), max(p.size, round(w * scale))
         mode = "bicubic" if p.interpolation == "bicubic" else "bilinear"
         x = F.interpolate(x, size=(new_h, new_w), mode=mode, antialias=True, align_corners=False)
         top, left = (new_h - p.size) // 2, (new_w - p.size) // 2
-        x = x[0, :, top:top + p.size, left:left + p.size].clamp_(0, 255) / 255.0
-        mean = torch.tensor(p.mean, device=x.device).view(3, 1, 1)
-        std = torch.tensor(p.std, device=x.device).view(3, 1, 1)
-        return ((x - mean) / std).to(self._dtype)
+        x = x[:, :, top:top + p.size, left:left + p.size].clamp_(0, 255)
+        return normalise(x, p.mean, p.std, self._dtype)[0]
 
     def describe(self) -> str:
         if self.image_session is not None:
