@@ -23,6 +23,7 @@ from typing import Protocol
 
 import numpy as np
 
+from engine.boxes import normalise_pixels
 from engine.config import OcrConfig
 from engine.errors import ConfigError
 from engine.record import OcrLine
@@ -69,17 +70,12 @@ class OcrModel:
         budget = self.config.ocr_max_chars
         for raw in reading_order(found)[: self.config.ocr_max_lines]:
             text = raw.text.strip()[:budget]
-            x1, y1, x2, y2 = raw.xyxy
-            xyxy = (_unit(x1 / width), _unit(y1 / height), _unit(x2 / width), _unit(y2 / height))
+            xyxy = normalise_pixels(raw.xyxy, width, height)
             lines.append(OcrLine(text=text, score=round(float(raw.score), 4), xyxy=xyxy))
             budget -= len(text)
             if budget <= 0:
                 break
         return lines
-
-
-def _unit(v: float) -> float:
-    return round(min(1.0, max(0.0, float(v))), 4)
 
 
 def reading_order(texts: list[RawText]) -> list[RawText]:
