@@ -45,7 +45,7 @@ _ABBREVIATIONS = frozenset(
     ["e.g", "i.e", "mr", "mrs", "ms", "dr", "st", "vs", "approx", "no", "fig", "ca", "jr", "sr", "prof", "inc", "ltd", "co", "mt"]
 )
 _DOTTED = re.compile(r"(?:[a-z]\.)+[a-z]")  # "p.m", "u.s" once the final dot is stripped
-_SENTENCE_END = re.compile(r"[.!?]+[\"')\]]*(?=\s+|$)")
+_SENTENCE_END = re.compile(r"[.!?。！？]+[\"')\]]*(?=\s+|$)")
 
 
 def tokens(text: str) -> list[str]:

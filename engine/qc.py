@@ -13,11 +13,10 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 
+from engine import language
 from engine.config import QcConfig
 
 _SENTENCE_END = re.compile(r"[.!?。！？…][\"'”’)\]」』]*\s*$")
-_SENTENCE_SPLIT = re.compile(r"(?<=[.!?。！？])\s+")
-_WORD = re.compile(r"\w+(?:['’]\w+)*")
 
 
 @dataclass(frozen=True)
@@ -30,7 +29,8 @@ class Verdict:
 
 
 def words(text: str) -> list[str]:
-    return _WORD.findall(text.lower())
+    """Lower-cased words, split the way the statistics split them (engine/language.py)."""
+    return [w.lower() for w in language.words(text)]
 
 
 def ngram_repeat_share(tokens: list[str], n: int) -> float:
@@ -42,7 +42,7 @@ def ngram_repeat_share(tokens: list[str], n: int) -> float:
 
 
 def most_repeated_sentence(text: str) -> tuple[str, int]:
-    sentences = [" ".join(words(s)) for s in _SENTENCE_SPLIT.split(text.strip())]
+    sentences = [" ".join(words(s)) for s in language.sentences(text)]
     counts = Counter(s for s in sentences if s)
     if not counts:
         return "", 0
