@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from bench import _caption_backends as caption_backends
+from bench._common import cuda_sync
 
 # DESIGN.md: LLaVA-1.6-7B, ~3,200 prompt tokens, 250 output tokens, roofline per GPU
 ROOFLINE_IMAGES_PER_S = {"H100": 4.5, "A100": 2.4}
@@ -109,11 +110,11 @@ def measure(stage, samples, batch: int) -> dict:
         return todo
 
     run(copy.deepcopy(samples[:batch]))  # warm-up: kernels, allocator, lazy inits
-    _sync()
+    cuda_sync()
     todo = copy.deepcopy(samples)
     start = time.perf_counter()
     run(todo)
-    _sync()
+    cuda_sync()
     wall = time.perf_counter() - start
     failed = [s.reason for s in todo if not s.alive]
     if failed:
@@ -123,12 +124,6 @@ def measure(stage, samples, batch: int) -> dict:
     return {"batch": batch, "images": len(todo), "images_per_s": len(todo) / wall, "tokens_per_s": out_tokens / wall,
             "prompt_tokens": in_tokens / len(todo), "wall_s": wall}
 
-
-def _sync() -> None:
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
 
 
 def main(argv: list[str]) -> int:

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bench._common import cuda_sync
+
 
 def photos(n: int, seed: int = 0) -> list[np.ndarray]:
     """Smooth random colour fields of common photo shapes, RGB uint8."""
@@ -42,28 +44,23 @@ def view(image: np.ndarray, side: int) -> np.ndarray:
     """What the decode stage hands a stage: longer side <= side."""
     from PIL import Image
 
-    h, w = image.shape[:2]
-    scale = min(1.0, side / max(h, w))
-    if scale == 1.0:
+    from engine.decode import fit_size
+
+    size = fit_size(image.shape[1], image.shape[0], side)
+    if size == (image.shape[1], image.shape[0]):
         return image
-    return np.asarray(Image.fromarray(image).resize((round(w * scale), round(h * scale)), Image.BILINEAR))
+    return np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR))
 
 
 def timed(fn, repeat: int) -> float:
     fn()  # warm-up (lazy init, allocator, kernels)
-    _sync()
+    cuda_sync()
     start = time.perf_counter()
     for _ in range(repeat):
         fn()
-    _sync()
+    cuda_sync()
     return (time.perf_counter() - start) / repeat
 
-
-def _sync() -> None:
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
 
 
 def main(argv: list[str]) -> int:
