@@ -40,7 +40,7 @@ def build_engine(backend: str, args: argparse.Namespace, cache_dir: Path, stack:
     from bench.caption import real_size_engine, tiny_engine
 
     if backend == "transformers":
-        engine = real_size_engine() if args.real_size else tiny_engine(cache_dir, args.threads)
+        engine = real_size_engine(args.batch) if args.real_size else tiny_engine(cache_dir, args.threads, args.batch)
         return engine, f"transformers ({engine.model}, {engine.device})"
     if backend == "openai":
         from engine.config import ApiConfig

@@ -141,6 +141,18 @@ class CaptionConfig:
         "transformers, sglang, openai (--api-base, --api-model; key in $OPENAI_API_KEY)",
     )
     caption_batch: int = option(8, "images per generation batch")
+    caption_sort_window: int = option(
+        4,
+        "transformers: gather this many batches, sort them by prompt length (text + AnyRes image "
+        "tokens) and generate shortest first, so little of a batch is padding; 1 = arrival order",
+    )
+    caption_decode: str = option(
+        "auto",
+        "transformers decoding: dynamic (KV cache grown every step), static (preallocated KV "
+        "cache), compiled (static + torch.compile'd decoding step, CUDA graphs on a GPU); "
+        "auto = compiled on a GPU, dynamic on the CPU",
+        choices=("auto", "dynamic", "static", "compiled"),
+    )
     caption_max_side: int = option(1344, "longer side of the image handed to the engine (AnyRes)")
     max_new_tokens: int = option(400, "token limit of a caption (the paper's average ~190 words)")
     min_new_tokens: int = option(
@@ -165,8 +177,10 @@ class CaptionConfig:
                 f"--caption-backend {self.caption_backend!r}: known backends are "
                 f"{', '.join(backend_names())}"
             )
-        if min(self.caption_batch, self.max_new_tokens, self.caption_cpu_threads) < 1:
-            raise ConfigError("--caption-batch, --max-new-tokens and --caption-cpu-threads must be >= 1")
+        if min(self.caption_batch, self.caption_sort_window, self.max_new_tokens, self.caption_cpu_threads) < 1:
+            raise ConfigError(
+                "--caption-batch, --caption-sort-window, --max-new-tokens and --caption-cpu-threads must be >= 1"
+            )
         if not 0 <= self.min_new_tokens <= self.max_new_tokens:
             raise ConfigError("--min-new-tokens must be between 0 and --max-new-tokens")
         if self.caption_max_side < 64:
@@ -624,6 +638,7 @@ def _make(section_cls, values: dict[str, Any], name: str):
     unknown = set(values) - known
     if unknown:
         raise ConfigError(f"unknown option(s) in section {name!r}: {sorted(unknown)}")
+    choices = {f.name: f.metadata.get("choices") for f in dataclasses.fields(section_cls)}
     coerced = {}
     for key, value in values.items():
         kind = hints[key]
@@ -631,6 +646,9 @@ def _make(section_cls, values: dict[str, Any], name: str):
             coerced[key] = _coerce(value, kind)
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"{name}.{key}: {value!r} is not a valid {kind}: {exc}") from None
+        # argparse checks choices on the CLI; YAML values and overrides are checked here
+        if choices[key] and coerced[key] not in choices[key]:
+            raise ConfigError(f"{name}.{key}: {value!r} is not one of {', '.join(map(str, choices[key]))}")
     return section_cls(**coerced)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from engine.config import RunConfig
@@ -102,7 +102,7 @@ def run(cfg: RunConfig, *, source_paths: list[Path] | None = None,
     items = source(manifest.finished) if source else shard_source(paths, cfg, manifest.finished)
     items = take_subset(items, cfg.subset)
 
-    progress = ProgressBar(cfg.runtime.progress)
+    progress = ProgressBar(cfg.runtime.progress, stages)
     pipeline = Pipeline(stages, cfg.runtime.queue_depth, progress.update)
     writer = DatasetWriter(out, manifest)
     start = time.perf_counter()
@@ -129,14 +129,16 @@ def run(cfg: RunConfig, *, source_paths: list[Path] | None = None,
 
 
 class ProgressBar:
-    """Images/s on stderr for both passes (tqdm), with the running reject count."""
+    """Images/s on stderr for both passes (tqdm), with the running reject count and the
+    stages' live figures (the caption stage's tokens/s, prefix-cache hits, GPU)."""
 
-    def __init__(self, enabled: bool):
+    def __init__(self, enabled: bool, stages: Sequence[Stage] = ()):
         self.bar = None
         if enabled:
             from tqdm import tqdm
 
             self.bar = tqdm(unit="img", desc="images", file=sys.stderr, dynamic_ncols=True, smoothing=0.1)
+        self.stages = stages
         self.rejected = 0
 
     def update(self, n: int, rejected: int) -> None:
@@ -144,7 +146,8 @@ class ProgressBar:
         if self.bar is not None:
             self.bar.update(n)
             if self.bar.n % 16 == 0:
-                self.bar.set_postfix(rejected=self.rejected, refresh=False)
+                live = {k: v for stage in self.stages for k, v in stage.progress().items()}
+                self.bar.set_postfix(rejected=self.rejected, **live, refresh=False)
 
     def close(self) -> None:
         if self.bar is not None:

@@ -56,6 +56,11 @@ class Stage:
         """One line for logs and metrics: model, backend, device."""
         return self.name
 
+    def progress(self) -> dict[str, str]:
+        """A few live figures for the progress bar (e.g. tokens/s). Called from the main
+        thread while ``process`` runs in the stage's own: plain reads of counters only."""
+        return {}
+
 
 def run_per_sample(stage: str, batch: list[Sample], fn) -> list[Sample]:
     """Apply ``fn(sample)`` to each sample, turning an exception into a failure on that sample.

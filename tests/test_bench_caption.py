@@ -5,10 +5,15 @@ import pytest
 from bench import caption
 
 
-def test_bench_caption_prints_figures(capsys, tmp_path):
-    assert caption.main(["--images", "2", "--batch", "2", "--tokens", "3", "--cache-dir", str(tmp_path)]) == 0
+def test_bench_caption_prints_before_and_after_rows(capsys, tmp_path):
+    argv = ["--images", "4", "--batch", "2", "--window", "2", "--tokens", "3", "--decode", "dynamic", "static",
+            "--cache-dir", str(tmp_path)]
+    assert caption.main(argv) == 0
     out = capsys.readouterr().out
-    assert "batch   1:" in out and "batch   2:" in out and "output tokens/s" in out
+    for row in ("1 per call, dynamic", "2 per call, arrival order, dynamic",
+                "2 per call, window of 2 sorted, dynamic", "2 per call, window of 2 sorted, static"):
+        assert row in out
+    assert "images/s" in out and "padding" in out
 
 
 def test_real_size_refuses_without_a_gpu(monkeypatch):
@@ -16,7 +21,7 @@ def test_real_size_refuses_without_a_gpu(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(SystemExit, match="needs a CUDA GPU"):
-        caption.real_size_engine()
+        caption.real_size_engine(8)
 
 
 def test_real_size_config_is_llava_1_6_7b():

@@ -65,3 +65,40 @@ def test_gpu_sampler_keeps_peak_memory_and_mean_utilisation(monkeypatch):
     throttled.maybe_sample()  # within every_s: not read again
     assert throttled.figures() == {"gpu0_mean_util_percent": 1.0}
     assert GpuSampler().figures() == {}
+
+
+class _SglangLike:
+    backend = "sglang"
+
+    def metrics(self):
+        return {"prompt_tokens": 6100.0, "cached_tokens": 1525.0, "prefix_cache_hit_rate": 0.25}
+
+
+def test_caption_stage_shows_tokens_cache_hits_and_gpu_live(monkeypatch):
+    from engine.config import CaptionConfig, RuntimeConfig
+    from engine.stages.caption import CaptionStage
+
+    stage = CaptionStage(CaptionConfig(), RuntimeConfig(out="unused", models="tiny", device="cpu"))
+    assert stage.progress() == {}  # nothing generated yet
+    stage.engine = _SglangLike()
+    stage.tally.add([_caption(3000, 250), _caption(3100, 200)], seconds=2.0)
+    monkeypatch.setattr("models.caption.figures.gpu_figures",
+                        lambda: {"gpu0_memory_used_gib": 61.5, "gpu0_util_percent": 97.0})
+    stage.gpu.maybe_sample()
+    assert stage.progress() == {"prompt tok/s": "3050", "out tok/s": "225", "prefix hit": "25%",
+                                "gpu": "61.5 GiB, 97%"}
+
+
+def test_progress_bar_carries_the_stages_live_figures(capsys):
+    from engine.pipeline import ProgressBar
+    from engine.stage import Stage
+
+    class Live(Stage):
+        def progress(self):
+            return {"out tok/s": "225"}
+
+    bar = ProgressBar(True, [Stage(), Live()])
+    bar.update(16, 1)
+    bar.close()
+    err = capsys.readouterr().err
+    assert "16img" in err and "rejected=1" in err and "out tok/s=225" in err

@@ -39,6 +39,13 @@ def test_unknown_yaml_keys_are_refused(tmp_path):
         config.build(None, str(yaml_file), runtime={"out": str(tmp_path)})
 
 
+def test_yaml_values_outside_a_fields_choices_are_refused(tmp_path):
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text("caption: {caption_decode: jit}\n")
+    with pytest.raises(ConfigError, match="caption.caption_decode: 'jit' is not one of auto, dynamic"):
+        config.build(None, str(yaml_file), runtime={"out": str(tmp_path)})
+
+
 @pytest.mark.parametrize("make_args, message", [
     (lambda d: ["--shards", str(d / "missing.tar"), "--out", str(d / "out")], "does not exist"),
     (lambda d: ["--shards", str(d / "in.tar"), "--out", str(d / "in.tar" / "out")], "not writable"),

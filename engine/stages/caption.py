@@ -48,8 +48,11 @@ class CaptionStage(Stage):
     def resources(self) -> Resources:
         # SGLang and remote endpoints keep a window of requests in flight inside one
         # generate() call: a batch smaller than the window would leave it part empty.
+        # transformers sorts its window by prompt length and generates it batch by batch.
         window = {"sglang": self.settings.sglang.sglang_window,
-                  "openai": self.settings.api.api_concurrency}.get(self.config.caption_backend, 0)
+                  "openai": self.settings.api.api_concurrency,
+                  "transformers": self.config.caption_batch * self.config.caption_sort_window,
+                  }[self.config.caption_backend]
         return Resources(batch_size=max(self.config.caption_batch, window), device=self.device)
 
     def setup(self) -> None:
@@ -92,6 +95,23 @@ class CaptionStage(Stage):
     def metrics(self) -> dict[str, float]:
         """Tokens/s, images/s, the backend's own figures (retries, prefix-cache hits), GPU."""
         return {**self.tally.figures(), **self.engine_figures, **self.gpu.figures()}
+
+    def progress(self) -> dict[str, str]:
+        """Prompt and output tokens/s, the prefix-cache hit rate where the backend reports it,
+        GPU memory and utilisation (the engines' counters have fixed keys: safe to read live)."""
+        figures = {**self.tally.figures(), **(self.engine.metrics() if self.engine else {}),
+                   **self.gpu.figures()}
+        live = {}
+        if "output_tokens_per_s" in figures:
+            live["prompt tok/s"] = f"{figures['prompt_tokens_per_s']:.0f}"
+            live["out tok/s"] = f"{figures['output_tokens_per_s']:.0f}"
+        if "prefix_cache_hit_rate" in figures:
+            live["prefix hit"] = f"{figures['prefix_cache_hit_rate']:.0%}"
+        memory = [v for k, v in figures.items() if k.endswith("_memory_peak_gib")]
+        util = [v for k, v in figures.items() if k.endswith("_mean_util_percent")]
+        if memory:
+            live["gpu"] = f"{max(memory):.1f} GiB, {sum(util) / len(util):.0f}%"
+        return live
 
     def describe(self) -> str:
         backend = self.engine.backend if self.engine else self.config.caption_backend
