@@ -8,7 +8,9 @@ stays bounded. Each stage thread re-batches to its own batch size, flushes a par
 when a shard ends or its input runs dry, and forwards dead samples untouched; FIFO order
 keeps every marker behind its shard's samples, so the writer can commit on it.
 Torch, ONNX Runtime and PIL release the GIL in their kernels, which is what makes threads
-(rather than processes) enough here, and keeps models loaded once per worker.
+(rather than processes) enough here, and keeps models loaded once per worker. A stage that asks
+for ``workers`` > 1 has that many batches in ``process()`` at once, on helper threads; a shard's
+marker then waits until every batch before it is out.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,6 +45,7 @@ class StageMetrics:
     queue_depth_sum: int = 0
     queue_samples: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)  # batches on helper threads
 
     def as_dict(self, wall_s: float) -> dict[str, Any]:
         return {
@@ -148,31 +152,38 @@ class Pipeline:
         except threading.BrokenBarrierError:  # another stage could not load: nothing will run
             stage.teardown()
             return
-        batch_size = stage.resources().batch_size
+        resources = stage.resources()
+        batches = _Batches(stage.name, resources.workers)
         pending: list[Sample] = []
+
+        def flush(passthrough: list[Item] | None = None) -> None:
+            batches.submit(self._flush, stage, metrics, pending, outbox, passthrough)
+
         try:
             while True:
                 try:
                     items = inbox.get(timeout=_IDLE_FLUSH_S if pending else None)
                 except queue.Empty:
-                    self._flush(stage, metrics, pending, outbox)
+                    flush()
                     pending = []
                     continue
                 metrics.queue_depth_sum += inbox.qsize()
                 metrics.queue_samples += 1
                 if items is _STOP:
-                    self._flush(stage, metrics, pending, outbox)
+                    flush()
+                    batches.drain()
                     outbox.put(_STOP)
                     return
                 passthrough: list[Item] = []
                 for item in items:
                     if isinstance(item, Sample) and item.alive:
                         pending.append(item)
-                        if len(pending) >= batch_size:
-                            self._flush(stage, metrics, pending, outbox)
+                        if len(pending) >= resources.batch_size:
+                            flush()
                             pending = []
                     elif isinstance(item, ShardEnd):
-                        self._flush(stage, metrics, pending, outbox, passthrough)
+                        flush(passthrough)
+                        batches.drain()  # the marker goes out after every sample of its shard
                         pending, passthrough = [], []
                         outbox.put([item])
                     else:
@@ -184,6 +195,7 @@ class Pipeline:
             self._stop.set()
             outbox.put(_STOP)
         finally:
+            batches.close()  # no batch may still be inside process() when teardown frees the model
             stage.teardown()
             extra = getattr(stage, "metrics", None)
             if callable(extra):
@@ -194,21 +206,24 @@ class Pipeline:
         if batch:
             start = time.perf_counter()
             try:
-                result = stage.process(batch)
+                result, error = stage.process(batch), None
                 if len(result) != len(batch):
                     raise RuntimeError(f"stage {stage.name} returned {len(result)} samples for {len(batch)}")
-                metrics.failed_batches = 0
-            except Exception as exc:
-                metrics.failed_batches += 1
-                if metrics.failed_batches >= _MAX_FAILED_BATCHES:
-                    raise StageFailed(f"stage {stage.name!r} failed {_MAX_FAILED_BATCHES} batches in a row; "
-                                      f"last error: {type(exc).__name__}: {exc}") from exc
-                for sample in batch:
-                    sample.fail(stage.name, f"batch failed: {type(exc).__name__}: {exc}")
-                result = batch
-            metrics.busy_s += time.perf_counter() - start
-            metrics.items += len(batch)
-            metrics.batches += 1
+            except Exception as exc:  # noqa: BLE001 - the batch's samples fail; counted below
+                result, error = batch, exc
+            with metrics.lock:
+                if error is None:
+                    metrics.failed_batches = 0
+                else:
+                    metrics.failed_batches += 1
+                    if metrics.failed_batches >= _MAX_FAILED_BATCHES:
+                        raise StageFailed(f"stage {stage.name!r} failed {_MAX_FAILED_BATCHES} batches in a row; "
+                                          f"last error: {type(error).__name__}: {error}") from error
+                    for sample in batch:
+                        sample.fail(stage.name, f"batch failed: {type(error).__name__}: {error}")
+                metrics.busy_s += time.perf_counter() - start
+                metrics.items += len(batch)
+                metrics.batches += 1
             outbox.put(list(result) + (passthrough or []))
         elif passthrough:
             outbox.put(passthrough)
@@ -228,6 +243,45 @@ class Pipeline:
                     rejects[item.stage] += 1
                 if self.progress:
                     self.progress(1, 0 if item.alive else 1)
+
+
+class _Batches:
+    """Runs a stage's batches: inline with one worker, else on ``workers`` helper threads with
+    at most that many in process() at once. A batch's exception surfaces at the next
+    ``submit`` or ``drain`` in the stage's thread."""
+
+    def __init__(self, stage: str, workers: int):
+        self.pool = ThreadPoolExecutor(workers, f"stage-{stage}") if workers > 1 else None
+        self.slots = threading.Semaphore(workers)
+        self.running: list[Future] = []
+
+    def submit(self, fn: Callable[..., None], *args: Any) -> None:
+        if self.pool is None:
+            fn(*args)
+            return
+        self.slots.acquire()  # back-pressure: never more than `workers` batches at once
+        self._collect(wait=False)
+        future = self.pool.submit(fn, *args)
+        future.add_done_callback(lambda _: self.slots.release())
+        self.running.append(future)
+
+    def drain(self) -> None:
+        """Wait for every batch submitted so far (their outputs are then in the outbox)."""
+        self._collect(wait=True)
+
+    def close(self) -> None:
+        """Wait for the batches in process(); drop those not started (after a failure)."""
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def _collect(self, wait: bool) -> None:
+        still = []
+        for future in self.running:
+            if wait or future.done():
+                future.result()  # re-raises the batch's StageFailed in the stage's thread
+            else:
+                still.append(future)
+        self.running = still
 
 
 class SigintStops:

@@ -1,9 +1,9 @@
 """The stage contract: one small class per step of a pass.
 
-``setup()`` loads models once (in the worker thread that will use them), ``process(batch)``
-returns the same samples it was given (same length, same order) after filling in fields or
-recording a failure on a sample, ``teardown()`` frees resources. The runtime owns threads,
-queues, batching, metrics and progress; a stage never sees a dead sample.
+``setup()`` loads models once (in the stage's thread), ``process(batch)`` returns the same
+samples it was given (same length, same order) after filling in fields or recording a failure
+on a sample, ``teardown()`` frees resources. The runtime owns threads, queues, batching,
+metrics and progress; a stage never sees a dead sample.
 """
 
 from __future__ import annotations
@@ -19,6 +19,10 @@ class Resources:
 
     batch_size: int = 1
     device: str = "cpu"  # "cpu" or "cuda[:N]"
+    # Batches in process() at once, each on its own thread. Above 1 only for a thread-safe
+    # process() whose backend keeps a window of requests in flight: while one batch's last
+    # requests finish, the next batch's fill the window, so it never drains between batches.
+    workers: int = 1
 
 
 @dataclass(frozen=True)
@@ -44,7 +48,8 @@ class Stage:
         return ()
 
     def setup(self) -> None:
-        """Load models; called once, in the thread that will call ``process``."""
+        """Load models; called once, in the thread that calls ``process`` (with
+        ``resources().workers`` above 1, ``process`` also runs on that many helper threads)."""
 
     def process(self, batch: list[Sample]) -> list[Sample]:
         raise NotImplementedError

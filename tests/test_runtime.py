@@ -149,3 +149,62 @@ def test_stop_ends_without_committing_the_open_shard():
     _, interrupted = pipeline.run(source(), writer)
     assert interrupted
     assert [e[1] for e in writer.events if e[0] == "commit"] == ["done"]
+
+
+class Concurrent(Recorder):
+    """workers=2; the first two batches meet at a barrier, so they must be in process() together."""
+
+    def __init__(self, name, batch_size, delay=0.0):
+        super().__init__(name, batch_size, delay=delay)
+        self.meet = threading.Barrier(2, timeout=10)
+        self.lock = threading.Lock()
+        self.inside = self.most_inside = 0
+        self.torn_down_with_batches_inside = None
+
+    def resources(self):
+        return Resources(batch_size=self.batch_size, workers=2)
+
+    def process(self, batch):
+        with self.lock:
+            self.inside += 1
+            self.most_inside = max(self.most_inside, self.inside)
+            first_two = len(self.batches) < 2
+            self.batches.append([s.key for s in batch])
+        if first_two:
+            self.meet.wait()  # BrokenBarrierError (a failed batch) unless two batches overlap
+        time.sleep(self.delay)
+        with self.lock:
+            self.inside -= 1
+        return batch
+
+    def teardown(self):
+        self.torn_down_with_batches_inside = self.inside
+
+
+def test_workers_overlap_batches_and_markers_wait_for_them():
+    stage = Concurrent("c", 3, delay=0.01)
+    items = list(samples("s1", 10, dead={5})) + list(samples("s2", 7))
+    events, rejects = run([stage, Recorder("after", 4)], items)
+    assert rejects == {"read": 1}  # no batch failed: the first two met inside process()
+    assert stage.most_inside == 2 and stage.torn_down_with_batches_inside == 0
+    commits = [i for i, e in enumerate(events) if e[0] == "commit"]
+    assert [events[i][1] for i in commits] == ["s1", "s2"]
+    assert {e[1] for e in events[: commits[0]] if e[0] == "sample"} == {f"s1-{i}" for i in range(10)}
+    assert {e[1] for e in events[commits[0]:] if e[0] == "sample"} == {f"s2-{i}" for i in range(7)}
+    assert all(len({k.split("-")[0] for k in b}) == 1 for b in stage.batches)  # never across a shard end
+
+
+def test_a_stage_failing_on_its_workers_stops_the_run_and_tears_down_after_them():
+    class Broken(Concurrent):
+        def process(self, batch):
+            with self.lock:
+                self.inside += 1
+            time.sleep(0.05)
+            with self.lock:
+                self.inside -= 1
+            raise ValueError("bug in a worker")
+
+    stage = Broken("x", 1)
+    with pytest.raises(StageFailed, match="bug in a worker"):
+        run([stage], list(samples("s", 40)))
+    assert stage.torn_down_with_batches_inside == 0
