@@ -5,12 +5,17 @@
 
 Every backend captions the same samples (``bench.caption.make_samples``) through the
 production caption stage at a fixed output length (min = max new tokens), after a warm-up
-batch. ``transformers`` is the tiny LLaVA-NeXT on the CPU, or LLaVA-1.6-7B with random
+pass. ``transformers`` is the tiny LLaVA-NeXT on the CPU, or LLaVA-1.6-7B with random
 weights on a GPU with ``--real-size``. ``openai`` without ``--api-base`` runs against a local
 fake chat-completions server (``bench/_chat_server.py``) answering after ``--fake-latency``
-seconds: it measures the client (JPEG encoding, concurrency, HTTP), not a model. ``sglang``
+seconds, every ``--fake-slow-every``-th request four times slower (long captions take
+longer): it measures the client (JPEG encoding, concurrency, HTTP), not a model. ``sglang``
 needs SGLang and a GPU; with ``--real-size`` it loads ``--sglang-model`` (a LLaVA-1.6-7B
 checkpoint folder, weights random with ``load_format=dummy``).
+
+The window-keeping backends (openai, sglang) get a batch of ``--concurrency`` requests and
+two rows: one batch at a time (the window drains at each batch's end) and two at a time, as
+the caption stage runs them (the next batch tops the window up).
 """
 
 from __future__ import annotations
@@ -28,9 +33,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="compare these caption backends on the same inputs (first = baseline)")
     parser.add_argument("--api-base", default="", help="openai: endpoint (default: a local fake server)")
     parser.add_argument("--api-model", default="bench", help="openai: model name")
-    parser.add_argument("--concurrency", type=int, default=16, help="openai: requests in flight")
+    parser.add_argument("--concurrency", type=int, default=16, help="openai, sglang: requests in flight")
     parser.add_argument("--fake-latency", type=float, default=0.2,
                         help="openai without --api-base: seconds the fake server takes per request")
+    parser.add_argument("--fake-slow-every", type=int, default=4,
+                        help="openai without --api-base: every N-th request takes 4x --fake-latency (0: none)")
     parser.add_argument("--sglang-model", default="",
                         help="sglang: checkpoint folder (default: the tiny model; real size needs one)")
 
@@ -50,7 +57,9 @@ def build_engine(backend: str, args: argparse.Namespace, cache_dir: Path, stack:
         if not base:
             from bench._chat_server import ChatServer
 
-            server = stack.enter_context(ChatServer(latency=args.fake_latency, output_words=args.tokens))
+            slow = ("ok",) * (args.fake_slow_every - 1) + (f"slow:{4 * args.fake_latency}",)
+            server = stack.enter_context(ChatServer(latency=args.fake_latency, output_words=args.tokens,
+                                                    chaos=slow if args.fake_slow_every > 0 else ()))
             base, label = server.url, f"openai (local fake server, {args.fake_latency}s/request)"
         cfg = ApiConfig(api_base=base, api_model=args.api_model, api_concurrency=args.concurrency)
         cfg.validate()
@@ -60,7 +69,7 @@ def build_engine(backend: str, args: argparse.Namespace, cache_dir: Path, stack:
     from models.caption.sglang_backend import SglangEngine
 
     path = args.sglang_model or str(tiny.ensure("caption", cache_dir))
-    cfg = SglangConfig(sglang_dummy_weights=args.real_size)
+    cfg = SglangConfig(sglang_dummy_weights=args.real_size, sglang_window=args.concurrency)
     cfg.validate()
     return SglangEngine(cfg, path), f"sglang ({Path(path).name}{', dummy weights' if args.real_size else ''})"
 
@@ -75,19 +84,26 @@ def compare(args: argparse.Namespace, tokens: int) -> int:
             with contextlib.ExitStack() as stack:
                 engine, label = build_engine(backend, args, Path(args.cache_dir or tmp), stack)
                 try:
-                    # A window-keeping backend is handed a batch as large as its window.
-                    batch = max(args.batch, args.concurrency) if backend == "openai" else args.batch
-                    result = measure(caption_stage(engine, batch, tokens), samples, batch)
-                    result["extra"] = getattr(engine, "metrics", dict)()
+                    if backend == "transformers":
+                        result = measure(caption_stage(engine, args.batch, tokens), samples, args.batch)
+                        result["extra"] = engine.metrics()
+                        rows.append((label, result))
+                        continue
+                    # a window-keeping backend is handed a batch as large as its window
+                    batch = max(args.batch, args.concurrency)
+                    for workers, how in ((1, "one batch at a time"), (2, "two batches at a time")):
+                        result = measure(caption_stage(engine, batch, tokens), samples, batch, workers)
+                        result["extra"] = {}
+                        rows.append((f"{label}, {how}", result))
+                    rows[-1][1]["extra"] = engine.metrics()
                 finally:
                     engine.close()
-            rows.append((label, result))
     print(f"{len(samples)} images, {tokens} output tokens each (fixed)")
-    print(f"  {'backend':<58} {'images/s':>9} {'out tok/s':>10} {'vs first':>9}")
+    print(f"  {'backend':<72} {'images/s':>9} {'out tok/s':>10} {'vs first':>9}")
     base = rows[0][1]["images_per_s"]
     for label, r in rows:
-        print(f"  {label:<58} {r['images_per_s']:>9.2f} {r['tokens_per_s']:>10.1f} {r['images_per_s'] / base:>8.2f}x")
+        print(f"  {label:<72} {r['images_per_s']:>9.2f} {r['tokens_per_s']:>10.1f} {r['images_per_s'] / base:>8.2f}x")
         extra = {k: round(v, 3) for k, v in r["extra"].items()}
         if extra:
-            print(f"  {'':<58} {extra}")
+            print(f"  {'':<72} {extra}")
     return 0

@@ -2,8 +2,8 @@
 
 Answers ``POST /v1/chat/completions`` like an OpenAI-compatible endpoint. Per prompt, a script
 of actions can make it misbehave before answering: ``429:<retry-after>``, ``500``,
-``400``, ``timeout:<seconds>`` (sleep, then answer too late), ``malformed`` (broken JSON),
-``reset`` (close the connection without a response). Once a prompt's script is used up it
+``400``, ``timeout:<seconds>`` (sleep, then answer too late), ``slow:<seconds>`` (sleep,
+then answer), ``malformed`` (broken JSON), ``reset`` (close the connection without a response). Once a prompt's script is used up it
 answers normally, after ``latency`` seconds, with ``output_words`` words of caption.
 ``chaos`` scripts prompts nobody scripted: the i-th new prompt's first attempt gets
 ``chaos[i % len(chaos)]`` (``ok`` for none), for runs whose prompts are not known up front.
@@ -30,6 +30,7 @@ class ChatServer:
         self.expect_key = expect_key
         self.attempts: dict[str, list[tuple[float, str]]] = defaultdict(list)  # (time, action)
         self.answered: dict[str, int] = defaultdict(int)
+        self.finished: dict[str, float] = {}  # prompt -> when its last request ended
         self.in_flight = 0
         self.max_in_flight = 0
         self.auth_headers: set[str] = set()
@@ -65,6 +66,7 @@ class ChatServer:
         with self._lock:
             self.in_flight -= 1
             self.answered[prompt] += answered
+            self.finished[prompt] = time.monotonic()
 
     def caption_for(self, prompt: str) -> str:
         """A caption unique to the prompt (by digest: prompts carry scaffolding a caption must not)."""
@@ -110,7 +112,7 @@ def _handler(server: ChatServer):
             if kind == "malformed":
                 self._send(200, b'{"choices": [{"message": ')
                 return False
-            if kind == "timeout":
+            if kind in ("timeout", "slow"):
                 time.sleep(float(arg))
             elif server.latency:
                 time.sleep(server.latency)

@@ -122,13 +122,15 @@ def caption_stage(engine, batch: int, tokens: int):
     return stage
 
 
-def measure(stage, samples, batch: int) -> dict:
-    """``stage.process`` over ``samples`` in calls of ``batch``, after one untimed pass."""
+def measure(stage, samples, batch: int, workers: int = 1) -> dict:
+    """``stage.process`` over ``samples`` in calls of ``batch``, ``workers`` calls at a time
+    (as the runtime runs them), after one untimed pass."""
     import copy
+    from concurrent.futures import ThreadPoolExecutor
 
     def run(todo):
-        for i in range(0, len(todo), batch):
-            stage.process(todo[i:i + batch])
+        with ThreadPoolExecutor(workers) as pool:
+            list(pool.map(stage.process, [todo[i:i + batch] for i in range(0, len(todo), batch)]))
         return todo
 
     start = time.perf_counter()

@@ -9,6 +9,8 @@ def test_backends_are_compared_on_the_same_inputs(capsys, tmp_path):
     assert caption.main(argv) == 0
     lines = capsys.readouterr().out.splitlines()
     rows = [line for line in lines if line.strip().startswith(("transformers (", "openai ("))]
-    assert [row.split()[0] for row in rows] == ["transformers", "openai"]
+    assert [row.split()[0] for row in rows] == ["transformers", "openai", "openai"]
     assert rows[0].rstrip().endswith("1.00x")  # the first backend is the baseline
-    assert any("'api_requests': 4.0" in line for line in lines)  # warm-up batch + 2 measured images
+    assert "one batch at a time" in rows[1] and "two batches at a time" in rows[2]
+    # two rows, each an untimed and a timed pass over the 2 images
+    assert any("'api_requests': 8.0" in line for line in lines)

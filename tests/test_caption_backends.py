@@ -8,7 +8,7 @@ import pytest
 from bench._chat_server import ChatServer
 from engine.config import ApiConfig, RuntimeConfig
 from engine.errors import ConfigError
-from engine.record import Sample, Source
+from engine.record import Sample, ShardEnd, Source
 from engine.stages.caption import CaptionStage
 from models.caption.registry import BackendSettings, CaptionConfig, resolve_backend
 
@@ -60,6 +60,7 @@ def test_caption_stage_on_the_openai_backend(tmp_path):
         stage = CaptionStage(CaptionConfig(caption_backend="openai", caption_batch=2), runtime,
                              BackendSettings(api=api))
         assert stage.resources().batch_size == 4  # at least the request window
+        assert stage.resources().workers == 2  # the next batch tops up the window
         stage.setup()
         batch = stage.process(_samples(5))
         stage.teardown()
@@ -72,3 +73,31 @@ def test_caption_stage_on_the_openai_backend(tmp_path):
     assert figures["finish_stop"] == 4 and figures["finish_error"] == 1
     assert figures["images_per_s"] > 0 and figures["output_tokens_per_s"] > 0
     assert "fake-4v" in stage.describe()
+
+
+def test_the_next_batch_fills_the_window_while_a_slow_request_finishes(tmp_path):
+    """Through the runtime: a batch whose one request is slow does not hold back the next."""
+    from engine.runtime import Pipeline
+
+    class Writer:
+        def __init__(self):
+            self.keys = []
+
+        def write(self, sample):
+            self.keys.append((sample.key, sample.status))
+
+        def commit(self, end):
+            self.keys.append(("commit", end.shard))
+
+    runtime = RuntimeConfig(out=str(tmp_path), device="cpu", models="tiny")
+    with ChatServer({"prompt 0": ["slow:2"]}) as server:
+        api = ApiConfig(api_base=server.url, api_model="m", api_concurrency=2)
+        stage = CaptionStage(CaptionConfig(caption_backend="openai", caption_batch=1), runtime,
+                             BackendSettings(api=api))
+        writer = Writer()
+        items = [*_samples(6), ShardEnd("s", "p", 6)]
+        Pipeline([stage], queue_depth=4).run(iter(items), writer)
+    # batches of 2: [k0 (slow), k1], [k2, k3], ...; k2 was asked for while k0 was still running
+    assert server.attempts["prompt 2"][0][0] < server.finished["prompt 0"]
+    assert writer.keys[-1] == ("commit", "s") and sorted(writer.keys[:-1]) == [(f"k{i}", "ok") for i in range(6)]
+    assert stage.metrics()["api_requests"] == 6

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import threading
 import time
 from pathlib import Path
 
@@ -39,6 +40,7 @@ class CaptionStage(Stage):
             self.ref.check()
         self.engine: CaptionEngine | None = None
         self.tally = CaptionTally()
+        self._figures_lock = threading.Lock()
         self.gpu = GpuSampler()
         self.engine_figures: dict[str, float] = {}
 
@@ -49,11 +51,13 @@ class CaptionStage(Stage):
         # SGLang and remote endpoints keep a window of requests in flight inside one
         # generate() call: a batch smaller than the window would leave it part empty.
         # transformers sorts its window by prompt length and generates it batch by batch.
-        window = {"sglang": self.settings.sglang.sglang_window,
-                  "openai": self.settings.api.api_concurrency,
-                  "transformers": self.config.caption_batch * self.config.caption_sort_window,
-                  }[self.config.caption_backend]
-        return Resources(batch_size=max(self.config.caption_batch, window), device=self.device)
+        # Those two also take two batches at once, so the next one tops up the window while
+        # the last requests of the one before finish (transformers: one batch, one GPU model).
+        window, workers = {"sglang": (self.settings.sglang.sglang_window, 2),
+                           "openai": (self.settings.api.api_concurrency, 2),
+                           "transformers": (self.config.caption_batch * self.config.caption_sort_window, 1),
+                           }[self.config.caption_backend]
+        return Resources(batch_size=max(self.config.caption_batch, window), device=self.device, workers=workers)
 
     def setup(self) -> None:
         remote = self.config.caption_backend == "openai"
@@ -77,8 +81,9 @@ class CaptionStage(Stage):
             [s.views["caption"] for s in ready],
             params=self.config.sampling(),
         )
-        self.tally.add(captions, time.perf_counter() - start)
-        self.gpu.maybe_sample()
+        with self._figures_lock:  # process() may run on two threads (resources().workers)
+            self.tally.add(captions, time.perf_counter() - start)
+            self.gpu.maybe_sample()
         for sample, caption in zip(ready, captions, strict=True):
             if caption.finish_reason == "error":
                 sample.fail(self.name, caption.text)

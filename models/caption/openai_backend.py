@@ -8,7 +8,9 @@ one sample's failure, never an exception. The API key is read from ``OPENAI_API_
 and goes nowhere but the ``Authorization`` header.
 
 HTTP runs on the standard library (urllib in a bounded thread pool driven by asyncio), so
-the backend needs no extra package.
+the backend needs no extra package. The ``--api-concurrency`` bound is one
+:class:`~models.caption.window.RequestWindow` shared by every caller and batch, so the
+endpoint is kept busy across batches without ever being sent more.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from engine.record import Caption
 from models.caption.base import SamplingParams
 from models.caption.journal import CaptionJournal, request_digest
 from models.caption.registry import BackendSettings, CaptionConfig, register
+from models.caption.window import RequestWindow
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +152,7 @@ class OpenAIEngine:
         self.device = "remote"
         self._url = cfg.api_base.rstrip("/") + "/chat/completions"
         self._pool = ThreadPoolExecutor(cfg.api_concurrency, thread_name_prefix="openai")
+        self._window = RequestWindow(cfg.api_concurrency, "openai")
         self._rng = random.Random()
         self._counts = {"requests": 0, "retries": 0, "errors": 0, "from_journal": 0}
 
@@ -157,27 +161,26 @@ class OpenAIEngine:
     ) -> list[Caption]:
         if len(prompts) != len(images):
             raise ValueError(f"{len(prompts)} prompts but {len(images)} images")
-        return asyncio.run(self._generate_all(prompts, images, params))
+        return self._window.run(self._generate_all(prompts, images, params))
 
     async def _generate_all(self, prompts, images, params) -> list[Caption]:
-        window = asyncio.Semaphore(self.cfg.api_concurrency)
-        jobs = [self._caption(p, im, params, window) for p, im in zip(prompts, images)]
+        jobs = [self._caption(p, im, params) for p, im in zip(prompts, images)]
         return list(await asyncio.gather(*jobs))
 
-    async def _caption(self, prompt, image, params, window) -> Caption:
+    async def _caption(self, prompt, image, params) -> Caption:
         if self.journal is None:
-            return await self._request(prompt, image, params, window)
+            return await self._request(prompt, image, params)
         digest = request_digest(self.model, prompt, image, params)
         known = self.journal.get(digest)
         if known is not None:
             self._counts["from_journal"] += 1
             return known
-        caption = await self._request(prompt, image, params, window)
+        caption = await self._request(prompt, image, params)
         if caption.finish_reason != "error":
             self.journal.add(digest, caption)
         return caption
 
-    async def _request(self, prompt, image, params, window) -> Caption:
+    async def _request(self, prompt, image, params) -> Caption:
         loop = asyncio.get_running_loop()
         start = time.monotonic()
         try:
@@ -199,7 +202,7 @@ class OpenAIEngine:
                         attempt - 1, self.cfg.api_backoff, self.cfg.api_max_backoff, self._rng
                     )
                 await asyncio.sleep(min(wait, self.cfg.api_max_backoff))
-            async with window:
+            async with self._window.slot():
                 self._counts["requests"] += 1
                 outcome = await loop.run_in_executor(self._pool, self._post, body)
             if isinstance(outcome, Completion):
@@ -253,6 +256,7 @@ class OpenAIEngine:
         return {f"api_{name}": float(n) for name, n in self._counts.items()}
 
     def close(self) -> None:
+        self._window.close()
         self._pool.shutdown(wait=False, cancel_futures=True)
         if self.journal is not None:
             self.journal.close()

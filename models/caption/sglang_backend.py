@@ -4,9 +4,9 @@ One ``sglang.Engine`` spans the node's GPUs (data parallel, optionally tensor pa
 inside each replica). Requests are laid out so that the fixed fusion instruction is the
 shared prefix of every prompt (the radix cache keeps its KV once for all of them), images go
 in as ``image_data``, and requests stay in flight continuously: ``generate`` hands its batch
-to one background event loop whose window (a semaphore) admits a new request as soon as
-one finishes, across batches and across calling threads, so the GPU does not idle between
-batches. Request building is pure functions, testable without SGLang.
+to a :class:`~models.caption.window.RequestWindow` that admits a new request as soon as one
+finishes, across batches and the caption stage's two calling threads, so the GPU does not
+idle between batches. Request building is pure functions, testable without SGLang.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import logging
-import threading
 import time
 from typing import Any
 
@@ -25,6 +24,7 @@ from engine.errors import ConfigError
 from engine.record import Caption
 from models.caption.base import SamplingParams
 from models.caption.registry import BackendSettings, CaptionConfig, register
+from models.caption.window import RequestWindow
 
 log = logging.getLogger(__name__)
 
@@ -151,19 +151,14 @@ class SglangEngine:
         args = engine_args(cfg, model_path, torch.cuda.device_count())
         log.info("starting sglang.Engine(%s)", args)
         self._engine = sglang.Engine(**args)
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="sglang", daemon=True)
-        self._thread.start()
-        self._window = asyncio.Semaphore(cfg.sglang_window)  # used only on self._loop
+        self._window = RequestWindow(cfg.sglang_window, "sglang")
         self._tokens = {"prompt_tokens": 0, "output_tokens": 0, "cached_tokens": 0}
 
     def generate(
         self, prompts: list[str], images: list[np.ndarray], /, *, params: SamplingParams
     ) -> list[Caption]:
         """Thread-safe: callers in several threads share one window of in-flight requests."""
-        jobs = asyncio.run_coroutine_threadsafe(self._generate_all(prompts, images, params),
-                                                self._loop)
-        return jobs.result()
+        return self._window.run(self._generate_all(prompts, images, params))
 
     async def _generate_all(self, prompts, images, params) -> list[Caption]:
         sampling = sampling_dict(params)  # one dict shared by the batch: SGLang only reads it
@@ -173,7 +168,7 @@ class SglangEngine:
 
     async def _caption(self, prompt: str, image: np.ndarray, sampling: dict) -> Caption:
         request = generate_request(prompt, image, sampling, self.cfg)
-        async with self._window:
+        async with self._window.slot():
             start = time.monotonic()
             try:
                 out = await self._engine.async_generate(**request)
@@ -195,8 +190,7 @@ class SglangEngine:
         return figures
 
     def close(self) -> None:
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=10)
+        self._window.close()
         self._engine.shutdown()
 
 
