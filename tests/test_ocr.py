@@ -9,7 +9,7 @@ import pytest
 from PIL import Image, ImageDraw, ImageFont
 
 from engine.errors import ConfigError
-from engine.record import Sample, Source
+from engine.record import Sample, ShardEnd, Source
 from engine.stages.ocr import Ocr
 from models.ocr import OcrConfig, OcrModel, RawText, reading_order
 
@@ -130,16 +130,26 @@ def test_config_validation(bad):
 
 
 def test_parallel_sessions_read_the_same_lines(ocr_stage):
-    """Several sessions in parallel give each image exactly what one session gives it."""
+    """Several sessions in parallel (the runtime's workers) give each image exactly what one
+    session gives it."""
+    from engine.runtime import Pipeline
+
+    class Keep:
+        def write(self, sample):
+            written[sample.key] = sample
+
+        def commit(self, end):
+            pass
+
     texts = ["OPEN DAILY", "WEST GATE", "FREE ENTRY", "NORTH PARK", "CITY HALL", "MAIN ST"]
     images = [render([(text, 40, 60 + 30 * (i % 3))]) for i, text in enumerate(texts)]
     parallel = Ocr(OcrConfig(ocr_workers=3))
-    parallel.setup()
+    assert parallel.resources().workers == 3
     one, many = ([Sample(key=str(i), source=Source("s", "s.tar", str(i)), views={"ocr": im})
                   for i, im in enumerate(images)] for _ in range(2))
     ocr_stage.process(one)
-    parallel.process(many)
-    parallel.teardown()
-    assert [[line.text for line in s.ocr] for s in many] == [[t] for t in texts]
+    written: dict[str, Sample] = {}
+    Pipeline([parallel], queue_depth=2).run(iter([*many, ShardEnd("s", "s.tar", 6)]), Keep())
+    assert [[line.text for line in written[str(i)].ocr] for i in range(6)] == [[t] for t in texts]
     assert [[line.text for line in s.ocr] for s in many] == [[line.text for line in s.ocr] for s in one]
     assert parallel._idle.qsize() == 3  # every session is returned after use

@@ -1,14 +1,14 @@
 """OCR stage: text lines of each image, read from its ``ocr`` view, into ``sample.ocr``.
 
 PP-OCR reads one image per call, so throughput comes from reading several images at once:
-``--ocr-workers`` sessions, each used by one thread at a time (a session's wrapper keeps
-per-call state, so sessions are never shared between threads).
+the runtime keeps ``--ocr-workers`` batches in ``process()`` at once, and each image takes one
+of as many sessions (a session's wrapper keeps per-call state, so a session is never used by
+two threads at a time).
 """
 
 from __future__ import annotations
 
 import queue
-from concurrent.futures import ThreadPoolExecutor
 
 from engine.record import Sample
 from engine.stage import ImageView, Resources, Stage, run_per_sample
@@ -22,13 +22,14 @@ class Ocr(Stage):
         self.config = config
         self.model = OcrModel(config)  # checks model files now, before any work starts
         self._idle: queue.Queue[OcrModel] = queue.Queue()
-        self._pool: ThreadPoolExecutor | None = None
 
     def views(self) -> tuple[ImageView, ...]:
         return (ImageView("ocr", self.config.ocr_max_side),)
 
     def resources(self) -> Resources:
-        return Resources(batch_size=max(8, 2 * self.config.ocr_workers), device="cpu")
+        # Batches of 8, not single images: a stage after OCR flushes a partial batch when its
+        # input pauses, and one image at a time would leave the caption engine batches of one.
+        return Resources(batch_size=8, device="cpu", workers=self.config.ocr_workers)
 
     def setup(self) -> None:
         self.model.load()
@@ -37,14 +38,9 @@ class Ocr(Stage):
             model = OcrModel(self.config)
             model.load()
             self._idle.put(model)
-        if self.config.ocr_workers > 1:
-            self._pool = ThreadPoolExecutor(self.config.ocr_workers, thread_name_prefix="ocr")
 
     def process(self, batch: list[Sample]) -> list[Sample]:
-        if self._pool is None:
-            return run_per_sample(self.name, batch, self._read)
-        list(self._pool.map(lambda sample: run_per_sample(self.name, [sample], self._read), batch))
-        return batch
+        return run_per_sample(self.name, batch, self._read)
 
     def _read(self, sample: Sample) -> None:
         model = self._idle.get()
@@ -52,10 +48,6 @@ class Ocr(Stage):
             sample.ocr = model.read(sample.views["ocr"])
         finally:
             self._idle.put(model)
-
-    def teardown(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown()
 
     def describe(self) -> str:
         return f"{self.name} ({self.model.backend.describe}, onnxruntime cpu, {self.config.ocr_workers} sessions)"
