@@ -16,6 +16,8 @@ import dataclasses
 import hashlib
 import json
 import sqlite3
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -42,11 +44,31 @@ def fingerprint(*parts: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
+# Switching a new file to WAL while another connection opens it can fail at once with
+# "database is locked" (SQLite skips the busy timeout there; about 1 in 100 when the tag and
+# detect stages set up together). Openings in this process take turns; another process's
+# opening is waited out by retrying.
+_OPENING = threading.Lock()
+_OPEN_RETRY_S = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+
+
 class ExpertCache:
     def __init__(self, path: Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(self.path, timeout=60)
+        for wait in (*_OPEN_RETRY_S, None):
+            try:
+                with _OPENING:
+                    self._initialise()
+                return
+            except sqlite3.OperationalError as exc:
+                if wait is None or "locked" not in str(exc):
+                    self.db.close()
+                    raise
+                time.sleep(wait)
+
+    def _initialise(self) -> None:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute(
             "CREATE TABLE IF NOT EXISTS experts (image TEXT, expert TEXT, payload TEXT, PRIMARY KEY (image, expert))"

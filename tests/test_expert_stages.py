@@ -224,3 +224,33 @@ def test_end_to_end_tags_to_owlv2_to_prompt_detection_boxes(tmp_path):
         lines = [line for line in section.strip().splitlines() if line]
         assert lines == [f"{b.label}: [{', '.join(f'{v:.2f}' for v in b.xyxy)}]" for b in s.boxes]
     assert {b.source for s in batch for b in s.boxes} & {"owlv2", "fused"}  # the tag-driven detector contributed
+
+
+def test_stages_opening_a_new_cache_at_once_do_not_lock_each_other_out(tmp_path):
+    """The tag and detect stages set up in parallel threads and both open the same new file
+    (before the fix, about 1 in 100 such openings failed at once with "database is locked")."""
+    import threading
+
+    from engine.expert_cache import ExpertCache
+
+    errors, rounds = [], 200
+    start = threading.Barrier(2)
+
+    def open_caches():
+        for attempt in range(rounds):
+            start.wait()
+            try:
+                cache = ExpertCache(tmp_path / f"{attempt}.sqlite")
+                cache.put_many({threading.current_thread().name: {"tags": []}}, "e")
+                cache.close()
+            except Exception as exc:  # noqa: BLE001 - collected for the assertion below
+                errors.append(exc)
+
+    threads = [threading.Thread(target=open_caches, name=f"stage{i}") for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    last = ExpertCache(tmp_path / f"{rounds - 1}.sqlite")
+    assert set(last.get_many(["stage0", "stage1"], "e")) == {"stage0", "stage1"}
