@@ -147,7 +147,19 @@ def test_a_failing_compile_falls_back_to_the_static_cache(engine, fresh_dynamo, 
     expected = engine.generate(prompts, images()[:2], params=params)
     assert [c.text for c in captions] == [c.text for c in expected]
     assert compiled.decode == "static" and compiled.metrics()["compile_fallbacks"] == 1
-    assert "torch.compile failed" in caplog.text
+    assert "compiled decoding failed" in caplog.text
+
+
+def test_an_input_failing_uncompiled_too_keeps_compiled_decoding(engine, monkeypatch):
+    def generate(**kwargs):
+        raise RuntimeError("the input is at fault")
+
+    monkeypatch.setattr(engine.net, "generate", generate)
+    compiled = like(engine, decode="compiled")
+    captions = compiled.generate(mixed_prompts(2), images()[:2], params=SamplingParams(max_new_tokens=4))
+    assert [c.finish_reason for c in captions] == ["error", "error"]
+    assert "the input is at fault" in captions[0].text
+    assert compiled.decode == "compiled" and compiled.metrics()["compile_fallbacks"] == 0
 
 
 def test_auto_decoding_compiles_on_a_gpu_only():

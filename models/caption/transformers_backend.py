@@ -83,7 +83,6 @@ class TransformersCaptionEngine:
 
     def _generate_batch(self, prompts, images, params: SamplingParams) -> list[Caption]:
         import torch
-        from torch._dynamo.exc import TorchDynamoException
 
         start = time.perf_counter()
         inputs = self.processor(
@@ -98,25 +97,31 @@ class TransformersCaptionEngine:
         if params.temperature > 0:
             sampling = {"do_sample": True, "temperature": params.temperature, "top_p": params.top_p}
         prompt_length = inputs["input_ids"].shape[1]
-        try:
+
+        def run(decode: str):
             with torch.inference_mode():
-                out = self.net.generate(
+                return self.net.generate(
                     **inputs,
                     max_new_tokens=params.max_new_tokens,
                     min_new_tokens=params.min_new_tokens,
                     pad_token_id=self.pad_id,
                     **sampling,
-                    **self._cache_options(prompt_length + params.max_new_tokens),
+                    **cache_options(decode, self.device, prompt_length + params.max_new_tokens),
                 )
-        except TorchDynamoException as exc:
+
+        try:
+            out = run(self.decode)
+        except Exception as exc:
             if self.decode != "compiled":
                 raise
-            # Compiling depends on the machine (Triton, a C++ compiler): slower beats failing.
-            log.warning("caption: torch.compile failed (%s: %s); decoding uncompiled with a "
+            # Compiling and CUDA-graph capture depend on the machine (Triton, a C++ compiler,
+            # the driver): if the same batch decodes uncompiled, slower beats failing. If it
+            # fails there too, the input is at fault: that error goes up, compiling stays on.
+            out = run("static")
+            log.warning("caption: compiled decoding failed (%s: %s); decoding uncompiled with a "
                         "static KV cache from now on", type(exc).__name__, str(exc).splitlines()[0])
             self.decode = "static"
             self._tokens["compile_fallbacks"] += 1
-            return self._generate_batch(prompts, images, params)
         mask = inputs["attention_mask"]
         self._tokens["prompt_tokens"] += mask.numel()
         self._tokens["padding_tokens"] += mask.numel() - int(mask.sum())
@@ -127,16 +132,6 @@ class TransformersCaptionEngine:
             self._caption(tokens, n_prompt, seconds)
             for tokens, n_prompt in zip(new_tokens, prompt_tokens, strict=True)
         ]
-
-    def _cache_options(self, max_length: int) -> dict:
-        """``generate()`` keywords for the decode mode (``max_length``: prompt + new tokens)."""
-        if self.decode == "dynamic":
-            return {}
-        bucket = -(-max_length // _CACHE_BUCKET) * _CACHE_BUCKET
-        options = {"cache_implementation": "static", "max_cache_len": bucket}
-        if self.decode == "static":
-            return {**options, "disable_compile": True}  # transformers would compile it on a GPU
-        return {**options, "compile_config": compile_config(self.device)}
 
     def _caption(self, tokens: list[int], prompt_tokens: int, seconds: float) -> Caption:
         stop = next((i for i, t in enumerate(tokens) if t in self.eos_ids), None)
@@ -193,6 +188,17 @@ def length_sorted_batches(lengths: list[int], batch_size: int) -> list[list[int]
     """A window's indices in batches of ``batch_size``, shortest prompts first."""
     order = sorted(range(len(lengths)), key=lengths.__getitem__)
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def cache_options(decode: str, device: str, max_length: int) -> dict:
+    """``generate()`` keywords for a decode mode (``max_length``: prompt + new tokens)."""
+    if decode == "dynamic":
+        return {}
+    bucket = -(-max_length // _CACHE_BUCKET) * _CACHE_BUCKET
+    options = {"cache_implementation": "static", "max_cache_len": bucket}
+    if decode == "static":
+        return {**options, "disable_compile": True}  # transformers would compile it on a GPU
+    return {**options, "compile_config": compile_config(device)}
 
 
 def compile_config(device: str):
