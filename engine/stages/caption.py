@@ -104,8 +104,8 @@ class CaptionStage(Stage):
     def progress(self) -> dict[str, str]:
         """Prompt and output tokens/s, the prefix-cache hit rate where the backend reports it,
         GPU memory and utilisation (the engines' counters have fixed keys: safe to read live)."""
-        figures = {**self.tally.figures(), **(self.engine.metrics() if self.engine else {}),
-                   **self.gpu.figures()}
+        engine = self.engine  # teardown may clear it meanwhile
+        figures = {**self.tally.figures(), **(engine.metrics() if engine else {}), **self.gpu.figures()}
         live = {}
         if "output_tokens_per_s" in figures:
             live["prompt tok/s"] = f"{figures['prompt_tokens_per_s']:.0f}"
