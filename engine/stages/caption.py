@@ -105,7 +105,9 @@ class CaptionStage(Stage):
         """Prompt and output tokens/s, the prefix-cache hit rate where the backend reports it,
         GPU memory and utilisation (the engines' counters have fixed keys: safe to read live)."""
         engine = self.engine  # teardown may clear it meanwhile
-        figures = {**self.tally.figures(), **(engine.metrics() if engine else {}), **self.gpu.figures()}
+        with self._figures_lock:  # process() adds to the tally and the GPU figures meanwhile
+            figures = {**self.tally.figures(), **self.gpu.figures()}
+        figures.update(engine.metrics() if engine else {})
         live = {}
         if "output_tokens_per_s" in figures:
             live["prompt tok/s"] = f"{figures['prompt_tokens_per_s']:.0f}"
