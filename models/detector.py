@@ -25,6 +25,7 @@ import numpy as np
 
 from engine.boxes import normalise_pixels
 from engine.errors import ConfigError
+from models.onnx_session import open_session
 from engine.record import Box
 
 SOURCE = "closed"
@@ -79,12 +80,7 @@ class TransformersDetector:
 
 class OnnxDetector:
     def __init__(self, path: str, *, label_map: str = "", input_size: int = 0, device: str = "cpu"):
-        import onnxruntime as ort
-
-        providers = ["CPUExecutionProvider"]
-        if device.startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
-            providers.insert(0, "CUDAExecutionProvider")
-        self.session = ort.InferenceSession(path, providers=providers)
+        self.session = open_session(path, device, flag="--closed-detector")
         graph_input = self.session.get_inputs()[0]
         self.input_name = graph_input.name
         shape = graph_input.shape

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.errors import ConfigError
+from models.onnx_session import open_session
 
 RANDOM_WEIGHTS = "random"
 CONFIG_FILE = "open_clip_config.json"
@@ -102,8 +103,8 @@ class ClipEmbedder:
         self._dtype = torch.float16 if self.fp16 else torch.float32
         self.dim = int(self.embed_texts(["a"]).shape[1])  # open_clip keeps it in no single place
         # The image tower exported by `python -m models.export onnx --target embed`, run by ONNX
-        # Runtime (CUDA provider on a GPU); the text tower stays in torch (it runs once per vocabulary).
-        self.image_session = _onnx_session(image_onnx, device) if image_onnx else None
+        # Runtime (TensorRT or CUDA on a GPU); the text tower stays in torch (it runs once per vocabulary).
+        self.image_session = open_session(image_onnx, device, flag="--embed-onnx") if image_onnx else None
 
     def embed_images(self, images: Sequence[np.ndarray]) -> np.ndarray:
         """(N, D) float32, unit norm, for RGB uint8 HWC arrays of any size."""
@@ -150,18 +151,6 @@ class ClipEmbedder:
         if self.image_session is not None:
             return f"open_clip {self.name}, image tower on onnxruntime {self.image_session.get_providers()[0]}"
         return f"open_clip {self.name} ({'fp16' if self.fp16 else 'fp32'}, {self.device})"
-
-
-def _onnx_session(path: str, device: str):
-    import onnxruntime as ort
-
-    if not Path(path).is_file():
-        raise ConfigError(f"--embed-onnx {path} does not exist: export it with "
-                          f"`python -m models.export onnx --target embed --model ... --out DIR`")
-    providers = ["CPUExecutionProvider"]
-    if device.startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
-        providers.insert(0, "CUDAExecutionProvider")
-    return ort.InferenceSession(path, providers=providers)
 
 
 def _normalise(features) -> np.ndarray:
