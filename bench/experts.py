@@ -88,8 +88,27 @@ def main(argv: list[str]) -> int:
             total += seconds
             _row(name, args.images, seconds)
         _row("all experts together", args.images, total)
+        _ram_plus_on_onnxruntime(images, Path(tmp), device, args.threads, args.repeat)
         _preprocessing(images, Path(tmp), device, args.repeat)
     return 0
+
+
+def _ram_plus_on_onnxruntime(images: list[np.ndarray], tmp: Path, device: str, threads: int, repeat: int) -> None:
+    """The RAM++ built above, exported (``python -m models.export onnx --target ram_plus``) and
+    tagging the same views on ONNX Runtime with as many threads, against torch."""
+    from models.export.onnx import export_onnx
+    from models.export.targets import ram_plus_target
+    from models.ram_plus import OnnxRamPlus, load_tagger
+
+    report = export_onnx(ram_plus_target(str(tmp / "ram")), tmp / "ram_onnx")
+    views = [view(i, 384) for i in images]
+    on_torch = timed(lambda tagger=load_tagger(tmp / "ram", device): tagger.tag(views), repeat)
+    onnx = OnnxRamPlus(report.onnx_path, device, threads=threads)
+    on_ort = timed(lambda: onnx.tag(views), repeat)
+    n = len(images)
+    print(f"RAM++ on onnxruntime ({onnx.provider}, export {report.seconds:.0f}s, max |diff| {report.max_abs_diff:.1e}):")
+    print(f"  torch {n / on_torch:7.2f} images/s   onnxruntime {n / on_ort:7.2f} images/s   "
+          f"(onnxruntime/torch {on_torch / on_ort:4.2f}x)")
 
 
 def _row(name: str, n: int, seconds: float) -> None:
@@ -137,12 +156,8 @@ def _build(tmp: Path, *, real: bool, device: str) -> dict:
     fusion = FusionConfig()
     closed_side = 1333 if real else 96
 
-    def run_ram(imgs):
-        with torch.inference_mode():
-            ram.tags(ram(ram.preprocess([view(i, 384) for i in imgs], device).to(dtype)))
-
     return {
-        f"tag: RAM++ ({ram.cfg.image_size} px)": run_ram,
+        f"tag: RAM++ ({ram.cfg.image_size} px)": lambda imgs: ram.tag([view(i, 384) for i in imgs]),
         "tag: CLIP zero-shot (4,585)": lambda imgs: clip.tag(embeddings[: len(imgs)]),
         f"detect: OWLv2 ({owl.size} px, 8 tags)": lambda imgs: owl.detect(
             [view(i, owl.size) for i in imgs], queries[: len(imgs)], min_score=0.1),

@@ -36,10 +36,13 @@ def providers(device: str, model_path: str | Path) -> list:
     return [*chosen, "CPUExecutionProvider"]
 
 
-def open_session(path: str | Path, device: str, *, flag: str):
-    """An ``InferenceSession`` for ``path``; ``flag`` names the option that gave the path."""
+def open_session(path: str | Path, device: str, *, flag: str, threads: int = 0):
+    """An ``InferenceSession`` for ``path``; ``flag`` names the option that gave the path;
+    ``threads``: CPU threads per call (0: onnxruntime's default, one per core)."""
     import onnxruntime as ort
 
     if not Path(path).is_file():
         raise ConfigError(f"{flag} {path} does not exist: export it with `python -m models.export onnx ...`")
-    return ort.InferenceSession(str(path), providers=providers(device, path))
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), options, providers=providers(device, path))

@@ -20,9 +20,10 @@ The reference loops over the batch in Python to weigh the descriptions; here it 
 ``einsum`` for the whole batch. The Swin and decoder are written here rather than taken
 from timm/transformers because their module names and patch-merging order differ.
 
-Files next to the checkpoint: ``ram_tag_list.txt`` (one English tag a line, required),
-``ram_tag_list_threshold.txt`` (optional), ``ram_plus_config.json`` (optional, only for
-non-default sizes such as the tiny test model).
+Files next to the checkpoint (or its ONNX export, which the exporter copies them beside):
+``ram_tag_list.txt`` (one English tag a line, required), ``ram_tag_list_threshold.txt``
+(optional), ``ram_plus_config.json`` (optional, only for non-default sizes such as the tiny
+test model).
 """
 
 from __future__ import annotations
@@ -315,10 +316,8 @@ class TaggingHead(nn.Module):
 class RamPlus(nn.Module):
     def __init__(self, cfg: RamPlusConfig, tag_list: list[str], thresholds: list[float] | None = None):
         super().__init__()
-        if len(tag_list) != cfg.num_classes:
-            raise ValueError(f"tag list has {len(tag_list)} tags, the model {cfg.num_classes} classes")
         self.cfg = cfg
-        self.tag_list = list(tag_list)
+        self.vocabulary = RamPlusVocabulary.of(cfg, tag_list, thresholds)
         self.visual_encoder = SwinTransformer(cfg)
         self.image_proj = nn.Linear(cfg.vision_width, cfg.text_dim)
         self.label_embed = nn.Parameter(torch.zeros(cfg.num_classes * cfg.descriptions_per_class, cfg.text_dim))
@@ -328,8 +327,6 @@ class RamPlus(nn.Module):
         self.tagging_head = TaggingHead(cfg)
         self.fc = nn.Linear(cfg.hidden_size, 1)
         self.reweight_scale = nn.Parameter(torch.tensor(float(np.log(1 / 0.07))))  # a 0-d scalar, as in the checkpoint
-        per_class = torch.full((cfg.num_classes,), cfg.threshold) if thresholds is None else torch.tensor(thresholds)
-        self.register_buffer("class_threshold", per_class.float(), persistent=False)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """Normalised (B, 3, S, S) images → (B, num_classes) tag probabilities."""
@@ -345,13 +342,35 @@ class RamPlus(nn.Module):
         decoded = self.tagging_head(queries, image_embeds)
         return torch.sigmoid(self.fc(decoded).squeeze(-1))
 
-    def tags(self, probs: torch.Tensor) -> list[list[Tag]]:
+    def tag(self, images: list[np.ndarray]) -> list[list[Tag]]:
+        """RGB uint8 HWC arrays → their tags, most probable first."""
+        pixels = self.vocabulary.preprocess(images, self.label_embed.device)
+        with torch.inference_mode():
+            probs = self(pixels.to(self.label_embed.dtype))
+        return self.vocabulary.tags(probs.float().cpu().numpy())
+
+
+@dataclass(frozen=True, eq=False)
+class RamPlusVocabulary:
+    """The tags, their thresholds and the input size: what turns images into RAM++'s input
+    and its probabilities into tags, for the torch model and its ONNX export alike."""
+
+    tag_list: tuple[str, ...]
+    thresholds: np.ndarray  # (num_classes,) float32: a tag is on above its class's
+    image_size: int
+
+    @classmethod
+    def of(cls, cfg: RamPlusConfig, tag_list: list[str], thresholds: list[float] | None) -> RamPlusVocabulary:
+        if len(tag_list) != cfg.num_classes:
+            raise ValueError(f"tag list has {len(tag_list)} tags, the model {cfg.num_classes} classes")
+        per_class = np.full(cfg.num_classes, cfg.threshold) if thresholds is None else np.asarray(thresholds)
+        return cls(tuple(tag_list), per_class.astype(np.float32), cfg.image_size)
+
+    def tags(self, probs: np.ndarray) -> list[list[Tag]]:
         """Tags above their class threshold, most probable first, per image."""
-        on = probs > self.class_threshold.to(probs.device)
-        probs, on = probs.float().cpu().numpy(), on.cpu().numpy()
         out = []
-        for p, mask in zip(probs, on):
-            index = np.flatnonzero(mask)
+        for p in probs:
+            index = np.flatnonzero(p > self.thresholds)
             index = index[np.argsort(-p[index], kind="stable")]
             out.append([Tag(self.tag_list[i], round(float(p[i]), 4)) for i in index])
         return out
@@ -361,9 +380,31 @@ class RamPlus(nn.Module):
         resizes to a square, ignoring the aspect ratio)."""
         from models.preprocess import normalise, resize, to_tensor
 
-        size = (self.cfg.image_size, self.cfg.image_size)
+        size = (self.image_size, self.image_size)
         batch = torch.cat([resize(to_tensor(image, device), size) for image in images])
         return normalise(batch, IMAGENET_MEAN, IMAGENET_STD, torch.float32)
+
+
+class OnnxRamPlus:
+    """The graph ``python -m models.export onnx --target ram_plus`` writes, on ONNX Runtime
+    (TensorRT or CUDA on a GPU), with the vocabulary files the export puts beside it."""
+
+    def __init__(self, path: str | Path, device: str = "cpu", threads: int = 0):
+        from models.onnx_session import open_session
+
+        path = Path(path).expanduser()
+        self.session = open_session(path, device, flag="--ram-plus-model", threads=threads)
+        self.vocabulary = read_vocabulary(path)
+        self.input_name = self.session.get_inputs()[0].name
+
+    def tag(self, images: list[np.ndarray]) -> list[list[Tag]]:
+        pixels = self.vocabulary.preprocess(images, "cpu").numpy()  # ONNX Runtime takes host arrays
+        (probs,) = self.session.run(None, {self.input_name: pixels})
+        return self.vocabulary.tags(probs)
+
+    @property
+    def provider(self) -> str:
+        return self.session.get_providers()[0]
 
 
 # --- files -----------------------------------------------------------------------------
@@ -405,19 +446,34 @@ def read_checkpoint_state(path: Path) -> dict[str, torch.Tensor]:
     return out
 
 
+def read_config(folder: Path) -> RamPlusConfig:
+    return RamPlusConfig.from_json(folder / CONFIG_NAME) if (folder / CONFIG_NAME).exists() else RamPlusConfig()
+
+
+def read_vocabulary(model_file: Path) -> RamPlusVocabulary:
+    """Tag list (required) and thresholds (optional) from the files beside ``model_file``."""
+    folder = model_file.parent
+    tag_file = folder / TAG_LIST_NAME
+    if not tag_file.exists():
+        raise FileNotFoundError(f"RAM++ needs its tag vocabulary {tag_file} (one tag a line) next to {model_file.name}")
+    thresholds = [float(v) for v in _read_lines(folder / THRESHOLD_NAME)] if (folder / THRESHOLD_NAME).exists() else None
+    return RamPlusVocabulary.of(read_config(folder), _read_lines(tag_file), thresholds)
+
+
 def load_ram_plus(name: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32) -> RamPlus:
     """Load a RAM++ checkpoint with strict key matching; tags/thresholds from files beside it."""
     ckpt = checkpoint_path(name)
-    folder = ckpt.parent
-    cfg = RamPlusConfig.from_json(folder / CONFIG_NAME) if (folder / CONFIG_NAME).exists() else RamPlusConfig()
-    tag_file = folder / TAG_LIST_NAME
-    if not tag_file.exists():
-        raise FileNotFoundError(f"RAM++ needs its tag vocabulary {tag_file} (one tag a line) next to {ckpt.name}")
-    tag_list = _read_lines(tag_file)
-    thresholds = [float(v) for v in _read_lines(folder / THRESHOLD_NAME)] if (folder / THRESHOLD_NAME).exists() else None
-    model = RamPlus(cfg, tag_list, thresholds)
+    vocabulary = read_vocabulary(ckpt)
+    model = RamPlus(read_config(ckpt.parent), list(vocabulary.tag_list), list(vocabulary.thresholds))
     model.load_state_dict(read_checkpoint_state(ckpt), strict=True)
     return model.to(device=device, dtype=dtype).eval()
+
+
+def load_tagger(name: str | Path, device: str) -> RamPlus | OnnxRamPlus:
+    """An ``.onnx`` export → ONNX Runtime; a checkpoint (or its folder) → torch, fp16 on a GPU."""
+    if str(name).endswith(".onnx"):
+        return OnnxRamPlus(name, device)
+    return load_ram_plus(name, device=device, dtype=torch.float16 if device.startswith("cuda") else torch.float32)
 
 
 def _read_lines(path: Path) -> list[str]:

@@ -81,3 +81,47 @@ def test_exported_embedder_tower_serves_the_engine(tmp_path, tiny_cache):
     metrics = json.loads((demo_out / "metrics.json").read_text())
     category = next(s for s in metrics["stages"] if s["stage"] == "category")
     assert "onnxruntime" in category["description"] and category["items"] > 0
+
+
+def test_exported_ram_plus_tags_like_the_checkpoint_in_the_engine(tmp_path, tiny_cache, demo_output):
+    """The export writes the vocabulary beside the graph; --ram-plus-model FILE.onnx tags on
+    ONNX Runtime what the torch checkpoint tags, in the pipeline too."""
+    import densefusion_local
+    from engine.config import ExpertsConfig
+    from engine.record import Sample, Source
+    from engine.stages.tag import RAM_VIEW, RamPlusTag
+    from models.ram_plus import TAG_LIST_NAME, THRESHOLD_NAME, TINY_TAGS, load_tagger
+    from models.tiny import ensure
+
+    out = tmp_path / "ram"
+    assert export_main(["onnx", "--target", "ram_plus", "--model", "tiny", "--out", str(out),
+                        "--cache-dir", str(tiny_cache)]) == 0
+    assert (out / TAG_LIST_NAME).read_text().split("\n")[:3] == list(TINY_TAGS[:3])
+    # every tag on, on both sides (the tiny model's probabilities sit around its 0.5 thresholds):
+    # the tags then show the whole ranking, and the export's threshold file is what is read
+    (out / THRESHOLD_NAME).write_text("\n".join("0" for _ in TINY_TAGS))
+    rng = np.random.default_rng(2)
+    images = [rng.integers(0, 255, (80, 120, 3), dtype=np.uint8) for _ in range(3)]
+    torch_tagger = load_tagger(ensure("ram_plus", tiny_cache / "tiny"), "cpu")
+    torch_tagger.vocabulary.thresholds[:] = 0.0
+    on_torch = torch_tagger.tag(images)
+    cfg = ExpertsConfig(max_tags=100)
+    stage = RamPlusTag(cfg, model=str(out / "ram_plus.onnx"), device="cpu")
+    stage.setup()
+    samples = [Sample(key=str(i), source=Source("s", "s.tar", str(i)), views={RAM_VIEW.name: im})
+               for i, im in enumerate(images)]
+    stage.process(samples)
+    assert "onnxruntime CPUExecutionProvider" in stage.describe()
+    assert [[t.name for t in s.tags] for s in samples] == [[t.name for t in tags] for tags in on_torch]
+    assert all(len(s.tags) == len(TINY_TAGS) for s in samples)
+    for sample, tags in zip(samples, on_torch):
+        assert [t.score for t in sample.tags] == pytest.approx([t.score for t in tags], abs=1e-4)
+
+    run_out = tmp_path / "run"  # `run`, not `demo`: --models tiny would take the tiny checkpoint instead
+    shards = sorted(str(p) for p in (demo_output / "input").glob("*.tar"))
+    assert densefusion_local.main(["run", "--shards", *shards, "--out", str(run_out), "--no-progress",
+                                   "--cache-dir", str(tiny_cache), "--stages", "decode", "tag",
+                                   "--ram-plus-model", str(out / "ram_plus.onnx"), "--expert-cache", "off"]) == 0
+    metrics = json.loads((run_out / "metrics.json").read_text())
+    tag = next(stage for stage in metrics["stages"] if stage["stage"] == "tag")
+    assert "onnxruntime" in tag["description"] and tag["items"] > 0

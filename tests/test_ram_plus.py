@@ -134,21 +134,23 @@ def test_vectorised_forward_matches_per_image_loop_and_tags_follow_thresholds(tm
     model = load_ram_plus(build_tiny(tmp_path / "ram"))
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 255, (48, 80, 3), dtype=np.uint8), rng.integers(0, 255, (90, 30, 3), dtype=np.uint8)]
-    pixels = model.preprocess(images, "cpu")
+    vocabulary = model.vocabulary
+    pixels = vocabulary.preprocess(images, "cpu")
     assert pixels.shape == (2, 3, 64, 64)
     with torch.no_grad():
         probs = model(pixels)
         assert torch.allclose(probs, _reference_forward(model, pixels), atol=1e-5)
         # batching does not change an image's result
         assert torch.allclose(model(pixels[1:]), probs[1:], atol=1e-5)
-    model.class_threshold.fill_(0.0)
-    tags = model.tags(probs)
+    assert model.tag(images) == vocabulary.tags(probs.numpy())  # tag() is preprocess, forward, tags
+    vocabulary.thresholds[:] = 0.0
+    tags = vocabulary.tags(probs.numpy())
     assert [t.name for t in tags[0]] == [ram_plus.TINY_TAGS[i] for i in torch.argsort(-probs[0]).tolist()]
-    model.class_threshold.fill_(1.0)
-    assert model.tags(probs) == [[], []]
+    vocabulary.thresholds[:] = 1.0
+    assert vocabulary.tags(probs.numpy()) == [[], []]
     cut = float(probs[0].median())
-    model.class_threshold.fill_(cut)
-    assert {t.name for t in model.tags(probs)[0]} == {
+    vocabulary.thresholds[:] = cut
+    assert {t.name for t in vocabulary.tags(probs.numpy())[0]} == {
         ram_plus.TINY_TAGS[i] for i in range(len(ram_plus.TINY_TAGS)) if probs[0, i] > cut
     }
 

@@ -34,20 +34,13 @@ class RamPlusTag(Stage):
         return (RAM_VIEW,)
 
     def setup(self) -> None:
-        import torch
+        from models.ram_plus import load_tagger
 
-        from models.ram_plus import load_ram_plus
-
-        dtype = torch.float16 if self.device.startswith("cuda") else torch.float32
-        self.model = load_ram_plus(self.model_name, device=self.device, dtype=dtype)
+        self.model = load_tagger(self.model_name, self.device)  # a checkpoint (torch) or an .onnx export
 
     def process(self, batch: list[Sample]) -> list[Sample]:
-        import torch
-
         images = [s.views.pop(RAM_VIEW.name) for s in batch]
-        with torch.inference_mode():
-            probs = self.model(self.model.preprocess(images, self.device).to(self.model.label_embed.dtype))
-        for sample, tags in zip(batch, self.model.tags(probs)):
+        for sample, tags in zip(batch, self.model.tag(images), strict=True):
             sample.tags = tags[: self.cfg.max_tags]
         return batch
 
@@ -55,7 +48,8 @@ class RamPlusTag(Stage):
         self.model = None
 
     def describe(self) -> str:
-        return f"tag: RAM++ {self.model_name} ({self.device})"
+        runtime = f"onnxruntime {self.model.provider}" if hasattr(self.model, "provider") else self.device
+        return f"tag: RAM++ {self.model_name} ({runtime})"
 
 
 class ClipTag(Stage):

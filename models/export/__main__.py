@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def export_onnx_command(args: argparse.Namespace) -> int:
     from models.export.onnx import export_onnx
-    from models.export.targets import build_target, write_label_map
+    from models.export.targets import build_target
 
     ref = ModelRef(args.model, {"embed": "embed", "ram_plus": "ram_plus", "detector": "detector"}[args.target])
     ref.check()
@@ -55,7 +55,6 @@ def export_onnx_command(args: argparse.Namespace) -> int:
     target = build_target(args.target, model, extra)
     out = Path(args.out)
     report = export_onnx(target, out, opset=args.opset)
-    write_label_map(target, out)
     print(f"{report.onnx_path}: input {report.input_shape} (batch dynamic), outputs {report.outputs}; "
           f"ONNX Runtime vs torch max |diff| {report.max_abs_diff:.2e}; {report.seconds:.1f}s")
     return 0

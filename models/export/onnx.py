@@ -20,6 +20,7 @@ class ExportTarget:
     input_name: str
     output_names: tuple[str, ...]
     preprocess: dict  # what a runtime must do to an image before the exported graph
+    sidecars: tuple[tuple[str, str], ...] = ()  # (file name, text) the engine reads beside the .onnx
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,8 @@ def export_onnx(target: ExportTarget, out_dir: Path, *, opset: int = 18) -> Expo
         torch.onnx.export(target.module, (target.example,), str(path), input_names=[target.input_name],
                           output_names=list(target.output_names), dynamic_axes=axes, opset_version=opset,
                           dynamo=False)
+    for name, text in target.sidecars:
+        (out_dir / name).write_text(text, encoding="utf-8")
     diff = parity(target, path)
     report = ExportReport(target.name, str(path), opset, list(target.example.shape), list(target.output_names),
                           diff, round(time.perf_counter() - start, 2), target.preprocess)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from pathlib import Path
+from dataclasses import asdict
 
 from engine.errors import ConfigError
 from models.export.onnx import ExportTarget
@@ -29,13 +29,18 @@ def ram_plus_target(model: str, weights: str = "") -> ExportTarget:
     """RAM++: normalised 384 px pixels → per-class tag probabilities (thresholds applied after)."""
     import torch
 
-    from models.ram_plus import load_ram_plus
+    from models.ram_plus import CONFIG_NAME, TAG_LIST_NAME, THRESHOLD_NAME, load_ram_plus
 
     ram = load_ram_plus(model)
     size = ram.cfg.image_size
+    vocabulary = ram.vocabulary
+    # the files beside a checkpoint, written beside the export: the engine's tagger reads them
+    sidecars = ((TAG_LIST_NAME, "\n".join(vocabulary.tag_list) + "\n"),
+                (THRESHOLD_NAME, "\n".join(f"{t:.6g}" for t in vocabulary.thresholds) + "\n"),
+                (CONFIG_NAME, json.dumps(asdict(ram.cfg), indent=1)))
     return ExportTarget("ram_plus", ram, torch.zeros(2, 3, size, size), "pixels", ("probs",),
                         {"size": size, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
-                         "resize": "square", "then": "compare with the per-class thresholds"})
+                         "resize": "square", "then": "compare with the per-class thresholds"}, sidecars)
 
 
 class _DetectionHead:
@@ -73,10 +78,10 @@ def detector_target(model: str, weights: str = "") -> ExportTarget:
     processor = AutoImageProcessor.from_pretrained(model)
     size = int(weights or max(getattr(detector.config, "image_size", [800]) or [800]))
     head = _DetectionHead(detector, size, processor.image_mean, processor.image_std)
-    labels = {int(k): v for k, v in detector.config.id2label.items()}
+    labels = {str(k): v for k, v in detector.config.id2label.items()}
     return ExportTarget("detector", head, torch.zeros(2, 3, size, size), "pixels", ("boxes", "scores", "labels"),
-                        {"size": size, "pixels": "0-255 RGB, longer side to size, padded bottom/right",
-                         "labels": labels})
+                        {"size": size, "pixels": "0-255 RGB, longer side to size, padded bottom/right"},
+                        (("labels.json", json.dumps(labels)),))  # the ONNX detector reads it beside the .onnx
 
 
 TARGETS: dict[str, Callable[[str, str], ExportTarget]] = {
@@ -90,9 +95,3 @@ def build_target(name: str, model: str, weights: str = "") -> ExportTarget:
     if name not in TARGETS:
         raise ConfigError(f"unknown export target {name!r}; targets: {', '.join(TARGETS)}")
     return TARGETS[name](model, weights)
-
-
-def write_label_map(target: ExportTarget, out_dir: Path) -> None:
-    """The ONNX detector reads labels.json beside the .onnx file."""
-    if "labels" in target.preprocess:
-        (out_dir / "labels.json").write_text(json.dumps({str(k): v for k, v in target.preprocess["labels"].items()}))
