@@ -279,7 +279,8 @@ class ExpertsConfig:
     tagger: str = option("ram_plus", "image tagger: ram_plus, or clip (zero-shot from the pass-1 "
                          "embedding against the same vocabulary)", choices=TAGGERS)
     ram_plus_model: str = option(
-        "", "RAM++ checkpoint (ram_plus_swin_large_14m.pth) or its folder, with ram_tag_list.txt "
+        "", "RAM++ checkpoint (ram_plus_swin_large_14m.pth) or its folder, or its ONNX export "
+        "(python -m models.export onnx --target ram_plus), with ram_tag_list.txt "
         "(and ram_tag_list_threshold.txt) beside it; 'tiny'"
     )
     tag_batch: int = option(16, "images per tagging batch")
