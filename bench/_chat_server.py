@@ -3,8 +3,9 @@
 Answers ``POST /v1/chat/completions`` like an OpenAI-compatible endpoint. Per prompt, a script
 of actions can make it misbehave before answering: ``429:<retry-after>``, ``500``,
 ``400``, ``timeout:<seconds>`` (sleep, then answer too late), ``slow:<seconds>`` (sleep,
-then answer), ``malformed`` (broken JSON), ``reset`` (close the connection without a response). Once a prompt's script is used up it
-answers normally, after ``latency`` seconds, with ``output_words`` words of caption.
+then answer), ``malformed`` (broken JSON), ``reset`` (close the connection without a
+response). Once a prompt's script is used up it answers normally, after ``latency`` seconds,
+with ``output_words`` words of caption.
 ``chaos`` scripts prompts nobody scripted: the i-th new prompt's first attempt gets
 ``chaos[i % len(chaos)]`` (``ok`` for none), for runs whose prompts are not known up front.
 """

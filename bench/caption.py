@@ -30,12 +30,12 @@ import numpy as np
 
 from bench import _caption_backends as caption_backends
 from bench._common import cuda_sync
+from engine.config import CAPTION_DECODE_MODES
 
 # DESIGN.md: LLaVA-1.6-7B, ~3,200 prompt tokens, 250 output tokens, roofline per GPU
 ROOFLINE_IMAGES_PER_S = {"H100": 4.5, "A100": 2.4}
 # (height, width): mixed aspect ratios, so AnyRes picks different grids (and token counts)
 SIZES = ((600, 800), (1024, 683), (512, 1024), (900, 900), (336, 1344), (480, 480), (1344, 768))
-DECODE_MODES = ("dynamic", "static", "compiled")
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -44,7 +44,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=8, help="images per generation call")
     parser.add_argument("--window", type=int, default=4,
                         help="batches sorted together by prompt length (the --caption-sort-window)")
-    parser.add_argument("--decode", nargs="+", choices=DECODE_MODES, default=list(DECODE_MODES),
+    parser.add_argument("--decode", nargs="+", choices=CAPTION_DECODE_MODES, default=list(CAPTION_DECODE_MODES),
                         help="decode modes measured with the sorted window")
     parser.add_argument("--tokens", type=int, default=None,
                         help="output tokens per image (default: 64 tiny, 250 real size)")

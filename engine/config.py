@@ -128,6 +128,11 @@ class OcrConfig:
             raise ConfigError("--ocr-max-side must be >= 32")
 
 
+# transformers decoding (models/caption/transformers_backend.py): KV cache grown every step,
+# preallocated, or preallocated with a torch.compile'd decoding step
+CAPTION_DECODE_MODES = ("dynamic", "static", "compiled")
+
+
 @dataclass(frozen=True)
 class CaptionConfig:
     caption_model: str = option(
@@ -151,7 +156,7 @@ class CaptionConfig:
         "transformers decoding: dynamic (KV cache grown every step), static (preallocated KV "
         "cache), compiled (static + torch.compile'd decoding step, CUDA graphs on a GPU); "
         "auto = compiled on a GPU, dynamic on the CPU",
-        choices=("auto", "dynamic", "static", "compiled"),
+        choices=("auto", *CAPTION_DECODE_MODES),
     )
     caption_max_side: int = option(1344, "longer side of the image handed to the engine (AnyRes)")
     max_new_tokens: int = option(400, "token limit of a caption (the paper's average ~190 words)")

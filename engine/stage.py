@@ -19,9 +19,9 @@ class Resources:
 
     batch_size: int = 1
     device: str = "cpu"  # "cpu" or "cuda[:N]"
-    # Batches in process() at once, each on its own thread. Above 1 only for a thread-safe
-    # process() whose backend keeps a window of requests in flight: while one batch's last
-    # requests finish, the next batch's fill the window, so it never drains between batches.
+    # Batches in process() at once, each on its own thread; above 1 only for a thread-safe
+    # process(). A backend that keeps a window of requests in flight gets its next batch while
+    # the last requests of one finish (caption); per-image CPU work runs in parallel (OCR).
     workers: int = 1
 
 

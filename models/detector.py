@@ -25,8 +25,8 @@ import numpy as np
 
 from engine.boxes import normalise_pixels
 from engine.errors import ConfigError
-from models.onnx_session import open_session
 from engine.record import Box
+from models.onnx_session import open_session
 
 SOURCE = "closed"
 

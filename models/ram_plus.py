@@ -76,9 +76,6 @@ class RamPlusConfig:
         data = json.loads(Path(path).read_text())
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
 
-    def to_json(self, path: Path) -> None:
-        Path(path).write_text(json.dumps(asdict(self), indent=1))
-
 
 # --- Swin transformer (reference names) ----------------------------------------------
 
@@ -342,6 +339,14 @@ class RamPlus(nn.Module):
         decoded = self.tagging_head(queries, image_embeds)
         return torch.sigmoid(self.fc(decoded).squeeze(-1))
 
+    def side_files(self) -> tuple[tuple[str, str], ...]:
+        """(name, text) of the files :func:`read_vocabulary` reads beside the checkpoint, or
+        beside its ONNX export."""
+        vocabulary = self.vocabulary
+        return ((CONFIG_NAME, json.dumps(asdict(self.cfg), indent=1)),
+                (TAG_LIST_NAME, "\n".join(vocabulary.tag_list) + "\n"),
+                (THRESHOLD_NAME, "\n".join(f"{t:.6g}" for t in vocabulary.thresholds) + "\n"))
+
     def tag(self, images: list[np.ndarray]) -> list[list[Tag]]:
         """RGB uint8 HWC arrays → their tags, most probable first."""
         pixels = self.vocabulary.preprocess(images, self.label_embed.device)
@@ -500,8 +505,7 @@ def build_tiny(folder: Path, seed: int = 0) -> Path:
             p.normal_(0, 0.2)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    cfg.to_json(folder / CONFIG_NAME)
-    (folder / TAG_LIST_NAME).write_text("\n".join(TINY_TAGS) + "\n")
-    (folder / THRESHOLD_NAME).write_text("\n".join("0.5" for _ in TINY_TAGS) + "\n")
+    for name, text in model.side_files():
+        (folder / name).write_text(text, encoding="utf-8")
     torch.save({"model": model.state_dict()}, folder / CHECKPOINT_NAME)
     return folder

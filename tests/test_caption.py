@@ -12,8 +12,8 @@ from engine.prompt import fusion_prompt
 from engine.record import OcrLine, Sample, Source
 from engine.stages.caption import CaptionStage
 from models import tiny
-from models.caption.base import SamplingParams
 from models.caption import transformers_backend
+from models.caption.base import SamplingParams
 from models.caption.registry import CaptionConfig, load_engine
 from models.caption.transformers_backend import TransformersCaptionEngine
 

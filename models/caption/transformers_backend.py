@@ -25,6 +25,7 @@ import time
 
 import numpy as np
 
+from engine.config import CAPTION_DECODE_MODES
 from engine.errors import ConfigError
 from engine.record import Caption
 from models.caption.base import SamplingParams
@@ -32,7 +33,6 @@ from models.caption.registry import BackendSettings, CaptionConfig, register
 
 log = logging.getLogger(__name__)
 
-DECODE_MODES = ("dynamic", "static", "compiled")
 _CACHE_BUCKET = 512  # static KV cache length granularity (tokens): few distinct shapes to compile
 
 
@@ -42,9 +42,9 @@ class TransformersCaptionEngine:
     def __init__(self, model: str, processor, net, device: str, *, batch_size: int = 8,
                  decode: str = "dynamic"):
         """``processor`` and ``net`` as loaded by :func:`load` (or built in memory by a benchmark);
-        ``batch_size`` images per generation call; ``decode`` one of :data:`DECODE_MODES`."""
-        if decode not in DECODE_MODES:
-            raise ConfigError(f"decode mode {decode!r}: expected one of {', '.join(DECODE_MODES)}")
+        ``batch_size`` images per generation call; ``decode`` one of ``CAPTION_DECODE_MODES``."""
+        if decode not in CAPTION_DECODE_MODES:
+            raise ConfigError(f"decode mode {decode!r}: expected one of {', '.join(CAPTION_DECODE_MODES)}")
         self.model, self.processor, self.net, self.device = model, processor, net, device
         self.batch_size, self.decode = batch_size, decode
         if not getattr(processor, "chat_template", None):

@@ -20,7 +20,6 @@ T = TypeVar("T")
 
 class RequestWindow:
     def __init__(self, size: int, name: str):
-        self.size = size
         self._loop = asyncio.new_event_loop()
         self._slots = asyncio.Semaphore(size)  # bound to the loop on first use, only ever used there
         self._thread = threading.Thread(target=self._loop.run_forever, name=name, daemon=True)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import asdict
 
 from engine.errors import ConfigError
 from models.export.onnx import ExportTarget
@@ -29,18 +28,14 @@ def ram_plus_target(model: str, weights: str = "") -> ExportTarget:
     """RAM++: normalised 384 px pixels → per-class tag probabilities (thresholds applied after)."""
     import torch
 
-    from models.ram_plus import CONFIG_NAME, TAG_LIST_NAME, THRESHOLD_NAME, load_ram_plus
+    from models.ram_plus import load_ram_plus
 
     ram = load_ram_plus(model)
     size = ram.cfg.image_size
-    vocabulary = ram.vocabulary
-    # the files beside a checkpoint, written beside the export: the engine's tagger reads them
-    sidecars = ((TAG_LIST_NAME, "\n".join(vocabulary.tag_list) + "\n"),
-                (THRESHOLD_NAME, "\n".join(f"{t:.6g}" for t in vocabulary.thresholds) + "\n"),
-                (CONFIG_NAME, json.dumps(asdict(ram.cfg), indent=1)))
     return ExportTarget("ram_plus", ram, torch.zeros(2, 3, size, size), "pixels", ("probs",),
                         {"size": size, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
-                         "resize": "square", "then": "compare with the per-class thresholds"}, sidecars)
+                         "resize": "square", "then": "compare with the per-class thresholds"},
+                        ram.side_files())  # the engine's tagger reads them beside the export
 
 
 class _DetectionHead:
