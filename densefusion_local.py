@@ -14,8 +14,8 @@ import os
 import sys
 from pathlib import Path
 
-from engine import config as config_module
-from engine.errors import ConfigError
+from engine.core import config as config_module
+from engine.core.errors import ConfigError
 
 EPILOG = """\
 stages (pass 2, in order; --stages picks a subset, the probe always runs):
@@ -27,7 +27,7 @@ committing finished shards. Misconfiguration exits with code 2 before any work s
 
 
 def _stage_list() -> str:
-    from engine.pipeline import STAGES
+    from engine.core.pipeline import STAGES
 
     return ", ".join(STAGES)
 
@@ -60,16 +60,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Commands that read a finished output folder; each module has add_arguments() and command().
 OUTPUT_TOOLS = {
-    "stats": ("engine.stats", ("the paper's Table 1, length histograms, coverage and categories "
+    "stats": ("engine.output.stats", ("the paper's Table 1, length histograms, coverage and categories "
                                "of an output folder (writes OUT/stats.json)")),
-    "export": ("engine.export", ("export an output folder as LLaVA pre-training JSON or JSONL, "
+    "export": ("engine.output.export", ("export an output folder as LLaVA pre-training JSON or JSONL, "
                                  "images included")),
-    "report": ("engine.report", "write a static HTML report of an output folder (OUT/report.html)"),
+    "report": ("engine.output.report", "write a static HTML report of an output folder (OUT/report.html)"),
 }
 
 
 def command_run(args: argparse.Namespace) -> int:
-    from engine import pipeline
+    from engine.core import pipeline
 
     cfg = config_module.build(args, args.config)
     source = None
@@ -101,8 +101,8 @@ def command_curate(args: argparse.Namespace) -> int:
 
 
 def command_demo(args: argparse.Namespace) -> int:
-    from engine import pipeline
-    from engine.demo_data import write_demo_shards
+    from engine.core import pipeline
+    from engine.io.demo_data import write_demo_shards
 
     out = getattr(args, "runtime.out", None) or "runs/demo"
     shards = write_demo_shards(Path(out) / "input")
@@ -121,7 +121,7 @@ def demo_overrides(out: str, shards: list[Path]) -> dict:
 
 def meta_config(args: argparse.Namespace) -> config_module.RunConfig:
     """The run's config with meta mode's settings; the paper's 10% share unless one was given."""
-    from engine.meta import META_SHARE, meta_overrides
+    from engine.output.meta import META_SHARE, meta_overrides
 
     cfg = config_module.build(args, args.config, **meta_overrides())
     if "subset.subset_share" not in vars(args) and cfg.subset.subset_share == 1.0:
@@ -130,8 +130,8 @@ def meta_config(args: argparse.Namespace) -> config_module.RunConfig:
 
 
 def command_meta(args: argparse.Namespace) -> int:
-    from engine import pipeline
-    from engine.export import export
+    from engine.core import pipeline
+    from engine.output.export import export
 
     cfg = meta_config(args)
     summary = pipeline.run(cfg)

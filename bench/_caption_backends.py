@@ -50,7 +50,7 @@ def build_engine(backend: str, args: argparse.Namespace, cache_dir: Path, stack:
         engine = real_size_engine(args.batch) if args.real_size else tiny_engine(cache_dir, args.threads, args.batch)
         return engine, f"transformers ({engine.model}, {engine.device})"
     if backend == "openai":
-        from engine.config import ApiConfig
+        from engine.core.config import ApiConfig
         from models.caption.openai_backend import OpenAIEngine
 
         base, label = args.api_base, f"openai ({args.api_base})"
@@ -64,7 +64,7 @@ def build_engine(backend: str, args: argparse.Namespace, cache_dir: Path, stack:
         cfg = ApiConfig(api_base=base, api_model=args.api_model, api_concurrency=args.concurrency)
         cfg.validate()
         return OpenAIEngine(cfg), label
-    from engine.config import SglangConfig
+    from engine.core.config import SglangConfig
     from models import tiny
     from models.caption.sglang_backend import SglangEngine
 

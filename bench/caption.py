@@ -30,7 +30,7 @@ import numpy as np
 
 from bench import _caption_backends as caption_backends
 from bench._common import cuda_sync
-from engine.config import CAPTION_DECODE_MODES
+from engine.core.config import CAPTION_DECODE_MODES
 
 # DESIGN.md: LLaVA-1.6-7B, ~3,200 prompt tokens, 250 output tokens, roofline per GPU
 ROOFLINE_IMAGES_PER_S = {"H100": 4.5, "A100": 2.4}
@@ -59,8 +59,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
 def make_samples(n: int):
     """``n`` samples whose prompts vary the way web data does: 0-11 boxes, 0-3 OCR lines,
     short or long alt text, images of several aspect ratios."""
-    from engine.prompt import fusion_prompt
-    from engine.record import Box, OcrLine, Sample, Source
+    from engine.core.record import Box, OcrLine, Sample, Source
+    from engine.evidence.prompt import fusion_prompt
 
     rng = np.random.default_rng(0)
     boxes = [Box(f"object {i}", 0.9, (0.05 * i, 0.1, 0.05 * i + 0.2, 0.5), "owlv2") for i in range(12)]
@@ -79,7 +79,7 @@ def make_samples(n: int):
 
 def tiny_engine(cache_dir: Path, threads: int, batch: int):
     """The tiny LLaVA-NeXT through the production loader (saved folder → from_pretrained)."""
-    from engine.config import CaptionConfig
+    from engine.core.config import CaptionConfig
     from models import tiny
     from models.caption.registry import load_engine
 
@@ -110,7 +110,7 @@ def real_size_engine(batch: int):
 
 def caption_stage(engine, batch: int, tokens: int):
     """The production caption stage around an engine that is already loaded."""
-    from engine.config import CaptionConfig, RuntimeConfig
+    from engine.core.config import CaptionConfig, RuntimeConfig
     from engine.stages.caption import CaptionStage
 
     config = CaptionConfig(

@@ -5,7 +5,7 @@ and OCR lines, then measures in the same run, per core:
   baseline counts   str.split() words + a regex sentence split (what ad-hoc scripts do)
   table 1 counts    the engine's tokens, sentences and parts of speech (pattern tagger)
   baseline names    label substring test (``label in caption.lower()``), no plural/synonym/POS
-  coverage scores   all evidence coverage scores of engine/coverage.py
+  coverage scores   all evidence coverage scores of engine/evidence/coverage.py
   stats command     OUT/stats.json from a two-shard output folder (one worker)
 and prints captions/s, the ratios, and what 1M captions (DenseFusion-1M) would take.
 """
@@ -19,8 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from engine.coverage import Evidence, coverage_scores
-from engine.language import pos_tagger, sentences, tagged_words
+from engine.evidence.coverage import Evidence, coverage_scores
+from engine.evidence.language import pos_tagger, sentences, tagged_words
 
 NOUNS = "dog cat person car tree road sky building window table chair cup sign poster bottle lamp".split()
 ADJECTIVES = "red large small wooden bright dark old modern round striped".split()
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         out = write_output(Path(tmp) / "out", captions, evidence)
-        from engine.stats import output_stats
+        from engine.output.stats import output_stats
 
         start = time.perf_counter()
         output_stats(out, workers=1)
@@ -99,9 +99,9 @@ def write_output(out: Path, captions: list[str], evidence: list[Evidence]) -> Pa
 
     from PIL import Image
 
-    from engine.manifest import Manifest
-    from engine.record import Caption, Sample, ShardEnd, Source, Tag
-    from engine.writers import DatasetWriter
+    from engine.core.record import Caption, Sample, ShardEnd, Source, Tag
+    from engine.io.manifest import Manifest
+    from engine.io.writers import DatasetWriter
 
     buffer = io.BytesIO()
     Image.new("RGB", (1, 1)).save(buffer, "JPEG")

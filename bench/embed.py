@@ -44,10 +44,10 @@ class _CountingWriter:
 
 
 def engine_rate(shard: Path, args, model: str) -> tuple[float, int]:
-    from engine import config as config_module
+    from engine.core import config as config_module
+    from engine.core.pipeline import resolved, shard_source
+    from engine.core.runtime import Pipeline
     from engine.curate.pass1 import curate_stages
-    from engine.pipeline import resolved, shard_source
-    from engine.runtime import Pipeline
 
     cfg = resolved(config_module.build(
         None, None, input={"shards": (str(shard),)},
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from engine.config import CurateConfig
+    from engine.core.config import CurateConfig
     from engine.stages.embed import embed_model_path
 
     model = embed_model_path(CurateConfig(embed_model=args.model), "", args.cache_dir)

@@ -44,7 +44,7 @@ def view(image: np.ndarray, side: int) -> np.ndarray:
     """What the decode stage hands a stage: longer side <= side."""
     from PIL import Image
 
-    from engine.decode import fit_size
+    from engine.image.decode import fit_size
 
     size = fit_size(image.shape[1], image.shape[0], side)
     if size == (image.shape[1], image.shape[0]):
@@ -118,9 +118,9 @@ def _row(name: str, n: int, seconds: float) -> None:
 def _build(tmp: Path, *, real: bool, device: str) -> dict:
     import torch
 
-    from engine.boxes import fuse_boxes
-    from engine.config import FusionConfig
-    from engine.record import Box
+    from engine.core.config import FusionConfig
+    from engine.core.record import Box
+    from engine.evidence.boxes import fuse_boxes
     from models import detector, owlv2, ram_plus
     from models.clip_tagger import ClipZeroShotTagger
 

@@ -20,11 +20,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from engine.config import DecodeConfig, FilterConfig, InputConfig
-from engine.decode import Decode
-from engine.probe import ResolutionFilter, probe_header
-from engine.readers import ShardReport, read_shard
-from engine.stage import ImageView
+from engine.core.config import DecodeConfig, FilterConfig, InputConfig
+from engine.core.stage import ImageView
+from engine.image.probe import probe_header
+from engine.io.readers import ShardReport, read_shard
+from engine.stages.decode import Decode
+from engine.stages.probe import ResolutionFilter
 
 
 def photo_jpegs(n: int, seed: int = 0) -> list[bytes]:

@@ -17,7 +17,7 @@ from typing import Protocol
 
 import numpy as np
 
-from engine.record import Tag
+from engine.core.record import Tag
 
 
 class TextEmbedder(Protocol):

@@ -23,9 +23,9 @@ from typing import Protocol
 
 import numpy as np
 
-from engine.boxes import normalise_pixels
-from engine.errors import ConfigError
-from engine.record import Box
+from engine.core.errors import ConfigError
+from engine.core.record import Box
+from engine.evidence.boxes import normalise_pixels
 from models.onnx_session import open_session
 
 SOURCE = "closed"

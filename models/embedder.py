@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.errors import ConfigError
+from engine.core.errors import ConfigError
 from models.onnx_session import open_session
 
 RANDOM_WEIGHTS = "random"

@@ -23,10 +23,10 @@ from typing import Protocol
 
 import numpy as np
 
-from engine.boxes import normalise_pixels
-from engine.config import OcrConfig
-from engine.errors import ConfigError
-from engine.record import OcrLine
+from engine.core.config import OcrConfig
+from engine.core.errors import ConfigError
+from engine.core.record import OcrLine
+from engine.evidence.boxes import normalise_pixels
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ Three things differ from calling the model the stock way:
   square with a Gaussian blur; same geometry, far less work). ``preprocess="stock"``
   keeps the processor for comparison (``python -m bench experts`` measures both).
 
-Boxes come back normalised to [0, 1] of the original image (see ``engine.boxes.unpad_square``).
+Boxes come back normalised to [0, 1] of the original image (see ``engine.evidence.boxes.unpad_square``).
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.boxes import unpad_square
-from engine.record import Box
+from engine.core.record import Box
+from engine.evidence.boxes import unpad_square
 
 PREPROCESS_MODES = ("tensor", "stock")
 

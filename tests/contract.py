@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from engine.config import InputConfig
-from engine.readers import ShardReport, read_shard, shard_name
+from engine.core.config import InputConfig
+from engine.io.readers import ShardReport, read_shard, shard_name
 
 
 def input_keys(path: Path) -> list[str]:

@@ -8,9 +8,9 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from engine.manifest import Manifest
-from engine.record import Box, Caption, OcrLine, Sample, ShardEnd, Source, Tag
-from engine.writers import DatasetWriter
+from engine.core.record import Box, Caption, OcrLine, Sample, ShardEnd, Source, Tag
+from engine.io.manifest import Manifest
+from engine.io.writers import DatasetWriter
 
 CAPTIONS = {
     "s0": "A red car is parked on the street. Two people walk past it quickly.",

@@ -1,6 +1,9 @@
 import pytest
 
-from engine.boxes import (
+from engine.core.config import FusionConfig
+from engine.core.errors import ConfigError
+from engine.core.record import Box
+from engine.evidence.boxes import (
     balanced_sample,
     canonical_label,
     fuse_boxes,
@@ -11,9 +14,6 @@ from engine.boxes import (
     synonym_map,
     unpad_square,
 )
-from engine.config import FusionConfig
-from engine.errors import ConfigError
-from engine.record import Box
 
 
 def box(label, score, xyxy, source="owlv2"):

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from engine.config import RuntimeConfig
-from engine.errors import ConfigError
-from engine.prompt import fusion_prompt
-from engine.record import OcrLine, Sample, Source
+from engine.core.config import RuntimeConfig
+from engine.core.errors import ConfigError
+from engine.core.record import OcrLine, Sample, Source
+from engine.evidence.prompt import fusion_prompt
 from engine.stages.caption import CaptionStage
 from models import tiny
 from models.caption import transformers_backend

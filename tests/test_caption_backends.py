@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from bench._chat_server import ChatServer
-from engine.config import ApiConfig, RuntimeConfig
-from engine.errors import ConfigError
-from engine.record import Sample, ShardEnd, Source
+from engine.core.config import ApiConfig, RuntimeConfig
+from engine.core.errors import ConfigError
+from engine.core.record import Sample, ShardEnd, Source
 from engine.stages.caption import CaptionStage
 from models.caption.registry import BackendSettings, CaptionConfig, resolve_backend
 
@@ -77,7 +77,7 @@ def test_caption_stage_on_the_openai_backend(tmp_path):
 
 def test_the_next_batch_fills_the_window_while_a_slow_request_finishes(tmp_path):
     """Through the runtime: a batch whose one request is slow does not hold back the next."""
-    from engine.runtime import Pipeline
+    from engine.core.runtime import Pipeline
 
     class Writer:
         def __init__(self):

@@ -5,8 +5,8 @@ import tarfile
 
 import pyarrow.parquet as pq
 
-from engine.demo_data import demo_members
-from engine.prompt import sanitize
+from engine.evidence.prompt import sanitize
+from engine.io.demo_data import demo_members
 
 SHARDS = ("demo-00000", "demo-00001")
 

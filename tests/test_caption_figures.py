@@ -1,7 +1,7 @@
 import sys
 import types
 
-from engine.record import Caption
+from engine.core.record import Caption
 from models.caption.figures import CaptionTally, GpuSampler, gpu_figures
 
 
@@ -75,7 +75,7 @@ class _SglangLike:
 
 
 def test_caption_stage_shows_tokens_cache_hits_and_gpu_live(monkeypatch):
-    from engine.config import CaptionConfig, RuntimeConfig
+    from engine.core.config import CaptionConfig, RuntimeConfig
     from engine.stages.caption import CaptionStage
 
     stage = CaptionStage(CaptionConfig(), RuntimeConfig(out="unused", models="tiny", device="cpu"))
@@ -90,8 +90,8 @@ def test_caption_stage_shows_tokens_cache_hits_and_gpu_live(monkeypatch):
 
 
 def test_progress_bar_carries_the_stages_live_figures(capsys):
-    from engine.pipeline import ProgressBar
-    from engine.stage import Stage
+    from engine.core.pipeline import ProgressBar
+    from engine.core.stage import Stage
 
     class Live(Stage):
         def progress(self):

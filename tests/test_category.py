@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from engine.category import (
+from engine.core.record import Sample, Source
+from engine.evidence.category import (
     CATEGORIES,
     CATEGORY_PROMPTS,
     as_scores,
@@ -9,7 +10,6 @@ from engine.category import (
     category_probabilities,
     category_prototypes,
 )
-from engine.record import Sample, Source
 from engine.stages.category import Categorize
 from engine.stages.embed import EMBED_VIEW
 

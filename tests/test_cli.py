@@ -4,8 +4,8 @@ import pytest
 from conftest import jpeg, sample_members, write_tar
 
 import densefusion_local
-from engine import config
-from engine.errors import ConfigError
+from engine.core import config
+from engine.core.errors import ConfigError
 
 
 def cli(*argv) -> int:

@@ -1,7 +1,8 @@
 import pytest
 
-from engine.config import ScoreConfig
-from engine.coverage import (
+from engine.core.config import ScoreConfig
+from engine.core.record import Box, Caption, OcrLine, Sample, Source, Tag
+from engine.evidence.coverage import (
     Evidence,
     coverage_scores,
     label_coverage,
@@ -9,8 +10,7 @@ from engine.coverage import (
     ocr_token_coverage,
     unseen_nouns,
 )
-from engine.language import pos_tagger
-from engine.record import Box, Caption, OcrLine, Sample, Source, Tag
+from engine.evidence.language import pos_tagger
 from engine.stages.score import ScoreStage
 
 
@@ -92,10 +92,10 @@ def test_score_stage_runs_in_the_pipeline_and_reaches_the_statistics(tmp_path):
 
     from PIL import Image
 
-    from engine import config, pipeline
-    from engine.dataset_reader import iter_samples
-    from engine.record import ShardEnd
-    from engine.stats import output_stats
+    from engine.core import config, pipeline
+    from engine.core.record import ShardEnd
+    from engine.output.dataset_reader import iter_samples
+    from engine.output.stats import output_stats
 
     buffer = io.BytesIO()
     Image.new("RGB", (640, 480), (90, 120, 200)).save(buffer, "JPEG")

@@ -15,9 +15,9 @@ import pytest
 import zarr
 
 import densefusion_local
-from engine import config as config_module
+from engine.core import config as config_module
 from engine.curate.pass2_source import selected_source
-from engine.demo_data import write_demo_shards
+from engine.io.demo_data import write_demo_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 EPS = 0.02  # the random tiny model maps every image close together; a small eps keeps some

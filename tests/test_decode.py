@@ -6,11 +6,13 @@ import pytest
 from conftest import encode, jpeg
 from PIL import Image
 
-from engine.config import DecodeConfig, FilterConfig
-from engine.decode import Decode, decode_views
-from engine.probe import ResolutionFilter, probe_header
-from engine.record import Sample, Source
-from engine.stage import ImageView
+from engine.core.config import DecodeConfig, FilterConfig
+from engine.core.record import Sample, Source
+from engine.core.stage import ImageView
+from engine.image.decode import decode_views
+from engine.image.probe import probe_header
+from engine.stages.decode import Decode
+from engine.stages.probe import ResolutionFilter
 
 VIEWS = (ImageView("big", 4096), ImageView("small", 100))
 

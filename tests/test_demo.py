@@ -2,7 +2,7 @@ import json
 
 from contract import check_output_contract
 
-from engine.demo_data import demo_members
+from engine.io.demo_data import demo_members
 
 
 def test_demo_output_follows_the_contract(demo_output):

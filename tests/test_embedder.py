@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from engine.config import CurateConfig
-from engine.errors import ConfigError
-from engine.record import Sample, Source
+from engine.core.config import CurateConfig
+from engine.core.errors import ConfigError
+from engine.core.record import Sample, Source
 from engine.stages.embed import EMBED_VIEW, Embed
 from models.embedder import CONFIG_FILE, ClipEmbedder, check_model
 from models.tiny import ensure

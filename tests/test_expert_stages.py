@@ -4,18 +4,13 @@ import numpy as np
 import pytest
 import torch
 
-from engine.config import ExpertsConfig, FusionConfig, RunConfig, RuntimeConfig
-from engine.errors import ConfigError
-from engine.expert_cache import (
-    FIELDS,
-    CachedExpert,
-    ExpertCache,
-    fingerprint,
-    image_digest,
-)
-from engine.record import Box, Sample, Source, Tag
-from engine.stage import Stage
+from engine.core.config import ExpertsConfig, FusionConfig, RunConfig, RuntimeConfig
+from engine.core.errors import ConfigError
+from engine.core.record import Box, Sample, Source, Tag
+from engine.core.stage import Stage
+from engine.io.expert_cache import FIELDS, ExpertCache, fingerprint, image_digest
 from engine.stages.detect import Detect
+from engine.stages.expert_cache import CachedExpert
 from engine.stages.experts import build_tag, tag_vocabulary
 from engine.stages.tag import ClipTag, RamPlusTag
 from models import ram_plus
@@ -199,7 +194,7 @@ def test_build_tag_misconfiguration_fails_up_front(tmp_path):
 def test_end_to_end_tags_to_owlv2_to_prompt_detection_boxes(tmp_path):
     """Tiny models through the production factories: RAM++ tags query OWLv2, the closed-set
     detector adds its boxes, the fused boxes are what the prompt's [Detection Box] lists."""
-    from engine.config import PromptConfig
+    from engine.core.config import PromptConfig
     from engine.stages.experts import build_detect
     from engine.stages.prompt import FusionPrompt
 
@@ -231,7 +226,7 @@ def test_stages_opening_a_new_cache_at_once_do_not_lock_each_other_out(tmp_path)
     (before the fix, about 1 in 100 such openings failed at once with "database is locked")."""
     import threading
 
-    from engine.expert_cache import ExpertCache
+    from engine.io.expert_cache import ExpertCache
 
     errors, rounds = [], 200
     start = threading.Barrier(2)

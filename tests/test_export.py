@@ -6,8 +6,8 @@ import pytest
 from output_fixture import CAPTIONS, write_fixture_output
 
 import densefusion_local
-from engine.dataset_reader import iter_samples
-from engine.export import export, main, validate_llava
+from engine.output.dataset_reader import iter_samples
+from engine.output.export import export, main, validate_llava
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 import pytest
 
-from engine.errors import ConfigError
-from engine.language import (
+from engine.core.errors import ConfigError
+from engine.evidence.language import (
     ADJ,
     ADV,
     NOUN,
@@ -63,7 +63,7 @@ def test_unknown_or_missing_taggers_are_config_errors():
 
 
 def test_run_config_rejects_a_tagger_that_cannot_load(tmp_path):
-    from engine import config
+    from engine.core import config
 
     with pytest.raises(ConfigError, match="spaCy"):
         config.build(runtime={"out": str(tmp_path)}, score={"pos_tagger": "spacy:no_such_pipeline_xyz"})

@@ -2,9 +2,9 @@ import json
 
 from output_fixture import CAPTIONS, fixture_samples, write_fixture_output
 
-from engine.export import export, validate_llava
-from engine.meta import caption_engine_prompt
-from engine.prompt import CAPTION_ENGINE_INSTRUCTION, PromptConfig, sample_prompt
+from engine.evidence.prompt import CAPTION_ENGINE_INSTRUCTION, PromptConfig, sample_prompt
+from engine.output.export import export, validate_llava
+from engine.output.meta import caption_engine_prompt
 
 
 def test_sft_export_puts_each_samples_caption_engine_prompt_in_the_human_turn(tmp_path):
@@ -52,9 +52,9 @@ def test_meta_command_captions_the_subset_with_gpt4v_and_exports_sft(tmp_path, c
 
     import densefusion_local
     from bench._chat_server import ChatServer
-    from engine.demo_data import write_demo_shards
-    from engine.prompt import GPT4V_INSTRUCTION
-    from engine.subset import in_subset
+    from engine.core.subset import in_subset
+    from engine.evidence.prompt import GPT4V_INSTRUCTION
+    from engine.io.demo_data import write_demo_shards
 
     shards = write_demo_shards(tmp_path / "in", n_shards=1)
     out = tmp_path / "out"

@@ -56,8 +56,8 @@ def test_tensorrt_without_the_package_says_what_to_install(tmp_path, capsys):
 def test_exported_embedder_tower_serves_the_engine(tmp_path, tiny_cache):
     """The ONNX image tower gives the torch embeddings, and the pipeline uses it when asked."""
     import densefusion_local
-    from engine import config as config_module
-    from engine.errors import ConfigError
+    from engine.core import config as config_module
+    from engine.core.errors import ConfigError
     from models.embedder import ClipEmbedder
     from models.tiny import ensure
 
@@ -87,8 +87,8 @@ def test_exported_ram_plus_tags_like_the_checkpoint_in_the_engine(tmp_path, tiny
     """The export writes the vocabulary beside the graph; --ram-plus-model FILE.onnx tags on
     ONNX Runtime what the torch checkpoint tags, in the pipeline too."""
     import densefusion_local
-    from engine.config import ExpertsConfig
-    from engine.record import Sample, Source
+    from engine.core.config import ExpertsConfig
+    from engine.core.record import Sample, Source
     from engine.stages.tag import RAM_VIEW, RamPlusTag
     from models.ram_plus import TAG_LIST_NAME, THRESHOLD_NAME, TINY_TAGS, load_tagger
     from models.tiny import ensure

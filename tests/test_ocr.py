@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFont
 
-from engine.errors import ConfigError
-from engine.record import Sample, ShardEnd, Source
+from engine.core.errors import ConfigError
+from engine.core.record import Sample, ShardEnd, Source
 from engine.stages.ocr import Ocr
 from models.ocr import OcrConfig, OcrModel, RawText, reading_order
 
@@ -132,7 +132,7 @@ def test_config_validation(bad):
 def test_parallel_sessions_read_the_same_lines(ocr_stage):
     """Several sessions in parallel (the runtime's workers) give each image exactly what one
     session gives it."""
-    from engine.runtime import Pipeline
+    from engine.core.runtime import Pipeline
 
     class Keep:
         def write(self, sample):

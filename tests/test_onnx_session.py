@@ -2,7 +2,7 @@
 
 import pytest
 
-from engine.errors import ConfigError
+from engine.core.errors import ConfigError
 from models.onnx_session import open_session, providers
 
 ALL = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from bench._chat_server import ChatServer
-from engine.config import ApiConfig
-from engine.errors import ConfigError
+from engine.core.config import ApiConfig
+from engine.core.errors import ConfigError
 from models.caption.base import SamplingParams
 from models.caption.openai_backend import (
     OpenAIEngine,

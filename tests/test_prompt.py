@@ -2,12 +2,12 @@
 
 import pytest
 
-from engine.errors import ConfigError
-from engine.prompt import PromptConfig, fusion_prompt, gpt4v_prompt, sanitize
-from engine.record import Box, OcrLine, Sample, Source
+from engine.core.errors import ConfigError
+from engine.core.record import Box, OcrLine, Sample, Source
+from engine.evidence.prompt import PromptConfig, fusion_prompt, gpt4v_prompt, sanitize
 from engine.stages.prompt import FusionPrompt
 
-# Appendix C.2 of the paper, typed out independently of engine/prompt.py.
+# Appendix C.2 of the paper, typed out independently of engine/evidence/prompt.py.
 INSTRUCTION = (
     "You are a powerful multimodal model and you should generate detailed descriptions of this image, "
     "using additional external information such as [Caption], [Detection Box], and [OCR]. [Caption] "

@@ -2,10 +2,10 @@ import dataclasses
 
 import pytest
 
-from engine.config import QC_RULES, QcConfig
-from engine.errors import ConfigError
-from engine.qc import check_caption
-from engine.record import Caption, Sample, Source
+from engine.core.config import QC_RULES, QcConfig
+from engine.core.errors import ConfigError
+from engine.core.record import Caption, Sample, Source
+from engine.evidence.qc import check_caption
 from engine.stages.qc import QualityControl
 
 GOOD = (
@@ -141,8 +141,8 @@ def test_drops_land_in_rejects_with_the_rule_name_through_the_pipeline(tmp_path)
     import pyarrow.parquet as pq
     from PIL import Image
 
-    from engine import config, pipeline
-    from engine.record import ShardEnd
+    from engine.core import config, pipeline
+    from engine.core.record import ShardEnd
 
     buf = io.BytesIO()
     Image.new("RGB", (64, 48), "white").save(buf, format="JPEG")

@@ -3,9 +3,9 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import jpeg, sample_members, write_tar
 
-from engine.config import InputConfig
-from engine.errors import ConfigError
-from engine.readers import (
+from engine.core.config import InputConfig
+from engine.core.errors import ConfigError
+from engine.io.readers import (
     ShardReport,
     expand_braces,
     expand_shards,

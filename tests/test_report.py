@@ -8,7 +8,7 @@ import pytest
 from output_fixture import CAPTIONS, write_fixture_output
 from PIL import Image
 
-from engine.report import boxes_overlay, build_report, main
+from engine.output.report import boxes_overlay, build_report, main
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

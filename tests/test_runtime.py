@@ -3,9 +3,9 @@ import time
 
 import pytest
 
-from engine.record import Sample, ShardEnd, Source
-from engine.runtime import Pipeline, StageFailed
-from engine.stage import Resources, Stage
+from engine.core.record import Sample, ShardEnd, Source
+from engine.core.runtime import Pipeline, StageFailed
+from engine.core.stage import Resources, Stage
 
 
 def samples(shard: str, n: int, dead: set[int] = frozenset()):

@@ -2,8 +2,8 @@ import os
 
 import pytest
 
-from engine.config import SGLANG_CHAT_TEMPLATES, SglangConfig
-from engine.errors import ConfigError
+from engine.core.config import SGLANG_CHAT_TEMPLATES, SglangConfig
+from engine.core.errors import ConfigError
 from models.caption.base import SamplingParams
 from models.caption.sglang_backend import (
     CHAT_TEMPLATES,

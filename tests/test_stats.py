@@ -3,8 +3,8 @@ import json
 import pytest
 from output_fixture import write_fixture_output
 
-from engine import stats
-from engine.language import pos_tagger
+from engine.evidence.language import pos_tagger
+from engine.output import stats
 
 # Hand-counted: chars / words / sentences; parts of speech per caption
 #   "A red car."                                  10 / 3 / 1   noun car, adj red

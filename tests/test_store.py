@@ -2,8 +2,8 @@
 
 import numpy as np
 
+from engine.core.record import Sample, ShardEnd, Source
 from engine.curate.store import EmbeddingStore
-from engine.record import Sample, ShardEnd, Source
 
 
 def samples(shard: str, n: int, dim: int = 8, seed: int = 0):

@@ -1,9 +1,9 @@
 import pytest
 
-from engine.config import SubsetConfig
-from engine.errors import ConfigError
-from engine.record import Sample, ShardEnd, Source
-from engine.subset import in_subset, take_subset
+from engine.core.config import SubsetConfig
+from engine.core.errors import ConfigError
+from engine.core.record import Sample, ShardEnd, Source
+from engine.core.subset import in_subset, take_subset
 
 
 def _items(keys):
@@ -47,7 +47,7 @@ def test_a_run_writes_the_subset_and_rejects_the_rest(tmp_path):
     import pyarrow.parquet as pq
     from PIL import Image
 
-    from engine import config, pipeline
+    from engine.core import config, pipeline
 
     buf = io.BytesIO()
     Image.new("RGB", (64, 48), "white").save(buf, format="JPEG")

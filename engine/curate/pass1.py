@@ -17,18 +17,18 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from engine.config import RunConfig
+from engine.core.config import RunConfig
+from engine.core.errors import ConfigError
+from engine.core.pipeline import ProgressBar, resolved, shard_source
+from engine.core.runtime import Pipeline, SigintStops
 from engine.curate.kmeans import cluster, default_k
 from engine.curate.selection import Selection, report, select, selection_table
 from engine.curate.store import EmbeddingStore
-from engine.decode import Decode
-from engine.errors import ConfigError
-from engine.manifest import write_json_atomic, write_parquet_atomic
-from engine.pipeline import ProgressBar, resolved, shard_source
-from engine.probe import ResolutionFilter
-from engine.readers import expand_shards, shard_kind
-from engine.runtime import Pipeline, SigintStops
+from engine.io.manifest import write_json_atomic, write_parquet_atomic
+from engine.io.readers import expand_shards, shard_kind
+from engine.stages.decode import Decode
 from engine.stages.embed import EMBED_VIEW, Embed, embed_model_path
+from engine.stages.probe import ResolutionFilter
 from models.embedder import check_model
 
 CURATE_DIR = "curate"

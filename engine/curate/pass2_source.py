@@ -7,11 +7,11 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
-from engine.config import RunConfig
+from engine.core.config import RunConfig
+from engine.core.record import Sample, ShardEnd, Source
 from engine.curate.pass1 import curate_dir
 from engine.curate.store import EmbeddingStore
-from engine.readers import Selected, expand_shards, read_selected, shard_name
-from engine.record import Sample, ShardEnd, Source
+from engine.io.readers import Selected, expand_shards, read_selected, shard_name
 
 CURATE_STAGE = "curate"
 

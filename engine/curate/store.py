@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.manifest import Manifest, write_parquet_atomic
-from engine.record import Sample, ShardEnd
+from engine.core.record import Sample, ShardEnd
+from engine.io.manifest import Manifest, write_parquet_atomic
 
 INDEX_COLUMNS = ("key", "shard", "path", "member", "offset", "size", "width", "height", "alt_text", "row")
 DEFAULT_CHUNK_ROWS = 16384
@@ -155,7 +155,7 @@ def _index_table(samples: list[Sample], start: int):
 def _rejects_table(samples: list[Sample]):
     import pyarrow as pa
 
-    from engine.writers import REJECT_SCHEMA
+    from engine.io.writers import REJECT_SCHEMA
 
     return pa.Table.from_pylist([
         {"key": s.key, "shard": s.source.shard, "member": s.source.member,

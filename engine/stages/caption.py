@@ -7,9 +7,9 @@ import threading
 import time
 from pathlib import Path
 
-from engine.config import RuntimeConfig
-from engine.record import Sample
-from engine.stage import ImageView, Resources, Stage
+from engine.core.config import RuntimeConfig
+from engine.core.record import Sample
+from engine.core.stage import ImageView, Resources, Stage
 from models.base import TINY, ModelRef
 from models.caption.base import CaptionEngine
 from models.caption.figures import CaptionTally, GpuSampler

@@ -1,4 +1,4 @@
-"""Image category (engine/category.py) from the CLIP embedding, into ``sample.scores``.
+"""Image category (engine/evidence/category.py) from the CLIP embedding, into ``sample.scores``.
 
 Uses ``sample.embedding`` when pass 1 left one on the sample; otherwise embeds the decoded
 view with the same model, so the category is there whether or not pass 1 ran.
@@ -11,9 +11,9 @@ from typing import Protocol
 
 import numpy as np
 
-from engine.category import as_scores, category_probabilities, category_prototypes
-from engine.record import Sample
-from engine.stage import ImageView, Resources, Stage
+from engine.core.record import Sample
+from engine.core.stage import ImageView, Resources, Stage
+from engine.evidence.category import as_scores, category_probabilities, category_prototypes
 from engine.stages.embed import EMBED_VIEW, fill_embeddings
 
 

@@ -1,16 +1,16 @@
 """Detection stage: OWLv2 queried with the image's tags + a closed-set detector, fused.
 
 Each detector reads its own view; raw boxes above each detector's threshold go through
-``engine.boxes.fuse_boxes`` (merge across detectors, small-first balanced sampling, cap)
+``engine.evidence.boxes.fuse_boxes`` (merge across detectors, small-first balanced sampling, cap)
 into ``sample.boxes``. Either detector may be off.
 """
 
 from __future__ import annotations
 
-from engine.boxes import fuse_boxes
-from engine.config import ExpertsConfig, FusionConfig
-from engine.record import Box, Sample
-from engine.stage import ImageView, Resources, Stage, run_per_sample
+from engine.core.config import ExpertsConfig, FusionConfig
+from engine.core.record import Box, Sample
+from engine.core.stage import ImageView, Resources, Stage, run_per_sample
+from engine.evidence.boxes import fuse_boxes
 
 OWLV2_VIEW = "owlv2"
 CLOSED_VIEW = "closed"

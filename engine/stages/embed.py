@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from engine.config import CurateConfig
-from engine.record import Sample
-from engine.stage import ImageView, Resources, Stage
+from engine.core.config import CurateConfig
+from engine.core.record import Sample
+from engine.core.stage import ImageView, Resources, Stage
 from models.base import ModelRef
 
 # EVA02 CLIP models take 224 px crops of the shorter side; a 448 px longer side keeps the

@@ -7,11 +7,12 @@ import dataclasses
 import json
 from pathlib import Path
 
-from engine.config import ExpertsConfig, RunConfig
-from engine.errors import ConfigError
-from engine.expert_cache import CachedExpert, fingerprint
-from engine.stage import Stage
+from engine.core.config import ExpertsConfig, RunConfig
+from engine.core.errors import ConfigError
+from engine.core.stage import Stage
+from engine.io.expert_cache import fingerprint
 from engine.stages.detect import Detect
+from engine.stages.expert_cache import CachedExpert
 from engine.stages.tag import ClipTag, RamPlusTag
 from models.base import ModelRef
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import queue
 
-from engine.record import Sample
-from engine.stage import ImageView, Resources, Stage, run_per_sample
+from engine.core.record import Sample
+from engine.core.stage import ImageView, Resources, Stage, run_per_sample
 from models.ocr import OcrConfig, OcrModel
 
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from engine.prompt import PromptConfig, sample_prompt
-from engine.record import Sample
-from engine.stage import Resources, Stage, run_per_sample
+from engine.core.record import Sample
+from engine.core.stage import Resources, Stage, run_per_sample
+from engine.evidence.prompt import PromptConfig, sample_prompt
 
 
 class FusionPrompt(Stage):

@@ -1,12 +1,12 @@
-"""Quality-control stage: runs :mod:`engine.qc` on each caption, then drops or flags."""
+"""Quality-control stage: runs :mod:`engine.evidence.qc` on each caption, then drops or flags."""
 
 from __future__ import annotations
 
 from collections import Counter
 
-from engine.qc import QcConfig, check_caption
-from engine.record import Sample
-from engine.stage import Resources, Stage
+from engine.core.record import Sample
+from engine.core.stage import Resources, Stage
+from engine.evidence.qc import QcConfig, check_caption
 
 
 class QualityControl(Stage):

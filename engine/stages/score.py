@@ -1,12 +1,12 @@
-"""Evidence coverage scores (engine/coverage.py) for each caption, into ``sample.scores``."""
+"""Evidence coverage scores (engine/evidence/coverage.py) for each caption, into ``sample.scores``."""
 
 from __future__ import annotations
 
-from engine.config import ScoreConfig
-from engine.coverage import Evidence, coverage_scores
-from engine.language import pos_tagger
-from engine.record import Sample
-from engine.stage import Resources, Stage, run_per_sample
+from engine.core.config import ScoreConfig
+from engine.core.record import Sample
+from engine.core.stage import Resources, Stage, run_per_sample
+from engine.evidence.coverage import Evidence, coverage_scores
+from engine.evidence.language import pos_tagger
 
 
 def evidence(sample: Sample) -> Evidence:

@@ -10,9 +10,9 @@ from collections.abc import Callable
 
 import numpy as np
 
-from engine.config import ExpertsConfig
-from engine.record import Sample
-from engine.stage import ImageView, Resources, Stage
+from engine.core.config import ExpertsConfig
+from engine.core.record import Sample
+from engine.core.stage import ImageView, Resources, Stage
 from engine.stages.embed import EMBED_VIEW, fill_embeddings
 
 RAM_VIEW = ImageView("ram_plus", 384)

@@ -7,7 +7,7 @@ from typing import Protocol
 
 import numpy as np
 
-from engine.record import Caption
+from engine.core.record import Caption
 
 
 @dataclass(frozen=True)

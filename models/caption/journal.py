@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.record import Caption
+from engine.core.record import Caption
 from models.caption.base import SamplingParams
 
 

@@ -34,8 +34,8 @@ from typing import Any
 
 import numpy as np
 
-from engine.config import ApiConfig
-from engine.record import Caption
+from engine.core.config import ApiConfig
+from engine.core.record import Caption
 from models.caption.base import SamplingParams
 from models.caption.journal import CaptionJournal, request_digest
 from models.caption.registry import BackendSettings, CaptionConfig, register

@@ -15,7 +15,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from engine.config import ApiConfig, CaptionConfig, SglangConfig
+from engine.core.config import ApiConfig, CaptionConfig, SglangConfig
 from models.caption.base import CaptionEngine
 
 log = logging.getLogger(__name__)

@@ -19,9 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from engine.config import SglangConfig
-from engine.errors import ConfigError
-from engine.record import Caption
+from engine.core.config import SglangConfig
+from engine.core.errors import ConfigError
+from engine.core.record import Caption
 from models.caption.base import SamplingParams
 from models.caption.registry import BackendSettings, CaptionConfig, register
 from models.caption.window import RequestWindow

@@ -25,9 +25,9 @@ import time
 
 import numpy as np
 
-from engine.config import CAPTION_DECODE_MODES
-from engine.errors import ConfigError
-from engine.record import Caption
+from engine.core.config import CAPTION_DECODE_MODES
+from engine.core.errors import ConfigError
+from engine.core.record import Caption
 from models.caption.base import SamplingParams
 from models.caption.registry import BackendSettings, CaptionConfig, register
 

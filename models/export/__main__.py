@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from engine.errors import ConfigError
+from engine.core.errors import ConfigError
 from models.base import ModelRef
 
 

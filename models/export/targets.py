@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 
-from engine.errors import ConfigError
+from engine.core.errors import ConfigError
 from models.export.onnx import ExportTarget
 
 

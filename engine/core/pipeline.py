@@ -13,24 +13,24 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-from engine.config import RunConfig
-from engine.decode import Decode
-from engine.errors import ConfigError
-from engine.manifest import Manifest, write_json_atomic
-from engine.probe import ResolutionFilter
-from engine.readers import ShardReport, expand_shards, read_shard, shard_end, shard_kind, shard_name
-from engine.record import Sample, ShardEnd
-from engine.runtime import Item, Pipeline, RunSummary, SigintStops
-from engine.stage import Stage
+from engine.core.config import RunConfig
+from engine.core.errors import ConfigError
+from engine.core.record import Sample, ShardEnd
+from engine.core.runtime import Item, Pipeline, RunSummary, SigintStops
+from engine.core.stage import Stage
+from engine.core.subset import take_subset
+from engine.io.manifest import Manifest, write_json_atomic
+from engine.io.readers import ShardReport, expand_shards, read_shard, shard_end, shard_kind, shard_name
+from engine.io.writers import DatasetWriter
 from engine.stages.caption import CaptionStage
 from engine.stages.category import Categorize
+from engine.stages.decode import Decode
 from engine.stages.experts import build_detect, build_tag, pass1_embedder
 from engine.stages.ocr import Ocr
+from engine.stages.probe import ResolutionFilter
 from engine.stages.prompt import FusionPrompt
 from engine.stages.qc import QualityControl
 from engine.stages.score import ScoreStage
-from engine.subset import take_subset
-from engine.writers import DatasetWriter
 from models.base import resolve_device
 from models.caption.registry import BackendSettings
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterator
 
-from engine.config import SubsetConfig
-from engine.record import Sample, ShardEnd
+from engine.core.config import SubsetConfig
+from engine.core.record import Sample, ShardEnd
 
 STAGE = "subset"
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from engine.record import Sample
+from engine.core.record import Sample
 
 
 @dataclass(frozen=True)

@@ -25,8 +25,8 @@ import re
 import unicodedata
 from collections.abc import Sequence
 
-from engine.config import PROMPT_TEMPLATES, PromptConfig
-from engine.record import Box, OcrLine, Sample
+from engine.core.config import PROMPT_TEMPLATES, PromptConfig
+from engine.core.record import Box, OcrLine, Sample
 
 CAPTION_ENGINE_INSTRUCTION = (
     "You are a powerful multimodal model and you should generate detailed descriptions of this "

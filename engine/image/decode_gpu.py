@@ -1,14 +1,14 @@
 """Batched JPEG decode with torchvision (nvJPEG on a GPU) and antialiased resizes on the device.
 
-Kept apart from ``engine/decode.py`` so the CPU path never imports torch.
+Kept apart from ``engine/image/decode.py`` so the CPU path never imports torch.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from engine.decode import fit_size
-from engine.stage import ImageView
+from engine.core.stage import ImageView
+from engine.image.decode import fit_size
 
 
 def decode_jpegs_on_gpu(datas: list[bytes], views: tuple[ImageView, ...], device: str

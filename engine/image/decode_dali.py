@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from engine.decode import fit_size
-from engine.stage import ImageView
+from engine.core.stage import ImageView
+from engine.image.decode import fit_size
 
 
 class DaliDecoder:

@@ -20,15 +20,15 @@ from typing import Any
 
 import numpy as np
 
-from engine.category import SCORE_PREFIX, category_of
-from engine.dataset_reader import (
+from engine.evidence.category import SCORE_PREFIX, category_of
+from engine.output.dataset_reader import (
     WrittenSample,
     check_output,
     iter_samples,
     read_json,
     read_rejects,
 )
-from engine.stats import PAPER_ROWS, POS_COLUMNS, TABLE1_HEADER, default_workers, output_stats, table1_row
+from engine.output.stats import PAPER_ROWS, POS_COLUMNS, TABLE1_HEADER, default_workers, output_stats, table1_row
 
 THUMB_SIDE = 360
 MAX_REJECT_ROWS = 200

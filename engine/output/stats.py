@@ -3,7 +3,7 @@
 Table 1 columns: samples; mean characters, words and sentences per caption; share of nouns,
 adjectives, adverbs, verbs and numerals among all caption words (pooled over the dataset,
 the paper's "lexical composition"). Words, sentences and parts of speech are defined in
-engine/language.py. Only samples with a non-empty caption count towards the caption figures.
+engine/evidence/language.py. Only samples with a non-empty caption count towards the caption figures.
 
     python densefusion_local.py stats OUT [--pos-tagger pattern|spacy[:model]] [--workers N]
 
@@ -23,11 +23,11 @@ from typing import Any
 
 import numpy as np
 
-from engine.category import category_of
-from engine.coverage import COVERAGE_SCORES
-from engine.dataset_reader import iter_tar, read_json, read_rejects, shard_tars
-from engine.language import POS_CLASSES, PosTagger, check_pos_tagger, pos_tagger, sentences, tagged_words
-from engine.manifest import write_json_atomic
+from engine.evidence.category import category_of
+from engine.evidence.coverage import COVERAGE_SCORES
+from engine.evidence.language import POS_CLASSES, PosTagger, check_pos_tagger, pos_tagger, sentences, tagged_words
+from engine.io.manifest import write_json_atomic
+from engine.output.dataset_reader import iter_tar, read_json, read_rejects, shard_tars
 
 HISTOGRAM_BINS = 20
 CAPTIONS_PER_WORKER = 1000

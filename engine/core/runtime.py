@@ -25,8 +25,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.record import Sample, ShardEnd
-from engine.stage import Stage
+from engine.core.record import Sample, ShardEnd
+from engine.core.stage import Stage
 
 Item = Sample | ShardEnd
 _STOP = object()  # end of input, passed down the chain

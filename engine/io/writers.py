@@ -23,8 +23,8 @@ from typing import Any
 
 import pyarrow as pa
 
-from engine.manifest import Manifest, fsync_dir, write_parquet_atomic
-from engine.record import Sample, ShardEnd
+from engine.core.record import Sample, ShardEnd
+from engine.io.manifest import Manifest, fsync_dir, write_parquet_atomic
 
 _TMP = ".tmp"
 # Every image member is named <key>.jpg whatever its format (the bytes are the original file's,

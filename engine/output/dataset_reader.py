@@ -1,4 +1,4 @@
-"""Reading back a finished output folder (the output contract that engine/writers.py writes).
+"""Reading back a finished output folder (the output contract that engine/io/writers.py writes).
 
 Statistics, exports and the report all start here. The tar shards are the source of truth:
 ``<key>.json`` holds ``sample.annotations()`` with ``meta`` and ``scores`` as real objects,
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine.errors import ConfigError
+from engine.core.errors import ConfigError
 
 
 @dataclass(frozen=True)

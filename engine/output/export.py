@@ -20,15 +20,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from engine.dataset_reader import WrittenSample, check_output, iter_samples
-from engine.meta import caption_engine_prompt
+from engine.output.dataset_reader import WrittenSample, check_output, iter_samples
+from engine.output.meta import caption_engine_prompt
 
 DEFAULT_INSTRUCTION = "Describe this image in detail."
 FILES = {"llava": "densefusion_llava.json", "jsonl": "densefusion.jsonl",
          "sft": "densefusion_sft.json"}
 
 
-# The tar names every image <key>.jpg (see engine/writers.py); exported files get their real extension.
+# The tar names every image <key>.jpg (see engine/io/writers.py); exported files get their real extension.
 _EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tif", "MPO": "jpg"}
 
 

@@ -28,7 +28,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from engine.language import NOUN, PosTagger, noun_forms, tagged_words, words
+from engine.evidence.language import NOUN, PosTagger, noun_forms, tagged_words, words
 
 # Deliberately small: common names of the same thing in detector/tagger vocabularies
 # (COCO, LVIS, RAM++) and in captions. Each group is one meaning.

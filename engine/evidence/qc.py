@@ -13,8 +13,8 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 
-from engine import language
-from engine.config import QcConfig
+from engine.core.config import QcConfig
+from engine.evidence import language
 
 _SENTENCE_END = re.compile(r"[.!?。！？…][\"'”’)\]」』]*\s*$")
 
@@ -29,7 +29,7 @@ class Verdict:
 
 
 def words(text: str) -> list[str]:
-    """Lower-cased words, split the way the statistics split them (engine/language.py)."""
+    """Lower-cased words, split the way the statistics split them (engine/evidence/language.py)."""
     return [w.lower() for w in language.words(text)]
 
 

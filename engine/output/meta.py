@@ -15,8 +15,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from engine.prompt import PromptConfig, fusion_prompt
-from engine.record import Box, OcrLine
+from engine.core.record import Box, OcrLine
+from engine.evidence.prompt import PromptConfig, fusion_prompt
 
 
 def caption_engine_prompt(annotations: dict[str, Any], config: PromptConfig | None = None) -> str:

@@ -1,6 +1,6 @@
 """Box fusion: the detectors' raw boxes → the few boxes the fusion prompt shows.
 
-Pure functions over :class:`engine.record.Box` (coordinates normalised to [0, 1] of the
+Pure functions over :class:`engine.core.record.Box` (coordinates normalised to [0, 1] of the
 original image). The order of the rules is the paper's (§3.2.1): keep confident detections
 (a threshold per detector), merge the two detectors' duplicates, then *balanced sampling*
 that favours small objects — a generalist MLLM already sees the big ones — capped at a
@@ -13,8 +13,8 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import replace
 
-from engine.config import FusionConfig
-from engine.record import Box
+from engine.core.config import FusionConfig
+from engine.core.record import Box
 
 XYXY = tuple[float, float, float, float]
 SIZE_BUCKETS = ("small", "medium", "large")

@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from engine.config import InputConfig
-from engine.errors import ConfigError
-from engine.record import Sample, ShardEnd, Source
+from engine.core.config import InputConfig
+from engine.core.errors import ConfigError
+from engine.core.record import Sample, ShardEnd, Source
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 READER = "read"

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.errors import ConfigError
+from engine.core.errors import ConfigError
 
 
 def option(default: Any, help: str, *, choices: tuple | None = None, flag: str | None = None):
@@ -73,7 +73,7 @@ class DecodeConfig:
 
 # --- pass 2: OCR expert, fusion prompt, caption engine ---------------------------------
 
-PROMPT_TEMPLATES = ("caption_engine", "gpt4v")  # engine/prompt.py holds their text
+PROMPT_TEMPLATES = ("caption_engine", "gpt4v")  # engine/evidence/prompt.py holds their text
 OCR_BACKENDS = ("rapidocr", "paddleocr")  # models/ocr.py
 
 
@@ -274,7 +274,7 @@ def _check_writable(out: Path) -> None:
         raise ConfigError(f"output folder {out} is not writable (checked {probe_dir})")
 
 
-# --- pass 2: vision experts (engine/stages/tag.py, engine/stages/detect.py, engine/boxes.py) ---
+# --- pass 2: vision experts (engine/stages/tag.py, engine/stages/detect.py, engine/evidence/boxes.py) ---
 
 TAGGERS = ("ram_plus", "clip")
 
@@ -329,7 +329,7 @@ class ExpertsConfig:
 
 @dataclass(frozen=True)
 class FusionConfig:
-    """Box fusion rules (engine/boxes.py); every default is listed in the README."""
+    """Box fusion rules (engine/evidence/boxes.py); every default is listed in the README."""
 
     open_min_score: float = option(0.3, "keep open-set (OWLv2) boxes scoring at least this")
     closed_min_score: float = option(0.5, "keep closed-set detector boxes scoring at least this")
@@ -363,7 +363,7 @@ class FusionConfig:
                 raise ConfigError(f"--label-synonyms entry {group!r} must read 'canonical=syn1,syn2'")
 
 
-# --- caption quality control (engine/qc.py applies the rules) ----------------------------
+# --- caption quality control (engine/evidence/qc.py applies the rules) ----------------------------
 
 
 QC_RULES = (
@@ -531,7 +531,7 @@ class ScoreConfig:
     )
 
     def validate(self) -> None:
-        from engine.language import check_pos_tagger
+        from engine.evidence.language import check_pos_tagger
 
         check_pos_tagger(self.pos_tagger)  # a missing spaCy pipeline fails here, before any work
 

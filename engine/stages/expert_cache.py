@@ -1,0 +1,72 @@
+"""An expert stage wrapped in the expert cache (engine/io/expert_cache.py): hits skip the expert."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from engine.core.record import Sample
+from engine.core.stage import ImageView, Resources, Stage
+from engine.io.expert_cache import FIELDS, ExpertCache, image_digest
+
+
+class CachedExpert(Stage):
+    """``inner`` with its ``fields`` read from / written to the cache, keyed per image."""
+
+    def __init__(self, inner: Stage, cache_path: Path, expert_fingerprint: str, fields: tuple[str, ...]):
+        unknown = set(fields) - set(FIELDS)
+        if unknown:
+            raise ValueError(f"cannot cache sample fields {sorted(unknown)}")
+        self.inner = inner
+        self.name = inner.name
+        self.cache_path = Path(cache_path)
+        self.expert = expert_fingerprint
+        self.fields = fields
+        self.cache: ExpertCache | None = None
+        self.inner_ready = False
+        self.hits = 0
+
+    def resources(self) -> Resources:
+        return self.inner.resources()
+
+    def views(self) -> tuple[ImageView, ...]:
+        return self.inner.views()
+
+    def setup(self) -> None:
+        self.cache = ExpertCache(self.cache_path)  # opened in the worker thread that uses it
+
+    def process(self, batch: list[Sample]) -> list[Sample]:
+        keyed = {id(s): image_digest(s) for s in batch if s.image_bytes}
+        found = self.cache.get_many(sorted(set(keyed.values())), self.expert)
+        misses = []
+        for sample in batch:
+            payload = found.get(keyed.get(id(sample), ""))
+            if payload is None:
+                misses.append(sample)
+                continue
+            for name in self.fields:
+                setattr(sample, name, FIELDS[name](payload[name]))
+            for view in self.inner.views():
+                sample.views.pop(view.name, None)  # the expert would have consumed it
+            self.hits += 1
+        if misses:
+            if not self.inner_ready:
+                self.inner.setup()
+                self.inner_ready = True
+            self.inner.process(misses)
+            fresh = {
+                keyed[id(s)]: {name: [dataclasses.asdict(v) for v in getattr(s, name)] for name in self.fields}
+                for s in misses if s.alive and id(s) in keyed
+            }
+            if fresh:
+                self.cache.put_many(fresh, self.expert)
+        return batch
+
+    def teardown(self) -> None:
+        if self.inner_ready:
+            self.inner.teardown()
+        if self.cache is not None:
+            self.cache.close()
+
+    def describe(self) -> str:
+        return f"{self.inner.describe()} [expert cache {self.cache_path}]"
