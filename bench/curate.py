@@ -4,19 +4,23 @@
     python -m bench curate --n 4000000 --k 4000 --no-reference
 
 Both sides run in their own child process (so each peak-memory figure is its own) on the same
-float16 zarr array:
+float16 zarr array, and fit k-means on the same number of points per centroid
+(``--points-per-centroid``, FAISS's default 256), so the two k-means objectives (mean cosine
+similarity of every row to its centroid, higher is better) are comparable:
 
-* ours: FAISS fit on a sample of ``--points-per-centroid`` per centroid, assignment streamed
-  from zarr in chunks, blocked upper-triangle SemDeDup per cluster read from a scratch file;
-* reference: the straightforward version, everything in memory as float32: FAISS fit on a
-  sample (FAISS's default 256 points per centroid), assign all, full NumPy similarity matrix
-  per cluster, upper-triangle column max, top N.
+* ours: the engine's code (engine/curate): k-means fitted coarse to fine on a sample, assignment
+  streamed from zarr in chunks, SemDeDup per cluster from a scratch file grouped by cluster;
+* reference: the straightforward version, everything in memory as float32: FAISS fit on its own
+  subsample of the same size, assign all, full NumPy similarity matrix per cluster sorted in the
+  keep order (facebookresearch/SemDeDup's ``rank_within_cluster``), upper-triangle column max,
+  then the top N survivors closest to the centroid.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -55,10 +59,10 @@ def run_ours(path: Path, args) -> dict:
     t0 = time.perf_counter()
     clustering = cluster(rows, args.k, niter=args.niter, points_per_centroid=args.points_per_centroid)
     t1 = time.perf_counter()
-    sel = select(rows, clustering, eps=args.eps, top_n=args.top_n, scratch=path.parent / "scratch.bin")
+    sel = select(rows, clustering, eps=args.eps, top_n=args.top_n, keep=args.keep, scratch=path.parent / "scratch.bin")
     t2 = time.perf_counter()
     return {"kmeans_s": t1 - t0, "dedup_select_s": t2 - t1, "total_s": t2 - t0,
-            "mean_similarity": float(clustering.similarity.mean()),
+            "objective": float(clustering.similarity.mean()),
             "duplicates": int((sel.duplicate_of >= 0).sum()), "selected": int(sel.kept.sum())}
 
 
@@ -69,15 +73,18 @@ def run_reference(path: Path, args) -> dict:
     x = zarr.open_array(path, mode="r")[:].astype(np.float32)
     t0 = time.perf_counter()
     n, dim = x.shape
-    kmeans = faiss.Kmeans(dim, args.k, niter=args.niter, spherical=True, seed=0, verbose=False)
-    kmeans.train(x)  # FAISS subsamples to 256 points per centroid itself
+    kmeans = faiss.Kmeans(dim, args.k, niter=args.niter, spherical=True, seed=0, verbose=False,
+                          max_points_per_centroid=args.points_per_centroid)
+    kmeans.train(x)  # FAISS subsamples to points_per_centroid per centroid itself
     sims, ids = kmeans.index.search(x, 1)
     t1 = time.perf_counter()
-    assignment, similarity = ids[:, 0], sims[:, 0]
+    assignment, distance = ids[:, 0], 1.0 - sims[:, 0]
     duplicates, selected = 0, 0
     for c in range(args.k):
         members = np.flatnonzero(assignment == c)
-        members = members[np.argsort(-similarity[members])]
+        members = members[np.argsort(-distance[members], kind="stable")]  # keep_hard: farthest first
+        if args.keep == "easy":
+            members = members[::-1]
         block = x[members]
         matrix = block @ block.T
         np.fill_diagonal(matrix, 0.0)
@@ -86,31 +93,40 @@ def run_reference(path: Path, args) -> dict:
         selected += min(args.top_n, int((~dup).sum()))
     t2 = time.perf_counter()
     return {"kmeans_s": t1 - t0, "dedup_select_s": t2 - t1, "total_s": t2 - t0,
-            "mean_similarity": float(similarity.mean()), "duplicates": duplicates, "selected": selected}
+            "objective": float(1.0 - distance.mean()), "duplicates": duplicates, "selected": selected}
 
 
 def _child(side: str, path: Path, args) -> dict:
     cmd = [sys.executable, "-m", "bench", "curate", "--worker", side, "--data", str(path),
            "--k", str(args.k), "--niter", str(args.niter), "--eps", str(args.eps),
-           "--top-n", str(args.top_n), "--points-per-centroid", str(args.points_per_centroid)]
+           "--top-n", str(args.top_n), "--points-per-centroid", str(args.points_per_centroid), "--keep", args.keep]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"{side} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def times(reference: float, ours: float) -> str:
+    """"N.NNx faster" or "N.NNx slower": how ours compares with the reference."""
+    return f"{reference / ours:.2f}x faster" if reference >= ours else f"{ours / reference:.2f}x slower"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench curate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n", type=int, default=1_000_000)
-    parser.add_argument("--dim", type=int, default=768)
-    parser.add_argument("--k", type=int, default=1000)
-    parser.add_argument("--niter", type=int, default=20)
-    parser.add_argument("--eps", type=float, default=0.4)
-    parser.add_argument("--top-n", type=int, default=20)
-    parser.add_argument("--points-per-centroid", type=int, default=64)
+    parser.add_argument("--n", type=int, default=1_000_000, help="rows of synthetic embeddings (default: %(default)s)")
+    parser.add_argument("--dim", type=int, default=768, help="embedding width (default: %(default)s, EVA02-L-14's)")
+    parser.add_argument("--k", type=int, default=1000, help="planted and fitted clusters (default: %(default)s)")
+    parser.add_argument("--niter", type=int, default=20, help="k-means iterations, both sides (default: %(default)s)")
+    parser.add_argument("--eps", type=float, default=0.4, help="SemDeDup epsilon (default: %(default)s)")
+    parser.add_argument("--top-n", type=int, default=20, help="survivors kept per cluster (default: %(default)s)")
+    parser.add_argument("--points-per-centroid", type=int, default=256,
+                        help="k-means fit sample per centroid, both sides (default: %(default)s, FAISS's)")
+    parser.add_argument("--keep", choices=("hard", "easy"), default="hard",
+                        help="SemDeDup keep order, both sides (default: %(default)s, the reference's)")
     parser.add_argument("--no-reference", action="store_true", help="only our side (large N)")
-    parser.add_argument("--workdir", default=None, help="where the synthetic zarr goes (default: temp)")
+    parser.add_argument("--workdir", default=None,
+                        help="folder for the synthetic zarr and scratch files, created if missing (default: a temp folder)")
     parser.add_argument("--worker", choices=("ours", "reference"), help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -121,23 +137,29 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result))
         return 0
 
+    if args.workdir:
+        Path(args.workdir).mkdir(parents=True, exist_ok=True)
+    load = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         path = Path(tmp) / "embeddings.zarr"
         t = time.perf_counter()
         make_embeddings(path, args.n, args.dim, args.k)
         print(f"synthetic: {args.n:,} x {args.dim} float16 into {args.k:,} clusters "
-              f"(made in {time.perf_counter() - t:.1f}s), eps={args.eps}, top {args.top_n}")
+              f"(made in {time.perf_counter() - t:.1f}s), eps={args.eps}, keep {args.keep}, top {args.top_n}, "
+              f"k-means fit on {args.points_per_centroid} points per centroid, {args.niter} iterations")
         sides = ["ours"] + ([] if args.no_reference else ["reference"])
         results = {side: _child(side, path, args) for side in sides}
+    print(f"machine: {os.cpu_count()} CPUs, load average {load:.1f} before, {os.getloadavg()[0]:.1f} after")
     for side, r in results.items():
         print(f"{side:<10} k-means {r['kmeans_s']:7.1f}s  dedup+select {r['dedup_select_s']:7.1f}s  "
               f"total {r['total_s']:7.1f}s  peak RSS {r['peak_rss_gb']:.2f} GB  "
-              f"mean cos to centroid {r['mean_similarity']:.4f}  duplicates {r['duplicates']:,}  "
+              f"k-means objective (mean cos to centroid) {r['objective']:.4f}  duplicates {r['duplicates']:,}  "
               f"selected {r['selected']:,}")
     if "reference" in results:
         ours, ref = results["ours"], results["reference"]
-        print(f"ratio (reference / ours): time {ref['total_s'] / ours['total_s']:.2f}x  "
-              f"k-means {ref['kmeans_s'] / ours['kmeans_s']:.2f}x  "
-              f"dedup+select {ref['dedup_select_s'] / ours['dedup_select_s']:.2f}x  "
-              f"peak memory {ref['peak_rss_gb'] / ours['peak_rss_gb']:.2f}x")
+        print(f"ours is {times(ref['total_s'], ours['total_s'])} in total "
+              f"(k-means {times(ref['kmeans_s'], ours['kmeans_s'])}, "
+              f"dedup+select {times(ref['dedup_select_s'], ours['dedup_select_s'])}), "
+              f"peak memory {ours['peak_rss_gb'] / ref['peak_rss_gb']:.2f} of the reference's, "
+              f"objective {100 * (ours['objective'] / ref['objective'] - 1):+.2f}% vs the reference's")
     return 0

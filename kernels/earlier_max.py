@@ -1,7 +1,7 @@
 """Fused "largest similarity to any earlier row" for SemDeDup on the GPU (Triton).
 
-For unit-norm rows ``x`` sorted closest-to-centroid first, SemDeDup needs, for every j,
-``max_{i<j} x_i · x_j`` and the i that attains it. Blocked matmuls would write each
+For unit-norm rows ``x`` in SemDeDup's keep order (engine/curate/selection.py), SemDeDup
+needs, for every j, ``max_{i<j} x_i · x_j`` and the i that attains it. Blocked matmuls would write each
 similarity tile to GPU memory and read it back for the reduction; this kernel keeps the tile
 in registers: one program per block of columns walks the earlier rows tile by tile, so
 memory traffic is just the embeddings and the answer is O(n) memory for any cluster size.

@@ -67,10 +67,12 @@ def test_curate_end_to_end_respects_top_n_and_eps(clean):
     assert report["n_in"] == report["n_after_resolution_filter"] + report["rejected_by_stage"]["probe"]
     assert report["n_in"] == len(index) + sum(report["rejected_by_stage"].values())
     assert sum(h["clusters"] for h in report["cluster_size_histogram"]) == 3
+    assert report["keep"] == "hard"
     for c in {r["cluster"] for r in selection}:
         members = sorted((r for r in selection if r["cluster"] == c), key=lambda r: r["rank"])
-        assert [r["rank"] for r in members] == list(range(len(members)))
+        assert [r["rank"] for r in members] == list(range(len(members)))  # rank: closest first
         assert sum(r["kept"] for r in members) <= 2  # top N
+        members = members[::-1]  # SemDeDup's default keep order: farthest first
         rows = [selection.index(r) for r in members]
         survivors = []
         for pos, r in enumerate(members):
@@ -81,6 +83,7 @@ def test_curate_end_to_end_respects_top_n_and_eps(clean):
             if not r["reason"].startswith("duplicate of "):
                 assert pos == 0 or earlier.max() <= 1 - EPS + 2e-3
                 survivors.append(r)
+        survivors = survivors[::-1]  # the top N are the survivors closest to the centroid
         assert [r["kept"] for r in survivors] == [i < 2 for i in range(len(survivors))]
         assert all(r["reason"] == f"beyond top 2 of cluster {c}" for r in survivors[2:])
     first = index[0]

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from engine.curate.kmeans import cluster
-from engine.curate.selection import select
+from engine.curate.selection import keep_order, select
 from engine.curate.semdedup import semdedup_keep_mask
 
 EPS = 0.4
@@ -72,6 +72,49 @@ def test_blocked_mask_equals_reference_on_planted_clusters(block):
     assert 0 < total_dups < sum(map(len, clusters))
 
 
+def reference_cluster_verdict(x: np.ndarray, distance: np.ndarray, eps: float, which_to_keep: str,
+                              top_n: int) -> tuple[np.ndarray, np.ndarray]:
+    """A port of the reference for one cluster: (removed as duplicates, kept after top N), by row.
+
+    ``rank_within_cluster`` sorts the members by cosine distance to the centroid with
+    ``sorted(..., reverse=keep_hard)`` (keep_hard=True: farthest first); ``which_to_keep: easy``
+    reverses that list. Then the triu/column-max rule on the sorted members, and the paper's top
+    N: the survivors closest to the centroid (the easy order).
+    """
+    hard = [i for i, _ in sorted(enumerate(distance.tolist()), key=lambda item: item[1], reverse=True)]
+    order = np.array(hard if which_to_keep == "hard" else hard[::-1], np.int64)
+    removed = np.zeros(len(x), bool)
+    removed[order] = reference_duplicates(x[order], eps)
+    closest_first = np.array(hard[::-1], np.int64)
+    kept = np.zeros(len(x), bool)
+    kept[closest_first[~removed[closest_first]][:top_n]] = True
+    return removed, kept
+
+
+def chain_where_order_matters() -> tuple[np.ndarray, np.ndarray]:
+    """Three members a, b, c with a~b, b~c above 1 - eps, a~c below; b is the closest to the
+    centroid, c the farthest. Farthest first (c, a, b): c and a survive, b goes. Closest first
+    (b, a, c): b survives, a and c go. One survivor vs two."""
+    theta = np.arccos(0.7)
+    centroid = np.array([0.0, 0.0, 1.0])
+    x = unit(np.array([[np.cos(t * theta), np.sin(t * theta), height] for t, height in ((0, 0.9), (1, 1.0), (2, 0.8))]))
+    x = x.astype(np.float32)
+    return x, (1.0 - x @ centroid).astype(np.float32)
+
+
+@pytest.mark.parametrize("keep", ["hard", "easy"])
+def test_keep_order_follows_the_reference_where_it_changes_the_outcome(keep):
+    x, distance = chain_where_order_matters()
+    order = keep_order(distance, keep)
+    result = semdedup_keep_mask(x[order], EPS)
+    removed = np.zeros(3, bool)
+    removed[order] = ~result.keep
+    expected, _ = reference_cluster_verdict(x, distance, EPS, keep, top_n=20)
+    np.testing.assert_array_equal(removed, expected)
+    # the hand-worked verdict: hard keeps the farthest (c) and a; easy keeps only b
+    assert removed.tolist() == ([False, True, False] if keep == "hard" else [True, False, True])
+
+
 def test_select_keeps_reference_survivors_top_n(tmp_path):
     rng = np.random.default_rng(2)
     dim = 32
@@ -80,24 +123,34 @@ def test_select_keeps_reference_survivors_top_n(tmp_path):
     x = np.concatenate([planted_cluster(c, s, rng, dim=dim) for c, s in zip(centers, sizes)])
     x = x[rng.permutation(len(x))].astype(np.float16)
     clustering = cluster(x, 6, niter=10, points_per_centroid=200, chunk_rows=512)
-    top_n = 20
-    sel = select(x, clustering, eps=EPS, top_n=top_n, scratch=tmp_path / "scratch",
-                 block=256, chunk_rows=512)
-    assert not (tmp_path / "scratch").exists()
     assert np.bincount(clustering.assignment).max() > 256
-    expected_kept = np.zeros(len(x), bool)
-    expected_dup = np.zeros(len(x), bool)
-    for c in range(6):
-        members = np.flatnonzero(clustering.assignment == c)
-        ordered = members[np.argsort(-clustering.similarity[members], kind="stable")]
-        dups = reference_duplicates(x[ordered].astype(np.float32), EPS)
-        expected_dup[ordered[dups]] = True
-        expected_kept[ordered[~dups][:top_n]] = True
-    np.testing.assert_array_equal(sel.duplicate_of >= 0, expected_dup)
-    np.testing.assert_array_equal(sel.kept, expected_kept)
-    assert expected_dup.sum() > 0
-    assert sel.kept.sum() == 6 * top_n
-    assert np.all(np.bincount(sel.cluster[sel.kept], minlength=6) <= top_n)
+    top_n = 20
+    verdicts = {}
+    for keep in ("hard", "easy"):
+        sel = select(x, clustering, eps=EPS, top_n=top_n, keep=keep, scratch=tmp_path / "scratch",
+                     block=256, chunk_rows=512)
+        assert not (tmp_path / "scratch").exists()
+        expected_kept = np.zeros(len(x), bool)
+        expected_dup = np.zeros(len(x), bool)
+        for c in range(6):
+            members = np.flatnonzero(clustering.assignment == c)
+            removed, kept = reference_cluster_verdict(x[members].astype(np.float32), 1.0 - clustering.similarity[members],
+                                                      EPS, keep, top_n)
+            expected_dup[members[removed]] = True
+            expected_kept[members[kept]] = True
+        np.testing.assert_array_equal(sel.duplicate_of >= 0, expected_dup)
+        np.testing.assert_array_equal(sel.kept, expected_kept)
+        assert sel.keep == keep
+        assert expected_dup.sum() > 0
+        assert sel.kept.sum() == 6 * top_n
+        # the named earlier duplicate comes before in keep order: farther from the centroid for hard
+        dup = np.flatnonzero(sel.duplicate_of >= 0)
+        earlier, later = sel.distance[sel.duplicate_of[dup]], sel.distance[dup]
+        assert np.all(earlier >= later) if keep == "hard" else np.all(earlier <= later)
+        verdicts[keep] = sel
+    # on this data the order changes who survives, and how many
+    assert not np.array_equal(verdicts["hard"].duplicate_of >= 0, verdicts["easy"].duplicate_of >= 0)
+    assert (verdicts["hard"].duplicate_of >= 0).sum() != (verdicts["easy"].duplicate_of >= 0).sum()
 
 
 TRITON_CHECK = """

@@ -223,6 +223,11 @@ class CurateConfig:
     curate_clusters: int = option(0, "k-means clusters (0: N / 10,000 like the paper, at least 1)")
     curate_eps: float = option(0.4, "SemDeDup epsilon: duplicates have cosine similarity > 1 - eps")
     curate_top_n: int = option(20, "keep this many non-duplicates closest to each centroid")
+    curate_keep: str = option(
+        "hard", "which member of a duplicate group SemDeDup keeps: hard (farthest from the centroid, "
+        "the reference's default) or easy (closest); the order changes the counts too",
+        choices=("hard", "easy"),
+    )
     kmeans_iterations: int = option(20, "k-means iterations")
     kmeans_points_per_centroid: int = option(
         64, "k-means is fitted on a random sample of this many points per centroid"

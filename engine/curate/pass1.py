@@ -104,14 +104,14 @@ def select_from_store(store: EmbeddingStore, cfg: RunConfig, *, embed_s: float =
         clustering = cluster(rows, k, niter=cfg.curate.kmeans_iterations,
                              points_per_centroid=cfg.curate.kmeans_points_per_centroid)
         selection = select(rows, clustering, eps=cfg.curate.curate_eps, top_n=cfg.curate.curate_top_n,
-                           scratch=store.root / "by_cluster.scratch")
+                           keep=cfg.curate.curate_keep, scratch=store.root / "by_cluster.scratch")
         write_parquet_atomic(selection_table(index, selection), store.root / "selection.parquet")
         result = report(selection, n_in=n_in, n_after_filter=n_in - n_filtered,
                         n_embedded=store.rows, eps=cfg.curate.curate_eps, k=k)
     else:
-        write_parquet_atomic(selection_table(index, Selection.empty(cfg.curate.curate_top_n)),
-                             store.root / "selection.parquet")
-        result = report(Selection.empty(cfg.curate.curate_top_n), n_in=n_in, n_after_filter=n_in - n_filtered, n_embedded=0,
+        nothing = Selection.empty(cfg.curate.curate_top_n, cfg.curate.curate_keep)
+        write_parquet_atomic(selection_table(index, nothing), store.root / "selection.parquet")
+        result = report(nothing, n_in=n_in, n_after_filter=n_in - n_filtered, n_embedded=0,
                         eps=cfg.curate.curate_eps, k=0)
     result.update(rejected_by_stage=dict(rejected_by_stage), rows=store.rows, settings=settings, embed_s=round(embed_s, 3),
                   select_s=round(time.perf_counter() - start, 3))
@@ -123,7 +123,7 @@ def format_report(result: dict[str, Any], out: Path) -> str:
     return (
         f"curate: {result['n_in']} in, {result['n_after_resolution_filter']} after the resolution "
         f"filter, {result['n_embedded']} embedded, {result['n_after_dedup']} after SemDeDup "
-        f"(eps {result['eps']}), {result['n_selected']} selected (top {result['top_n']} of "
-        f"{result['clusters']} clusters)\n"
+        f"(eps {result['eps']}, keep {result['keep']}), {result['n_selected']} selected "
+        f"(top {result['top_n']} of {result['clusters']} clusters)\n"
         f"curation: {out}/{CURATE_DIR}/selection.parquet  report: {out}/{CURATE_DIR}/report.json"
     )

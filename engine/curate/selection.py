@@ -28,37 +28,56 @@ class Selection:
     cluster: np.ndarray  # int32
     distance: np.ndarray  # float32: cosine distance to the centroid
     rank: np.ndarray  # int32: position in the cluster, closest first
-    duplicate_of: np.ndarray  # int64: row of the earlier member it duplicates, -1 if none
+    duplicate_of: np.ndarray  # int64: row of the earlier member (keep order) it duplicates, -1 if none
     kept: np.ndarray  # bool: selected for pass 2
     top_n: int
+    keep: str = "hard"  # the SemDeDup keep order (keep_order)
 
     @property
     def n(self) -> int:
         return len(self.cluster)
 
     @classmethod
-    def empty(cls, top_n: int) -> Selection:
+    def empty(cls, top_n: int, keep: str = "hard") -> Selection:
         nothing = np.zeros(0, np.int64)
         return cls(nothing.astype(np.int32), nothing.astype(np.float32), nothing.astype(np.int32),
-                   nothing, nothing.astype(bool), top_n)
+                   nothing, nothing.astype(bool), top_n, keep)
 
     def beyond_top_n(self) -> np.ndarray:
         return ~self.kept & (self.duplicate_of < 0)
 
 
-def select(rows, clustering: Clustering, *, eps: float = 0.4, top_n: int = 20, scratch: Path,
-           block: int = DEFAULT_BLOCK, chunk_rows: int = DEFAULT_CHUNK_ROWS,
+KEEP_ORDERS = ("hard", "easy")
+
+
+def keep_order(distance: np.ndarray, keep: str) -> np.ndarray:
+    """The order SemDeDup walks a cluster in, as the reference's ``rank_within_cluster`` sorts it.
+
+    "hard": cosine distance to the centroid descending, ties in row order (Python's stable
+    ``sorted(reverse=True)``), so the farthest member of a duplicate group survives; "easy": that
+    order reversed (the reference's ``which_to_keep: easy``).
+    """
+    if keep not in KEEP_ORDERS:
+        raise ValueError(f"unknown SemDeDup keep order {keep!r}: hard or easy")
+    hard = np.argsort(-distance, kind="stable")
+    return hard if keep == "hard" else hard[::-1]
+
+
+def select(rows, clustering: Clustering, *, eps: float = 0.4, top_n: int = 20, keep: str = "hard",
+           scratch: Path, block: int = DEFAULT_BLOCK, chunk_rows: int = DEFAULT_CHUNK_ROWS,
            backend: tuple[str, str] | None = None) -> Selection:
-    """``backend``: (name, device) for :func:`semdedup_keep_mask`; default: GPU kernel if any."""
+    """``keep``: see :func:`keep_order`. ``backend``: (name, device) for
+    :func:`semdedup_keep_mask`; default: GPU kernel if any."""
     backend_name, device = backend or default_backend()
     n, dim = rows.shape
     k = len(clustering.centroids)
-    # Rows grouped by cluster (stable: row order inside a cluster), then closest first per cluster.
+    # Rows grouped by cluster (stable: row order inside a cluster), then in keep order per cluster.
     by_cluster = np.argsort(clustering.assignment, kind="stable")
     sizes = np.bincount(clustering.assignment, minlength=k)
     starts = np.concatenate([[0], np.cumsum(sizes)])
     _write_grouped(rows, clustering.assignment, by_cluster, starts, scratch, chunk_rows)
 
+    distance = 1.0 - clustering.similarity
     rank = np.empty(n, np.int32)
     duplicate_of = np.full(n, -1, np.int64)
     kept = np.zeros(n, bool)
@@ -73,20 +92,22 @@ def select(rows, clustering: Clustering, *, eps: float = 0.4, top_n: int = 20, s
                 members = by_cluster[starts[c]:starts[c + 1]]
                 if not len(members):
                     continue
-                order = np.argsort(-clustering.similarity[members], kind="stable")
+                order = keep_order(distance[members], keep)
                 ordered = members[order]
                 vectors = batch[starts[c] - lo:starts[c + 1] - lo][order]
                 result = semdedup_keep_mask(vectors, eps, block=block, backend=backend_name, device=device)
-                rank[ordered] = np.arange(len(ordered))
+                closest_first = ordered if keep == "easy" else ordered[::-1]
+                rank[closest_first] = np.arange(len(ordered))
                 dup = ~result.keep
                 duplicate_of[ordered[dup]] = ordered[result.nearest_earlier[dup]]
                 survivors = ordered[result.keep]
-                kept[survivors[:top_n]] = True
+                # the paper's top N: the survivors closest to the centroid, whatever the keep order
+                kept[(survivors if keep == "easy" else survivors[::-1])[:top_n]] = True
     finally:
         os.close(fd)
         scratch.unlink(missing_ok=True)
-    return Selection(cluster=clustering.assignment, distance=1.0 - clustering.similarity, rank=rank,
-                     duplicate_of=duplicate_of, kept=kept, top_n=top_n)
+    return Selection(cluster=clustering.assignment, distance=distance, rank=rank,
+                     duplicate_of=duplicate_of, kept=kept, top_n=top_n, keep=keep)
 
 
 def _write_grouped(rows, assignment, by_cluster, starts, scratch: Path, chunk_rows: int) -> None:
@@ -171,6 +192,7 @@ def report(selection: Selection, *, n_in: int, n_after_filter: int, n_embedded: 
         "n_selected": int(selection.kept.sum()),
         "duplicate_rate": round(n_dups / n_embedded, 6) if n_embedded else 0.0,
         "eps": eps,
+        "keep": selection.keep,
         "top_n": selection.top_n,
         "clusters": k,
         "empty_clusters": int((sizes == 0).sum()),

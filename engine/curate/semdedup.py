@@ -1,10 +1,12 @@
 """SemDeDup inside one cluster (Abbas et al. 2023, facebookresearch/SemDeDup).
 
-Members are sorted by cosine distance to their centroid, closest first. Member ``j`` is a
-duplicate when its largest cosine similarity to any *earlier* member exceeds ``1 - eps``.
-Earlier members count whether or not they were themselves duplicates: the reference takes the
-column maximum of the upper-triangular similarity matrix over all earlier rows, so the rule is
-not transitive, and we follow it as written.
+Members are sorted by cosine distance to their centroid, farthest first by default (the
+reference's ``keep_hard``: the farthest member of a duplicate group survives; ``easy`` is the
+reverse order). Member ``j`` is a duplicate when its largest cosine similarity to any *earlier*
+member exceeds ``1 - eps``. Earlier members count whether or not they were themselves
+duplicates: the reference takes the column maximum of the upper-triangular similarity matrix
+over all earlier rows, so the rule is not transitive (the order changes the counts too), and we
+follow it as written.
 
 On the CPU the similarity matrix is computed in square blocks, upper triangle only, so a
 cluster of any size needs ``block**2`` floats of scratch, never ``n**2``. On a GPU the fused
@@ -29,7 +31,7 @@ class DedupResult:
 
 def semdedup_keep_mask(embeddings: np.ndarray, eps: float, *, block: int = DEFAULT_BLOCK,
                        backend: str = "numpy", device: str = "cpu") -> DedupResult:
-    """Apply the SemDeDup rule to unit-norm ``embeddings`` already sorted closest-first.
+    """Apply the SemDeDup rule to unit-norm ``embeddings`` already in keep order (selection.py).
 
     ``backend``: "numpy" (blocked, CPU) or "triton" (fused kernel on ``device``).
     """
