@@ -58,13 +58,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Commands that read a finished output folder; each module has add_arguments() and command().
+# Commands that read a finished output folder (train and evaluate: a meta output);
+# each module has add_arguments() and command().
 OUTPUT_TOOLS = {
     "stats": ("engine.output.stats", ("the paper's Table 1, length histograms, coverage and categories "
                                "of an output folder (writes OUT/stats.json)")),
     "export": ("engine.output.export", ("export an output folder as LLaVA pre-training JSON or JSONL, "
                                  "images included")),
     "report": ("engine.output.report", "write a static HTML report of an output folder (OUT/report.html)"),
+    "train": ("engine.train.command", "fine-tune the caption engine (LLaVA-NeXT) on a `meta` output: "
+                                      "GPT-4V captions as targets (see `train --help`)"),
 }
 
 

@@ -6,6 +6,7 @@ Extras (see README "Installing" for which combine):
   sglang    in-process SGLang caption engine (pins torch==2.14.1, transformers==5.19.0)
   tensorrt  torch-tensorrt 2.14 (torch 2.14.x) + ONNX export tools
   dali      NVIDIA DALI decode (CUDA 13 build; no torch pin)
+  train     peft + accelerate: fine-tuning the caption engine (`train`, `evaluate`)
   test      pytest and the dataset loaders the output-compatibility tests use
 """
 
@@ -39,6 +40,7 @@ EXTRAS = {
     "sglang": ["sglang==0.5.23"],
     "tensorrt": ["torch-tensorrt==2.14.0", "onnx>=1.16"],
     "dali": ["nvidia-dali-cuda130==2.4.0"],
+    "train": ["peft>=0.17,<1", "accelerate>=1.10,<2"],
     "test": ["pytest>=8", "webdataset>=1.0", "datasets>=3", "aiohttp>=3.9", "playwright>=1.45"],
 }
 

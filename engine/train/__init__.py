@@ -1,0 +1,6 @@
+"""Training the caption engine (paper §3.2.2): LLaVA-NeXT fine-tuned on the meta dataset.
+
+``config`` (options), ``data`` (records, held-out split, label masking, collation, data order),
+``parts`` (which parameters train), ``loop`` (the training loop), ``checkpoints`` (atomic
+checkpoints, resume), ``command`` (the CLI).
+"""
