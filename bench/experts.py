@@ -10,6 +10,11 @@ DETR-ResNet-50 — random weights cost what real ones cost), meant for a GPU.
 OWLv2 preprocessing: the engine's tensor path (resize the longer side, pad) against the
 stock processor (``AutoImageProcessor``: pad, Gaussian blur, resize the square), and the
 PIL/SciPy processor when SciPy is installed, at 960 px, same images, same run.
+
+OCR: the real PP-OCR models of the rapidocr wheel on text images (posters and slides, 960 px
+views), the ``batched`` backend against ``rapidocr`` (the path before it, one image per call),
+one session of one thread each: images/s per core and the share of the rendered lines read
+exactly, same images, same run.
 """
 
 from __future__ import annotations
@@ -71,6 +76,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--real", action="store_true", help="real model sizes, random weights (for a GPU)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--ocr-images", type=int, default=16, help="text images of the OCR comparison")
     args = parser.parse_args(argv)
 
     import torch
@@ -89,6 +95,7 @@ def main(argv: list[str]) -> int:
             _row(name, args.images, seconds)
         _row("all experts together", args.images, total)
         _ram_plus_on_onnxruntime(images, Path(tmp), device, args.threads, args.repeat)
+        ocr_rows(args.ocr_images, device)
         _preprocessing(images, Path(tmp), device, args.repeat)
     return 0
 
@@ -109,6 +116,47 @@ def _ram_plus_on_onnxruntime(images: list[np.ndarray], tmp: Path, device: str, t
     print(f"RAM++ on onnxruntime ({onnx.provider}, export {report.seconds:.0f}s, max |diff| {report.max_abs_diff:.1e}):")
     print(f"  torch {n / on_torch:7.2f} images/s   onnxruntime {n / on_ort:7.2f} images/s   "
           f"(onnxruntime/torch {on_torch / on_ort:4.2f}x)")
+
+
+def text_images(n: int) -> tuple[list[np.ndarray], list[tuple[str, ...]]]:
+    """Posters and slides of three lines each, as the decode stage's 960 px OCR view."""
+    from engine.io.demo_data import text_image
+
+    words = ["OPEN", "DAILY", "WEST", "GATE", "FREE", "ENTRY", "NORTH", "PARK", "CITY", "HALL",
+             "MAIN", "STREET", "SALE", "TODAY", "MUSEUM", "TICKETS", "2024", "NO. 7"]
+    shapes = [(960, 540), (720, 960), (960, 720), (960, 480)]
+    colours = [((250, 240, 200), (20, 20, 80)), ((255, 255, 255), (0, 0, 0)), ((30, 30, 60), (240, 240, 240))]
+    images, lines = [], []
+    for i in range(n):
+        text = tuple(f"{words[(3 * i + j) % len(words)]} {words[(5 * i + 2 * j + 1) % len(words)]}" for j in range(3))
+        width, height = shapes[i % len(shapes)]
+        images.append(np.asarray(text_image(text, width, height, *colours[i % len(colours)])))
+        lines.append(text)
+    return images, lines
+
+
+def ocr_rows(n: int, device: str) -> dict[str, dict[str, float]]:
+    """``rapidocr`` (one image per call) vs ``batched``, one single-thread session each."""
+    from engine.core.config import OcrConfig
+    from models.ocr import OcrModel
+
+    images, truth = text_images(n)
+    print(f"OCR (PP-OCR of the rapidocr wheel, {n} text images, 3 lines each, one session, 1 thread):")
+    figures = {}
+    for backend, on in (("rapidocr", "cpu"), ("batched", "cpu"), *((("batched", device),) if device != "cpu" else ())):
+        model = OcrModel(OcrConfig(ocr_backend=backend, ocr_threads=1), on)
+        model.load()
+        model.read(images[:1])  # warm-up
+        start = time.perf_counter()
+        read = model.read(images)
+        seconds = time.perf_counter() - start
+        found = sum(len({line.text.upper() for line in lines} & set(want)) for lines, want in zip(read, truth))
+        figures[f"{backend} {on}"] = {"images_per_s": n / seconds, "line_recall": found / (3 * n)}
+    base = figures["rapidocr cpu"]["images_per_s"]
+    for name, row in figures.items():
+        print(f"  {name:<16} {row['images_per_s']:7.2f} images/s  line recall {row['line_recall']:.0%}  "
+              f"({row['images_per_s'] / base:4.2f}x rapidocr)")
+    return figures
 
 
 def _row(name: str, n: int, seconds: float) -> None:

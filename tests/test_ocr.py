@@ -67,8 +67,8 @@ class FakeBackend:
     def load(self):
         pass
 
-    def detect_and_read(self, image):
-        return self.texts
+    def detect_and_read(self, images):
+        return [self.texts for _ in images]
 
 
 def model_with(texts, **config) -> OcrModel:
@@ -83,10 +83,10 @@ def test_threshold_and_caps():
     texts.append(RawText("   ", 0.99, (0, 120, 50, 128)))
     texts.append(RawText("•-", 0.99, (0, 130, 50, 138)))
     image = np.zeros((200, 100, 3), np.uint8)
-    assert [line.text for line in model_with(texts).read(image)] == [f"line{i}" for i in range(6)]
-    assert [line.text for line in model_with(texts, ocr_max_lines=2).read(image)] == ["line0", "line1"]
-    assert [line.text for line in model_with(texts, ocr_max_chars=12).read(image)] == ["line0", "line1", "li"]
-    line = model_with(texts[:1]).read(image)[0]
+    assert [line.text for line in model_with(texts).read([image])[0]] == [f"line{i}" for i in range(6)]
+    assert [line.text for line in model_with(texts, ocr_max_lines=2).read([image])[0]] == ["line0", "line1"]
+    assert [line.text for line in model_with(texts, ocr_max_chars=12).read([image])[0]] == ["line0", "line1", "li"]
+    line = model_with(texts[:1]).read([image])[0][0]
     assert line.xyxy == (0.0, 0.0, 0.5, 0.04)
 
 
@@ -102,7 +102,7 @@ def test_reading_order_groups_rows_despite_tilt():
 
 def test_original_language_is_kept():
     texts = [RawText("快递 周通通流", 0.95, (0, 0, 10, 10))]
-    assert model_with(texts).read(np.zeros((10, 10, 3), np.uint8))[0].text == "快递 周通通流"
+    assert model_with(texts).read([np.zeros((10, 10, 3), np.uint8)])[0][0].text == "快递 周通通流"
 
 
 def test_paddleocr_needs_local_model_folders(tmp_path, monkeypatch):
@@ -153,3 +153,35 @@ def test_parallel_sessions_read_the_same_lines(ocr_stage):
     assert [[line.text for line in written[str(i)].ocr] for i in range(6)] == [[t] for t in texts]
     assert [[line.text for line in s.ocr] for s in many] == [[line.text for line in s.ocr] for s in one]
     assert parallel._idle.qsize() == 3  # every session is returned after use
+
+
+def test_batched_backend_reads_what_rapidocr_reads():
+    """The batched path (several images per detection call, the crops of all images in one
+    recognition call) reads the same lines as rapidocr's pipeline, one image at a time."""
+    placed = [[("OPEN DAILY", 30, 60), ("WEST GATE", 380, 200)], [("FREE ENTRY", 40, 100)],
+              [("NORTH PARK", 30, 40), ("CITY HALL", 30, 200)], [("MAIN ST 42", 200, 150)]]
+    sizes = [(720, 360), (480, 640), (720, 540), (900, 300)]
+    images = [render(p, size=s) for p, s in zip(placed, sizes)]
+    rapid = OcrModel(OcrConfig(ocr_backend="rapidocr"))
+    batched = OcrModel(OcrConfig(ocr_backend="batched", ocr_det_batch=3, ocr_rec_batch=4))
+    for model in (rapid, batched):
+        model.load()
+    by_rapid = [[line.text for line in lines] for lines in rapid.read(images)]
+    by_batch = batched.read(images)
+    assert [[line.text for line in lines] for lines in by_batch] == by_rapid == [[t for t, _, _ in p] for p in
+                                                                                  [sorted(q, key=lambda t: t[2]) for q in placed]]
+    # one image per call gives each image what the batch gave it; the padding of a shared
+    # detection call moves a box edge by a pixel or two at most
+    alone = [batched.read([image])[0] for image in images]
+    assert [[line.text for line in lines] for lines in alone] == by_rapid
+    for one, many in zip(alone, by_batch):
+        for a, b in zip(one, many):
+            assert a.xyxy == pytest.approx(b.xyxy, abs=0.01)
+
+
+def test_one_bad_image_fails_alone(ocr_stage):
+    good = Sample(key="a", source=Source("s", "s.tar", "a"), views={"ocr": render([("HELLO", 40, 100)])})
+    bad = Sample(key="b", source=Source("s", "s.tar", "b"), views={"ocr": np.zeros((0, 5, 3), np.uint8)})
+    ocr_stage.process([good, bad])
+    assert bad.status == "error" and bad.stage == "ocr"
+    assert good.alive and [line.text for line in good.ocr] == ["HELLO"]

@@ -43,7 +43,7 @@ STAGES: dict[str, StageFactory | None] = {
     "category": lambda cfg: Categorize(pass1_embedder(cfg), batch_size=cfg.curate.embed_batch, device=cfg.runtime.device),
     "tag": build_tag,
     "detect": build_detect,
-    "ocr": lambda cfg: Ocr(cfg.ocr),
+    "ocr": lambda cfg: Ocr(cfg.ocr, cfg.runtime.device),
     "prompt": lambda cfg: FusionPrompt(cfg.prompt),
     "caption": lambda cfg: CaptionStage(cfg.caption, cfg.runtime, BackendSettings(cfg.api, cfg.sglang, cfg.runtime.out)),
     "qc": lambda cfg: QualityControl(cfg.qc.for_models(cfg.runtime.models)),
