@@ -90,6 +90,7 @@ class Pipeline:
         self.metrics = [StageMetrics(s.name) for s in stages]
         self._stop = threading.Event()
         self._errors: list[BaseException] = []
+        self.ready_s = 0.0  # time run() spent loading models before the first sample moved
 
     def stop(self) -> None:
         """Stop reading; finished shards stay committed, the open one is redone next run."""
@@ -102,10 +103,12 @@ class Pipeline:
         threads = [threading.Thread(target=self._stage_loop, name=f"stage-{s.name}",
                                     args=(s, m, queues[i], queues[i + 1], ready), daemon=True)
                    for i, (s, m) in enumerate(zip(self.stages, self.metrics))]
+        start = time.perf_counter()
         for thread in threads:
             thread.start()
         try:
             ready.wait()  # every stage has loaded its model, or one failed and broke the barrier
+            self.ready_s = time.perf_counter() - start
         except threading.BrokenBarrierError:
             for thread in threads:  # each returns at the broken barrier, tearing down what it loaded
                 thread.join()
