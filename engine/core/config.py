@@ -294,6 +294,11 @@ def _check_writable(out: Path) -> None:
         probe_dir = probe_dir.parent
     if not probe_dir.is_dir() or not os.access(probe_dir, os.W_OK | os.X_OK):
         raise ConfigError(f"output folder {out} is not writable (checked {probe_dir})")
+    from engine.io.commit import check_links
+
+    reason = check_links(probe_dir)
+    if reason:
+        raise ConfigError(f"output folder {out}: {reason}; use a local or NFS-like filesystem")
 
 
 # --- pass 2: vision experts (engine/stages/tag.py, engine/stages/detect.py, engine/evidence/boxes.py) ---

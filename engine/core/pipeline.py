@@ -98,13 +98,14 @@ def run(cfg: RunConfig, *, source_paths: list[Path] | None = None,
     out = Path(cfg.runtime.out)
     out.mkdir(parents=True, exist_ok=True)
     manifest = Manifest(out / "manifest.json")
+    writer = DatasetWriter(out, manifest)
+    writer.settle([shard_name(p) for p in paths])
     skipped = [shard_name(p) for p in paths if shard_name(p) in manifest.finished]
     items = source(manifest.finished) if source else shard_source(paths, cfg, manifest.finished)
     items = take_subset(items, cfg.subset)
 
     progress = ProgressBar(cfg.runtime.progress, stages)
     pipeline = Pipeline(stages, cfg.runtime.queue_depth, progress.update)
-    writer = DatasetWriter(out, manifest)
     start = time.perf_counter()
     try:
         with SigintStops(pipeline):

@@ -25,7 +25,7 @@ from engine.curate.kmeans import cluster, default_k
 from engine.curate.selection import Selection, report, select, selection_table
 from engine.curate.store import EmbeddingStore
 from engine.io.manifest import write_json_atomic, write_parquet_atomic
-from engine.io.readers import expand_shards, shard_kind
+from engine.io.readers import expand_shards, shard_kind, shard_name
 from engine.stages.decode import Decode
 from engine.stages.embed import EMBED_VIEW, Embed, embed_model_path
 from engine.stages.probe import ResolutionFilter
@@ -56,6 +56,7 @@ def run_curate(cfg: RunConfig) -> dict[str, Any] | None:
     if store.manifest.data.setdefault("embed_model", identity) != identity:
         raise ConfigError(f"{root} holds embeddings of {store.manifest.data['embed_model']}, not {identity}: "
                           f"use the same model to resume, or another --out")
+    store.settle([shard_name(p) for p in paths])
     stages = curate_stages(cfg, model)
     progress = ProgressBar(cfg.runtime.progress)
     pipeline = Pipeline(stages, cfg.runtime.queue_depth, progress.update)

@@ -1,46 +1,70 @@
 """The embedding store of pass 1: float16 rows in a chunked zarr array plus a parquet index.
 
-    curate/embeddings.zarr        (N, D) float16, rows in commit order, chunked by rows
-    curate/index.parts/<shard>.parquet   one row per embedded sample (``row`` = zarr row)
+    curate/embeddings.parts/<shard>.npy  float16 rows of one shard, as its writer embedded them
+    curate/index.parts/<shard>.parquet   one row per embedded sample (``row`` = row within the part)
     curate/rejects.parts/<shard>.parquet one row per sample pass 1 dropped (key, stage, reason)
-    curate/manifest.json          finished shards: first row, row count, counts
-    curate/index.parquet          all parts, in row order (written by :meth:`consolidate`)
+    curate/markers/<shard>.json          the shard's done marker (engine/io/commit.py)
+    curate/embeddings.zarr               every adopted shard's rows, in adoption order, chunked by rows
+    curate/manifest.json                 adopted shards: their markers plus first row
+    curate/index.parquet                 all parts, in row order (written by :meth:`consolidate`)
 
-A shard is committed atomically: its zarr rows are written first (zarr's local store replaces
-each chunk file atomically), then its index part (temporary name, fsync, rename), then the
-manifest. The committed row count is the sum over the manifest, so rows of a shard killed
-half-way are simply overwritten by the next shard: a rerun skips finished shards and redoes
-the rest, with no gaps and no duplicates.
+Whoever embeds a shard (this process, or one of many Ray workers on shared storage) publishes
+its three parts and its marker with the no-replace commit of engine/io/commit.py, so a shard is
+committed once however many workers tried it. The one driver then *adopts* each marked shard:
+appends its rows to the zarr array at the committed row count and records the shard in the
+manifest. The committed row count is the sum over the manifest, so rows written by an adoption
+that was killed half-way are overwritten by the next one: no gaps and no duplicates. The parts
+stay as the record of what was committed (embeddings cost ~1.5 KB an image, a shard's images far
+more).
 """
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from engine.core.record import Sample, ShardEnd
+from engine.io.commit import (
+    MARKERS_DIR,
+    ShardMarkers,
+    file_label,
+    publish_bytes,
+    publish_parquet,
+    remove_stale_temporaries,
+    shard_info,
+)
 from engine.io.manifest import Manifest, write_parquet_atomic
 
 INDEX_COLUMNS = ("key", "shard", "path", "member", "offset", "size", "width", "height", "alt_text", "row")
 DEFAULT_CHUNK_ROWS = 16384
+PARTS = ("embeddings.parts", "index.parts", "rejects.parts")
 
 
 class EmbeddingStore:
-    """Writer side (``write`` / ``commit`` / ``close``) and reader side of pass 1's output."""
+    """Writer side (``write`` / ``commit`` / ``close``), driver side (``settle`` / ``adopt``) and
+    reader side of pass 1's output. ``adopt=False`` makes a worker's store: it publishes its
+    shards' parts and markers and leaves the zarr array and the manifest to the driver."""
 
-    def __init__(self, root: Path, dim: int | None = None, *, chunk_rows: int = DEFAULT_CHUNK_ROWS):
+    def __init__(self, root: Path, dim: int | None = None, *, chunk_rows: int = DEFAULT_CHUNK_ROWS,
+                 adopt: bool = True):
         import zarr
 
         self.root = root
         self.zarr_path = root / "embeddings.zarr"
         self.manifest = Manifest(root / "manifest.json")
         self.chunk_rows = chunk_rows
+        self.adopting = adopt
+        self.attempts: dict[str, int] = {}  # which try of a shard this is (a Ray worker sets it)
         self.array = zarr.open_array(self.zarr_path, mode="r+") if self.zarr_path.exists() else None
         if dim is not None:
             self._ensure_array(dim)
-        (root / "index.parts").mkdir(parents=True, exist_ok=True)
-        (root / "rejects.parts").mkdir(parents=True, exist_ok=True)
+        for folder in PARTS:
+            (root / folder).mkdir(parents=True, exist_ok=True)
+        self.markers = ShardMarkers(root / MARKERS_DIR)
+        self.committed: dict[str, dict[str, Any]] = {}  # shard → its marker, for this writer's commits
         self._pending: dict[str, list[Sample]] = {}
 
     def _ensure_array(self, dim: int) -> None:
@@ -54,6 +78,11 @@ class EmbeddingStore:
             )
         if self.array.shape[1] != dim:
             raise ValueError(f"{self.zarr_path} holds {self.array.shape[1]}-d embeddings, not {dim}-d")
+
+    def files(self, shard: str) -> list[Path]:
+        """A shard's parts in publishing order (the last one carries the shard's facts)."""
+        return [self.root / folder / f"{shard}.{'npy' if folder.startswith('embeddings') else 'parquet'}"
+                for folder in PARTS]
 
     # --- writing ---------------------------------------------------------------------
 
@@ -73,21 +102,56 @@ class EmbeddingStore:
         samples = self._pending.pop(end.shard, [])
         alive = [s for s in samples if s.alive and s.embedding is not None]
         dead = [s for s in samples if not (s.alive and s.embedding is not None)]
-        start = self.rows
+        vectors_path, index_path, rejects_path = self.files(end.shard)
+        hashes = {}
         if alive:
-            vectors = np.stack([s.embedding for s in alive]).astype(np.float16)
-            self._ensure_array(vectors.shape[1])
-            if self.array.shape[0] < start + len(alive):
-                self.array.resize((start + len(alive), self.array.shape[1]))
-            self.array[start:start + len(alive)] = vectors
-        write_parquet_atomic(_index_table(alive, start), self.root / "index.parts" / f"{end.shard}.parquet")
-        write_parquet_atomic(_rejects_table(dead), self.root / "rejects.parts" / f"{end.shard}.parquet")
-        self.manifest.finish(end.shard, start_row=start, rows=len(alive), samples=len(samples),
-                             rejected=len(dead), errors=list(end.errors))
+            buffer = io.BytesIO()
+            np.save(buffer, np.stack([s.embedding for s in alive]).astype(np.float16))
+            hashes[file_label(vectors_path)] = publish_bytes(buffer.getvalue(), vectors_path)
+        hashes[file_label(index_path)] = publish_parquet(_index_table(alive), index_path)
+        info = {**shard_info(end, self.attempts.get(end.shard, 1)),
+                "samples": len(samples), "rows": len(alive), "rejected": len(dead)}
+        hashes[file_label(rejects_path)] = publish_parquet(_rejects_table(dead), rejects_path, info)
+        marker = self.markers.write(end.shard, {**info, "files": hashes})
+        self.committed[end.shard] = marker
+        if self.adopting:
+            self.adopt({end.shard: marker})
 
     def close(self) -> None:
         """Uncommitted samples are dropped: their shard is redone on the next run."""
         self._pending.clear()
+
+    # --- the driver's side -------------------------------------------------------------
+
+    def settle(self, shards: list[str]) -> None:
+        """At a run's start: remove killed writers' temporaries, complete the marker of a shard
+        whose parts were all published by a writer killed before its marker, and adopt every
+        marked shard the manifest lacks."""
+        import pyarrow.parquet as pq
+
+        for folder in (*PARTS, MARKERS_DIR):
+            remove_stale_temporaries(self.root / folder)
+        for shard in shards:
+            vectors_path, index_path, rejects_path = self.files(shard)
+            if self.markers.read(shard) is not None or not (index_path.exists() and rejects_path.exists()):
+                continue
+            rows = pq.read_metadata(index_path).num_rows
+            files = ([vectors_path] if rows else []) + [index_path, rejects_path]
+            self.markers.complete(shard, files, rejects_path,
+                                  {"rows": rows, "rejected": pq.read_metadata(rejects_path).num_rows})
+        self.adopt({shard: marker for shard, marker in self.markers.all().items() if shard not in self.finished})
+
+    def adopt(self, markers: dict[str, dict[str, Any]]) -> None:
+        """Append marked shards' rows to the zarr array and record them in the manifest."""
+        for shard, marker in markers.items():
+            start = self.rows
+            if marker["rows"]:
+                vectors = np.load(self.files(shard)[0])
+                self._ensure_array(vectors.shape[1])
+                if self.array.shape[0] < start + len(vectors):
+                    self.array.resize((start + len(vectors), self.array.shape[1]))
+                self.array[start:start + len(vectors)] = vectors
+            self.manifest.record({shard: {**marker, "start_row": start}})
 
     # --- reading ---------------------------------------------------------------------
 
@@ -97,8 +161,12 @@ class EmbeddingStore:
         import pyarrow.parquet as pq
 
         shards = sorted(self.manifest.data["shards"].items(), key=lambda kv: kv[1]["start_row"])
-        parts = [pq.read_table(self.root / "index.parts" / f"{name}.parquet") for name, _ in shards]
-        table = pa.concat_tables(parts) if parts else _index_table([], 0)
+        parts = []
+        for name, info in shards:
+            part = pq.read_table(self.files(name)[1])
+            rows = pa.array(np.arange(info["start_row"], info["start_row"] + part.num_rows, dtype=np.int64))
+            parts.append(part.set_column(part.schema.get_field_index("row"), "row", rows))
+        table = pa.concat_tables(parts) if parts else _index_table([])
         write_parquet_atomic(table, self.root / "index.parquet")
         return table
 
@@ -135,7 +203,7 @@ class CommittedRows:
         return self.array[start:stop]
 
 
-def _index_table(samples: list[Sample], start: int):
+def _index_table(samples: list[Sample]):
     import pyarrow as pa
 
     return pa.table({
@@ -148,7 +216,7 @@ def _index_table(samples: list[Sample], start: int):
         "width": pa.array([s.width for s in samples], pa.int32()),
         "height": pa.array([s.height for s in samples], pa.int32()),
         "alt_text": pa.array([s.alt_text for s in samples], pa.string()),
-        "row": pa.array(np.arange(start, start + len(samples), dtype=np.int64)),
+        "row": pa.array(np.arange(len(samples), dtype=np.int64)),
     })
 
 

@@ -1,10 +1,13 @@
-"""The manifest of finished shards: what a rerun skips. Rewritten atomically on every change."""
+"""The manifest of finished shards: what a rerun skips. Rewritten atomically on every change.
+
+Only the one driver of a run writes it; it is derived from the per-shard done markers
+(engine/io/commit.py), which are the source of truth, and adds what only the driver knows
+(e.g. where a shard's embeddings start in the store)."""
 
 from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +51,7 @@ class Manifest:
     def finished(self) -> set[str]:
         return set(self.data["shards"])
 
-    def finish(self, shard: str, **counts: Any) -> None:
-        self.data["shards"][shard] = {**counts, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    def record(self, entries: dict[str, dict[str, Any]]) -> None:
+        """Add finished shards (their markers' contents) and rewrite the file."""
+        self.data["shards"].update(entries)
         write_json_atomic(self.path, self.data)

@@ -3,19 +3,20 @@
     OUT/shards/<shard>.tar       WebDataset: <key>.jpg original bytes, <key>.json annotations
     OUT/shards/<shard>.parquet   one row per written sample
     OUT/rejects/<shard>.parquet  one row per sample not written: key, stage, status, reason
-    OUT/manifest.json            finished shards with their counts
+    OUT/markers/<shard>.json     the shard's done marker: counts, file hashes, attempt, node
+    OUT/manifest.json            finished shards with their counts (derived from the markers)
 
-Files grow under temporary names and are renamed into place only when the shard's
-:class:`ShardEnd` arrives (fsync first), then the manifest records the shard. A crash at any
-point leaves the shard out of the manifest, so a rerun redoes it and overwrites whatever a
-half-finished commit left behind.
+Files grow under temporary names unique to this writer and are published when the shard's
+:class:`ShardEnd` arrives, each with a no-replace link, then the shard's done marker
+(engine/io/commit.py: the one protocol of the single-node run and of Ray workers). A crash
+before the marker leaves the shard unfinished: a rerun completes the marker from the published
+files if they are all there, and otherwise redoes the shard, keeping any file already published.
 """
 
 from __future__ import annotations
 
 import io
 import json
-import os
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,9 +25,18 @@ from typing import Any
 import pyarrow as pa
 
 from engine.core.record import Sample, ShardEnd
-from engine.io.manifest import Manifest, fsync_dir, write_parquet_atomic
+from engine.io.commit import (
+    MARKERS_DIR,
+    ShardMarkers,
+    file_label,
+    publish,
+    publish_parquet,
+    remove_stale_temporaries,
+    shard_info,
+    temp_path,
+)
+from engine.io.manifest import Manifest
 
-_TMP = ".tmp"
 # Every image member is named <key>.jpg whatever its format (the bytes are the original file's,
 # its format is in the JSON's "image_format"): loaders such as Hugging Face datasets infer one set
 # of fields from the first samples and drop images stored under any other extension. Decoders
@@ -84,17 +94,46 @@ class _OpenShard:
 
 
 class DatasetWriter:
-    """Writes samples to their shard's temporary files; ``commit`` makes a shard final."""
+    """Writes samples to their shard's temporary files; ``commit`` publishes a shard.
 
-    def __init__(self, out: Path, manifest: Manifest):
+    ``manifest`` is the driver's: given, each commit is recorded there too (one process runs
+    everything). A Ray worker passes none and returns its markers to the driver instead; it also
+    leaves other writers' temporaries alone (``clean=False``) and sets ``attempts`` (which try
+    of a shard this is, recorded in its marker; 1 when unset)."""
+
+    def __init__(self, out: Path, manifest: Manifest | None, *, clean: bool = True):
         self.out, self.manifest = out, manifest
-        (out / "shards").mkdir(parents=True, exist_ok=True)
-        (out / "rejects").mkdir(parents=True, exist_ok=True)
-        for stale in list(out.glob(f"shards/*{_TMP}")) + list(out.glob(f"rejects/*{_TMP}")):
-            stale.unlink()  # a killed run's unfinished shard; it is redone from the input
+        self.attempts: dict[str, int] = {}
+        for folder in ("shards", "rejects"):
+            (out / folder).mkdir(parents=True, exist_ok=True)
+        self.markers = ShardMarkers(out / MARKERS_DIR)
+        if clean:  # a killed run's unfinished shards; they are redone from the input
+            for folder in ("shards", "rejects", MARKERS_DIR):
+                remove_stale_temporaries(out / folder)
         self._open: dict[str, _OpenShard] = {}
+        self.committed: dict[str, dict[str, Any]] = {}  # shard → its marker, for this writer's commits
         self.written = 0
         self.rejected = 0
+
+    def files(self, shard: str) -> list[Path]:
+        """A shard's published files, in publishing order (the last one carries the shard's facts)."""
+        return [self.out / "shards" / f"{shard}.tar", self.out / "shards" / f"{shard}.parquet",
+                self.out / "rejects" / f"{shard}.parquet"]
+
+    def settle(self, shards: list[str]) -> None:
+        """Bring the manifest up to the markers (the truth): a shard whose files were all
+        published by a writer killed before its marker gets its marker from those files,
+        without being redone; a marker the manifest lacks (killed before recording) is recorded."""
+        import pyarrow.parquet as pq
+
+        for shard in shards:
+            files = self.files(shard)
+            if self.markers.read(shard) is None and all(path.exists() for path in files):
+                self.markers.complete(shard, files, files[2], {"written": pq.read_metadata(files[1]).num_rows,
+                                                               "rejected": pq.read_metadata(files[2]).num_rows})
+        missing = {shard: marker for shard, marker in self.markers.all().items() if shard not in self.manifest.finished}
+        if missing:
+            self.manifest.record(missing)
 
     def write(self, sample: Sample) -> None:
         shard = self._shard(sample.source.shard)
@@ -114,16 +153,16 @@ class DatasetWriter:
     def commit(self, end: ShardEnd) -> None:
         shard = self._open.pop(end.shard, None) or self._shard_new(end.shard)
         shard.tar.close()
-        _fsync(shard.tar_path)
-        os.replace(shard.tar_path, shard.tar_path.with_name(shard.tar_path.name[: -len(_TMP)]))
-        write_parquet_atomic(rows_to_table(shard.rows), self.out / "shards" / f"{end.shard}.parquet")
-        write_parquet_atomic(pa.Table.from_pylist(shard.rejects, schema=REJECT_SCHEMA),
-                             self.out / "rejects" / f"{end.shard}.parquet")
-        fsync_dir(self.out / "shards")
-        fsync_dir(self.out / "rejects")
-        self.manifest.finish(end.shard, path=end.path, samples=end.n_samples,
-                             written=len(shard.rows), rejected=len(shard.rejects),
-                             errors=list(end.errors))
+        tar, rows, rejects = self.files(end.shard)
+        hashes = {file_label(tar): publish(shard.tar_path, tar),
+                  file_label(rows): publish_parquet(rows_to_table(shard.rows), rows)}
+        info = {**shard_info(end, self.attempts.get(end.shard, 1)), "written": len(shard.rows), "rejected": len(shard.rejects)}
+        hashes[file_label(rejects)] = publish_parquet(
+            pa.Table.from_pylist(shard.rejects, schema=REJECT_SCHEMA), rejects, info)
+        marker = self.markers.write(end.shard, {**info, "files": hashes})
+        self.committed[end.shard] = marker
+        if self.manifest is not None:
+            self.manifest.record({end.shard: marker})
 
     def close(self) -> None:
         """Abandon unfinished shards (a stop before their end): their temporaries are removed."""
@@ -138,7 +177,7 @@ class DatasetWriter:
         return self._open[name]
 
     def _shard_new(self, name: str) -> _OpenShard:
-        tar_path = self.out / "shards" / f"{name}.tar{_TMP}"
+        tar_path = temp_path(self.out / "shards" / f"{name}.tar")
         return _OpenShard(tarfile.open(tar_path, "w", format=tarfile.PAX_FORMAT), tar_path)
 
     @staticmethod
@@ -146,8 +185,3 @@ class DatasetWriter:
         info = tarfile.TarInfo(name)
         info.size, info.mode, info.mtime = len(data), 0o644, 0  # mtime 0: reruns are byte-identical
         tar.addfile(info, io.BytesIO(data))
-
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb+") as handle:
-        os.fsync(handle.fileno())

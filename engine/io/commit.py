@@ -1,0 +1,170 @@
+"""Exactly-once publishing on shared storage: no-replace links, then a per-shard done marker.
+
+A shard's output files grow under temporary names unique to their writer (two writers of one
+shard never share a temporary). Each is made final with :func:`publish`: fsync, ``os.link`` to
+the final name, fsync of the folder. ``link`` never replaces: when the name exists
+(``EEXIST``), another writer published that file first and its bytes stay. Only then is the
+shard's done marker (``markers/<shard>.json``: counts, the SHA-256 of every published file,
+attempt, node) published the same way. The marker is the source of truth for "this shard is
+finished"; ``manifest.json`` is derived from the markers by the one driver.
+
+Why not ``os.replace``: a worker that froze (SIGSTOP, a stalled NFS client, a VM pause) while
+its shard was redone elsewhere wakes up and finishes its commit. A rename would overwrite the
+finished shard with a second version; a no-replace link cannot. A writer that is killed between
+publishing its files and its marker leaves complete files behind; :meth:`ShardMarkers.complete`
+writes the marker from them on the next run without redoing the shard.
+
+The per-shard facts that a marker must be rebuildable from (path, sample count, shard-level
+errors, and whatever counts the reader adds to :class:`ShardEnd`) travel in the schema
+metadata of the shard's last published parquet file (:data:`SHARD_INFO_KEY`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import socket
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from engine.core.record import ShardEnd
+from engine.io.manifest import fsync_dir
+
+TMP_SUFFIX = ".tmp"
+MARKERS_DIR = "markers"
+SHARD_INFO_KEY = b"densefusion.shard"  # parquet schema metadata: the shard's facts, as JSON
+
+
+def node_name() -> str:
+    return socket.gethostname()
+
+
+def temp_path(final: Path) -> Path:
+    """A temporary name beside ``final``, unique to this writer (host, process, random)."""
+    return final.with_name(f"{final.name}.{node_name()}-{os.getpid()}-{uuid.uuid4().hex[:8]}{TMP_SUFFIX}")
+
+
+def remove_stale_temporaries(folder: Path) -> None:
+    """Temporaries of a killed run; call only where no other writer can be live (a run's start)."""
+    for stale in folder.glob(f"*{TMP_SUFFIX}"):
+        stale.unlink(missing_ok=True)
+
+
+def file_label(path: Path) -> str:
+    """How a marker names a published file: its folder and name (``shards/x.tar``)."""
+    return f"{path.parent.name}/{path.name}"
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def publish(tmp: Path, final: Path) -> str:
+    """Make ``tmp`` final under ``final`` unless a file is already there; ``tmp`` is removed
+    either way. Returns the SHA-256 of what ``final`` holds now (ours, or the first writer's)."""
+    try:
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        digest = file_sha256(tmp)
+        try:
+            os.link(tmp, final)
+        except FileExistsError:
+            digest = file_sha256(final)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_dir(final.parent)
+    return digest
+
+
+def publish_bytes(data: bytes, final: Path) -> str:
+    tmp = temp_path(final)
+    tmp.write_bytes(data)
+    return publish(tmp, final)
+
+
+def publish_parquet(table, final: Path, shard_info: dict[str, Any] | None = None) -> str:
+    """Write ``table`` (with the shard's facts in its metadata when given) and publish it."""
+    import pyarrow.parquet as pq
+
+    if shard_info is not None:
+        metadata = dict(table.schema.metadata or {})
+        metadata[SHARD_INFO_KEY] = json.dumps(shard_info, ensure_ascii=False).encode()
+        table = table.replace_schema_metadata(metadata)
+    tmp = temp_path(final)
+    pq.write_table(table, tmp)
+    return publish(tmp, final)
+
+
+def read_shard_info(path: Path) -> dict[str, Any]:
+    import pyarrow.parquet as pq
+
+    metadata = pq.read_schema(path).metadata or {}
+    return json.loads(metadata[SHARD_INFO_KEY]) if SHARD_INFO_KEY in metadata else {}
+
+
+def shard_info(end: ShardEnd, attempt: int = 1) -> dict[str, Any]:
+    """Every field of the shard's end marker except its name (generic: a field added to
+    ``ShardEnd`` reaches the marker and the manifest without a change here), and who made it:
+    which try of the shard this is, on which node."""
+    info = {name: list(value) if isinstance(value, tuple) else value
+            for name, value in dataclasses.asdict(end).items() if name != "shard"}
+    info["samples"] = info.pop("n_samples")
+    return {**info, "attempt": attempt, "node": node_name()}
+
+
+def check_links(folder: Path) -> str | None:
+    """Why ``folder`` cannot hold no-replace commits (no hard links, e.g. some object-store
+    mounts), or None when it can."""
+    probe = temp_path(folder / ".link-probe")
+    linked = probe.with_name(probe.name + ".linked" + TMP_SUFFIX)
+    try:
+        probe.write_bytes(b"")
+        os.link(probe, linked)
+    except OSError as exc:
+        return f"{folder} does not support hard links ({exc.strerror}); the exactly-once commit needs them"
+    finally:
+        probe.unlink(missing_ok=True)
+        linked.unlink(missing_ok=True)
+    return None
+
+
+class ShardMarkers:
+    """The folder of per-shard done markers (``<shard>.json``), each published no-replace."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def path(self, shard: str) -> Path:
+        return self.folder / f"{shard}.json"
+
+    def read(self, shard: str) -> dict[str, Any] | None:
+        try:
+            return json.loads(self.path(shard).read_text())
+        except FileNotFoundError:
+            return None
+
+    def all(self) -> dict[str, dict[str, Any]]:
+        return {path.stem: json.loads(path.read_text()) for path in sorted(self.folder.glob("*.json"))}
+
+    def write(self, shard: str, marker: dict[str, Any]) -> dict[str, Any]:
+        """Publish ``marker`` unless the shard already has one; returns the one that stands."""
+        marker = {**marker, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        publish_bytes(json.dumps(marker, indent=2, ensure_ascii=False).encode(), self.path(shard))
+        return self.read(shard)
+
+    def complete(self, shard: str, files: list[Path], info_file: Path, counts: dict[str, int]) -> dict[str, Any] | None:
+        """The marker of a shard whose files were all published by a writer that died before
+        its marker: written from those files (nothing is redone). None when a file is missing."""
+        if not all(path.exists() for path in files):
+            return None
+        return self.write(shard, {**read_shard_info(info_file), **counts,
+                                  "files": {file_label(p): file_sha256(p) for p in files}, "completed_from_files": True})
