@@ -41,6 +41,25 @@ def curate_dir(cfg: RunConfig) -> Path:
 def run_curate(cfg: RunConfig) -> dict[str, Any] | None:
     """Run pass 1 into OUT/curate; returns the report, or None when interrupted."""
     cfg = resolved(cfg)
+    paths, model, store = open_store(cfg)
+    stages = curate_stages(cfg, model)
+    progress = ProgressBar(cfg.runtime.progress)
+    pipeline = Pipeline(stages, cfg.runtime.queue_depth, progress.update)
+    start = time.perf_counter()
+    try:
+        with SigintStops(pipeline):
+            _, interrupted = pipeline.run(shard_source(paths, cfg, store.finished), store)
+    finally:
+        store.close()
+        progress.close()
+    if interrupted:
+        return None
+    embed_s = time.perf_counter() - start
+    return select_from_store(store, cfg, embed_s=embed_s)
+
+
+def open_store(cfg: RunConfig) -> tuple[list[Path], str, EmbeddingStore]:
+    """The checks before pass 1 (shards, model, the store's model) and the store, settled."""
     paths = expand_shards(cfg.input.shards)
     if not paths:
         raise ConfigError("no input shards: pass --shards (tar, parquet or image folders)")
@@ -57,20 +76,7 @@ def run_curate(cfg: RunConfig) -> dict[str, Any] | None:
         raise ConfigError(f"{root} holds embeddings of {store.manifest.data['embed_model']}, not {identity}: "
                           f"use the same model to resume, or another --out")
     store.settle([shard_name(p) for p in paths])
-    stages = curate_stages(cfg, model)
-    progress = ProgressBar(cfg.runtime.progress)
-    pipeline = Pipeline(stages, cfg.runtime.queue_depth, progress.update)
-    start = time.perf_counter()
-    try:
-        with SigintStops(pipeline):
-            _, interrupted = pipeline.run(shard_source(paths, cfg, store.finished), store)
-    finally:
-        store.close()
-        progress.close()
-    if interrupted:
-        return None
-    embed_s = time.perf_counter() - start
-    return select_from_store(store, cfg, embed_s=embed_s)
+    return paths, model, store
 
 
 def curate_stages(cfg: RunConfig, model: str) -> list:

@@ -4,6 +4,7 @@ reject with the reason curation (or pass 1's filters) gave, so each input key en
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import numpy as np
 
@@ -17,6 +18,19 @@ CURATE_STAGE = "curate"
 
 
 def selected_source(cfg: RunConfig) -> Callable[[set[str]], Iterator[Sample | ShardEnd]]:
+    items = selected_shard_items(cfg)
+    paths = expand_shards(cfg.input.shards)
+
+    def source(finished: set[str]) -> Iterator[Sample | ShardEnd]:
+        for path in paths:
+            if shard_name(path) not in finished:
+                yield from items(path)
+
+    return source
+
+
+def selected_shard_items(cfg: RunConfig) -> Callable[[Path], Iterator[Sample | ShardEnd]]:
+    """One input shard's items for pass 2 (what a Ray worker is given shard by shard)."""
     import pyarrow.parquet as pq
 
     root = curate_dir(cfg)
@@ -30,32 +44,28 @@ def selected_source(cfg: RunConfig) -> Callable[[set[str]], Iterator[Sample | Sh
     rejects_by_shard: dict[str, list[dict]] = {}
     for row in store.rejects().to_pylist():
         rejects_by_shard.setdefault(row["shard"], []).append(row)
-    paths = expand_shards(cfg.input.shards)
 
-    def source(finished: set[str]) -> Iterator[Sample | ShardEnd]:
-        for path in paths:
-            shard = shard_name(path)
-            if shard in finished:
-                continue
-            rows = by_shard.get(shard, [])
-            kept_rows = [r for r in rows if r["kept"]]
-            vectors = _embeddings(store, [r["row"] for r in kept_rows])
-            kept = [Selected(r["key"], _source(r), r["alt_text"], v) for r, v in zip(kept_rows, vectors)]
-            yield from read_selected(path, kept, cfg.input)
-            for r in rows:
-                if not r["kept"]:
-                    sample = Sample(key=r["key"], source=_source(r))
-                    sample.filter(CURATE_STAGE, r["reason"])
-                    yield sample
-            for r in rejects_by_shard.get(shard, []):
-                sample = Sample(key=r["key"], source=Source(shard, str(path), r["member"]))
-                end = sample.filter if r["status"] == "filtered" else sample.fail
-                end(r["stage"], r["reason"])
+    def items(path: Path) -> Iterator[Sample | ShardEnd]:
+        shard = shard_name(path)
+        rows = by_shard.get(shard, [])
+        kept_rows = [r for r in rows if r["kept"]]
+        vectors = _embeddings(store, [r["row"] for r in kept_rows])
+        kept = [Selected(r["key"], _source(r), r["alt_text"], v) for r, v in zip(kept_rows, vectors)]
+        yield from read_selected(path, kept, cfg.input)
+        for r in rows:
+            if not r["kept"]:
+                sample = Sample(key=r["key"], source=_source(r))
+                sample.filter(CURATE_STAGE, r["reason"])
                 yield sample
-            info = store.manifest.data["shards"].get(shard, {})
-            yield ShardEnd(shard, str(path), info.get("samples", 0), tuple(info.get("errors", ())))
+        for r in rejects_by_shard.get(shard, []):
+            sample = Sample(key=r["key"], source=Source(shard, str(path), r["member"]))
+            end = sample.filter if r["status"] == "filtered" else sample.fail
+            end(r["stage"], r["reason"])
+            yield sample
+        info = store.manifest.data["shards"].get(shard, {})
+        yield ShardEnd(shard, str(path), info.get("samples", 0), tuple(info.get("errors", ())))
 
-    return source
+    return items
 
 
 def _embeddings(store: EmbeddingStore, rows: list[int]) -> list:
