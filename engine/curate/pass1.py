@@ -109,6 +109,7 @@ def select_from_store(store: EmbeddingStore, cfg: RunConfig, *, embed_s: float =
         rows = store.embeddings()
         k = min(cfg.curate.curate_clusters or default_k(store.rows), store.rows)
         clustering = cluster(rows, k, niter=cfg.curate.kmeans_iterations,
+                             refine_iterations=cfg.curate.kmeans_refine_iterations,
                              points_per_centroid=cfg.curate.kmeans_points_per_centroid)
         selection = select(rows, clustering, eps=cfg.curate.curate_eps, top_n=cfg.curate.curate_top_n,
                            keep=cfg.curate.curate_keep, scratch=store.root / "by_cluster.scratch")

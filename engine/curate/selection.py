@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from engine.curate.kmeans import DEFAULT_CHUNK_ROWS, Clustering
+from engine.curate.kmeans import DEFAULT_CHUNK_ROWS, Clustering, as_float32
 from engine.curate.semdedup import DEFAULT_BLOCK, default_backend, semdedup_keep_mask
 
 READ_BATCH_BYTES = 64 << 20  # small clusters are read from the scratch file together
@@ -94,7 +94,7 @@ def select(rows, clustering: Clustering, *, eps: float = 0.4, top_n: int = 20, k
                     continue
                 order = keep_order(distance[members], keep)
                 ordered = members[order]
-                vectors = batch[starts[c] - lo:starts[c + 1] - lo][order]
+                vectors = as_float32(batch[starts[c] - lo:starts[c + 1] - lo][order])
                 result = semdedup_keep_mask(vectors, eps, block=block, backend=backend_name, device=device)
                 closest_first = ordered if keep == "easy" else ordered[::-1]
                 rank[closest_first] = np.arange(len(ordered))
