@@ -210,7 +210,7 @@ def _build(tmp: Path, *, real: bool, device: str) -> dict:
         f"detect: OWLv2 ({owl.size} px, 8 tags)": lambda imgs: owl.detect(
             [view(i, owl.size) for i in imgs], queries[: len(imgs)], min_score=0.1),
         "detect: closed-set": lambda imgs: closed.detect([view(i, closed_side) for i in imgs], min_score=0.3),
-        "box fusion (40 raw boxes)": lambda imgs: [fuse_boxes(raw, raw[:10], fusion) for _ in imgs],
+        "box fusion (40 raw boxes)": lambda imgs: [fuse_boxes(raw, raw[:10], fusion, width=1024, height=768) for _ in imgs],
     }
 
 

@@ -9,6 +9,7 @@ from engine.evidence.boxes import (
     fuse_boxes,
     iou,
     keep_confident,
+    keep_sized,
     merge_detectors,
     normalise_pixels,
     synonym_map,
@@ -51,7 +52,7 @@ def test_per_detector_thresholds_and_empty_boxes():
     open_boxes = [box("cat", 0.29, (0, 0, 0.5, 0.5)), box("dog", 0.3, (0.5, 0.5, 0.6, 0.6)),
                   box("cup", 0.9, (0.2, 0.2, 0.2, 0.4))]  # zero width: dropped
     closed = [box("car", 0.55, (0, 0, 0.1, 0.1), "closed"), box("bus", 0.61, (0, 0, 0.2, 0.2), "closed")]
-    out = fuse_boxes(open_boxes, closed, cfg)
+    out = fuse_boxes(open_boxes, closed, cfg, width=640, height=480)
     assert sorted(b.label for b in out) == ["bus", "dog"]
     assert keep_confident(open_boxes, 0.0) == open_boxes[:2]
 
@@ -140,9 +141,31 @@ def test_fuse_end_to_end_from_owlv2_padding_and_pixels():
     owl = Box("dog", 0.5, unpad_square((0.1, 0.05, 0.3, 0.2), w, h), "owlv2")
     assert owl.xyxy == pytest.approx((0.1, 0.1, 0.3, 0.4))
     closed = Box("dogs", 0.8, normalise_pixels((100, 50, 300, 190), w, h), "closed")
-    out = fuse_boxes([owl], [closed], FusionConfig())
+    out = fuse_boxes([owl], [closed], FusionConfig(), width=w, height=h)
     assert len(out) == 1 and out[0].source == "fused" and out[0].score == 0.8
     assert out[0].xyxy == pytest.approx((0.1, 0.1, 0.3, 0.38))
+
+
+def test_boxes_without_a_size_never_take_the_small_slots():
+    # The boxes: 4e-6 of the width ("bicycle") and of the height ("table") of a
+    # 1000 x 750 image, more confident than the real small box ("cup", 30 x 30 px).
+    w, h = 1000, 750
+    sliver = box("bicycle", 0.95, (0.0, 0.67, 0.000004, 1.0))
+    flat = box("table", 0.9, (0.0, 0.0, 0.58, 0.000004), "closed")
+    cup = box("cup", 0.6, (0.5, 0.5, 0.53, 0.54))
+    narrow = box("pole", 0.7, (0.2, 0.1, 0.203, 0.5))  # 3 px wide: below the default 4 px
+    cfg = FusionConfig(quota_small=1, quota_medium=0, quota_large=0, max_boxes=1)
+    assert [b.label for b in fuse_boxes([sliver, cup, narrow], [flat], cfg, width=w, height=h)] == ["cup"]
+    # without the minimum side, the sliver (area > 0) took the one small slot
+    no_minimum = FusionConfig(min_box_side=0.0, quota_small=1, quota_medium=0, quota_large=0, max_boxes=1)
+    assert [b.label for b in fuse_boxes([sliver, cup, narrow], [flat], no_minimum, width=w, height=h)] == ["bicycle"]
+    # configurable in pixels of the original image: 2 px lets the 3-px pole through
+    assert keep_sized([sliver, cup, narrow], 2.0, w, h) == [cup, narrow]
+    assert keep_sized([sliver, cup, narrow], 31.0, w, h) == []
+    # on a 4x larger image the same normalised pole is 12 px wide and stays
+    assert keep_sized([narrow], 4.0, 4 * w, 4 * h) == [narrow]
+    # an image of unknown size still loses the boxes of no area
+    assert keep_sized([box("dot", 0.9, (0.3, 0.3, 0.3, 0.4)), cup], 4.0, 0, 0) == [cup]
 
 
 @pytest.mark.parametrize(

@@ -369,6 +369,10 @@ class FusionConfig:
     merge_iou: float = option(
         0.5, "an open-set and a closed-set box with the same label and IoU >= this become one"
     )
+    min_box_side: float = option(
+        4.0, "drop boxes narrower or shorter than this, in pixels of the original image, before the "
+        "size quotas (detectors emit boxes of no size that would take the small-object slots)"
+    )
     small_area: float = option(
         0.01, "a box covering less than this share of the image is small (0.01 = 10%% x 10%%)"
     )
@@ -387,6 +391,8 @@ class FusionConfig:
         for name in ("open_min_score", "closed_min_score", "merge_iou"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be in [0, 1]")
+        if self.min_box_side < 0:
+            raise ConfigError("--min-box-side must be >= 0 (pixels)")
         if not 0.0 < self.small_area <= self.large_area <= 1.0:
             raise ConfigError("need 0 < --small-area <= --large-area <= 1")
         if min(self.quota_small, self.quota_medium, self.quota_large, self.max_boxes) < 0:

@@ -2,9 +2,10 @@
 
 Pure functions over :class:`engine.core.record.Box` (coordinates normalised to [0, 1] of the
 original image). The order of the rules is the paper's (§3.2.1): keep confident detections
-(a threshold per detector), merge the two detectors' duplicates, then *balanced sampling*
-that favours small objects — a generalist MLLM already sees the big ones — capped at a
-number of boxes per image.
+(a threshold per detector) that have a size (both sides at least ``min_box_side`` pixels of
+the original image: detectors emit degenerate boxes, and the small-first quotas would prefer
+them), merge the two detectors' duplicates, then *balanced sampling* that favours small
+objects — a generalist MLLM already sees the big ones — capped at a number of boxes per image.
 """
 
 from __future__ import annotations
@@ -103,6 +104,16 @@ def keep_confident(boxes: Iterable[Box], min_score: float) -> list[Box]:
     return [b for b in boxes if b.score >= min_score and area(b.xyxy) > 0]
 
 
+def keep_sized(boxes: Iterable[Box], min_side: float, width: int, height: int) -> list[Box]:
+    """Boxes whose sides both span at least ``min_side`` pixels of a ``width`` × ``height`` image.
+
+    An image of unknown size (0) keeps every box of non-empty area."""
+    if width <= 0 or height <= 0:
+        return [b for b in boxes if area(b.xyxy) > 0]
+    return [b for b in boxes
+            if (b.xyxy[2] - b.xyxy[0]) * width >= min_side and (b.xyxy[3] - b.xyxy[1]) * height >= min_side]
+
+
 def merge_detectors(open_boxes: Sequence[Box], closed_boxes: Sequence[Box], cfg: FusionConfig) -> list[Box]:
     """One box per object seen by both detectors (same canonical label, IoU >= ``merge_iou``).
 
@@ -168,11 +179,12 @@ def balanced_sample(boxes: Sequence[Box], cfg: FusionConfig) -> list[Box]:
     return sorted(chosen, key=lambda b: -b.score)
 
 
-def fuse_boxes(open_boxes: Sequence[Box], closed_boxes: Sequence[Box], cfg: FusionConfig) -> list[Box]:
-    """All rules in order: per-detector thresholds, cross-detector merge, balanced sampling."""
-    merged = merge_detectors(
-        keep_confident(open_boxes, cfg.open_min_score),
-        keep_confident(closed_boxes, cfg.closed_min_score),
-        cfg,
-    )
+def fuse_boxes(open_boxes: Sequence[Box], closed_boxes: Sequence[Box], cfg: FusionConfig, *,
+               width: int, height: int) -> list[Box]:
+    """All rules in order: per-detector thresholds, a minimum side in pixels of the original
+    ``width`` × ``height`` image, cross-detector merge, balanced sampling."""
+    def usable(boxes: Sequence[Box], min_score: float) -> list[Box]:
+        return keep_sized(keep_confident(boxes, min_score), cfg.min_box_side, width, height)
+
+    merged = merge_detectors(usable(open_boxes, cfg.open_min_score), usable(closed_boxes, cfg.closed_min_score), cfg)
     return balanced_sample(merged, cfg)

@@ -78,7 +78,7 @@ class Detect(Stage):
         return self.closed.detect([s.views[CLOSED_VIEW] for s in batch], min_score=self.fusion.closed_min_score)
 
     def _fuse(self, sample: Sample, open_boxes: list[Box], closed_boxes: list[Box]) -> None:
-        sample.boxes = fuse_boxes(open_boxes, closed_boxes, self.fusion)
+        sample.boxes = fuse_boxes(open_boxes, closed_boxes, self.fusion, width=sample.width, height=sample.height)
         sample.views.pop(OWLV2_VIEW, None)
         sample.views.pop(CLOSED_VIEW, None)
 
