@@ -41,7 +41,7 @@ EXTRAS = {
     "tensorrt": ["torch-tensorrt==2.14.0", "onnx>=1.16"],
     "dali": ["nvidia-dali-cuda130==2.4.0"],
     "train": ["peft>=0.17,<1", "accelerate>=1.10,<2"],
-    "test": ["pytest>=8", "webdataset>=1.0", "datasets>=3", "aiohttp>=3.9", "playwright>=1.45"],
+    "test": ["pytest>=8", "hypothesis>=6.100", "webdataset>=1.0", "datasets>=3", "aiohttp>=3.9", "playwright>=1.45"],
 }
 
 setup(

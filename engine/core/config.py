@@ -38,10 +38,15 @@ class InputConfig:
     text_column: str = option("", "parquet: column with the alt text (default: auto-detect)")
     key_column: str = option("", "parquet: column with the sample key (default: key, else row id)")
     max_alt_text_chars: int = option(2000, "alt text longer than this is cut (web alt text can be huge)")
+    max_member_bytes: int = option(
+        128 << 20, "images larger than this (bytes) are rejected without being read; bounds memory per sample"
+    )
 
     def validate(self) -> None:
         if self.max_alt_text_chars < 0:
             raise ConfigError("--max-alt-text-chars must be >= 0")
+        if self.max_member_bytes < 1:
+            raise ConfigError("--max-member-bytes must be >= 1")
 
 
 @dataclass(frozen=True)

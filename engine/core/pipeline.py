@@ -20,7 +20,7 @@ from engine.core.runtime import Item, Pipeline, RunSummary, SigintStops
 from engine.core.stage import Stage
 from engine.core.subset import take_subset
 from engine.io.manifest import Manifest, write_json_atomic
-from engine.io.readers import ShardReport, expand_shards, read_shard, shard_end, shard_kind, shard_name
+from engine.io.readers import expand_shards, shard_items, shard_kind, shard_name
 from engine.io.writers import DatasetWriter
 from engine.stages.caption import CaptionStage
 from engine.stages.category import Categorize
@@ -80,9 +80,7 @@ def shard_source(paths: list[Path], cfg: RunConfig, skip: set[str]) -> Iterator[
     for path in paths:
         if shard_name(path) in skip:
             continue
-        report = ShardReport()
-        yield from read_shard(path, cfg.input, report)
-        yield shard_end(path, report)
+        yield from shard_items(path, cfg.input)
 
 
 def run(cfg: RunConfig, *, source_paths: list[Path] | None = None,

@@ -141,5 +141,6 @@ class ShardEnd:
 
     shard: str
     path: str
-    n_samples: int
+    n_samples: int  # keys read: each one is written or rejected
     errors: tuple[str, ...] = ()  # shard-level problems (e.g. a truncated tar), kept in the manifest
+    skipped: tuple[tuple[int, int], ...] = ()  # byte ranges [start, end) of a damaged archive that held no usable header

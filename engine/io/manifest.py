@@ -22,7 +22,7 @@ def fsync_dir(path: Path) -> None:
 
 def write_json_atomic(path: Path, data: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as handle:
+    with open(tmp, "w", encoding="utf-8") as handle:
         json.dump(data, handle, indent=2, ensure_ascii=False)
         handle.flush()
         os.fsync(handle.fileno())
@@ -45,7 +45,7 @@ class Manifest:
         self.path = path
         self.data: dict[str, Any] = {"version": 1, "shards": {}}
         if path.exists():
-            self.data = json.loads(path.read_text())
+            self.data = json.loads(path.read_text(encoding="utf-8"))
 
     @property
     def finished(self) -> set[str]:

@@ -1,10 +1,13 @@
 """Readers: small generator chains from an input shard to :class:`Sample` records.
 
 ``expand_shards`` turns ``--shards`` patterns into paths; ``read_shard`` picks the chain by
-the shard's kind. Tar shards are streamed (``open → members → group by key → samples``) and
-never extracted: member names are only ever split into key and extension, never used as paths.
-Per-sample problems (a hostile name, an unreadable member) become failed samples, so the key
-still reaches ``rejects/``; a truncated tar ends the shard with a shard-level error.
+the shard's kind; ``shard_items`` is what a driver calls: the samples, then the shard's
+``ShardEnd``, and no exception but a ``ConfigError``. Tar shards are streamed by our own
+reader (``engine.io.tar``: open → members → group by key → samples) and never extracted:
+member names only become keys (``engine.io.keys``: total and injective), never paths.
+Per-sample problems (a hostile name, a damaged or oversized member) become failed samples, so
+the key still reaches ``rejects/``; damage to the archive itself becomes shard-level errors
+with the byte ranges skipped; sidecars that cannot be read become flags.
 """
 
 from __future__ import annotations
@@ -13,15 +16,18 @@ import glob
 import itertools
 import json
 import re
-import tarfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 from engine.core.config import InputConfig
 from engine.core.errors import ConfigError
 from engine.core.record import Sample, ShardEnd, Source
+from engine.io.keys import MemberName, escape, lost_name, parse_member_name, split_member_name, usable_key
+from engine.io.sidecars import MAX_JSON_BYTES, parse_json_sidecar, text_bytes_to_read
+from engine.io.tar import TarMember, TarReader, is_gzip, open_stream
+from engine.io.text import decode_text, valid_text
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 READER = "read"
@@ -92,8 +98,9 @@ def shard_kind(path: Path) -> str:
 class ShardReport:
     """Filled while a shard is read; becomes the :class:`ShardEnd` marker."""
 
-    n_samples: int = 0
+    n_samples: int = 0  # keys read (each one ends written or rejected)
     errors: list[str] = field(default_factory=list)
+    skipped: list[tuple[int, int]] = field(default_factory=list)  # damaged byte ranges [start, end)
 
 
 def read_shard(path: Path, cfg: InputConfig, report: ShardReport) -> Iterator[Sample]:
@@ -102,8 +109,25 @@ def read_shard(path: Path, cfg: InputConfig, report: ShardReport) -> Iterator[Sa
     return reject_duplicate_keys(samples)
 
 
+def shard_items(path: Path, cfg: InputConfig) -> Iterator[Sample | ShardEnd]:
+    """One shard's samples, then its :class:`ShardEnd`, whatever the shard holds: anything the
+    reader raises ends the shard with a shard-level error (kept in the manifest, so a rerun
+    skips the shard instead of failing on it again) and the run goes on. A ``ConfigError`` is
+    misconfiguration (e.g. no image column): it still stops the run before the shard commits."""
+    report = ShardReport()
+    try:
+        yield from read_shard(path, cfg, report)
+    except ConfigError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - third-party parsers raise more than they document
+        report.errors.append(f"{path}: reading stopped after {report.n_samples} samples: "
+                             f"{type(exc).__name__}: {str(exc)[:500]}")
+    yield shard_end(path, report)
+
+
 def shard_end(path: Path, report: ShardReport) -> ShardEnd:
-    return ShardEnd(shard_name(path), str(path), report.n_samples, tuple(report.errors))
+    return ShardEnd(shard_name(path), valid_text(str(path)), report.n_samples,
+                    tuple(valid_text(e) for e in report.errors), tuple(report.skipped))
 
 
 def reject_duplicate_keys(samples: Iterable[Sample]) -> Iterator[Sample]:
@@ -116,107 +140,132 @@ def reject_duplicate_keys(samples: Iterable[Sample]) -> Iterator[Sample]:
         yield sample
 
 
-@dataclass
-class _Member:
-    name: str
-    data: bytes
-    offset: int
-    size: int
-    error: str = ""
-
-
-def tar_members(path: Path, report: ShardReport) -> Iterator[_Member]:
-    """Regular-file members of a tar, streamed; a truncated tar ends with a shard error."""
-    try:
-        with tarfile.open(path, mode="r|*") as tar:
-            for info in tar:
-                if not info.isfile():
-                    continue
-                try:
-                    handle = tar.extractfile(info)
-                    data = handle.read() if handle else b""
-                    if len(data) != info.size:
-                        raise tarfile.ReadError(f"read {len(data)} of {info.size} bytes")
-                    yield _Member(info.name, data, info.offset_data, info.size)
-                except (tarfile.TarError, OSError, EOFError) as exc:
-                    yield _Member(info.name, b"", info.offset_data, info.size, f"unreadable member: {exc}")
-                    raise
-    except (tarfile.TarError, OSError, EOFError) as exc:
-        report.errors.append(f"{path}: tar ends early or is corrupt ({exc}); members before it were read")
-
-
-def split_member_name(name: str) -> tuple[str, str]:
-    """``dir/000123.jpg`` → (``dir/000123``, ``jpg``); webdataset's rule: extension after the first dot of the basename."""
-    directory, _, base = name.rpartition("/")
-    stem, dot, ext = base.partition(".")
-    key = f"{directory}/{stem}" if directory else stem
-    return key, ext.lower() if dot else ""
-
-
-def unsafe_name_reason(name: str) -> str:
-    """Why a member name cannot become an output member name ('' when it is fine)."""
-    if not name or name.startswith("/") or "\\" in name:
-        return "absolute or malformed member name"
-    if any(part == ".." for part in PurePosixPath(name).parts):
-        return "member name escapes the shard ('..')"
-    if any(ord(ch) < 32 or ord(ch) == 127 for ch in name):
-        return "control character in member name"
-    return ""
-
-
-def group_by_key(members: Iterable[_Member]) -> Iterator[tuple[str, dict[str, _Member]]]:
-    """Consecutive members sharing a key form one sample (img2dataset writes them together)."""
-    for key, group in itertools.groupby(members, key=lambda m: split_member_name(m.name)[0]):
-        yield key, {split_member_name(m.name)[1]: m for m in group}
+# --- tar shards ---------------------------------------------------------------------------
 
 
 def read_tar(path: Path, cfg: InputConfig, report: ShardReport) -> Iterator[Sample]:
+    """Samples of a tar (plain or gzip), streamed by :class:`TarReader`; damage becomes shard
+    errors with the byte ranges skipped, every member whose header survived becomes a sample."""
     name = shard_name(path)
-    for key, parts in group_by_key(tar_members(path, report)):
-        report.n_samples += 1
-        image_ext = next((ext for ext in IMAGE_EXTS if ext in parts), "")
-        image = parts.get(image_ext)
-        member = image.name if image else next(iter(parts.values())).name
-        sample = Sample(
-            key=key,
-            source=Source(name, str(path), member, image.offset if image else -1, image.size if image else -1),
-            image_bytes=image.data if image else b"",
-            image_ext=image_ext or "jpg",
-        )
-        problem = unsafe_name_reason(member)
-        if problem:
-            sample.key = _printable(key)
-            sample.fail(READER, f"{problem}: {member!r}")
-        elif image is None:
-            sample.fail(READER, f"no image member (found: {', '.join(sorted(parts)) or 'nothing'})")
-        elif image.error:
-            sample.fail(READER, image.error)
-        else:
-            _attach_text(sample, parts, cfg)
-        yield sample
-
-
-def _printable(text: str) -> str:
-    return "".join(ch if 32 <= ord(ch) < 127 else "?" for ch in text)
-
-
-def _attach_text(sample: Sample, parts: dict[str, _Member], cfg: InputConfig) -> None:
-    if "txt" in parts:
-        sample.alt_text = decode_text(parts["txt"].data, cfg.max_alt_text_chars)
-    if "json" in parts:
+    with open_stream(path) as stream:
+        tar = TarReader(stream, _keep_policy(cfg))
         try:
-            meta = json.loads(parts["json"].data.decode("utf-8", errors="replace"))
-            sample.meta = meta if isinstance(meta, dict) else {"value": meta}
-        except json.JSONDecodeError as exc:
-            sample.meta = {"meta_error": f"unreadable {sample.key}.json: {exc.msg}"}
+            for _, group in itertools.groupby(_named(tar), key=lambda named: named[0].key):
+                report.n_samples += 1
+                yield _tar_sample(_Parts.collect(group), name, path, cfg)
+        finally:
+            if tar.end_problem:
+                report.errors.append(f"{path}: tar {tar.end_problem}; members before it were read")
+            for damage in tar.damage:
+                report.errors.append(f"{path}: bytes {damage.start}-{damage.end} skipped: {damage.what}")
+                report.skipped.append((damage.start, damage.end))
+
+
+def _keep_policy(cfg: InputConfig):
+    """How many bytes of a member the reader keeps: images up to --max-member-bytes (none
+    above), the start of a .txt, a .json up to its cap, nothing of anything else."""
+    text_bytes = text_bytes_to_read(cfg.max_alt_text_chars)
+    image_exts = {ext.encode() for ext in IMAGE_EXTS}
+
+    def keep(raw_name: bytes, size: int) -> int:
+        ext = raw_name.rpartition(b"/")[2].partition(b".")[2].lower()
+        if ext in image_exts:
+            return size if size <= cfg.max_member_bytes else 0
+        if ext == b"txt":
+            return min(size, text_bytes)
+        if ext == b"json":
+            return size if size <= MAX_JSON_BYTES else 0
+        return 0
+
+    return keep
+
+
+def _named(members: Iterable[TarMember]) -> Iterator[tuple[MemberName, TarMember]]:
+    for member in members:
+        if member.name_lost:
+            yield lost_name(member.name, member.offset, member.problem), member
+        else:
+            yield parse_member_name(member.name), member
+
+
+@dataclass
+class _Parts:
+    """The members of one key, kept to a bound: the first image, .txt and .json; the rest only
+    counted (a key repeated a million times costs no more than one sample)."""
+
+    name: MemberName
+    image: tuple[MemberName, TarMember] | None = None
+    sidecars: dict[str, TarMember] = field(default_factory=dict)  # "txt", "json"
+    exts: list[str] = field(default_factory=list)
+    flags: list[str] = field(default_factory=list)
+
+    @classmethod
+    def collect(cls, group: Iterable[tuple[MemberName, TarMember]]) -> _Parts:
+        parts: _Parts | None = None
+        for name, member in group:
+            if parts is None:
+                parts = cls(name)
+            if len(parts.exts) < 16 and name.ext not in parts.exts:
+                parts.exts.append(name.ext)
+            if name.ext in IMAGE_EXTS:
+                if parts.image is None:
+                    parts.image = (name, member)
+                    continue
+                what = "image"
+            elif name.ext in ("txt", "json"):
+                if name.ext not in parts.sidecars:
+                    parts.sidecars[name.ext] = member
+                    continue
+                what = name.ext
+            else:
+                continue
+            if len(parts.flags) < 16:
+                parts.flags.append(f"read: another {what} member {name.shown!r} ignored (the first is kept)")
+        assert parts is not None  # groupby never yields an empty group
+        return parts
+
+
+def _tar_sample(parts: _Parts, shard: str, path: Path, cfg: InputConfig) -> Sample:
+    image_name, image = parts.image or (parts.name, None)
+    sample = Sample(
+        key=parts.name.key,
+        source=Source(shard, str(path), image_name.shown, image.data_offset if image else -1,
+                      image.size if image else -1),
+        image_ext=image_name.ext if image else "jpg",
+    )
+    if parts.name.problem:
+        sample.fail(READER, f"{parts.name.problem}: {image_name.shown!r}")
+    elif image is None:
+        sample.fail(READER, f"no image member (found: {', '.join(sorted(parts.exts)) or 'nothing'})")
+    elif image.problem:
+        sample.fail(READER, f"member {image_name.shown!r} {image.problem}")
+    elif image.size > cfg.max_member_bytes:
+        sample.fail(READER, f"member {image_name.shown!r} has {image.size} bytes, over "
+                            f"--max-member-bytes ({cfg.max_member_bytes}): not read")
+    else:
+        sample.image_bytes = image.data
+        sample.flags.extend(parts.flags)
+        _attach_text(sample, parts, cfg)
+    return sample
+
+
+def _attach_text(sample: Sample, parts: _Parts, cfg: InputConfig) -> None:
+    """Sidecars are data: whatever is wrong with one, it is ignored and a flag says why."""
+    text, meta = parts.sidecars.get("txt"), parts.sidecars.get("json")
+    if text is not None:
+        if text.problem:
+            sample.flags.append(f"read: txt sidecar ignored: it {text.problem}")
+        else:
+            sample.alt_text = decode_text(text.data, cfg.max_alt_text_chars)
+    if meta is not None:
+        problem = meta.problem and f"it {meta.problem}"
+        if not problem:
+            sample.meta, problem = parse_json_sidecar(meta.data, meta.size)
+        if problem:
+            sample.meta = {"meta_error": f"unreadable {sample.key}.json: {problem}"}
+            sample.flags.append(f"read: json sidecar ignored: {problem}")
     if not sample.alt_text:
         sample.alt_text = decode_text(str(sample.meta.get("caption") or "").encode(), cfg.max_alt_text_chars)
-
-
-def decode_text(data: bytes, max_chars: int) -> str:
-    """Alt text as UTF-8, undecodable bytes replaced (never dropped silently), cut to a cap."""
-    text = data.decode("utf-8", errors="replace").strip()
-    return text[:max_chars]
 
 
 # --- parquet and folders ----------------------------------------------------------------
@@ -242,15 +291,20 @@ def read_parquet(path: Path, cfg: InputConfig, report: ShardReport) -> Iterator[
             image = record.pop(image_col)
             if isinstance(image, dict):  # Hugging Face datasets' Image feature: {bytes, path}
                 image = image.get("bytes")
-            key = str(record.pop(key_col)) if key_col else f"{row:09d}"
+            key, problem = usable_key(str(record.pop(key_col)) if key_col else f"{row:09d}")
             text = record.pop(text_col, None) if text_col else None
             report.n_samples += 1
             sample = Sample(key=key, source=Source(name, str(path), str(row)),
                             image_bytes=image or b"", image_ext="jpg")
             sample.alt_text = decode_text(str(text or "").encode(), cfg.max_alt_text_chars)
             sample.meta = {k: _jsonable(v) for k, v in record.items()}
-            if not isinstance(image, (bytes, bytearray)) or not image:
+            if problem:
+                sample.fail(READER, f"row {row}: {problem}: {key!r}")
+            elif not isinstance(image, (bytes, bytearray)) or not image:
                 sample.fail(READER, f"row {row}: image column {image_col!r} holds no bytes")
+            elif len(image) > cfg.max_member_bytes:
+                sample.fail(READER, f"row {row}: image of {len(image)} bytes is over --max-member-bytes "
+                                    f"({cfg.max_member_bytes})")
             row += 1
             yield sample
 
@@ -271,14 +325,24 @@ def read_folder(path: Path, cfg: InputConfig, report: ShardReport) -> Iterator[S
         if ext not in IMAGE_EXTS:
             continue
         relative = file.relative_to(path).as_posix()
-        key = relative.rsplit(".", 1)[0]
+        key, problem = usable_key(relative.rsplit(".", 1)[0])
         report.n_samples += 1
-        sample = Sample(key=key, source=Source(name, str(path), relative), image_ext=ext)
+        sample = Sample(key=key, source=Source(name, str(path), escape(relative)), image_ext=ext)
+        if problem:
+            sample.fail(READER, f"{problem}: {escape(relative)!r}")
+            yield sample
+            continue
         try:
-            sample.image_bytes = file.read_bytes()
-            text = file.with_suffix(".txt")
-            if text.exists():
-                sample.alt_text = decode_text(text.read_bytes(), cfg.max_alt_text_chars)
+            size = file.stat().st_size
+            if size > cfg.max_member_bytes:
+                sample.fail(READER, f"{relative} has {size} bytes, over --max-member-bytes ({cfg.max_member_bytes})")
+            else:
+                sample.image_bytes = file.read_bytes()
+                text = file.with_suffix(".txt")
+                if text.exists():
+                    with open(text, "rb") as handle:
+                        data = handle.read(text_bytes_to_read(cfg.max_alt_text_chars))
+                    sample.alt_text = decode_text(data, cfg.max_alt_text_chars)
         except OSError as exc:
             sample.fail(READER, f"cannot read {relative}: {exc}")
         yield sample
@@ -299,12 +363,13 @@ class Selected:
 
 def read_selected(path: Path, selected: list[Selected], cfg: InputConfig) -> Iterator[Sample]:
     """The selected samples of one shard. Tars are read by member offset (a seek and a read
-    per image, no scan of the rest of the tar); parquet files and folders are read through
-    their normal chain, keeping only the selected keys."""
-    if shard_kind(path) != "tar" or any(s.source.offset < 0 for s in selected):
+    per image, no scan of the rest of the tar); gzipped tars (offsets are in the uncompressed
+    stream), parquet files and folders are read through their normal chain, keeping only the
+    selected keys (the shard's errors were recorded when pass 1 read it)."""
+    if shard_kind(path) != "tar" or is_gzip(path) or any(s.source.offset < 0 for s in selected):
         wanted = {s.key: s for s in selected}
-        for sample in read_shard(path, cfg, ShardReport()):
-            if sample.key in wanted:
+        for sample in shard_items(path, cfg):
+            if isinstance(sample, Sample) and sample.key in wanted:
                 sample.embedding = wanted[sample.key].embedding
                 yield sample
         return

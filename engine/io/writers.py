@@ -4,7 +4,8 @@
     OUT/shards/<shard>.parquet   one row per written sample
     OUT/rejects/<shard>.parquet  one row per sample not written: key, stage, status, reason
     OUT/markers/<shard>.json     the shard's done marker: counts, file hashes, attempt, node
-    OUT/manifest.json            finished shards with their counts (derived from the markers)
+    OUT/manifest.json            finished shards (derived from the markers): keys read (``samples``),
+                                 written, rejected, shard-level errors, byte ranges a damaged input lost
 
 Files grow under temporary names unique to this writer and are published when the shard's
 :class:`ShardEnd` arrives, each with a no-replace link, then the shard's done marker
@@ -36,6 +37,7 @@ from engine.io.commit import (
     temp_path,
 )
 from engine.io.manifest import Manifest
+from engine.io.text import valid_utf8
 
 # Every image member is named <key>.jpg whatever its format (the bytes are the original file's,
 # its format is in the JSON's "image_format"): loaders such as Hugging Face datasets infer one set
@@ -136,18 +138,20 @@ class DatasetWriter:
             self.manifest.record(missing)
 
     def write(self, sample: Sample) -> None:
+        # valid_utf8: whatever a reader or stage left in a string (a lone surrogate from a JSON
+        # escape), what is written is valid UTF-8; the readers' keys already are
         shard = self._shard(sample.source.shard)
         if sample.alive:
-            self._add_member(shard.tar, f"{sample.key}.{IMAGE_MEMBER_EXT}", sample.image_bytes)
-            annotations = sample.annotations()
-            self._add_member(shard.tar, f"{sample.key}.json",
-                             json.dumps(annotations, ensure_ascii=False).encode())
+            annotations = valid_utf8(sample.annotations())
+            key = annotations["key"]
+            self._add_member(shard.tar, f"{key}.{IMAGE_MEMBER_EXT}", sample.image_bytes)
+            self._add_member(shard.tar, f"{key}.json", json.dumps(annotations, ensure_ascii=False).encode())
             shard.rows.append(parquet_row(annotations))
             self.written += 1
         else:
-            shard.rejects.append({"key": sample.key, "shard": sample.source.shard,
-                                  "member": sample.source.member, "stage": sample.stage,
-                                  "status": sample.status, "reason": sample.reason})
+            shard.rejects.append(valid_utf8({"key": sample.key, "shard": sample.source.shard,
+                                             "member": sample.source.member, "stage": sample.stage,
+                                             "status": sample.status, "reason": sample.reason}))
             self.rejected += 1
 
     def commit(self, end: ShardEnd) -> None:
