@@ -212,8 +212,8 @@ def _find_header(buf: bytes, lo: int, hi: int) -> int:
 class _Pending:
     """What extended headers said about the next member."""
 
-    def __init__(self) -> None:
-        self.start = -1
+    def __init__(self, start: int = -1) -> None:
+        self.start = start  # where the member's first extended header starts (-1: none yet)
         self.name: bytes | None = None
         self.size: int | None = None
         self.problem = ""
@@ -233,16 +233,16 @@ class TarReader:
         self._keep = keep
         self.damage: list[Damage] = []
         self.end_problem = ""  # '' when the archive ended with its end-of-archive blocks
+        self._pending = _Pending()
 
     def __iter__(self) -> Iterator[TarMember]:
         held: TarMember | None = None  # the last member, given out once what follows it is known
         zeros = 0  # zero blocks since the last header
-        pending = _Pending()
         while True:
             start = self._in.pos
             block = self._in.read(BLOCK)
             if len(block) < BLOCK:
-                self._finish(start, block, zeros, pending, held)
+                self._finish(start, block, zeros, held)
                 break
             if block == _ZERO:
                 zeros += 1
@@ -254,45 +254,47 @@ class TarReader:
                     held.problem = held.problem or "what follows its data is not a header: its size field is wrong"
                 self._in.unread(block)
                 self._resync(start, "no valid tar header here (bad checksum or size field)")
-                pending, zeros = _Pending(), 0
+                self._pending, zeros = _Pending(), 0
                 continue
             zeros = 0
             if held is not None:
                 yield held
                 held = None
             if header.type in _EXTENDED:
-                self._extended(start, header, pending)
+                self._extended(start, header)
                 continue
-            held = self._member(start, header, pending)
-            pending = _Pending()
+            held = self._member(start, header, self._pending)
+            self._pending = _Pending()
         if held is not None:
             yield held
 
     # --- one header at a time ------------------------------------------------------------
 
-    def _extended(self, start: int, header: _Header, pending: _Pending) -> None:
+    def _extended(self, start: int, header: _Header) -> None:
         if header.type == b"g":  # global records name or size no member: checked, then skipped
             self._data(header.size, 0)
             return
-        if not pending.active:
-            pending.start = start
         cap = MAX_NAME_BYTES if header.type in (b"L", b"K") else MAX_EXTENDED_BYTES
-        keep = header.size if header.size <= cap else 0
-        data, problem = self._data(header.size, keep)
-        if problem:
-            pending.problem = f"its extended header ({header.type.decode()}) {problem}"
-            return
-        if header.size > cap:
-            pending.problem = f"its extended header ({header.type.decode()}) of {header.size} bytes is over the {cap} byte cap"
-        elif header.type == b"L":
-            pending.name = data.split(b"\0", 1)[0]
-        elif header.type == b"x":
+        data, problem = self._data(header.size, header.size if header.size <= cap else 0)
+        if not problem and header.size > cap:
+            problem = f"of {header.size} bytes is over the {cap} byte cap"
+        records: dict[bytes, bytes] = {}
+        if not problem and header.type == b"x":
             try:
                 records = parse_pax(data)
             except ValueError as exc:
-                pending.problem = f"its PAX header is malformed: {exc}"
-                return
-            self._apply_pax(records, pending)
+                problem = f"is malformed: {exc}"
+        names = not problem and (header.type == b"L" or b"path" in records or b"GNU.sparse.name" in records)
+        if names or not self._pending.active:
+            # an extended header that names a member starts that member's headers: any before
+            # it belonged to a member whose own header is gone
+            self._pending = _Pending(start)
+        if problem:
+            self._pending.problem = f"its extended header ({header.type.decode()}) {problem}"
+        elif header.type == b"L":
+            self._pending.name = data.split(b"\0", 1)[0]
+        elif header.type == b"x":
+            self._apply_pax(records, self._pending)
         # "K" (a long link target) names no member: only its size counts
 
     @staticmethod
@@ -338,15 +340,18 @@ class TarReader:
         return member
 
     def _sparse_extensions(self) -> bool:
-        """Skip GNU sparse extension blocks; False when the stream ends among them. A block
-        that is a valid header is given back: the last extension's flag lied."""
+        """Skip GNU sparse extension blocks; False when the stream ends among them. A header
+        that starts in one ends them there (the last extension's flag lied)."""
         while True:
             block = self._in.read(BLOCK)
             if len(block) < BLOCK:
                 self._in.unread(block)
                 return False
-            if parse_header(block) is not None:
-                self._in.unread(block)
+            ahead = self._in.read(BLOCK - 1)
+            self._in.unread(ahead)
+            hit = _find_header(block + ahead, 0, BLOCK)
+            if hit >= 0:
+                self._in.unread(block[hit:])
                 return True
             if block[504] == 0:
                 return True
@@ -405,13 +410,13 @@ class TarReader:
             checked = max(checked, base + len(window) - BLOCK + 1)
         return -1, b"".join(parts), False
 
-    def _finish(self, start: int, tail: bytes, zeros: int, pending: _Pending, held: TarMember | None) -> None:
+    def _finish(self, start: int, tail: bytes, zeros: int, held: TarMember | None) -> None:
         if self._in.failure:
             self._note(start, start + len(tail), f"the compressed stream is damaged: {self._in.failure}")
         if tail:
             self._note(start, start + len(tail), f"the archive ends inside a {BLOCK}-byte block")
-        if pending.active:
-            self._note(pending.start, start, "extended headers with no member header after them")
+        if self._pending.active:
+            self._note(self._pending.start, start, "extended headers with no member header after them")
         if held is not None and held.problem.startswith("is cut"):
             self.end_problem = "ends early, inside a member's data"
         elif self._in.failure or tail:

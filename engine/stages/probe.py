@@ -38,6 +38,9 @@ class ResolutionFilter(Stage):
         except Image.DecompressionBombError as exc:
             sample.fail(self.name, f"decompression bomb: {exc}")
             return
+        except Exception as exc:  # noqa: BLE001 - PIL's plugins raise more than they document
+            sample.fail(self.name, f"not a readable image: {type(exc).__name__}: {exc}")
+            return
         sample.width, sample.height = header.width, header.height
         sample.image_format, sample.image_mode = header.format, header.mode
         sample.meta.setdefault("original_width", header.width)

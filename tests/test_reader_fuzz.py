@@ -1,0 +1,206 @@
+"""Property-based fuzzing of read → probe → decode (hypothesis, derandomized for CI).
+
+Generated shards (ordinary, long, non-UTF-8 and control-character names; sidecars; small
+images) are damaged by generated mutations (bytes flipped, inserted, deleted, cut; size and
+type fields rewritten; zero blocks; huge extended headers; concatenation; gzip). Properties:
+
+- reading never raises and never takes long;
+- every copy of a member header that survives anywhere in the bytes becomes a member at
+  exactly its place (its data right after it), under its own name when nothing before it
+  could have renamed it;
+- samples have distinct keys (a repeated key is rejected as a duplicate), keys are valid
+  UTF-8, only usable keys stay alive, every reject has a reason;
+- probe and decode turn any image bytes into a decoded view or a reason, never an exception.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import time
+import zlib
+from itertools import groupby
+
+from conftest import encode, jpeg
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+from tar_corpus import END, GNU, header, long_name, member, pax
+
+from engine.core.config import DecodeConfig, FilterConfig, InputConfig
+from engine.core.record import Sample, Source
+from engine.core.stage import ImageView
+from engine.io.keys import key_problem
+from engine.io.readers import _named, _Parts, _tar_sample, reject_duplicate_keys
+from engine.io.tar import TarReader
+from engine.stages.decode import Decode
+from engine.stages.probe import ResolutionFilter
+
+FUZZ = settings(derandomize=True, deadline=None, database=None, print_blob=True,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+CFG = InputConfig(max_member_bytes=4096)
+IMAGES = [jpeg(16, 12), encode(Image.new("RGB", (9, 20), (1, 2, 3)), "PNG"),
+          encode(Image.new("P", (30, 8)), "GIF"), encode(Image.new("RGB", (12, 12)), "BMP")]
+
+PLAIN = "abcdefghijklmnopqrstuvwxyz0123456789"
+names = st.one_of(
+    st.text(PLAIN, min_size=1, max_size=12).map(str.encode),
+    st.binary(min_size=1, max_size=12),  # control characters, non-UTF-8, '/', '.'
+    st.text(PLAIN, min_size=1, max_size=4).map(lambda s: (s * 60).encode()),  # past 100 bytes
+    st.sampled_from([b"../up", b"/abs", b"dir/sub/k", b"ctl\x01", b"ctl?", b"caf\xc3\xa9", b"\xff\xfe"]),
+)
+exts = st.sampled_from([b"jpg", b"png", b"txt", b"json", b"gif", b"bmp", b"seg.png", b"JPG", b""])
+payloads = st.one_of(st.sampled_from(IMAGES), st.binary(max_size=1500),
+                     st.sampled_from([b'{"caption": "\\ud800"}', b"[" * 3000, b"1" * 4400, b"{}"]))
+
+
+def build(entries: list[tuple[bytes, bytes, bytes, int]]) -> tuple[bytes, list[tuple[bytes, int, bytes]]]:
+    """Members as (stem, ext, payload, header kind: plain, GNU long name, PAX path). Returns the
+    tar and, per member, its headers (extended + plain), the plain one's length, and the name
+    the format keeps (ustar fields and GNU long names end at a NUL; PAX records do not)."""
+    data, headers = b"", []
+    for stem, ext, payload, kind in entries:
+        name = stem + (b"." + ext if ext else b"")
+        extended, kept = b"", name.split(b"\0", 1)[0]
+        if kind == 2:
+            extended, kept = pax({b"path": name, b"hdrcharset": b"BINARY"}), name
+        elif kind == 1 or len(name) > 100:
+            extended = long_name(name)
+        elif len(kept) == 100:
+            kept = name  # a name of exactly 100 bytes fills the field: no NUL
+        raw = extended + member(name[:100], payload, magic=GNU if kind == 1 else b"ustar\x0000")
+        headers.append((raw[:len(extended) + 512], len(extended), kept))
+        data += raw
+    return data + END, headers
+
+
+mutations = st.lists(st.tuples(st.sampled_from(["flip", "insert", "delete", "cut", "size", "type", "zeros",
+                                                "pax", "repeat"]),
+                               st.integers(0, 1 << 16), st.integers(0, 2000), st.binary(max_size=8)),
+                     max_size=4)
+
+
+def mutate(data: bytes, steps) -> bytes:
+    for op, where, amount, extra in steps:
+        at = where % (len(data) + 1)
+        block = at - at % 512
+        if op == "flip" and data:
+            at = min(at, len(data) - 1)
+            data = data[:at] + bytes([data[at] ^ (1 + amount % 255)]) + data[at + 1:]
+        elif op == "insert":
+            data = data[:at] + (extra or b"\0") * (1 + amount % 700) + data[at:]
+        elif op == "delete":
+            data = data[:at] + data[at + amount:]
+        elif op == "cut":
+            data = data[:at]
+        elif op == "size":  # a valid header with a lying size field
+            data = data[:block] + header(b"lie%d.jpg" % amount, amount * 7) + data[block + 512:]
+        elif op == "type":
+            kind = bytes([extra[0] if extra else 0x31])
+            data = data[:block] + header(b"typed.jpg", amount, kind) + data[block + 512:]
+        elif op == "zeros":
+            data = data[:block] + bytes(512 * (1 + amount % 3)) + data[block:]
+        elif op == "pax":  # a huge or malformed extended header in front of whatever follows
+            body = b"9" * (amount * 50) if amount % 2 else b"%d path=x\n" % (amount * 1000)
+            data = data[:block] + pax(body) + data[block:]
+        elif op == "repeat":
+            data = data + data[:at]
+    return data
+
+
+def read_members(data: bytes, gzipped: bool = False) -> tuple[list, TarReader, float]:
+    start = time.perf_counter()
+    stream = gzip.GzipFile(fileobj=io.BytesIO(data)) if gzipped else io.BytesIO(data)
+    tar = TarReader(stream, lambda name, size: min(size, 1 << 16))
+    members = list(tar)
+    return members, tar, time.perf_counter() - start
+
+
+@settings(FUZZ, max_examples=2500)
+@given(entries=st.lists(st.tuples(names, exts, payloads, st.integers(0, 2)), min_size=1, max_size=8),
+       steps=mutations)
+def test_every_surviving_header_is_read_at_its_place(entries, steps):
+    data, headers = build(entries)
+    damaged = mutate(data, steps)
+    members, tar, seconds = read_members(damaged)
+    assert seconds < 5, f"{seconds:.1f}s for {len(damaged)} bytes"
+    by_data_offset = {m.data_offset: m for m in members}
+    for raw, extended, name in headers:
+        plain = raw[extended:]
+        at = damaged.find(plain)
+        while at >= 0:
+            found = by_data_offset.get(at + 512)
+            assert found is not None, f"the header at byte {at} survived but was not read"
+            whole = damaged[at - extended:at + 512] == raw  # its extended headers survived too
+            if found.offset == at - extended and (whole or not extended):  # nothing else could rename it
+                assert found.name == name
+            at = damaged.find(plain, at + 1)
+    if not steps:
+        assert not tar.damage and not tar.end_problem
+        assert [m.name for m in members] == [name for _, _, name in headers]
+    check_samples(members)
+
+
+def check_samples(members) -> list[Sample]:
+    groups = [_Parts.collect(group) for _, group in groupby(_named(members), key=lambda named: named[0].key)]
+    samples = list(reject_duplicate_keys(_tar_sample(parts, "s", "s.tar", CFG) for parts in groups))
+    alive = [s.key for s in samples if s.alive]
+    assert len(alive) == len(set(alive)), "a key alive twice"
+    for sample in samples:
+        sample.key.encode("utf-8")
+        sample.reason.encode("utf-8")
+        sample.source.member.encode("utf-8")
+        assert not sample.alive or not key_problem(sample.key)
+        assert sample.alive or sample.reason
+    return samples
+
+
+@settings(FUZZ, max_examples=500)
+@given(entries=st.lists(st.tuples(names, exts, payloads, st.integers(0, 2)), min_size=1, max_size=6),
+       cut=st.integers(0, 1 << 14))
+def test_gzip_cut_anywhere_reads_what_decompresses(entries, cut):
+    data, headers = build(entries)
+    packed = zlib.compress(data, 1, wbits=31)
+    damaged = packed[:cut % (len(packed) + 1)]
+    members, tar, _ = read_members(damaged, gzipped=True)
+    readable = zlib.decompressobj(wbits=31).decompress(damaged)
+    offsets = {m.data_offset for m in members}
+    for raw, extended, _ in headers:
+        at = readable.find(raw[extended:])
+        if at >= 0:
+            assert at + 512 in offsets, f"the header at byte {at} decompresses but was not read"
+    assert bool(tar.end_problem) == (len(damaged) < len(packed))
+    check_samples(members)
+
+
+image_mutations = st.lists(st.tuples(st.sampled_from(["flip", "cut", "insert", "dims"]),
+                                     st.integers(0, 1 << 12), st.integers(0, 255)), max_size=3)
+
+
+@settings(FUZZ, max_examples=1000)
+@given(base=st.sampled_from(IMAGES + [b"", b"GIF89a", b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff"]),
+       steps=image_mutations)
+def test_probe_and_decode_never_raise(base, steps):
+    data = base
+    for op, where, value in steps:
+        at = where % (len(data) + 1)
+        if op == "flip" and data:
+            at = min(at, len(data) - 1)
+            data = data[:at] + bytes([value]) + data[at + 1:]
+        elif op == "cut":
+            data = data[:at]
+        elif op == "insert":
+            data = data[:at] + bytes([value]) * (value + 1) + data[at:]
+        elif op == "dims" and len(data) > 24:  # width/height fields of PNG and GIF headers
+            data = data[:16] + b"\x7f\xff\xff\xff" + data[20:] if data[:4] == b"\x89PNG" else \
+                data[:6] + bytes([0xFF, 0xFF, 0xFF, 0xFF]) + data[10:]
+    sample = Sample(key="k", source=Source("s", "s.tar", "k.jpg"), image_bytes=data)
+    probe = ResolutionFilter(FilterConfig(min_short_edge=0))
+    decode = Decode(DecodeConfig(decoder="pil", decode_threads=1), FilterConfig(min_short_edge=0),
+                    (ImageView("embed", 32),))
+    decode.setup()
+    try:
+        (sample,) = decode.process(probe.process([sample]))
+    finally:
+        decode.teardown()
+    assert (sample.alive and sample.views["embed"].ndim == 3) or (not sample.alive and sample.reason)
