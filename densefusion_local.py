@@ -134,7 +134,7 @@ def meta_config(args: argparse.Namespace) -> config_module.RunConfig:
 
 def command_meta(args: argparse.Namespace) -> int:
     from engine.core import pipeline
-    from engine.output.export import export
+    from engine.output.export import export, left_out_note
 
     cfg = meta_config(args)
     summary = pipeline.run(cfg)
@@ -142,8 +142,9 @@ def command_meta(args: argparse.Namespace) -> int:
     print(pipeline.format_summary(summary, out))
     if summary.interrupted:
         return 130
-    path, count = export("sft", out, out / "sft")
-    print(f"meta: {count} GPT-4V captions exported as caption-engine fine-tuning data to {path}")
+    result = export("sft", out, out / "sft")
+    print(f"meta: {result.records} GPT-4V captions exported as caption-engine fine-tuning data to {result.path}"
+          f"{left_out_note(result)}")
     return 0
 
 

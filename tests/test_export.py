@@ -3,7 +3,7 @@ import json
 from pathlib import Path
 
 import pytest
-from output_fixture import CAPTIONS, write_fixture_output
+from output_fixture import CAPTIONS, fixture_samples, write_fixture_output
 
 import densefusion_local
 from engine.output.dataset_reader import iter_samples
@@ -23,7 +23,8 @@ def demo_out(tmp_path_factory) -> Path:
 
 
 def test_llava_export_matches_the_schema_and_images_exist(fixture_out, tmp_path):
-    path, count = export("llava", fixture_out, tmp_path / "llava", instruction="Describe it.")
+    result = export("llava", fixture_out, tmp_path / "llava", instruction="Describe it.")
+    path, count = result.path, result.records
     records = json.loads(path.read_text())
     assert count == len(records) == 2  # s2 has no caption, "bad" was rejected
     assert validate_llava(path) == []
@@ -35,7 +36,7 @@ def test_llava_export_matches_the_schema_and_images_exist(fixture_out, tmp_path)
 
 
 def test_llava_validator_catches_missing_images_and_bad_turns(fixture_out, tmp_path):
-    path, _ = export("llava", fixture_out, tmp_path / "llava")
+    path = export("llava", fixture_out, tmp_path / "llava").path
     records = json.loads(path.read_text())
     (path.parent / records[0]["image"]).unlink()
     records[1]["conversations"].reverse()
@@ -55,10 +56,10 @@ def test_jsonl_export_has_the_released_fields(fixture_out, tmp_path):
 
 
 def test_rerunning_an_export_gives_the_same_files(fixture_out, tmp_path):
-    first, _ = export("jsonl", fixture_out, tmp_path)
+    first = export("jsonl", fixture_out, tmp_path).path
     before = first.read_bytes()
-    again, count = export("jsonl", fixture_out, tmp_path)
-    assert again.read_bytes() == before and count == 2
+    again = export("jsonl", fixture_out, tmp_path)
+    assert again.path.read_bytes() == before and again.records == 2
     assert not list(tmp_path.rglob("*.tmp"))
 
 
@@ -112,7 +113,9 @@ def test_demo_output_with_mixed_image_formats_loads_with_datasets_webdataset(dem
 
 
 def test_export_of_the_demo_output_validates(demo_out, tmp_path):
-    path, count = export("llava", demo_out, tmp_path / "x")
+    # the demo's tiny-model captions are noise, all flagged by quality control: include them
+    result = export("llava", demo_out, tmp_path / "x", include_flagged=True)
+    path, count = result.path, result.records
     assert count == sum(bool(s.caption.strip()) for s in iter_samples(demo_out))
     assert validate_llava(path) == []
     # the tar names every image .jpg; exported files carry their real format's extension
@@ -120,3 +123,25 @@ def test_export_of_the_demo_output_validates(demo_out, tmp_path):
     records = json.loads(path.read_text())
     assert {"JPEG", "PNG"} <= set(formats.values())
     assert all(r["image"].endswith(".png" if formats[r["id"]] == "PNG" else ".jpg") for r in records)
+
+
+def test_flagged_captions_are_left_out_unless_asked_for(tmp_path, capsys):
+    samples = fixture_samples()
+    samples[1].flags.append("repeated_sentences: the same sentence 4 times")
+    out = write_fixture_output(tmp_path / "out", samples)
+    for kind in ("llava", "jsonl", "sft"):
+        result = export(kind, out, tmp_path / kind)
+        assert (result.records, result.flagged_left_out) == (1, 1)
+        assert "s1" not in result.path.read_text() and "s0" in result.path.read_text()
+        assert not (tmp_path / kind / "images" / "00000" / "s1.jpg").exists()
+    kept = export("jsonl", out, tmp_path / "all", include_flagged=True)
+    assert (kept.records, kept.flagged_left_out) == (2, 0)
+    assert [json.loads(x)["image_id"] for x in kept.path.read_text().splitlines()] == ["s0", "s1"]
+    # the console says how many were left out, and how to keep them
+    assert main(["llava", str(out), "--to", str(tmp_path / "cli")]) == 0
+    said = capsys.readouterr().out
+    assert "exported 1 captioned samples" in said
+    assert "1 captions flagged by quality control left out (--include-flagged keeps them)" in said
+    assert main(["llava", str(out), "--to", str(tmp_path / "cli2"), "--include-flagged"]) == 0
+    said = capsys.readouterr().out
+    assert "exported 2 captioned samples" in said and "left out" not in said

@@ -9,7 +9,8 @@ from engine.output.meta import caption_engine_prompt
 
 def test_sft_export_puts_each_samples_caption_engine_prompt_in_the_human_turn(tmp_path):
     out = write_fixture_output(tmp_path / "out")
-    path, count = export("sft", out, tmp_path / "sft")
+    result = export("sft", out, tmp_path / "sft")
+    path, count = result.path, result.records
     records = json.loads(path.read_text())
     assert count == len(records) == 2 and path.name == "densefusion_sft.json"
     assert validate_llava(path) == []

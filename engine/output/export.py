@@ -7,8 +7,11 @@ Both write the images under DIR/images/<shard>/<key>.<ext> (the original bytes f
 shards) and point at them with paths relative to DIR, so DIR can be moved as a whole.
 ``llava`` is LLaVA's pre-training format (one conversation per image: the instruction, then
 the caption); ``jsonl`` has the fields of the released DenseFusion-1M files (``image_id``,
-``url``, ``image_path``, ``caption``). Samples without a caption are left out of both. The
-WebDataset tars and parquet files of OUT itself load as they are (see README).
+``url``, ``image_path``, ``caption``). Samples without a caption are left out of both, and so
+are captions that quality control flagged (``flags`` in their annotations: a repeated, cut-off
+or scaffolding-leaking caption must not become training data unnoticed) unless
+``--include-flagged``; the count left out is reported. The WebDataset tars and parquet files of
+OUT itself load as they are (see README).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import argparse
 import json
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,10 +54,21 @@ def _write_image(to: Path, relative: str, data: bytes) -> None:
     os.replace(tmp, target)
 
 
-def captioned(out: Path, to: Path) -> Iterator[tuple[WrittenSample, str]]:
-    """Captioned samples with their image written under ``to``; yields (sample, relative path)."""
+@dataclass
+class Exported:
+    path: Path  # the export file
+    records: int = 0  # captioned samples written to it
+    flagged_left_out: int = 0  # captioned samples quality control flagged, not exported
+
+
+def captioned(out: Path, to: Path, result: Exported, *, include_flagged: bool) -> Iterator[tuple[WrittenSample, str]]:
+    """Captioned samples with their image written under ``to``; yields (sample, relative path).
+    Counts the flagged ones it leaves out in ``result``."""
     for sample in iter_samples(out, with_images=True):
         if not sample.caption.strip():
+            continue
+        if sample.annotations.get("flags") and not include_flagged:
+            result.flagged_left_out += 1
             continue
         relative = image_path(sample)
         _write_image(to, relative, sample.image_bytes)
@@ -85,30 +100,39 @@ def jsonl_record(sample: WrittenSample, relative: str) -> dict[str, Any]:
     }
 
 
-def export(kind: str, out: Path, to: Path, *, instruction: str = DEFAULT_INSTRUCTION) -> tuple[Path, int]:
-    """Write the export; returns its file and the number of records. Written under a temporary
-    name and renamed, so a stopped export never leaves a half file behind."""
+def export(kind: str, out: Path, to: Path, *, instruction: str = DEFAULT_INSTRUCTION,
+           include_flagged: bool = False) -> Exported:
+    """Write the export (flagged captions only with ``include_flagged``). Written under a
+    temporary name and renamed, so a stopped export never leaves a half file behind."""
     out, to = check_output(Path(out)), Path(to)
     to.mkdir(parents=True, exist_ok=True)
-    target = to / FILES[kind]
-    tmp = target.with_name(target.name + ".tmp")
-    count = 0
+    result = Exported(to / FILES[kind])
+    tmp = result.path.with_name(result.path.name + ".tmp")
+    samples = captioned(out, to, result, include_flagged=include_flagged)
     with open(tmp, "w", encoding="utf-8") as handle:
         if kind in ("llava", "sft"):
             # One JSON list (what LLaVA's loader json.load()s), streamed record by record.
             handle.write("[")
-            for sample, relative in captioned(out, to):
-                handle.write(",\n" if count else "\n")
+            for sample, relative in samples:
+                handle.write(",\n" if result.records else "\n")
                 human = sft_instruction(sample) if kind == "sft" else instruction
                 json.dump(llava_record(sample, relative, human), handle, ensure_ascii=False)
-                count += 1
+                result.records += 1
             handle.write("\n]\n")
         else:
-            for sample, relative in captioned(out, to):
+            for sample, relative in samples:
                 handle.write(json.dumps(jsonl_record(sample, relative), ensure_ascii=False) + "\n")
-                count += 1
-    os.replace(tmp, target)
-    return target, count
+                result.records += 1
+    os.replace(tmp, result.path)
+    return result
+
+
+def left_out_note(result: Exported) -> str:
+    """What the console says about flagged captions left out ("" when none were)."""
+    if not result.flagged_left_out:
+        return ""
+    return (f"; {result.flagged_left_out} captions flagged by quality control left out "
+            f"(--include-flagged keeps them)")
 
 
 def validate_llava(path: Path) -> list[str]:
@@ -146,11 +170,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--to", type=Path, required=True, help="folder to write the export and images to")
     parser.add_argument("--instruction", default=DEFAULT_INSTRUCTION,
                         help=f"llava: the human turn after <image> (default: {DEFAULT_INSTRUCTION!r})")
+    parser.add_argument("--include-flagged", action="store_true",
+                        help="also export captions that quality control flagged (left out by default)")
 
 
 def command(args: argparse.Namespace) -> int:
-    path, count = export(args.kind, args.out, args.to, instruction=args.instruction)
-    print(f"exported {count} captioned samples to {path} (images under {args.to / 'images'})")
+    result = export(args.kind, args.out, args.to, instruction=args.instruction, include_flagged=args.include_flagged)
+    print(f"exported {result.records} captioned samples to {result.path} (images under {args.to / 'images'})"
+          f"{left_out_note(result)}")
     return 0
 
 
