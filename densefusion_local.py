@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import os
 import sys
@@ -32,8 +33,38 @@ def _stage_list() -> str:
     return ", ".join(STAGES)
 
 
+class StrictParser(argparse.ArgumentParser):
+    """No abbreviated flags (``--model`` is not ``--models``), and an unknown flag is reported
+    by the sub-command that got it: its usage, and the closest flags it knows.
+
+    argparse hands a sub-command's unknown arguments up to the top-level parser, whose error
+    shows the top-level usage and suggests nothing; here each parser (sub-commands are built
+    from the same class) refuses its own.
+    """
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}{self._suggestions(extras)}")
+        return namespace, extras
+
+    def _suggestions(self, extras: list[str]) -> str:
+        known = [flag for action in self._actions for flag in action.option_strings]
+        hints = []
+        for arg in extras:
+            flag = arg.split("=", 1)[0]
+            close = difflib.get_close_matches(flag, known, n=3, cutoff=0.6) if flag.startswith("--") else []
+            if close:
+                hints.append(f"{flag}: did you mean {' or '.join(close)}?")
+        return "".join(f"\n  {hint}" for hint in hints)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = StrictParser(
         prog="densefusion_local.py", description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -47,7 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
                  "GPT-4V template through --api-base/--api-model, then export OUT/sft/ as LLaVA "
                  "fine-tuning data for the caption engine"),
     ):
+        # the full usage lists every option (over a hundred lines): an error would scroll away
         sub = commands.add_parser(name, help=help_text, description=help_text,
+                                  usage="%(prog)s [--config YAML] [OPTIONS]  (--help lists them)",
                                   epilog=EPILOG.format(stages=_stage_list()),
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
         sub.add_argument("--config", metavar="YAML", help="YAML file with config sections; flags override it")

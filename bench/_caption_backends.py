@@ -49,8 +49,10 @@ def build_engine(backend: str, args: argparse.Namespace, cache_dir: Path, stack:
     if backend == "transformers":
         engine = real_size_engine(args.batch) if args.real_size else tiny_engine(cache_dir, args.threads, args.batch)
         return engine, f"transformers ({engine.model}, {engine.device})"
+    from engine.core.config import ApiConfig, CaptionConfig, SglangConfig
+    from engine.stages.caption import backend_settings
+
     if backend == "openai":
-        from engine.core.config import ApiConfig
         from models.caption.openai_backend import OpenAIEngine
 
         base, label = args.api_base, f"openai ({args.api_base})"
@@ -63,15 +65,16 @@ def build_engine(backend: str, args: argparse.Namespace, cache_dir: Path, stack:
             base, label = server.url, f"openai (local fake server, {args.fake_latency}s/request)"
         cfg = ApiConfig(api_base=base, api_model=args.api_model, api_concurrency=args.concurrency)
         cfg.validate()
-        return OpenAIEngine(cfg), label
-    from engine.core.config import SglangConfig
-    from models import tiny
+        return OpenAIEngine(backend_settings("openai", CaptionConfig(), cfg, SglangConfig(), out="")), label
+    from engine.core.config import RuntimeConfig
+    from engine.core.models import resolve_model
     from models.caption.sglang_backend import SglangEngine
 
-    path = args.sglang_model or str(tiny.ensure("caption", cache_dir))
+    path = args.sglang_model or resolve_model("caption", "tiny", RuntimeConfig(cache_dir=str(cache_dir))).resolve(cache_dir)
     cfg = SglangConfig(sglang_dummy_weights=args.real_size, sglang_window=args.concurrency)
     cfg.validate()
-    return SglangEngine(cfg, path), f"sglang ({Path(path).name}{', dummy weights' if args.real_size else ''})"
+    engine = SglangEngine(backend_settings("sglang", CaptionConfig(), ApiConfig(), cfg, out=""), path)
+    return engine, f"sglang ({Path(path).name}{', dummy weights' if args.real_size else ''})"
 
 
 def compare(args: argparse.Namespace, tokens: int) -> int:

@@ -39,7 +39,7 @@ SIZES = ((600, 800), (1024, 683), (512, 1024), (900, 900), (336, 1344), (480, 48
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench caption", description=__doc__)
+    parser = argparse.ArgumentParser(allow_abbrev=False, prog="python -m bench caption", description=__doc__)
     parser.add_argument("--images", type=int, default=16, help="images per measured run")
     parser.add_argument("--batch", type=int, default=8, help="images per generation call")
     parser.add_argument("--window", type=int, default=4,
@@ -79,12 +79,15 @@ def make_samples(n: int):
 
 def tiny_engine(cache_dir: Path, threads: int, batch: int):
     """The tiny LLaVA-NeXT through the production loader (saved folder → from_pretrained)."""
-    from engine.core.config import CaptionConfig
-    from models import tiny
+    from engine.core.config import ApiConfig, CaptionConfig, RuntimeConfig, SglangConfig
+    from engine.core.models import resolve_model
+    from engine.stages.caption import backend_settings
     from models.caption.registry import load_engine
 
     config = CaptionConfig(caption_cpu_threads=threads, caption_batch=batch)
-    return load_engine(config, "tiny", str(tiny.ensure("caption", cache_dir)), "cpu")
+    path = resolve_model("caption", "tiny", RuntimeConfig(cache_dir=str(cache_dir))).resolve(cache_dir)
+    settings = backend_settings("transformers", config, ApiConfig(), SglangConfig(), out="")
+    return load_engine("transformers", "tiny", path, "cpu", settings)
 
 
 def real_size_engine(batch: int):

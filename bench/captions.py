@@ -56,7 +56,7 @@ _SENTENCE = re.compile(r"[.!?]+\s")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench captions", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, prog="python -m bench captions", description=__doc__.split("\n")[0])
     parser.add_argument("--captions", type=int, default=300)
     args = parser.parse_args(argv)
 

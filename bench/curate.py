@@ -124,7 +124,7 @@ def times(reference: float, ours: float) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench curate", description=__doc__,
+    parser = argparse.ArgumentParser(allow_abbrev=False, prog="python -m bench curate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=1_000_000, help="rows of synthetic embeddings (default: %(default)s)")
     parser.add_argument("--dim", type=int, default=768, help="embedding width (default: %(default)s, EVA02-L-14's)")

@@ -55,7 +55,7 @@ def engine_rate(shard: Path, args, model: str) -> tuple[float, int]:
         runtime={"out": tempfile.mkdtemp(), "device": args.device, "progress": False},
         curate={"embed_model": model, "embed_weights": args.weights, "embed_batch": args.batch},
     ))
-    pipeline = Pipeline(curate_stages(cfg, model), cfg.runtime.queue_depth)
+    pipeline = Pipeline(curate_stages(cfg), cfg.runtime.queue_depth)
     writer = _CountingWriter()
     started: list[float] = []
 
@@ -101,7 +101,7 @@ def baseline_rate(shard: Path, args, model: str) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench embed", description=__doc__,
+    parser = argparse.ArgumentParser(allow_abbrev=False, prog="python -m bench embed", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny", help="tiny, a folder, hf-hub:..., or an open_clip name")
     parser.add_argument("--weights", default="random", help="for an open_clip name: file, tag or 'random'")
@@ -114,10 +114,11 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from engine.core.config import CurateConfig
-    from engine.stages.embed import embed_model_path
+    from engine.core.config import CurateConfig, RunConfig, RuntimeConfig
+    from engine.stages.embed import embedder_model
 
-    model = embed_model_path(CurateConfig(embed_model=args.model), "", args.cache_dir)
+    model, _ = embedder_model(RunConfig(curate=CurateConfig(embed_model=args.model, embed_weights=args.weights),
+                                        runtime=RuntimeConfig(cache_dir=args.cache_dir)))
     with tempfile.TemporaryDirectory() as tmp:
         shard = write_shard(Path(tmp), photo_jpegs(args.n))
         print(f"{args.n} photo-like JPEGs (1-2 MP), model {args.model} ({args.weights}), device {args.device}, "

@@ -69,7 +69,7 @@ def timed(fn, repeat: int) -> float:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench experts", description=__doc__,
+    parser = argparse.ArgumentParser(allow_abbrev=False, prog="python -m bench experts", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=8, help="images per batch")
     parser.add_argument("--repeat", type=int, default=3, help="timed batches per expert")
@@ -138,13 +138,14 @@ def text_images(n: int) -> tuple[list[np.ndarray], list[tuple[str, ...]]]:
 def ocr_rows(n: int, device: str) -> dict[str, dict[str, float]]:
     """``rapidocr`` (one image per call) vs ``batched``, one single-thread session each."""
     from engine.core.config import OcrConfig
+    from engine.stages.ocr import ocr_settings
     from models.ocr import OcrModel
 
     images, truth = text_images(n)
     print(f"OCR (PP-OCR of the rapidocr wheel, {n} text images, 3 lines each, one session, 1 thread):")
     figures = {}
     for backend, on in (("rapidocr", "cpu"), ("batched", "cpu"), *((("batched", device),) if device != "cpu" else ())):
-        model = OcrModel(OcrConfig(ocr_backend=backend, ocr_threads=1), on)
+        model = OcrModel(ocr_settings(OcrConfig(ocr_backend=backend, ocr_threads=1)), on)
         model.load()
         model.read(images[:1])  # warm-up
         start = time.perf_counter()

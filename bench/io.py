@@ -62,7 +62,7 @@ def timed(fn, n: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench io", description=__doc__,
+    parser = argparse.ArgumentParser(allow_abbrev=False, prog="python -m bench io", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=120)
     parser.add_argument("--threads", type=int, default=2, help="decode threads for the engine")

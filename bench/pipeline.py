@@ -106,7 +106,7 @@ def measure(images: int, rate: float, caption_batch: int, text_every: int, stage
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench pipeline", description=__doc__,
+    parser = argparse.ArgumentParser(allow_abbrev=False, prog="python -m bench pipeline", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=64, help="images in the shard")
     parser.add_argument("--caption-rate", type=float, default=2.0, help="the paced engine's images/s")

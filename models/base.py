@@ -14,6 +14,12 @@ from pathlib import Path
 from engine.core.errors import ConfigError
 
 TINY = "tiny"
+# Roles whose models are only ever local files, with what to give instead.
+LOCAL_ONLY = {"ram_plus": "give the local ram_plus_swin_large_14m.pth (or its folder, or its ONNX export) "
+                          "with ram_tag_list.txt beside it"}
+# Roles named in their library's own namespace (open_clip architectures, 'hf-hub:' ids), checked
+# by their module with the weights they go with (models/embedder.py check_model).
+OWN_NAMES = {"embed"}
 
 
 @dataclass(frozen=True)
@@ -31,8 +37,10 @@ class ModelRef:
 
     def check(self) -> None:
         """Fail before any work starts when the model cannot be found."""
-        if self.is_tiny or self.is_local:
+        if self.is_tiny or self.is_local or self.role in OWN_NAMES:
             return
+        if self.role in LOCAL_ONLY:
+            raise ConfigError(f"{self.role} model {self.name!r} does not exist: {LOCAL_ONLY[self.role]}")
         if _looks_like_path(self.name):
             raise ConfigError(
                 f"{self.role} model folder {self.name!r} does not exist: pass an existing "

@@ -153,6 +153,19 @@ def load_detector(model: str, *, device: str = "cpu", label_map: str = "", input
     return TransformersDetector(model, device=device)
 
 
+def input_side(model: str, input_size: int = 0) -> int:
+    """The longest side the detector reads: ``input_size`` when given (an ONNX graph with a
+    dynamic input), else its processor's longest edge (DETR: 1333); the engine decodes the
+    detector's view at this size."""
+    if input_size:
+        return input_size
+    processor = Path(model) / "preprocessor_config.json"
+    if not model.endswith(".onnx") and processor.is_file():
+        size = json.loads(processor.read_text()).get("size", {})
+        return int(size.get("longest_edge") or max(size.get("height", 0), size.get("width", 0)) or 1333)
+    return 1333
+
+
 TINY_DETECTOR_LABELS = {0: "dog", 1: "cat", 2: "car"}
 
 

@@ -33,10 +33,26 @@ from typing import Protocol
 
 import numpy as np
 
-from engine.core.config import OcrConfig
 from engine.core.errors import ConfigError
 from engine.core.record import OcrLine
 from engine.evidence.boxes import normalise_pixels
+
+
+@dataclass(frozen=True)
+class OcrSettings:
+    """The OCR options a session reads, named as the engine's ``--ocr-*`` options (which
+    explain each, engine/core/config.py), so the engine hands its values over by name."""
+
+    ocr_backend: str  # a key of _BACKENDS
+    ocr_model_dir: str
+    ocr_min_score: float
+    ocr_max_lines: int
+    ocr_max_chars: int
+    ocr_det_side: int
+    ocr_det_batch: int
+    ocr_rec_batch: int
+    ocr_angle_cls: bool
+    ocr_threads: int
 
 
 @dataclass(frozen=True)
@@ -61,7 +77,7 @@ class OcrModel:
     """One OCR session per worker: ``read(images)`` gives each image's ordered, filtered,
     capped lines. ``device``: where the ``batched`` backend runs ("cpu", "cuda[:N]")."""
 
-    def __init__(self, config: OcrConfig, device: str = "cpu"):
+    def __init__(self, config: OcrSettings, device: str = "cpu"):
         self.config = config
         self.backend: OcrBackend = _BACKENDS[config.ocr_backend](config, device)  # checks files only
 
@@ -131,7 +147,7 @@ def _one_onnx(folder: Path, task: str) -> Path:
     return found[0]
 
 
-def _model_folder(config: OcrConfig) -> Path:
+def _model_folder(config: OcrSettings) -> Path:
     """--ocr-model-dir, else the PP-OCR models inside the rapidocr wheel."""
     try:
         import rapidocr
@@ -152,7 +168,7 @@ class BatchedPpOcr:
     max_pad = 1.2  # a recognition call pads a line to at most this times its own width
     cls_width, cls_thresh = 192, 0.9
 
-    def __init__(self, config: OcrConfig, device: str):
+    def __init__(self, config: OcrSettings, device: str):
         folder = _model_folder(config)
         self.config, self.device = config, device
         self.det_batch = config.ocr_det_batch or (8 if device.startswith("cuda") else 1)
@@ -283,7 +299,7 @@ class RapidOcrBackend:
 
     name = "rapidocr"
 
-    def __init__(self, config: OcrConfig, device: str):
+    def __init__(self, config: OcrSettings, device: str):
         folder = _model_folder(config)
         self.params = {
             "Global.log_level": "error",
@@ -322,7 +338,7 @@ class PaddleOcrBackend:
 
     name = "paddleocr"
 
-    def __init__(self, config: OcrConfig, device: str):
+    def __init__(self, config: OcrSettings, device: str):
         if not config.ocr_model_dir:
             raise ConfigError(
                 "--ocr-backend paddleocr needs --ocr-model-dir with det/ and rec/ PaddleOCR "

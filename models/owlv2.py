@@ -18,6 +18,7 @@ Boxes come back normalised to [0, 1] of the original image (see ``engine.evidenc
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -139,6 +140,15 @@ class Owlv2Detector:
 
     def describe(self) -> str:
         return f"owlv2 {self.name} ({self.preprocess_mode} preprocessing, {self.device})"
+
+
+def input_side(model: str) -> int:
+    """The side of the square OWLv2 reads (960 for base, 1008 for large), from its config.json;
+    the engine decodes the detector's view at this size."""
+    config = Path(model) / "config.json"
+    if config.is_file():
+        return int(json.loads(config.read_text())["vision_config"].get("image_size", 960))
+    return 960
 
 
 def _cxcywh_to_xyxy(boxes):

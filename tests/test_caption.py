@@ -6,15 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from engine.core.config import RuntimeConfig
+from engine.core.config import ApiConfig, CaptionConfig, RuntimeConfig, SglangConfig
 from engine.core.errors import ConfigError
 from engine.core.record import OcrLine, Sample, Source
 from engine.evidence.prompt import fusion_prompt
-from engine.stages.caption import CaptionStage
+from engine.stages.caption import CaptionStage, backend_settings
 from models import tiny
 from models.caption import transformers_backend
 from models.caption.base import SamplingParams
-from models.caption.registry import CaptionConfig, load_engine
+from models.caption.registry import load_engine
 from models.caption.transformers_backend import TransformersCaptionEngine
 
 SIZES = [(300, 100), (200, 480), (64, 64), (1000, 333), (129, 131)]  # (height, width)
@@ -29,7 +29,8 @@ def tiny_root(tiny_cache):
 @pytest.fixture(scope="module")
 def engine(tiny_root):
     folder = tiny.ensure("caption", tiny_root / "tiny")
-    engine = load_engine(CaptionConfig(), "tiny", str(folder), "cpu")
+    settings = backend_settings("transformers", CaptionConfig(), ApiConfig(), SglangConfig(), out="")
+    engine = load_engine("transformers", "tiny", str(folder), "cpu", settings)
     yield engine
     engine.close()
 

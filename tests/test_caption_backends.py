@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 
 from bench._chat_server import ChatServer
-from engine.core.config import ApiConfig, RuntimeConfig
+from engine.core.config import ApiConfig, CaptionConfig, RuntimeConfig
 from engine.core.errors import ConfigError
 from engine.core.record import Sample, ShardEnd, Source
 from engine.stages.caption import CaptionStage
-from models.caption.registry import BackendSettings, CaptionConfig, resolve_backend
+from models.caption.registry import resolve_backend
 
 
 def _no_sglang(monkeypatch):
@@ -57,8 +57,7 @@ def test_caption_stage_on_the_openai_backend(tmp_path):
     with ChatServer(scripts) as server:
         api = ApiConfig(api_base=server.url, api_model="fake-4v", api_concurrency=4,
                         api_backoff=0.01)
-        stage = CaptionStage(CaptionConfig(caption_backend="openai", caption_batch=2), runtime,
-                             BackendSettings(api=api))
+        stage = CaptionStage(CaptionConfig(caption_backend="openai", caption_batch=2), runtime, api=api)
         assert stage.resources().batch_size == 4  # at least the request window
         assert stage.resources().workers == 2  # the next batch tops up the window
         stage.setup()
@@ -92,8 +91,7 @@ def test_the_next_batch_fills_the_window_while_a_slow_request_finishes(tmp_path)
     runtime = RuntimeConfig(out=str(tmp_path), device="cpu", models="tiny")
     with ChatServer({"prompt 0": ["slow:2"]}) as server:
         api = ApiConfig(api_base=server.url, api_model="m", api_concurrency=2)
-        stage = CaptionStage(CaptionConfig(caption_backend="openai", caption_batch=1), runtime,
-                             BackendSettings(api=api))
+        stage = CaptionStage(CaptionConfig(caption_backend="openai", caption_batch=1), runtime, api=api)
         writer = Writer()
         items = [*_samples(6), ShardEnd("s", "p", 6)]
         Pipeline([stage], queue_depth=4).run(iter(items), writer)

@@ -11,8 +11,8 @@ from engine.core.stage import Stage
 from engine.io.expert_cache import FIELDS, ExpertCache, fingerprint, image_digest
 from engine.stages.detect import Detect
 from engine.stages.expert_cache import CachedExpert
-from engine.stages.experts import build_tag, tag_vocabulary
-from engine.stages.tag import ClipTag, RamPlusTag
+from engine.stages.tag import ClipTag, RamPlusTag, tag_vocabulary
+from engine.stages.tag import build as build_tag
 from models import ram_plus
 from models.detector import build_tiny as build_tiny_detector
 from models.owlv2 import build_tiny as build_tiny_owlv2
@@ -180,22 +180,22 @@ def test_build_tag_misconfiguration_fails_up_front(tmp_path):
         build_tag(missing)
     clip = dataclasses.replace(cfg, experts=ExpertsConfig(tagger="clip"))
     with pytest.raises(ConfigError, match="vocabulary"):
-        tag_vocabulary(clip, "")
+        tag_vocabulary(clip.experts, None)
     vocab = tmp_path / "tags.txt"
     vocab.write_text("dog\ncat\n\n")
     clip = dataclasses.replace(cfg, experts=ExpertsConfig(tagger="clip", tag_vocab=str(vocab)))
-    assert tag_vocabulary(clip, "") == ["dog", "cat"]
-    stage = build_tag(clip, embedder_factory=FakeEmbedder)
+    assert tag_vocabulary(clip.experts, None) == ["dog", "cat"]
+    stage = build_tag(clip, make_embedder=FakeEmbedder)
     assert isinstance(stage, CachedExpert) and isinstance(stage.inner, ClipTag)
     off = dataclasses.replace(clip, experts=dataclasses.replace(clip.experts, expert_cache="off"))
-    assert isinstance(build_tag(off, embedder_factory=FakeEmbedder), ClipTag)
+    assert isinstance(build_tag(off, make_embedder=FakeEmbedder), ClipTag)
 
 
 def test_end_to_end_tags_to_owlv2_to_prompt_detection_boxes(tmp_path):
     """Tiny models through the production factories: RAM++ tags query OWLv2, the closed-set
     detector adds its boxes, the fused boxes are what the prompt's [Detection Box] lists."""
     from engine.core.config import PromptConfig
-    from engine.stages.experts import build_detect
+    from engine.stages.detect import build as build_detect
     from engine.stages.prompt import FusionPrompt
 
     torch.set_num_threads(1)

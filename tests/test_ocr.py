@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFont
 
+from engine.core.config import OcrConfig
 from engine.core.errors import ConfigError
 from engine.core.record import Sample, ShardEnd, Source
-from engine.stages.ocr import Ocr
-from models.ocr import OcrConfig, OcrModel, RawText, reading_order
+from engine.stages.ocr import Ocr, ocr_settings
+from models.ocr import OcrModel, RawText, reading_order
 
 FONT = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"
 
@@ -72,7 +73,7 @@ class FakeBackend:
 
 
 def model_with(texts, **config) -> OcrModel:
-    model = OcrModel(OcrConfig(**config))
+    model = OcrModel(ocr_settings(OcrConfig(**config)))
     model.backend = FakeBackend(texts)
     return model
 
@@ -162,8 +163,8 @@ def test_batched_backend_reads_what_rapidocr_reads():
               [("NORTH PARK", 30, 40), ("CITY HALL", 30, 200)], [("MAIN ST 42", 200, 150)]]
     sizes = [(720, 360), (480, 640), (720, 540), (900, 300)]
     images = [render(p, size=s) for p, s in zip(placed, sizes)]
-    rapid = OcrModel(OcrConfig(ocr_backend="rapidocr"))
-    batched = OcrModel(OcrConfig(ocr_backend="batched", ocr_det_batch=3, ocr_rec_batch=4))
+    rapid = OcrModel(ocr_settings(OcrConfig(ocr_backend="rapidocr")))
+    batched = OcrModel(ocr_settings(OcrConfig(ocr_backend="batched", ocr_det_batch=3, ocr_rec_batch=4)))
     for model in (rapid, batched):
         model.load()
     by_rapid = [[line.text for line in lines] for lines in rapid.read(images)]

@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 
 from bench._chat_server import ChatServer
-from engine.core.config import ApiConfig
+from engine.core.config import ApiConfig, CaptionConfig, SglangConfig
 from engine.core.errors import ConfigError
+from engine.stages.caption import backend_settings
 from models.caption.base import SamplingParams
 from models.caption.openai_backend import (
     OpenAIEngine,
@@ -19,13 +20,18 @@ from models.caption.openai_backend import (
 SECRET = "sk-test-not-a-real-key-8c1f"
 
 
+def api_settings(**options):
+    """The backend's settings as the caption stage builds them from ``--api-*`` options."""
+    cfg = ApiConfig(**options)
+    cfg.validate()
+    return backend_settings("openai", CaptionConfig(), cfg, SglangConfig(), out="")
+
+
 def _engine(url: str, **changes) -> OpenAIEngine:
     settings = {"api_base": url, "api_model": "fake-4v", "api_concurrency": 4, "api_max_retries": 3,
                     "api_timeout": 0.5, "api_backoff": 0.01, "api_max_backoff": 2.0}
     settings.update(changes)
-    cfg = ApiConfig(**settings)
-    cfg.validate()
-    return OpenAIEngine(cfg)
+    return OpenAIEngine(api_settings(**settings))
 
 
 def _images(n: int) -> list[np.ndarray]:
@@ -134,7 +140,7 @@ def test_retry_after_and_backoff():
 
 def test_configuration_is_checked_before_any_work():
     with pytest.raises(ConfigError):
-        OpenAIEngine(ApiConfig())  # no endpoint
+        OpenAIEngine(api_settings())  # no endpoint
     with pytest.raises(ConfigError):
         ApiConfig(api_base="localhost:8000").validate()
     with pytest.raises(ConfigError):
@@ -196,12 +202,12 @@ def test_a_rerun_takes_finished_captions_from_the_journal(tmp_path):
 
     prompts, images = ["a", "b", "c"], _images(3)
     with ChatServer({"c": ["400"]}) as server:
-        first = OpenAIEngine(ApiConfig(api_base=server.url, api_model="m"), CaptionJournal(tmp_path / "j.jsonl"))
+        first = OpenAIEngine(api_settings(api_base=server.url, api_model="m"), CaptionJournal(tmp_path / "j.jsonl"))
         before = first.generate(prompts, images, params=SamplingParams(32))
         first.close()
         with open(tmp_path / "j.jsonl", "a") as journal:
             journal.write('{"id": "cut sho')  # a line cut by a kill
-        again = OpenAIEngine(ApiConfig(api_base=server.url, api_model="m"), CaptionJournal(tmp_path / "j.jsonl"))
+        again = OpenAIEngine(api_settings(api_base=server.url, api_model="m"), CaptionJournal(tmp_path / "j.jsonl"))
         after = again.generate(prompts, images, params=SamplingParams(32))
         other_params = again.generate(prompts[:1], images[:1], params=SamplingParams(16))
         again.close()

@@ -2,8 +2,9 @@ import os
 
 import pytest
 
-from engine.core.config import SGLANG_CHAT_TEMPLATES, SglangConfig
+from engine.core.config import SGLANG_CHAT_TEMPLATES, ApiConfig, CaptionConfig, SglangConfig
 from engine.core.errors import ConfigError
+from engine.stages.caption import backend_settings
 from models.caption.base import SamplingParams
 from models.caption.sglang_backend import (
     CHAT_TEMPLATES,
@@ -16,6 +17,12 @@ from models.caption.sglang_backend import (
     sampling_dict,
     sglang_available,
 )
+
+
+def settings(**options):
+    """The backend's settings as the caption stage builds them from ``--sglang-*`` options."""
+    return backend_settings("sglang", CaptionConfig(), ApiConfig(), SglangConfig(**options), out="")
+
 
 INSTRUCTION = (
     "You are a powerful multimodal model and you should generate detailed descriptions of "
@@ -55,14 +62,14 @@ def test_sampling_params_are_passed_through():
 
 
 def test_engine_args_span_the_gpus():
-    args = engine_args(SglangConfig(), "/ckpt/llava", 8)
+    args = engine_args(settings(), "/ckpt/llava", 8)
     assert (args["model_path"], args["dp_size"], args["tp_size"]) == ("/ckpt/llava", 8, 1)
     assert args["load_format"] == "auto" and args["disable_radix_cache"] is False
-    args = engine_args(SglangConfig(sglang_tp_size=2, sglang_dummy_weights=True,
+    args = engine_args(settings(sglang_tp_size=2, sglang_dummy_weights=True,
                                     sglang_radix_cache=False), "m", 8)
     assert (args["dp_size"], args["load_format"], args["disable_radix_cache"]) == (4, "dummy", True)
     with pytest.raises(ConfigError):
-        engine_args(SglangConfig(sglang_tp_size=2), "m", 1)
+        engine_args(settings(sglang_tp_size=2), "m", 1)
 
 
 def test_outputs_become_captions():
@@ -104,11 +111,11 @@ def test_request_carries_the_laid_out_prompt_the_image_and_the_sampling_params()
 
     image = np.random.default_rng(0).integers(0, 255, (30, 40, 3), dtype=np.uint8)
     sampling = sampling_dict(SamplingParams(max_new_tokens=250, min_new_tokens=250))
-    request = generate_request(_fusion("a bus", "bus: [0.1, 0.2, 0.3, 0.4]"), image, sampling, SglangConfig())
+    request = generate_request(_fusion("a bus", "bus: [0.1, 0.2, 0.3, 0.4]"), image, sampling, settings())
     assert set(request) == {"prompt", "image_data", "sampling_params"}
     assert request["prompt"] == layout_prompt(_fusion("a bus", "bus: [0.1, 0.2, 0.3, 0.4]"), "vicuna_v1")
     assert request["image_data"].size == (40, 30) and request["image_data"].mode == "RGB"
     assert np.array_equal(np.asarray(request["image_data"]), image)
     assert request["sampling_params"] is sampling
-    first = generate_request("p", image, sampling, SglangConfig(sglang_image_first=True, sglang_chat_template="chatml"))
+    first = generate_request("p", image, sampling, settings(sglang_image_first=True, sglang_chat_template="chatml"))
     assert first["prompt"] == layout_prompt("p", "chatml", image_first=True)

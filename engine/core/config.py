@@ -21,9 +21,15 @@ from typing import Any
 from engine.core.errors import ConfigError
 
 
-def option(default: Any, help: str, *, choices: tuple | None = None, flag: str | None = None):
-    """A config field with the help text and choices the CLI shows."""
-    meta = {"help": help, "choices": choices, "flag": flag}
+def option(default: Any, help: str, *, choices: tuple | None = None, flag: str | None = None,
+           affects: tuple[str, ...] | None = None):
+    """A config field with the help text and choices the CLI shows.
+
+    ``affects``: the expert outputs (``"tags"``, ``"boxes"``) whose values the option changes,
+    ``()`` for none (a batch size); the expert cache keys each output on exactly those options
+    (``options_affecting``), so an option cannot change tags yet keep serving cached ones.
+    """
+    meta = {"help": help, "choices": choices, "flag": flag, "affects": affects}
     if isinstance(default, (list, dict, set)):
         raise TypeError("use tuples for sequence defaults: sections are frozen")
     return field(default=default, metadata=meta)
@@ -150,9 +156,11 @@ class OcrConfig:
             raise ConfigError("--ocr-max-side and --ocr-det-side must be >= 32")
 
 
-# transformers decoding (models/caption/transformers_backend.py): KV cache grown every step,
-# preallocated, or preallocated with a torch.compile'd decoding step
+# transformers decoding (models/caption/transformers_backend.py's DECODE_MODES): KV cache grown
+# every step, preallocated, or preallocated with a torch.compile'd decoding step
 CAPTION_DECODE_MODES = ("dynamic", "static", "compiled")
+# models/caption/registry.py's backends (a test keeps the two lists equal)
+CAPTION_BACKENDS = ("auto", "openai", "sglang", "transformers")
 
 
 @dataclass(frozen=True)
@@ -166,6 +174,7 @@ class CaptionConfig:
         "auto",
         "caption backend: auto (sglang on a GPU where installed, else transformers), "
         "transformers, sglang, openai (--api-base, --api-model; key in $OPENAI_API_KEY)",
+        choices=CAPTION_BACKENDS,
     )
     caption_batch: int = option(8, "images per generation batch")
     caption_sort_window: int = option(
@@ -197,12 +206,9 @@ class CaptionConfig:
     )
 
     def validate(self) -> None:
-        from models.caption.registry import backend_names
-
-        if self.caption_backend not in backend_names():
+        if self.caption_backend not in CAPTION_BACKENDS:
             raise ConfigError(
-                f"--caption-backend {self.caption_backend!r}: known backends are "
-                f"{', '.join(backend_names())}"
+                f"--caption-backend {self.caption_backend!r}: known backends are {', '.join(CAPTION_BACKENDS)}"
             )
         if min(self.caption_batch, self.caption_sort_window, self.max_new_tokens, self.caption_cpu_threads) < 1:
             raise ConfigError(
@@ -215,31 +221,21 @@ class CaptionConfig:
         if self.temperature < 0 or not 0 < self.top_p <= 1:
             raise ConfigError("--temperature must be >= 0 and --top-p in (0, 1]")
 
-    def sampling(self):
-        from models.caption.base import SamplingParams
-
-        return SamplingParams(
-            max_new_tokens=self.max_new_tokens,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            min_new_tokens=self.min_new_tokens,
-        )
-
 
 @dataclass(frozen=True)
 class CurateConfig:
     curate: bool = option(False, "run: curate first (pass 1) and caption only the selected samples")
     embed_model: str = option(
         "EVA02-L-14", "embedding model: open_clip architecture, folder with open_clip_config.json, "
-        "'hf-hub:org/repo', or 'tiny'"
+        "'hf-hub:org/repo', or 'tiny'", affects=("tags",),
     )
     embed_weights: str = option(
         "merged2b_s4b_b131k", "weights for an architecture name: checkpoint file, open_clip "
-        "pretrained tag, or 'random' (benchmarks only)"
+        "pretrained tag, or 'random' (benchmarks only)", affects=("tags",),
     )
     embed_onnx: str = option(
         "", "run the embedder's image tower from this ONNX file (python -m models.export onnx "
-        "--target embed) on ONNX Runtime instead of torch"
+        "--target embed) on ONNX Runtime instead of torch", affects=("tags",),
     )
     embed_batch: int = option(64, "images per embedding batch")
     curate_clusters: int = option(0, "k-means clusters (0: N / 10,000 like the paper, at least 1)")
@@ -281,7 +277,7 @@ class RuntimeConfig:
     )
     device: str = option("auto", "auto, cpu, cuda or cuda:N")
     models: str = option(
-        "", "'tiny': random-weight tiny models for every model-backed stage (noise, for tests/demo)"
+        "", "'tiny': random-weight tiny models for every model-backed stage (noise, for tests/demo)", affects=("tags", "boxes"),
     )
     cache_dir: str = option(
         str(Path.home() / ".cache" / "densefusion"), "where tiny models and caches are kept"
@@ -320,38 +316,38 @@ TAGGERS = ("ram_plus", "clip")
 @dataclass(frozen=True)
 class ExpertsConfig:
     tagger: str = option("ram_plus", "image tagger: ram_plus, or clip (zero-shot from the pass-1 "
-                         "embedding against the same vocabulary)", choices=TAGGERS)
+                         "embedding against the same vocabulary)", choices=TAGGERS, affects=("tags",))
     ram_plus_model: str = option(
         "", "RAM++ checkpoint (ram_plus_swin_large_14m.pth) or its folder, or its ONNX export "
         "(python -m models.export onnx --target ram_plus), with ram_tag_list.txt "
-        "(and ram_tag_list_threshold.txt) beside it; 'tiny'"
+        "(and ram_tag_list_threshold.txt) beside it; 'tiny'", affects=("tags",),
     )
-    tag_batch: int = option(16, "images per tagging batch")
-    max_tags: int = option(30, "keep at most this many tags per image (they are OWLv2's queries)")
+    tag_batch: int = option(16, "images per tagging batch", affects=())
+    max_tags: int = option(30, "keep at most this many tags per image (they are OWLv2's queries)", affects=("tags",))
     tag_vocab: str = option(
-        "", "clip tagger: vocabulary file, one tag a line (default: ram_tag_list.txt beside --ram-plus-model)"
+        "", "clip tagger: vocabulary file, one tag a line (default: ram_tag_list.txt beside --ram-plus-model)", affects=("tags",),
     )
-    clip_tag_template: str = option("a photo of a {}.", "clip tagger: text prompt per tag")
-    clip_tag_threshold: float = option(0.2, "clip tagger: minimum cosine similarity of a tag")
-    clip_tag_top_k: int = option(10, "clip tagger: at most this many tags per image")
+    clip_tag_template: str = option("a photo of a {}.", "clip tagger: text prompt per tag", affects=("tags",))
+    clip_tag_threshold: float = option(0.2, "clip tagger: minimum cosine similarity of a tag", affects=("tags",))
+    clip_tag_top_k: int = option(10, "clip tagger: at most this many tags per image", affects=("tags",))
     owlv2_model: str = option(
         "google/owlv2-base-patch16-ensemble", "open-set detector (transformers OWLv2 folder or hub id; "
-        "'tiny'; '' turns it off)"
+        "'tiny'; '' turns it off)", affects=("boxes",),
     )
     owlv2_preprocess: str = option("tensor", "OWLv2 preprocessing: tensor (fast) or stock (the processor)",
-                                   choices=("tensor", "stock"))
-    owlv2_query_template: str = option("a photo of a {}", "OWLv2 text query per tag")
-    owlv2_nms_iou: float = option(0.5, "OWLv2: per-label non-maximum suppression IoU (1 = off)")
+                                   choices=("tensor", "stock"), affects=("boxes",))
+    owlv2_query_template: str = option("a photo of a {}", "OWLv2 text query per tag", affects=("boxes",))
+    owlv2_nms_iou: float = option(0.5, "OWLv2: per-label non-maximum suppression IoU (1 = off)", affects=("boxes",))
     closed_detector: str = option(
         "", "closed-set detector: transformers object-detection checkpoint (folder or hub id) or an "
-        ".onnx file with boxes/scores/labels outputs; 'tiny'; '' = off"
+        ".onnx file with boxes/scores/labels outputs; 'tiny'; '' = off", affects=("boxes",),
     )
-    closed_label_map: str = option("", "ONNX detector: labels.json / labels.txt (default: beside the .onnx)")
-    closed_input_size: int = option(0, "ONNX detector: input side when the graph's is dynamic")
-    detect_batch: int = option(8, "images per detection batch")
+    closed_label_map: str = option("", "ONNX detector: labels.json / labels.txt (default: beside the .onnx)", affects=("boxes",))
+    closed_input_size: int = option(0, "ONNX detector: input side when the graph's is dynamic", affects=("boxes",))
+    detect_batch: int = option(8, "images per detection batch", affects=())
     expert_cache: str = option(
         "", "expert outputs cache (sqlite) keyed by image hash + expert config: '' = "
-        "<cache-dir>/experts.sqlite, 'off' = no cache"
+        "<cache-dir>/experts.sqlite, 'off' = no cache", affects=(),
     )
 
     def validate(self) -> None:
@@ -369,27 +365,27 @@ class ExpertsConfig:
 class FusionConfig:
     """Box fusion rules (engine/evidence/boxes.py); every default is listed in the README."""
 
-    open_min_score: float = option(0.3, "keep open-set (OWLv2) boxes scoring at least this")
-    closed_min_score: float = option(0.5, "keep closed-set detector boxes scoring at least this")
+    open_min_score: float = option(0.3, "keep open-set (OWLv2) boxes scoring at least this", affects=("boxes",))
+    closed_min_score: float = option(0.5, "keep closed-set detector boxes scoring at least this", affects=("boxes",))
     merge_iou: float = option(
-        0.5, "an open-set and a closed-set box with the same label and IoU >= this become one"
+        0.5, "an open-set and a closed-set box with the same label and IoU >= this become one", affects=("boxes",),
     )
     min_box_side: float = option(
         4.0, "drop boxes narrower or shorter than this, in pixels of the original image, before the "
         "size quotas (detectors emit boxes of no size that would take the small-object slots)"
     )
     small_area: float = option(
-        0.01, "a box covering less than this share of the image is small (0.01 = 10%% x 10%%)"
+        0.01, "a box covering less than this share of the image is small (0.01 = 10%% x 10%%)", affects=("boxes",),
     )
-    large_area: float = option(0.1, "a box covering at least this share of the image is large")
-    quota_small: int = option(5, "boxes kept from the small bucket before the others")
-    quota_medium: int = option(3, "boxes kept from the medium bucket (plus what small left over)")
-    quota_large: int = option(2, "boxes kept from the large bucket (plus what medium left over)")
-    max_boxes: int = option(10, "at most this many boxes per image")
+    large_area: float = option(0.1, "a box covering at least this share of the image is large", affects=("boxes",))
+    quota_small: int = option(5, "boxes kept from the small bucket before the others", affects=("boxes",))
+    quota_medium: int = option(3, "boxes kept from the medium bucket (plus what small left over)", affects=("boxes",))
+    quota_large: int = option(2, "boxes kept from the large bucket (plus what medium left over)", affects=("boxes",))
+    max_boxes: int = option(10, "at most this many boxes per image", affects=("boxes",))
     label_synonyms: tuple[str, ...] = option(
         ("person=man,woman,boy,girl,child,people", "car=automobile", "cell phone=mobile phone,phone",
          "tv=television", "sofa=couch", "bicycle=bike", "motorcycle=motorbike", "airplane=aeroplane,plane"),
-        "label groups treated as one when merging: 'canonical=syn1,syn2'",
+        "label groups treated as one when merging: 'canonical=syn1,syn2'", affects=("boxes",),
     )
 
     def validate(self) -> None:
@@ -514,14 +510,6 @@ class ApiConfig:
         if not 1 <= self.api_jpeg_quality <= 100:
             raise ConfigError("--api-jpeg-quality must be within 1..100")
 
-    def require_endpoint(self) -> None:
-        """The openai backend needs both; other backends ignore them."""
-        if not self.api_base or not self.api_model:
-            raise ConfigError(
-                "--caption-backend openai needs --api-base URL and --api-model NAME "
-                "(and the key, if the endpoint wants one, in $OPENAI_API_KEY)"
-            )
-
 
 SGLANG_CHAT_TEMPLATES = ("vicuna_v1", "mistral_instruct", "chatml")  # see sglang_backend
 
@@ -609,10 +597,21 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
+def options_affecting(cfg: RunConfig, output: str) -> dict[str, Any]:
+    """The options whose fields declare that they change ``output`` (``option(affects=...)``),
+    as ``section.field: value``: what keys the cached ``output`` of an expert."""
+    return {
+        f"{section.name}.{f.name}": getattr(getattr(cfg, section.name), f.name)
+        for section in dataclasses.fields(cfg)
+        for f in dataclasses.fields(getattr(cfg, section.name))
+        if output in (f.metadata.get("affects") or ())
+    }
+
+
 # --- deriving the CLI and YAML from the dataclasses -------------------------------------
 
 
-def _flag(f: dataclasses.Field) -> str:
+def flag_name(f: dataclasses.Field) -> str:
     return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
 
 
@@ -629,7 +628,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls=RunConfig) -> None:
         group = parser.add_argument_group(section_name)
         hints = typing.get_type_hints(section_cls)
         for f in dataclasses.fields(section_cls):
-            flag = _flag(f)
+            flag = flag_name(f)
             if flag in seen:
                 raise TypeError(f"duplicate config flag {flag}")
             seen.add(flag)

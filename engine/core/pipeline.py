@@ -1,8 +1,9 @@
 """Pass 2 assembled: the stage table, the shard source, and ``run`` (what the CLI calls).
 
-``STAGES`` is the one ordered table of stages; ``--stages`` picks a subset in this order.
-The probe always runs (it fills width/height that every later stage relies on), and the
-decode stage is built last, from the views that the selected stages declare.
+``STAGES`` is the one ordered table of stages, each a stage module's ``build(cfg)``;
+``--stages`` picks a subset in this order. The probe always runs (it fills width/height that
+every later stage relies on), and the decode stage is built last, from the views that the
+selected stages after it declare.
 """
 
 from __future__ import annotations
@@ -22,32 +23,22 @@ from engine.core.subset import take_subset
 from engine.io.manifest import Manifest, write_json_atomic
 from engine.io.readers import expand_shards, shard_items, shard_kind, shard_name
 from engine.io.writers import DatasetWriter
-from engine.stages.caption import CaptionStage
-from engine.stages.category import Categorize
-from engine.stages.decode import Decode
-from engine.stages.experts import build_detect, build_tag, pass1_embedder
-from engine.stages.ocr import Ocr
-from engine.stages.probe import ResolutionFilter
-from engine.stages.prompt import FusionPrompt
-from engine.stages.qc import QualityControl
-from engine.stages.score import ScoreStage
+from engine.stages import caption, category, decode, detect, ocr, probe, prompt, qc, score, tag
 from models.base import resolve_device
-from models.caption.registry import BackendSettings
 
 StageFactory = Callable[[RunConfig], Stage]
 
-STAGES: dict[str, StageFactory | None] = {
-    "probe": lambda cfg: ResolutionFilter(cfg.filter),
-    "decode": None,  # built from the views of the stages after it
-    # leaves the embedding on the sample for the clip tagger
-    "category": lambda cfg: Categorize(pass1_embedder(cfg), batch_size=cfg.curate.embed_batch, device=cfg.runtime.device),
-    "tag": build_tag,
-    "detect": build_detect,
-    "ocr": lambda cfg: Ocr(cfg.ocr, cfg.runtime.device),
-    "prompt": lambda cfg: FusionPrompt(cfg.prompt),
-    "caption": lambda cfg: CaptionStage(cfg.caption, cfg.runtime, BackendSettings(cfg.api, cfg.sglang, cfg.runtime.out)),
-    "qc": lambda cfg: QualityControl(cfg.qc.for_models(cfg.runtime.models)),
-    "score": lambda cfg: ScoreStage(cfg.score),
+STAGES: dict[str, StageFactory] = {
+    "probe": probe.build,
+    "decode": decode.build,  # given the views of the stages after it (build_stages)
+    "category": category.build,  # leaves the embedding on the sample for the clip tagger
+    "tag": tag.build,
+    "detect": detect.build,
+    "ocr": ocr.build,
+    "prompt": prompt.build,
+    "caption": caption.build,
+    "qc": qc.build,
+    "score": score.build,
 }
 ALWAYS = ("probe",)
 
@@ -68,11 +59,10 @@ def selected_stage_names(cfg: RunConfig) -> list[str]:
 
 def build_stages(cfg: RunConfig) -> list[Stage]:
     names = selected_stage_names(cfg)
-    built = {name: STAGES[name](cfg) for name in names if STAGES[name] is not None}
+    built = {name: STAGES[name](cfg) for name in names if name != "decode"}
     if "decode" in names:
         after = [built[n] for n in names[names.index("decode") + 1:]]
-        views = tuple(v for stage in after for v in stage.views())
-        built["decode"] = Decode(cfg.decode, cfg.filter, views, cfg.runtime.device)
+        built["decode"] = decode.build(cfg, tuple(v for stage in after for v in stage.views()))
     return [built[name] for name in names]
 
 

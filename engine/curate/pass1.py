@@ -26,10 +26,9 @@ from engine.curate.selection import Selection, report, select, selection_table
 from engine.curate.store import EmbeddingStore
 from engine.io.manifest import write_json_atomic, write_parquet_atomic
 from engine.io.readers import expand_shards, shard_kind, shard_name
-from engine.stages.decode import Decode
-from engine.stages.embed import EMBED_VIEW, Embed, embed_model_path
+from engine.stages import decode, embed, probe
+from engine.stages.embed import EMBED_VIEW, embedder_model
 from engine.stages.probe import ResolutionFilter
-from models.embedder import check_model
 
 CURATE_DIR = "curate"
 
@@ -41,8 +40,8 @@ def curate_dir(cfg: RunConfig) -> Path:
 def run_curate(cfg: RunConfig) -> dict[str, Any] | None:
     """Run pass 1 into OUT/curate; returns the report, or None when interrupted."""
     cfg = resolved(cfg)
-    paths, model, store = open_store(cfg)
-    stages = curate_stages(cfg, model)
+    paths, store = open_store(cfg)
+    stages = curate_stages(cfg)
     progress = ProgressBar(cfg.runtime.progress)
     pipeline = Pipeline(stages, cfg.runtime.queue_depth, progress.update)
     start = time.perf_counter()
@@ -58,34 +57,27 @@ def run_curate(cfg: RunConfig) -> dict[str, Any] | None:
     return select_from_store(store, cfg, embed_s=embed_s)
 
 
-def open_store(cfg: RunConfig) -> tuple[list[Path], str, EmbeddingStore]:
+def open_store(cfg: RunConfig) -> tuple[list[Path], EmbeddingStore]:
     """The checks before pass 1 (shards, model, the store's model) and the store, settled."""
     paths = expand_shards(cfg.input.shards)
     if not paths:
         raise ConfigError("no input shards: pass --shards (tar, parquet or image folders)")
     for path in paths:
         shard_kind(path)
-    model = embed_model_path(cfg.curate, cfg.runtime.models, cfg.runtime.cache_dir)
-    check_model(model, cfg.curate.embed_weights)
+    _, identity = embedder_model(cfg)
     root = curate_dir(cfg)
     store = EmbeddingStore(root)
     # Embeddings of two models do not mix: a resumed store must keep the model it started with.
-    identity = "tiny" if "tiny" in (cfg.runtime.models, cfg.curate.embed_model) else \
-        f"{cfg.curate.embed_model} ({cfg.curate.embed_weights})"
     if store.manifest.data.setdefault("embed_model", identity) != identity:
         raise ConfigError(f"{root} holds embeddings of {store.manifest.data['embed_model']}, not {identity}: "
                           f"use the same model to resume, or another --out")
     store.settle([shard_name(p) for p in paths])
-    return paths, model, store
+    return paths, store
 
 
-def curate_stages(cfg: RunConfig, model: str) -> list:
+def curate_stages(cfg: RunConfig) -> list:
     """Pass 1's per-image stages: header probe, one decode at the embedder's view, embed."""
-    return [
-        ResolutionFilter(cfg.filter),
-        Decode(cfg.decode, cfg.filter, (EMBED_VIEW,), cfg.runtime.device),
-        Embed(cfg.curate, model=model, device=cfg.runtime.device),
-    ]
+    return [probe.build(cfg), decode.build(cfg, (EMBED_VIEW,)), embed.build(cfg)]
 
 
 def select_from_store(store: EmbeddingStore, cfg: RunConfig, *, embed_s: float = 0.0) -> dict[str, Any]:

@@ -1,9 +1,10 @@
 """Expert outputs kept per image, so re-captioning never reruns the experts.
 
 An entry is addressed by the SHA-256 of the image bytes and a fingerprint of everything
-that shapes the expert's output (stage name, its config section, the models it loads);
-another caption engine or prompt template changes neither, so a second run over the same
-images reads tags and boxes from here. The store is one SQLite file (WAL mode: the tag
+that shapes the expert's output: every option declared with ``affects=`` that output
+(engine/core/config.py), and the fingerprints of the outputs it is computed from; another
+caption engine or prompt template changes neither, so a second run over the same images
+reads tags and boxes from here. The store is one SQLite file (WAL mode: the tag
 and detect stages read and write it from their own threads, each with its own connection).
 
 :class:`CachedExpert` wraps an expert stage: hits are filled in from the cache, only the
@@ -21,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from engine.core.config import RunConfig, options_affecting
 from engine.core.record import Box, Sample, Tag
 
 # Sample fields an expert may fill, and how to rebuild them from JSON.
@@ -28,6 +30,10 @@ FIELDS = {
     "tags": lambda rows: [Tag(**r) for r in rows],
     "boxes": lambda rows: [Box(r["label"], r["score"], tuple(r["xyxy"]), r["source"]) for r in rows],
 }
+
+
+# Outputs computed from other outputs: boxes come from OWLv2 queried with the image's tags.
+INPUTS = {"boxes": ("tags",)}
 
 
 def image_digest(sample: Sample) -> str:
@@ -41,6 +47,13 @@ def fingerprint(*parts: Any) -> str:
 
     text = json.dumps([plain(p) for p in parts], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def output_fingerprint(cfg: RunConfig, output: str) -> str:
+    """What keys ``output`` (a key of FIELDS): the options declared to affect it, and the
+    fingerprints of the outputs it is computed from."""
+    upstream = [output_fingerprint(cfg, name) for name in INPUTS.get(output, ())]
+    return fingerprint(output, options_affecting(cfg, output), upstream)
 
 
 # Switching a new file to WAL while another connection opens it can fail at once with

@@ -182,6 +182,6 @@ def command(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="densefusion_local.py export", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, prog="densefusion_local.py export", description=__doc__.split("\n")[0])
     add_arguments(parser)
     return command(parser.parse_args(argv))

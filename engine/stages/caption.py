@@ -7,37 +7,71 @@ import threading
 import time
 from pathlib import Path
 
-from engine.core.config import RuntimeConfig
+from engine.core.config import ApiConfig, CaptionConfig, RunConfig, RuntimeConfig, SglangConfig
+from engine.core.errors import ConfigError
+from engine.core.models import resolve_model
 from engine.core.record import Sample
 from engine.core.stage import ImageView, Resources, Stage
-from models.base import TINY, ModelRef
-from models.caption.base import CaptionEngine
+from models.caption.base import CaptionEngine, SamplingParams
 from models.caption.figures import CaptionTally, GpuSampler
-from models.caption.registry import (
-    BackendSettings,
-    CaptionConfig,
-    load_engine,
-    resolve_backend,
-)
+from models.caption.registry import load_engine, resolve_backend
+
+JOURNAL = Path("journal") / "openai.jsonl"  # under OUT: captions an endpoint was paid for
+
+
+def build(cfg: RunConfig) -> CaptionStage:
+    return CaptionStage(cfg.caption, cfg.runtime, api=cfg.api, sglang=cfg.sglang)
+
+
+def sampling_params(config: CaptionConfig) -> SamplingParams:
+    return SamplingParams(max_new_tokens=config.max_new_tokens, temperature=config.temperature,
+                          top_p=config.top_p, min_new_tokens=config.min_new_tokens)
+
+
+def backend_settings(backend: str, config: CaptionConfig, api: ApiConfig, sglang: SglangConfig, out: str):
+    """The settings object ``backend`` (resolved) takes, from the run's options; the engine
+    decides where in the output folder a backend's journal goes."""
+    if backend == "transformers":
+        from models.caption.transformers_backend import TransformersSettings
+
+        return TransformersSettings(batch_size=config.caption_batch, decode=config.caption_decode,
+                                    dtype=config.caption_dtype, cpu_threads=config.caption_cpu_threads)
+    if backend == "sglang":
+        from models.caption.sglang_backend import SglangSettings
+
+        return SglangSettings(dp_size=sglang.sglang_dp_size, tp_size=sglang.sglang_tp_size,
+                              dummy_weights=sglang.sglang_dummy_weights, radix_cache=sglang.sglang_radix_cache,
+                              mem_fraction=sglang.sglang_mem_fraction, window=sglang.sglang_window,
+                              chat_template=sglang.sglang_chat_template, image_first=sglang.sglang_image_first)
+    from models.caption.openai_backend import ApiSettings
+
+    return ApiSettings(base=api.api_base, model=api.api_model, concurrency=api.api_concurrency,
+                       max_retries=api.api_max_retries, timeout=api.api_timeout, backoff=api.api_backoff,
+                       max_backoff=api.api_max_backoff, image_detail=api.api_image_detail,
+                       jpeg_quality=api.api_jpeg_quality,
+                       journal=str(Path(out) / JOURNAL) if api.api_journal and out else "")
 
 
 class CaptionStage(Stage):
     name = "caption"
 
-    def __init__(self, config: CaptionConfig, runtime: RuntimeConfig,
-                 settings: BackendSettings | None = None):
+    def __init__(self, config: CaptionConfig, runtime: RuntimeConfig, *,
+                 api: ApiConfig = ApiConfig(), sglang: SglangConfig = SglangConfig()):
         self.device = runtime.device  # already resolved from "auto" by the pipeline
         # Settled now, so a missing SGLang or endpoint fails before any work.
         backend = resolve_backend(config.caption_backend, self.device)
         self.config = dataclasses.replace(config, caption_backend=backend)
-        self.settings = settings or BackendSettings()
+        self.settings = backend_settings(backend, config, api, sglang, runtime.out)
         self.cache_dir = Path(runtime.cache_dir)
         if backend == "openai":
-            self.settings.api.require_endpoint()
-            self.ref = ModelRef(self.settings.api.api_model, "caption")  # remote: nothing to load
+            self.settings.require_endpoint()
+            self.ref = None  # remote: nothing to load; the model is the endpoint's (--api-model)
+            self.model_name = api.api_model
         else:
-            self.ref = ModelRef(TINY if runtime.models == TINY else config.caption_model, "caption")
-            self.ref.check()
+            self.ref = resolve_model("caption", config.caption_model, runtime)
+            if self.ref is None:
+                raise ConfigError("--caption-model is empty: name a LLaVA-NeXT checkpoint (folder or hub id)")
+            self.model_name = self.ref.name
         self.engine: CaptionEngine | None = None
         self.tally = CaptionTally()
         self._figures_lock = threading.Lock()
@@ -53,16 +87,15 @@ class CaptionStage(Stage):
         # transformers sorts its window by prompt length and generates it batch by batch.
         # Those two also take two batches at once, so the next one tops up the window while
         # the last requests of the one before finish (transformers: one batch, one GPU model).
-        window, workers = {"sglang": (self.settings.sglang.sglang_window, 2),
-                           "openai": (self.settings.api.api_concurrency, 2),
-                           "transformers": (self.config.caption_batch * self.config.caption_sort_window, 1),
-                           }[self.config.caption_backend]
+        window, workers = {"sglang": lambda: (self.settings.window, 2),
+                           "openai": lambda: (self.settings.concurrency, 2),
+                           "transformers": lambda: (self.config.caption_batch * self.config.caption_sort_window, 1),
+                           }[self.config.caption_backend]()
         return Resources(batch_size=max(self.config.caption_batch, window), device=self.device, workers=workers)
 
     def setup(self) -> None:
-        remote = self.config.caption_backend == "openai"
-        path = self.settings.api.api_base if remote else self.ref.resolve(self.cache_dir)
-        self.engine = load_engine(self.config, self.ref.name, path, self.device, self.settings)
+        path = self.settings.base if self.ref is None else self.ref.resolve(self.cache_dir)
+        self.engine = load_engine(self.config.caption_backend, self.model_name, path, self.device, self.settings)
 
     def process(self, batch: list[Sample]) -> list[Sample]:
         ready = []
@@ -79,7 +112,7 @@ class CaptionStage(Stage):
         captions = self.engine.generate(
             [s.prompt for s in ready],
             [s.views["caption"] for s in ready],
-            params=self.config.sampling(),
+            params=sampling_params(self.config),
         )
         with self._figures_lock:  # process() may run on two threads (resources().workers)
             self.tally.add(captions, time.perf_counter() - start)
@@ -122,4 +155,4 @@ class CaptionStage(Stage):
 
     def describe(self) -> str:
         backend = self.engine.backend if self.engine else self.config.caption_backend
-        return f"{self.name} ({self.ref.name}, {backend}, {self.device})"
+        return f"{self.name} ({self.model_name}, {backend}, {self.device})"

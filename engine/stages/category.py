@@ -11,10 +11,11 @@ from typing import Protocol
 
 import numpy as np
 
+from engine.core.config import RunConfig
 from engine.core.record import Sample
 from engine.core.stage import ImageView, Resources, Stage
 from engine.evidence.category import as_scores, category_probabilities, category_prototypes
-from engine.stages.embed import EMBED_VIEW, fill_embeddings
+from engine.stages.embed import EMBED_VIEW, embedder_factory, fill_embeddings
 
 
 class ImageTextEmbedder(Protocol):
@@ -23,6 +24,11 @@ class ImageTextEmbedder(Protocol):
     def embed_images(self, images: Sequence[np.ndarray]) -> np.ndarray: ...
 
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray: ...
+
+
+def build(cfg: RunConfig) -> Categorize:
+    # pass 1's embedder: the embedding it leaves on the sample is the CLIP tagger's input too
+    return Categorize(embedder_factory(cfg), batch_size=cfg.curate.embed_batch, device=cfg.runtime.device)
 
 
 class Categorize(Stage):

@@ -11,13 +11,18 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from PIL import Image
 
-from engine.core.config import DecodeConfig, FilterConfig
+from engine.core.config import DecodeConfig, FilterConfig, RunConfig
 from engine.core.errors import ConfigError
 from engine.core.record import Sample
 from engine.core.stage import ImageView, Resources, Stage
 from engine.image.decode import decode_views
 
 VERIFY_VIEW = ImageView("_verify", 64)
+
+
+def build(cfg: RunConfig, views: tuple[ImageView, ...] = ()) -> Decode:
+    """One decode serving ``views``: those the stages after it declare (pipeline.build_stages)."""
+    return Decode(cfg.decode, cfg.filter, views, cfg.runtime.device)
 
 
 class Decode(Stage):

@@ -7,13 +7,33 @@ into ``sample.boxes``. Either detector may be off.
 
 from __future__ import annotations
 
-from engine.core.config import ExpertsConfig, FusionConfig
+from pathlib import Path
+
+from engine.core.config import ExpertsConfig, FusionConfig, RunConfig
+from engine.core.models import resolve_model
 from engine.core.record import Box, Sample
 from engine.core.stage import ImageView, Resources, Stage, run_per_sample
 from engine.evidence.boxes import fuse_boxes
+from engine.stages.expert_cache import cached
 
 OWLV2_VIEW = "owlv2"
 CLOSED_VIEW = "closed"
+
+
+def build(cfg: RunConfig) -> Stage:
+    """OWLv2 and the closed-set detector the config names (either may be off), behind the
+    expert cache; each detector's view is decoded at the input size its model files give."""
+    from models import detector, owlv2
+
+    experts, cache_dir = cfg.experts, Path(cfg.runtime.cache_dir)
+    open_ref = resolve_model("owlv2", experts.owlv2_model, cfg.runtime)
+    closed_ref = resolve_model("detector", experts.closed_detector, cfg.runtime)
+    open_model = open_ref.resolve(cache_dir) if open_ref else ""
+    closed_model = closed_ref.resolve(cache_dir) if closed_ref else ""
+    stage = Detect(experts, cfg.boxes, owlv2_model=open_model, closed_model=closed_model, device=cfg.runtime.device,
+                   owlv2_side=owlv2.input_side(open_model) if open_model else 0,
+                   closed_side=detector.input_side(closed_model, experts.closed_input_size) if closed_model else 0)
+    return cached(stage, cfg, "boxes")
 
 
 class Detect(Stage):

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
-from engine.core.config import CurateConfig
+from engine.core.config import CurateConfig, RunConfig
+from engine.core.errors import ConfigError
+from engine.core.models import resolve_model
 from engine.core.record import Sample
 from engine.core.stage import ImageView, Resources, Stage
-from models.base import ModelRef
 
 # EVA02 CLIP models take 224 px crops of the shorter side; a 448 px longer side keeps the
 # shorter side >= 224 for aspect ratios up to 2:1 without decoding more pixels than needed.
@@ -38,11 +40,35 @@ def fill_embeddings(embedder, samples: list[Sample], stage: str) -> None:
             sample.fail(stage, f"{type(exc).__name__}: {exc}")
 
 
-def embed_model_path(cfg: CurateConfig, models: str, cache_dir: str) -> str:
-    """The model name to load: the tiny folder (built once) when asked for tiny models."""
-    if models == "tiny" or cfg.embed_model == "tiny":
-        return ModelRef("tiny", "embed").resolve(Path(cache_dir))
-    return cfg.embed_model
+def embedder_model(cfg: RunConfig) -> tuple[str, str]:
+    """(path to load, what the embeddings are of) for pass 1's embedder, checked before any work.
+
+    The identity is what a resumed embedding store must match: embeddings of two models do not mix.
+    """
+    from models.embedder import check_model
+
+    ref = resolve_model("embed", cfg.curate.embed_model, cfg.runtime)
+    if ref is None:
+        raise ConfigError("--embed-model is empty: name an open_clip architecture, a folder or an 'hf-hub:' id")
+    path = ref.resolve(Path(cfg.runtime.cache_dir))
+    check_model(path, cfg.curate.embed_weights)
+    return path, "tiny" if ref.is_tiny else f"{ref.name} ({cfg.curate.embed_weights})"
+
+
+def embedder_factory(cfg: RunConfig) -> Callable[[], object]:
+    """Pass 1's EVA-CLIP embedder, built in the worker thread that calls the factory; the
+    category stage and the CLIP tagger share it so an image is embedded once."""
+    from models.embedder import ClipEmbedder
+
+    path, _ = embedder_model(cfg)
+    curate = cfg.curate
+    return lambda: ClipEmbedder(path, weights=curate.embed_weights, device=cfg.runtime.device,
+                                image_onnx=curate.embed_onnx)
+
+
+def build(cfg: RunConfig) -> Embed:
+    path, _ = embedder_model(cfg)
+    return Embed(cfg.curate, model=path, device=cfg.runtime.device)
 
 
 class Embed(Stage):

@@ -1,13 +1,32 @@
-"""An expert stage wrapped in the expert cache (engine/io/expert_cache.py): hits skip the expert."""
+"""An expert stage wrapped in the expert cache (engine/io/expert_cache.py): hits skip the expert.
+
+Not a stage of its own: the tag and detect factories wrap their stage with :func:`cached`.
+Hits and misses reach ``metrics.json`` (the stage's entry) and the progress bar, so a run
+served from the cache says why its experts ran at thousands of images/s.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
 
+from engine.core.config import RunConfig
 from engine.core.record import Sample
 from engine.core.stage import ImageView, Resources, Stage
-from engine.io.expert_cache import FIELDS, ExpertCache, image_digest
+from engine.io.expert_cache import FIELDS, ExpertCache, image_digest, output_fingerprint
+
+
+def cache_path(cfg: RunConfig) -> Path | None:
+    setting = cfg.experts.expert_cache
+    if setting == "off":
+        return None
+    return Path(setting) if setting else Path(cfg.runtime.cache_dir) / "experts.sqlite"
+
+
+def cached(stage: Stage, cfg: RunConfig, output: str) -> Stage:
+    """``stage`` (which fills ``output``) behind the expert cache, unless it is off."""
+    path = cache_path(cfg)
+    return stage if path is None else CachedExpert(stage, path, output_fingerprint(cfg, output), (output,))
 
 
 class CachedExpert(Stage):
@@ -24,7 +43,7 @@ class CachedExpert(Stage):
         self.fields = fields
         self.cache: ExpertCache | None = None
         self.inner_ready = False
-        self.hits = 0
+        self.hits = self.misses = 0
 
     def resources(self) -> Resources:
         return self.inner.resources()
@@ -49,6 +68,7 @@ class CachedExpert(Stage):
             for view in self.inner.views():
                 sample.views.pop(view.name, None)  # the expert would have consumed it
             self.hits += 1
+        self.misses += len(misses)
         if misses:
             if not self.inner_ready:
                 self.inner.setup()
@@ -70,3 +90,10 @@ class CachedExpert(Stage):
 
     def describe(self) -> str:
         return f"{self.inner.describe()} [expert cache {self.cache_path}]"
+
+    def metrics(self) -> dict[str, float]:
+        inner = getattr(self.inner, "metrics", None)
+        return {**(inner() if callable(inner) else {}), "cache_hits": self.hits, "cache_misses": self.misses}
+
+    def progress(self) -> dict[str, str]:
+        return {**self.inner.progress(), f"{self.name} cached": f"{self.hits}/{self.hits + self.misses}"}

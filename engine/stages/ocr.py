@@ -8,11 +8,22 @@ and each takes one of as many sessions (a session is never used by two threads a
 
 from __future__ import annotations
 
+import dataclasses
 import queue
 
+from engine.core.config import OcrConfig, RunConfig
 from engine.core.record import Sample
 from engine.core.stage import ImageView, Resources, Stage, run_per_sample
-from models.ocr import OcrConfig, OcrModel
+from models.ocr import OcrModel, OcrSettings
+
+
+def build(cfg: RunConfig) -> Ocr:
+    return Ocr(cfg.ocr, cfg.runtime.device)
+
+
+def ocr_settings(config: OcrConfig) -> OcrSettings:
+    """The options an OCR session reads, taken from the config section by name."""
+    return OcrSettings(**{f.name: getattr(config, f.name) for f in dataclasses.fields(OcrSettings)})
 
 
 class Ocr(Stage):
@@ -21,7 +32,8 @@ class Ocr(Stage):
     def __init__(self, config: OcrConfig, device: str = "cpu"):
         self.config = config
         self.device = device
-        self.model = OcrModel(config, device)  # checks model files now, before any work starts
+        self.settings = ocr_settings(config)
+        self.model = OcrModel(self.settings, device)  # checks model files now, before any work starts
         self._idle: queue.Queue[OcrModel] = queue.Queue()
 
     def views(self) -> tuple[ImageView, ...]:
@@ -36,7 +48,7 @@ class Ocr(Stage):
         self.model.load()
         self._idle.put(self.model)
         for _ in range(self.config.ocr_workers - 1):
-            model = OcrModel(self.config, self.device)
+            model = OcrModel(self.settings, self.device)
             model.load()
             self._idle.put(model)
 

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from PIL import Image, UnidentifiedImageError
 
-from engine.core.config import FilterConfig
+from engine.core.config import FilterConfig, RunConfig
 from engine.core.record import Sample
 from engine.core.stage import Resources, Stage
 from engine.image.probe import probe_header
+
+
+def build(cfg: RunConfig) -> ResolutionFilter:
+    return ResolutionFilter(cfg.filter)
 
 
 class ResolutionFilter(Stage):

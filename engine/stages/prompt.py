@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from engine.core.config import RunConfig
 from engine.core.record import Sample
 from engine.core.stage import Resources, Stage, run_per_sample
 from engine.evidence.prompt import PromptConfig, sample_prompt
+
+
+def build(cfg: RunConfig) -> FusionPrompt:
+    return FusionPrompt(cfg.prompt)
 
 
 class FusionPrompt(Stage):

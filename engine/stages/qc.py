@@ -4,9 +4,14 @@ from __future__ import annotations
 
 from collections import Counter
 
+from engine.core.config import RunConfig
 from engine.core.record import Sample
 from engine.core.stage import Resources, Stage
 from engine.evidence.qc import QcConfig, check_caption
+
+
+def build(cfg: RunConfig) -> QualityControl:
+    return QualityControl(cfg.qc.for_models(cfg.runtime.models))
 
 
 class QualityControl(Stage):

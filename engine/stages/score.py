@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from engine.core.config import ScoreConfig
+from engine.core.config import RunConfig, ScoreConfig
 from engine.core.record import Sample
 from engine.core.stage import Resources, Stage, run_per_sample
 from engine.evidence.coverage import Evidence, coverage_scores
@@ -15,6 +15,10 @@ def evidence(sample: Sample) -> Evidence:
         box_labels=tuple(b.label for b in sample.boxes),
         ocr_lines=tuple(o.text for o in sample.ocr),
     )
+
+
+def build(cfg: RunConfig) -> ScoreStage:
+    return ScoreStage(cfg.score)
 
 
 class ScoreStage(Stage):

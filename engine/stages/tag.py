@@ -7,15 +7,54 @@ arrives without one is embedded here, from the ``embed`` view the embedder uses.
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 
-from engine.core.config import ExpertsConfig
+from engine.core.config import ExpertsConfig, RunConfig
+from engine.core.errors import ConfigError
+from engine.core.models import resolve_model
 from engine.core.record import Sample
 from engine.core.stage import ImageView, Resources, Stage
-from engine.stages.embed import EMBED_VIEW, fill_embeddings
+from engine.stages.embed import EMBED_VIEW, embedder_factory, fill_embeddings
+from engine.stages.expert_cache import cached
+from models.base import ModelRef
 
 RAM_VIEW = ImageView("ram_plus", 384)
+
+
+def build(cfg: RunConfig, *, make_embedder: Callable[[], object] | None = None) -> Stage:
+    """The tagger the config names, behind the expert cache; ``make_embedder`` (clip tagger)
+    gives the text/image embedder, by default pass 1's."""
+    experts = cfg.experts
+    ram_plus = resolve_model("ram_plus", experts.ram_plus_model, cfg.runtime)
+    if experts.tagger == "ram_plus":
+        if ram_plus is None:
+            raise ConfigError("--tagger ram_plus needs --ram-plus-model (the ram_plus_swin_large_14m.pth "
+                              "checkpoint or its folder); or use --tagger clip")
+        stage: Stage = RamPlusTag(experts, model=ram_plus.resolve(Path(cfg.runtime.cache_dir)),
+                                  device=cfg.runtime.device)
+    else:
+        stage = ClipTag(experts, vocabulary=tag_vocabulary(experts, ram_plus), cache_dir=cfg.runtime.cache_dir,
+                        embedder_factory=make_embedder or embedder_factory(cfg), device=cfg.runtime.device)
+    return cached(stage, cfg, "tags")
+
+
+def tag_vocabulary(experts: ExpertsConfig, ram_plus: ModelRef | None) -> list[str]:
+    """The clip tagger's tags: --tag-vocab, else RAM++'s list (the tiny model's own when tiny)."""
+    from models.ram_plus import TAG_LIST_NAME, TINY_TAGS, checkpoint_path
+
+    if experts.tag_vocab:
+        path = Path(experts.tag_vocab)
+    elif ram_plus is not None and ram_plus.is_tiny:
+        return list(TINY_TAGS)
+    elif ram_plus is not None:
+        path = checkpoint_path(ram_plus.name).parent / TAG_LIST_NAME
+    else:
+        raise ConfigError("--tagger clip needs a vocabulary: --tag-vocab FILE or --ram-plus-model (its ram_tag_list.txt)")
+    if not path.is_file():
+        raise ConfigError(f"tag vocabulary {path} does not exist")
+    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 class RamPlusTag(Stage):
@@ -75,8 +114,6 @@ class ClipTag(Stage):
         return (EMBED_VIEW,)
 
     def setup(self) -> None:
-        from pathlib import Path
-
         from models.clip_tagger import ClipZeroShotTagger
 
         self.embedder = self.embedder_factory()

@@ -72,10 +72,12 @@ def load_base(train: TrainConfig):
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from models.base import ModelRef
+    from engine.core.config import RuntimeConfig
+    from engine.core.models import resolve_model
 
-    ref = ModelRef(train.base, "caption")
-    ref.check()
+    ref = resolve_model("caption", train.base, RuntimeConfig(cache_dir=train.cache_dir))
+    if ref is None:
+        raise ConfigError("--base is empty: name the caption engine to fine-tune (folder, hub id or 'tiny')")
     path = ref.resolve(Path(train.cache_dir))
     processor = AutoProcessor.from_pretrained(path)
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")

@@ -34,17 +34,39 @@ from typing import Any
 
 import numpy as np
 
-from engine.core.config import ApiConfig
+from engine.core.errors import ConfigError
 from engine.core.record import Caption
 from models.caption.base import SamplingParams
 from models.caption.journal import CaptionJournal, request_digest
-from models.caption.registry import BackendSettings, CaptionConfig, register
 from models.caption.window import RequestWindow
 
 log = logging.getLogger(__name__)
 
 API_KEY_ENV = "OPENAI_API_KEY"
 RETRYABLE_STATUS = frozenset({408, 409, 425, 429}) | frozenset(range(500, 600))
+
+
+@dataclass(frozen=True)
+class ApiSettings:
+    """What the engine's ``--api-*`` options say (engine/core/config.py explains each)."""
+
+    base: str  # endpoint URL, e.g. http://host:8000/v1
+    model: str  # the model name the endpoint serves
+    concurrency: int
+    max_retries: int
+    timeout: float
+    backoff: float
+    max_backoff: float
+    image_detail: str
+    jpeg_quality: int
+    journal: str = ""  # JSON-lines file of finished captions (the engine says where); "" = none
+
+    def require_endpoint(self) -> None:
+        if not self.base or not self.model:
+            raise ConfigError(
+                "--caption-backend openai needs --api-base URL and --api-model NAME "
+                "(and the key, if the endpoint wants one, in $OPENAI_API_KEY)"
+            )
 
 
 # --- request building and response parsing (pure) ----------------------------------------
@@ -144,15 +166,15 @@ class _Failure:
 class OpenAIEngine:
     backend = "openai"
 
-    def __init__(self, cfg: ApiConfig, journal: CaptionJournal | None = None):
+    def __init__(self, cfg: ApiSettings, journal: CaptionJournal | None = None):
         cfg.require_endpoint()
         self.cfg = cfg
         self.journal = journal
-        self.model = cfg.api_model
+        self.model = cfg.model
         self.device = "remote"
-        self._url = cfg.api_base.rstrip("/") + "/chat/completions"
-        self._pool = ThreadPoolExecutor(cfg.api_concurrency, thread_name_prefix="openai")
-        self._window = RequestWindow(cfg.api_concurrency, "openai")
+        self._url = cfg.base.rstrip("/") + "/chat/completions"
+        self._pool = ThreadPoolExecutor(cfg.concurrency, thread_name_prefix="openai")
+        self._window = RequestWindow(cfg.concurrency, "openai")
         self._rng = random.Random()
         self._counts = {"requests": 0, "retries": 0, "errors": 0, "from_journal": 0}
 
@@ -185,23 +207,23 @@ class OpenAIEngine:
         start = time.monotonic()
         try:
             url = await loop.run_in_executor(
-                self._pool, jpeg_data_url, image, self.cfg.api_jpeg_quality
+                self._pool, jpeg_data_url, image, self.cfg.jpeg_quality
             )
         except Exception as exc:  # noqa: BLE001 - a bad image is this sample's failure
             return self._error(f"image encoding failed: {exc}", start)
         body = json.dumps(
-            chat_request(self.model, prompt, url, params, self.cfg.api_image_detail)
+            chat_request(self.model, prompt, url, params, self.cfg.image_detail)
         ).encode()
         failure = _Failure("no attempt made", retryable=False)
-        for attempt in range(self.cfg.api_max_retries + 1):
+        for attempt in range(self.cfg.max_retries + 1):
             if attempt:
                 self._counts["retries"] += 1
                 wait = failure.retry_after
                 if wait is None:
                     wait = backoff_seconds(
-                        attempt - 1, self.cfg.api_backoff, self.cfg.api_max_backoff, self._rng
+                        attempt - 1, self.cfg.backoff, self.cfg.max_backoff, self._rng
                     )
-                await asyncio.sleep(min(wait, self.cfg.api_max_backoff))
+                await asyncio.sleep(min(wait, self.cfg.max_backoff))
             async with self._window.slot():
                 self._counts["requests"] += 1
                 outcome = await loop.run_in_executor(self._pool, self._post, body)
@@ -229,7 +251,7 @@ class OpenAIEngine:
             headers["Authorization"] = f"Bearer {key}"
         request = urllib.request.Request(self._url, data=body, headers=headers, method="POST")
         try:
-            with urllib.request.urlopen(request, timeout=self.cfg.api_timeout) as response:
+            with urllib.request.urlopen(request, timeout=self.cfg.timeout) as response:
                 payload = response.read()
         except urllib.error.HTTPError as exc:
             detail = _read_quietly(exc)
@@ -262,13 +284,9 @@ class OpenAIEngine:
             self.journal.close()
 
 
-@register("openai")
-def load(config: CaptionConfig, model: str, path: str, device: str,
-         settings: BackendSettings) -> OpenAIEngine:
-    journal = None
-    if settings.api.api_journal and settings.out:
-        journal = CaptionJournal(Path(settings.out) / "journal" / "openai.jsonl")  # keyed by model too
-    return OpenAIEngine(settings.api, journal)  # the model is the endpoint's: --api-model
+def load(model: str, path: str, device: str, settings: ApiSettings) -> OpenAIEngine:
+    journal = CaptionJournal(Path(settings.journal)) if settings.journal else None  # keyed by model too
+    return OpenAIEngine(settings, journal)  # the model is the endpoint's: --api-model
 
 
 def _read_quietly(exc: urllib.error.HTTPError) -> str:

@@ -1,10 +1,10 @@
-"""Caption engines by backend name, and the configuration they share.
+"""Caption engines by backend name.
 
-``ENGINES`` maps a backend name to a loader ``(config, model_name, model_path, device,
-settings) -> CaptionEngine``; each backend (transformers, SGLang, an OpenAI-compatible
-endpoint) registers itself with :func:`register` in its own module, listed in
-``_BACKEND_MODULES`` so that it is imported only when asked for. ``settings`` carries the
-sections only some backends read (``--api-*``, ``--sglang-*``). ``auto`` picks SGLang on a GPU
+Each backend (transformers, SGLang, an OpenAI-compatible endpoint) is a module listed in
+``_BACKEND_MODULES`` with a ``load(model_name, model_path, device, settings) -> CaptionEngine``,
+imported only when asked for (backends import heavy packages). ``settings`` is the backend's
+own frozen settings object (``TransformersSettings``, ``SglangSettings``, ``ApiSettings``); the
+engine's caption stage builds it from the run's configuration. ``auto`` picks SGLang on a GPU
 where it is installed, else transformers, and says so.
 """
 
@@ -12,27 +12,13 @@ from __future__ import annotations
 
 import importlib
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from typing import Any
 
-from engine.core.config import ApiConfig, CaptionConfig, SglangConfig
 from models.caption.base import CaptionEngine
 
 log = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class BackendSettings:
-    """Config sections that only some backends read."""
-
-    api: ApiConfig = field(default_factory=ApiConfig)
-    sglang: SglangConfig = field(default_factory=SglangConfig)
-    out: str = ""  # the run's output folder (the openai backend keeps its journal there)
-
-
-EngineLoader = Callable[[CaptionConfig, str, str, str, BackendSettings], CaptionEngine]
-ENGINES: dict[str, EngineLoader] = {}
-# backend name -> module that registers it (imported on demand: backends import heavy packages)
+# backend name -> module with its load() (imported on demand)
 _BACKEND_MODULES = {
     "transformers": "models.caption.transformers_backend",
     "sglang": "models.caption.sglang_backend",
@@ -42,14 +28,6 @@ _BACKEND_MODULES = {
 
 def backend_names() -> list[str]:
     return ["auto", *sorted(_BACKEND_MODULES)]
-
-
-def register(name: str) -> Callable[[EngineLoader], EngineLoader]:
-    def add(loader: EngineLoader) -> EngineLoader:
-        ENGINES[name] = loader
-        return loader
-
-    return add
 
 
 def resolve_backend(requested: str, device: str) -> str:
@@ -69,9 +47,7 @@ def resolve_backend(requested: str, device: str) -> str:
     return "transformers"
 
 
-def load_engine(config: CaptionConfig, model_name: str, model_path: str, device: str,
-                settings: BackendSettings | None = None) -> CaptionEngine:
-    """Load the configured backend's engine on ``device``; ``model_path`` is what its loader reads."""
-    backend = resolve_backend(config.caption_backend, device)
-    importlib.import_module(_BACKEND_MODULES[backend])
-    return ENGINES[backend](config, model_name, model_path, device, settings or BackendSettings())
+def load_engine(backend: str, model_name: str, model_path: str, device: str, settings: Any) -> CaptionEngine:
+    """Load ``backend``'s engine (resolved, not ``auto``) on ``device``; ``model_path`` is what
+    its loader reads, ``settings`` that backend's settings object."""
+    return importlib.import_module(_BACKEND_MODULES[backend]).load(model_name, model_path, device, settings)

@@ -15,18 +15,31 @@ import asyncio
 import importlib.util
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from engine.core.config import SglangConfig
 from engine.core.errors import ConfigError
 from engine.core.record import Caption
 from models.caption.base import SamplingParams
-from models.caption.registry import BackendSettings, CaptionConfig, register
 from models.caption.window import RequestWindow
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SglangSettings:
+    """What the engine's ``--sglang-*`` options say (engine/core/config.py explains each)."""
+
+    dp_size: int  # 0: one replica per visible GPU / tp_size
+    tp_size: int
+    dummy_weights: bool
+    radix_cache: bool
+    mem_fraction: float
+    window: int  # requests in flight in the engine
+    chat_template: str  # a key of CHAT_TEMPLATES
+    image_first: bool
 
 SGLANG_VERSION = "0.5.23"  # the API this module is written against
 IMAGE_TOKEN = "<image>"
@@ -86,27 +99,27 @@ def sampling_dict(params: SamplingParams) -> dict[str, Any]:
     }
 
 
-def generate_request(prompt: str, image: np.ndarray, sampling: dict[str, Any], cfg: SglangConfig) -> dict[str, Any]:
+def generate_request(prompt: str, image: np.ndarray, sampling: dict[str, Any], cfg: SglangSettings) -> dict[str, Any]:
     """Keyword arguments of ``Engine.async_generate`` for one image (SGLang takes PIL images)."""
     from PIL import Image
 
-    text = layout_prompt(prompt, cfg.sglang_chat_template, image_first=cfg.sglang_image_first)
+    text = layout_prompt(prompt, cfg.chat_template, image_first=cfg.image_first)
     return {"prompt": text, "image_data": Image.fromarray(image), "sampling_params": sampling}
 
 
-def engine_args(cfg: SglangConfig, model_path: str, n_gpus: int) -> dict[str, Any]:
+def engine_args(cfg: SglangSettings, model_path: str, n_gpus: int) -> dict[str, Any]:
     """Keyword arguments of ``sglang.Engine`` (they mirror its ``ServerArgs``)."""
-    if n_gpus < cfg.sglang_tp_size:
+    if n_gpus < cfg.tp_size:
         raise ConfigError(
-            f"--sglang-tp-size {cfg.sglang_tp_size} needs that many GPUs; {n_gpus} visible"
+            f"--sglang-tp-size {cfg.tp_size} needs that many GPUs; {n_gpus} visible"
         )
     return {
         "model_path": model_path,
-        "tp_size": cfg.sglang_tp_size,
-        "dp_size": cfg.sglang_dp_size or n_gpus // cfg.sglang_tp_size,
-        "load_format": "dummy" if cfg.sglang_dummy_weights else "auto",
-        "disable_radix_cache": not cfg.sglang_radix_cache,
-        "mem_fraction_static": cfg.sglang_mem_fraction,
+        "tp_size": cfg.tp_size,
+        "dp_size": cfg.dp_size or n_gpus // cfg.tp_size,
+        "load_format": "dummy" if cfg.dummy_weights else "auto",
+        "disable_radix_cache": not cfg.radix_cache,
+        "mem_fraction_static": cfg.mem_fraction,
         "random_seed": 0,
         "log_level": "error",
     }
@@ -137,7 +150,7 @@ def caption_from_output(out: dict[str, Any], seconds: float, model: str) -> Capt
 class SglangEngine:
     backend = "sglang"
 
-    def __init__(self, cfg: SglangConfig, model_path: str):
+    def __init__(self, cfg: SglangSettings, model_path: str):
         require_sglang()
         import sglang
         import torch
@@ -151,7 +164,7 @@ class SglangEngine:
         args = engine_args(cfg, model_path, torch.cuda.device_count())
         log.info("starting sglang.Engine(%s)", args)
         self._engine = sglang.Engine(**args)
-        self._window = RequestWindow(cfg.sglang_window, "sglang")
+        self._window = RequestWindow(cfg.window, "sglang")
         self._tokens = {"prompt_tokens": 0, "output_tokens": 0, "cached_tokens": 0}
 
     def generate(
@@ -194,7 +207,5 @@ class SglangEngine:
         self._engine.shutdown()
 
 
-@register("sglang")
-def load(config: CaptionConfig, model: str, path: str, device: str,
-         settings: BackendSettings) -> SglangEngine:
-    return SglangEngine(settings.sglang, path)
+def load(model: str, path: str, device: str, settings: SglangSettings) -> SglangEngine:
+    return SglangEngine(settings, path)

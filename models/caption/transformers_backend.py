@@ -22,16 +22,26 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 
 import numpy as np
 
-from engine.core.config import CAPTION_DECODE_MODES
 from engine.core.errors import ConfigError
 from engine.core.record import Caption
 from models.caption.base import SamplingParams
-from models.caption.registry import BackendSettings, CaptionConfig, register
 
 log = logging.getLogger(__name__)
+
+# KV cache grown every step, preallocated, or preallocated with a torch.compile'd decoding step
+DECODE_MODES = ("dynamic", "static", "compiled")
+
+
+@dataclass(frozen=True)
+class TransformersSettings:
+    batch_size: int  # images per generation call
+    decode: str  # one of DECODE_MODES, or "auto" (see resolve_decode)
+    dtype: str  # "auto" (see torch_dtype) or a torch dtype name
+    cpu_threads: int  # torch threads on the CPU
 
 _CACHE_BUCKET = 512  # static KV cache length granularity (tokens): few distinct shapes to compile
 
@@ -42,9 +52,9 @@ class TransformersCaptionEngine:
     def __init__(self, model: str, processor, net, device: str, *, batch_size: int = 8,
                  decode: str = "dynamic"):
         """``processor`` and ``net`` as loaded by :func:`load` (or built in memory by a benchmark);
-        ``batch_size`` images per generation call; ``decode`` one of ``CAPTION_DECODE_MODES``."""
-        if decode not in CAPTION_DECODE_MODES:
-            raise ConfigError(f"decode mode {decode!r}: expected one of {', '.join(CAPTION_DECODE_MODES)}")
+        ``batch_size`` images per generation call; ``decode`` one of ``DECODE_MODES``."""
+        if decode not in DECODE_MODES:
+            raise ConfigError(f"decode mode {decode!r}: expected one of {', '.join(DECODE_MODES)}")
         self.model, self.processor, self.net, self.device = model, processor, net, device
         self.batch_size, self.decode = batch_size, decode
         if not getattr(processor, "chat_template", None):
@@ -230,24 +240,21 @@ def torch_dtype(name: str, device: str):
     return getattr(torch, name)
 
 
-@register("transformers")
-def load(
-    config: CaptionConfig, model: str, path: str, device: str, _settings: BackendSettings
-) -> TransformersCaptionEngine:
+def load(model: str, path: str, device: str, settings: TransformersSettings) -> TransformersCaptionEngine:
     """A llava-hf style checkpoint folder or hub id, read by the libraries' own loaders."""
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     if device == "cpu":
-        torch.set_num_threads(config.caption_cpu_threads)  # measured: 2 threads beside OCR/decode ran 6x slower
+        torch.set_num_threads(settings.cpu_threads)  # measured: 2 threads beside OCR/decode ran 6x slower
     processor = AutoProcessor.from_pretrained(path)
     net = AutoModelForImageTextToText.from_pretrained(
         path,
-        dtype=torch_dtype(config.caption_dtype, device),
+        dtype=torch_dtype(settings.dtype, device),
         attn_implementation="sdpa",
         device_map=device if device.startswith("cuda") else None,  # weights straight onto the GPU
     )
     return TransformersCaptionEngine(
         model, processor, net.to(device).eval(), device,
-        batch_size=config.caption_batch, decode=resolve_decode(config.caption_decode, device),
+        batch_size=settings.batch_size, decode=resolve_decode(settings.decode, device),
     )

@@ -18,10 +18,11 @@ from models.base import ModelRef
 def main(argv: list[str] | None = None) -> int:
     from models.export.targets import TARGETS
 
-    parser = argparse.ArgumentParser(prog="python -m models.export", description=__doc__,
+    parser = argparse.ArgumentParser(allow_abbrev=False, prog="python -m models.export", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-    onnx = commands.add_parser("onnx", help="export an expert's image network to ONNX and check it against torch")
+    onnx = commands.add_parser("onnx", allow_abbrev=False,
+                               help="export an expert's image network to ONNX and check it against torch")
     onnx.add_argument("--target", required=True, choices=sorted(TARGETS))
     onnx.add_argument("--model", required=True, help="checkpoint folder / file, hub id, or 'tiny'")
     onnx.add_argument("--weights", default="", help="embed: open_clip weights file or tag")
@@ -29,7 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     onnx.add_argument("--out", required=True, help="folder for <target>.onnx and <target>.export.json")
     onnx.add_argument("--opset", type=int, default=18)
     onnx.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "densefusion"))
-    trt = commands.add_parser("tensorrt", help="build a TensorRT engine from an exported ONNX file (GPU node)")
+    trt = commands.add_parser("tensorrt", allow_abbrev=False,
+                              help="build a TensorRT engine from an exported ONNX file (GPU node)")
     trt.add_argument("--onnx", required=True)
     trt.add_argument("--out", default="", help="plan file (default: beside the .onnx, .plan)")
     trt.add_argument("--fp16", action=argparse.BooleanOptionalAction, default=True)
