@@ -37,7 +37,7 @@ class ModelRef:
 
     def check(self) -> None:
         """Fail before any work starts when the model cannot be found."""
-        if self.is_tiny or self.is_local or self.role in OWN_NAMES:
+        if self.is_tiny or self.is_local:
             return
         if self.role in LOCAL_ONLY:
             raise ConfigError(f"{self.role} model {self.name!r} does not exist: {LOCAL_ONLY[self.role]}")
@@ -46,6 +46,8 @@ class ModelRef:
                 f"{self.role} model folder {self.name!r} does not exist: pass an existing "
                 f"checkpoint folder, a hub id, or 'tiny'"
             )
+        if self.role in OWN_NAMES:
+            return
         if os.environ.get("HF_HUB_OFFLINE") == "1" and not _in_hub_cache(self.name):
             raise ConfigError(
                 f"{self.role} model {self.name!r} is not in the local hub cache and "
