@@ -14,6 +14,8 @@ from pathlib import Path
 from engine.core.errors import ConfigError
 
 TINY = "tiny"
+# How messages name a role's model ("embedding model ...", "RAM++ model ...")
+ROLE_NAMES = {"embed": "embedding", "ram_plus": "RAM++", "owlv2": "OWLv2", "detector": "closed-set detector"}
 # Roles whose models are only ever local files, with what to give instead.
 LOCAL_ONLY = {"ram_plus": "give the local ram_plus_swin_large_14m.pth (or its folder, or its ONNX export) "
                           "with ram_tag_list.txt beside it"}
@@ -39,18 +41,19 @@ class ModelRef:
         """Fail before any work starts when the model cannot be found."""
         if self.is_tiny or self.is_local:
             return
+        role = ROLE_NAMES.get(self.role, self.role)
         if self.role in LOCAL_ONLY:
-            raise ConfigError(f"{self.role} model {self.name!r} does not exist: {LOCAL_ONLY[self.role]}")
+            raise ConfigError(f"{role} model {self.name!r} does not exist: {LOCAL_ONLY[self.role]}")
         if _looks_like_path(self.name):
             raise ConfigError(
-                f"{self.role} model folder {self.name!r} does not exist: pass an existing "
+                f"{role} model folder {self.name!r} does not exist: pass an existing "
                 f"checkpoint folder, a hub id, or 'tiny'"
             )
         if self.role in OWN_NAMES:
             return
         if os.environ.get("HF_HUB_OFFLINE") == "1" and not _in_hub_cache(self.name):
             raise ConfigError(
-                f"{self.role} model {self.name!r} is not in the local hub cache and "
+                f"{role} model {self.name!r} is not in the local hub cache and "
                 f"HF_HUB_OFFLINE=1: download it first or pass a local folder"
             )
 
