@@ -372,7 +372,8 @@ class FusionConfig:
     )
     min_box_side: float = option(
         4.0, "drop boxes narrower or shorter than this, in pixels of the original image, before the "
-        "size quotas (detectors emit boxes of no size that would take the small-object slots)"
+        "size quotas (detectors emit boxes of no size that would take the small-object slots)",
+        affects=("boxes",),
     )
     small_area: float = option(
         0.01, "a box covering less than this share of the image is small (0.01 = 10%% x 10%%)", affects=("boxes",),
