@@ -91,7 +91,40 @@ def test_demo_output_loads_with_datasets_parquet(demo_out, monkeypatch, tmp_path
     ds = load_dataset("parquet", data_files={"train": files}, split="train")
     keys = [s.key for s in iter_samples(demo_out)]
     assert ds["key"] == keys
-    assert json.loads(ds[0]["meta"])["url"].startswith("https://example.com/demo/")
+    assert ds[0]["meta"]["url"].startswith("https://example.com/demo/")
+    demo = {s.key: s.annotations["meta"] for s in iter_samples(demo_out)}
+    assert all(r["meta"]["original_width"] == demo[r["key"]]["original_width"] > 0 for r in ds)
+
+
+def test_meta_and_scores_are_columns_to_filter_on(tmp_path, monkeypatch):
+    samples = fixture_samples()
+    # source metadata is whatever the input held: odd types keep their value under "other"
+    samples[1].meta = {"url": "https://example.com/s1.png", "width": "640", "original_width": 2**70,
+                       "exif": {"Make": "Canon"}, "license": "CC-BY", "status": "success"}
+    samples[1].scores["cov_tags"] = 0.5
+    out = write_fixture_output(tmp_path / "out", samples)
+    files = [str(out / "shards" / "00000.parquet")]
+    load_dataset = _hf(monkeypatch, tmp_path)
+    ds = load_dataset("parquet", data_files={"train": files}, split="train")
+    assert ds.filter(lambda r: (r["scores"]["category:photo"] or 0) > 0.5)["key"] == ["s0"]
+    assert ds.filter(lambda r: r["meta"]["status"] == "success")["key"] == ["s1"]
+    s1 = ds[1]
+    assert s1["scores"]["cov_tags"] == 0.5 and s1["scores"]["category:commercial design"] == 0.7
+    assert s1["meta"]["url"] == "https://example.com/s1.png" and s1["meta"]["width"] is None
+    assert json.loads(s1["meta"]["other"]) == {"width": "640", "original_width": 2**70,
+                                               "exif": {"Make": "Canon"}, "license": "CC-BY"}
+    assert ds[2]["meta"]["other"] is None and ds[2]["scores"]["cov_tags"] is None
+    # pandas: the struct arrives as a dict per row
+    import pandas as pd
+
+    frame = pd.read_parquet(files[0])
+    photo = frame["scores"].map(lambda scores: scores["category:photo"])
+    assert frame.loc[photo > 0.5, "key"].tolist() == ["s0"]
+    # one schema whatever a shard held: a shard with no meta or scores at all has the same
+    bare = write_fixture_output(tmp_path / "bare", fixture_samples("00001")[2:])
+    import pyarrow.parquet as pq
+
+    assert pq.read_schema(bare / "shards" / "00001.parquet") == pq.read_schema(files[0])
 
 
 def test_fixture_output_loads_with_datasets_webdataset(fixture_out, monkeypatch, tmp_path):

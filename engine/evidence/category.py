@@ -63,8 +63,13 @@ def category_probabilities(image_embeddings: np.ndarray, prototypes: np.ndarray)
     return p / p.sum(axis=1, keepdims=True)
 
 
+def category_score_names(names: tuple[str, ...] = CATEGORIES) -> tuple[str, ...]:
+    """The keys of ``sample.scores`` the category stage writes."""
+    return tuple(f"{SCORE_PREFIX}{name}" for name in names)
+
+
 def as_scores(probabilities: np.ndarray, names: tuple[str, ...] = CATEGORIES) -> dict[str, float]:
-    return {f"{SCORE_PREFIX}{name}": round(float(p), 4) for name, p in zip(names, probabilities)}
+    return {key: round(float(p), 4) for key, p in zip(category_score_names(names), probabilities)}
 
 
 def category_of(scores: Mapping[str, float]) -> str | None:

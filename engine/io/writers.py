@@ -26,6 +26,8 @@ from typing import Any
 import pyarrow as pa
 
 from engine.core.record import Sample, ShardEnd
+from engine.evidence.category import category_score_names
+from engine.evidence.coverage import COVERAGE_SCORES
 from engine.io.commit import (
     MARKERS_DIR,
     ShardMarkers,
@@ -46,6 +48,24 @@ from engine.io.text import valid_utf8
 IMAGE_MEMBER_EXT = "jpg"
 
 _XYXY = pa.list_(pa.float64())
+
+# ``meta`` and ``scores`` are structs with fixed fields, so every shard has the same schema
+# whatever it held, and datasets/pandas users filter on them (``r["scores"]["cov_tags"]``).
+# (Hugging Face ``datasets`` cannot load Arrow's map type.) ``meta`` declares the fields
+# img2dataset writes and our readers and probe add; ``scores`` the names the score and category
+# stages write. Anything else, or a value of another type, goes to ``other``: a JSON object text.
+OTHER = "other"
+META_FIELDS = {
+    **dict.fromkeys(("url", "caption", "key", "status", "error_message", "sha256", "exif", "meta_error"), pa.string()),
+    **dict.fromkeys(("width", "height", "original_width", "original_height"), pa.int64()),
+}
+SCORE_FIELDS = dict.fromkeys((*COVERAGE_SCORES, *category_score_names()), pa.float64())
+
+
+def _struct(fields: dict[str, pa.DataType]) -> pa.StructType:
+    return pa.struct([*fields.items(), (OTHER, pa.string())])
+
+
 SCHEMA_FIELDS = {
     "key": pa.string(),
     "shard": pa.string(),
@@ -64,20 +84,49 @@ SCHEMA_FIELDS = {
                          ("prompt_tokens", pa.int64()), ("output_tokens", pa.int64()),
                          ("finish_reason", pa.string()), ("seconds", pa.float64())]),
     "flags": pa.list_(pa.string()),
+    "meta": _struct(META_FIELDS),
+    "scores": _struct(SCORE_FIELDS),
 }
 REJECT_SCHEMA = pa.schema([("key", pa.string()), ("shard", pa.string()), ("member", pa.string()),
                           ("stage", pa.string()), ("status", pa.string()), ("reason", pa.string())])
 
 
 def parquet_row(annotations: dict[str, Any]) -> dict[str, Any]:
-    """Typed columns for the known fields; anything else (``meta``, ``scores``, fields later
-    stages add) as a JSON string, so the schema never depends on what one shard happened to hold."""
+    """Typed columns for the known fields; anything else (fields later stages add) as a JSON
+    string, so the schema never depends on what one shard happened to hold."""
     row = {name: annotations.get(name) for name in SCHEMA_FIELDS}
-    row["url"] = str(annotations.get("meta", {}).get("url") or "")
+    meta = annotations.get("meta") or {}
+    row["url"] = str(meta.get("url") or "")
     row["engine"] = annotations.get("engine") or None
+    row["meta"] = struct_row(meta, META_FIELDS)
+    row["scores"] = struct_row(annotations.get("scores") or {}, SCORE_FIELDS)
     for name, value in annotations.items():
         if name not in SCHEMA_FIELDS:
             row[name] = json.dumps(value, ensure_ascii=False)
+    return row
+
+
+_INT64 = range(-(2**63), 2**63)
+
+
+def struct_row(values: dict[str, Any], fields: dict[str, pa.DataType]) -> dict[str, Any]:
+    """``values`` as a row of ``_struct(fields)``: a declared field of its type, else under ``other``
+    (source metadata is whatever the input held: a width of "640" must not fail the shard)."""
+    row: dict[str, Any] = dict.fromkeys(fields)
+    other = {}
+    for name, value in values.items():
+        kind = fields.get(name)
+        if value is None and kind is not None:
+            continue
+        if kind == pa.string() and isinstance(value, str):
+            row[name] = value
+        elif kind == pa.int64() and isinstance(value, int) and not isinstance(value, bool) and value in _INT64:
+            row[name] = value
+        elif kind == pa.float64() and isinstance(value, (int, float)) and not isinstance(value, bool):
+            row[name] = float(value)
+        else:
+            other[name] = value
+    row[OTHER] = json.dumps(other, ensure_ascii=False) if other else None
     return row
 
 
