@@ -82,19 +82,24 @@ def select(rows, clustering: Clustering, *, eps: float = 0.4, top_n: int = 20, k
     duplicate_of = np.full(n, -1, np.int64)
     kept = np.zeros(n, bool)
     row_bytes = dim * 2
+    # Buffers reused for every batch and cluster: fresh pages cost more than the copies
+    batch_rows = max(READ_BATCH_BYTES // row_bytes, int(sizes.max(initial=0)))
+    batch_buffer = np.empty((batch_rows, dim), np.float16)
+    vectors_buffer = np.empty((int(sizes.max(initial=0)), dim), np.float32)
     fd = os.open(scratch, os.O_RDONLY)
     try:
         for first, last in _read_batches(sizes, row_bytes):
             lo, hi = starts[first], starts[last]
-            data = os.pread(fd, (hi - lo) * row_bytes, lo * row_bytes)
-            batch = np.frombuffer(data, np.float16).reshape(hi - lo, dim)
+            batch = batch_buffer[:hi - lo]
+            if os.preadv(fd, [memoryview(batch).cast("B")], int(lo) * row_bytes) != batch.nbytes:
+                raise OSError(f"{scratch} is shorter than written")
             for c in range(first, last):
                 members = by_cluster[starts[c]:starts[c + 1]]
                 if not len(members):
                     continue
                 order = keep_order(distance[members], keep)
                 ordered = members[order]
-                vectors = as_float32(batch[starts[c] - lo:starts[c + 1] - lo][order])
+                vectors = as_float32(batch[starts[c] - lo:starts[c + 1] - lo][order], vectors_buffer[:len(order)])
                 result = semdedup_keep_mask(vectors, eps, block=block, backend=backend_name, device=device)
                 closest_first = ordered if keep == "easy" else ordered[::-1]
                 rank[closest_first] = np.arange(len(ordered))
