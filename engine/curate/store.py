@@ -198,6 +198,10 @@ class CommittedRows:
     def shape(self) -> tuple[int, int]:
         return (self.n, self.array.shape[1])
 
+    @property
+    def dtype(self) -> np.dtype:
+        return self.array.dtype
+
     def __getitem__(self, rows: slice) -> np.ndarray:
         start, stop, _ = rows.indices(self.n)
         return self.array[start:stop]
