@@ -461,8 +461,8 @@ def read_vocabulary(model_file: Path) -> RamPlusVocabulary:
     tag_file = folder / TAG_LIST_NAME
     if not tag_file.exists():
         raise FileNotFoundError(f"RAM++ needs its tag vocabulary {tag_file} (one tag a line) next to {model_file.name}")
-    thresholds = [float(v) for v in _read_lines(folder / THRESHOLD_NAME)] if (folder / THRESHOLD_NAME).exists() else None
-    return RamPlusVocabulary.of(read_config(folder), _read_lines(tag_file), thresholds)
+    thresholds = [float(v) for v in read_lines(folder / THRESHOLD_NAME)] if (folder / THRESHOLD_NAME).exists() else None
+    return RamPlusVocabulary.of(read_config(folder), read_lines(tag_file), thresholds)
 
 
 def load_ram_plus(name: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32) -> RamPlus:
@@ -481,7 +481,13 @@ def load_tagger(name: str | Path, device: str) -> RamPlus | OnnxRamPlus:
     return load_ram_plus(name, device=device, dtype=torch.float16 if device.startswith("cuda") else torch.float32)
 
 
-def _read_lines(path: Path) -> list[str]:
+def vocabulary_file(name: str | Path) -> Path:
+    """The tag list beside a checkpoint, its folder, or its ONNX export."""
+    return checkpoint_path(name).parent / TAG_LIST_NAME
+
+
+def read_lines(path: Path) -> list[str]:
+    """A vocabulary-style file: one entry a line, blank lines skipped."""
     return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 

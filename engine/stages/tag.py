@@ -42,19 +42,19 @@ def build(cfg: RunConfig, *, make_embedder: Callable[[], object] | None = None) 
 
 def tag_vocabulary(experts: ExpertsConfig, ram_plus: ModelRef | None) -> list[str]:
     """The clip tagger's tags: --tag-vocab, else RAM++'s list (the tiny model's own when tiny)."""
-    from models.ram_plus import TAG_LIST_NAME, TINY_TAGS, checkpoint_path
+    from models.ram_plus import TINY_TAGS, read_lines, vocabulary_file
 
     if experts.tag_vocab:
         path = Path(experts.tag_vocab)
     elif ram_plus is not None and ram_plus.is_tiny:
         return list(TINY_TAGS)
     elif ram_plus is not None:
-        path = checkpoint_path(ram_plus.name).parent / TAG_LIST_NAME
+        path = vocabulary_file(ram_plus.name)
     else:
         raise ConfigError("--tagger clip needs a vocabulary: --tag-vocab FILE or --ram-plus-model (its ram_tag_list.txt)")
     if not path.is_file():
         raise ConfigError(f"tag vocabulary {path} does not exist")
-    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return read_lines(path)
 
 
 class RamPlusTag(Stage):
