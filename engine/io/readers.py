@@ -151,8 +151,9 @@ def read_tar(path: Path, cfg: InputConfig, report: ShardReport) -> Iterator[Samp
         tar = TarReader(stream, _keep_policy(cfg))
         try:
             for _, group in itertools.groupby(_named(tar), key=lambda named: named[0].key):
+                sample = _tar_sample(_Parts.collect(group), name, path, cfg)
                 report.n_samples += 1
-                yield _tar_sample(_Parts.collect(group), name, path, cfg)
+                yield sample
         finally:
             if tar.end_problem:
                 report.errors.append(f"{path}: tar {tar.end_problem}; members before it were read")

@@ -194,6 +194,24 @@ def parse_pax(data: bytes) -> dict[bytes, bytes]:
     return records
 
 
+def _overrun(size: int, header_at: int) -> str:
+    return f"runs over the next header (its size field says {size} bytes; a header starts at byte {header_at})"
+
+
+def _aligned_header(buf: bytes) -> int:
+    """The first block boundary of ``buf`` where a valid header starts, else -1 (checks the
+    magic's first byte of every block at once: ~1 µs for a 200 KB image)."""
+    marks = buf[_MAGIC_AT::BLOCK]
+    i = marks.find(b"u")
+    while i >= 0:
+        h = i * BLOCK
+        if h + BLOCK <= len(buf) and buf[h + _MAGIC_AT:h + _MAGIC_AT + 5] == _MAGIC \
+                and parse_header(buf[h:h + BLOCK]) is not None:
+            return h
+        i = marks.find(b"u", i + 1)
+    return -1
+
+
 def _padded(size: int) -> int:
     return -(-size // BLOCK) * BLOCK
 
@@ -234,6 +252,9 @@ class TarReader:
         self.damage: list[Damage] = []
         self.end_problem = ""  # '' when the archive ended with its end-of-archive blocks
         self._pending = _Pending()
+        # the padding after the last member when its data was read whole (None otherwise): with
+        # its data, what ``_rescan`` searches when damage follows it
+        self._held_padding: bytes | None = None
 
     def __iter__(self) -> Iterator[TarMember]:
         held: TarMember | None = None  # the last member, given out once what follows it is known
@@ -242,6 +263,9 @@ class TarReader:
             start = self._in.pos
             block = self._in.read(BLOCK)
             if len(block) < BLOCK:
+                if (block or zeros < 2) and self._rescan(held, zeros, block):
+                    zeros = 0
+                    continue  # the archive ended oddly: a header inside the last member explains it
                 self._finish(start, block, zeros, held)
                 break
             if block == _ZERO:
@@ -249,6 +273,9 @@ class TarReader:
                 continue
             header = parse_header(block)
             if header is None:
+                if self._rescan(held, zeros, block):
+                    zeros = 0
+                    continue  # a header inside the last member's data: read on from there
                 if held is not None and zeros < 2 and block[_MAGIC_AT:_MAGIC_AT + 5] != _MAGIC:
                     # data, not a damaged header, follows the member: its size field is wrong
                     held.problem = held.problem or "what follows its data is not a header: its size field is wrong"
@@ -259,7 +286,7 @@ class TarReader:
             zeros = 0
             if held is not None:
                 yield held
-                held = None
+                held, self._held_padding = None, None
             if header.type in _EXTENDED:
                 self._extended(start, header)
                 continue
@@ -330,8 +357,11 @@ class TarReader:
         elif header.type not in _FILE_TYPES:
             member.problem = member.problem or f"of unsupported tar type {header.type!r}"
         member.data_offset = self._in.pos
-        usable = not member.problem
-        data, problem = self._data(size, self._keep(name, size) if usable else 0)
+        keep = self._keep(name, size) if not member.problem else 0
+        if keep >= size > 0:
+            data, self._held_padding, problem = self._whole(size)
+        else:
+            (data, problem), self._held_padding = self._data(size, keep), None
         member.data = data
         if problem:  # a link's meaningless size field stopped by the next header is no news
             member.problem = member.problem or problem
@@ -364,10 +394,55 @@ class TarReader:
         start = self._in.pos
         hit, kept, cut = self._scan(start, start + _padded(size), keep, first=start)
         if hit >= 0:
-            return kept, f"runs over the next header (its size field says {size} bytes; a header starts at byte {hit})"
+            return kept, _overrun(size, hit)
         if cut:
             return kept, f"is cut: the archive ends inside its data ({self._in.pos - start} of {size} bytes)"
         return kept, ""
+
+    def _whole(self, size: int) -> tuple[bytes, bytes | None, str]:
+        """Read a member's data whole, then its padding: the fast path of every member the caller
+        keeps. Only headers at block boundaries are looked for here (one byte every 512 is
+        checked); one at any other offset shows as damage right after the member, and
+        ``_rescan`` finds it then in the bytes still held. Returns (data, padding, problem)."""
+        start, parts, got = self._in.pos, [], 0
+        while got < size:
+            want = min(_CHUNK, size - got)
+            chunk = self._in.read(want)
+            hit = _aligned_header(chunk)
+            if hit >= 0:
+                self._in.unread(chunk[hit:])
+                parts.append(chunk[:hit])
+                return b"".join(parts), None, _overrun(size, start + got + hit)
+            parts.append(chunk)
+            got += len(chunk)
+            if len(chunk) < want:  # b"": no padding, but what was read may still hold a header
+                return b"".join(parts), b"", f"is cut: the archive ends inside its data ({got} of {size} bytes)"
+        data = b"".join(parts)
+        padding = self._in.read(_padded(size) - size)
+        tail = size % BLOCK
+        if tail and len(padding) == BLOCK - tail and parse_header(data[-tail:] + padding) is not None:
+            self._in.unread(data[-tail:] + padding)
+            return data[:-tail], None, _overrun(size, start + size - tail)
+        return data, padding, ""
+
+    def _rescan(self, held: TarMember | None, zeros: int, after: bytes) -> bool:
+        """Damage (or an odd end) right after a member read whole: a header inside its data at
+        an offset that is not a block boundary (bytes were lost before it) explains it. If there
+        is one, the member ends there and reading goes on at that header. Up to two zero blocks
+        (an end-of-archive marker) may lie between: a header inside the member reaches into them."""
+        padding = self._held_padding
+        if held is None or padding is None or zeros > 2:
+            return False
+        region = held.data + padding
+        after = bytes(BLOCK * zeros) + after
+        hit = _find_header(region + after, 1, len(region))
+        if hit < 0:
+            return False
+        self._in.unread(region[hit:] + after)
+        held.problem = held.problem or _overrun(held.size, held.data_offset + hit)
+        held.data = held.data[:hit]
+        self._held_padding = None
+        return True
 
     def _resync(self, start: int, what: str) -> None:
         """Skip to the next valid header after ``start`` (or the end); record the skipped range."""
