@@ -123,7 +123,7 @@ def test_every_surviving_header_is_read_at_its_place(entries, steps):
     data, headers = build(entries)
     damaged = mutate(data, steps)
     members, tar, seconds = read_members(damaged)
-    assert seconds < 5, f"{seconds:.1f}s for {len(damaged)} bytes"
+    assert seconds < 10, f"{seconds:.1f}s for {len(damaged)} bytes"  # a hang, not a speed goal
     by_data_offset = {m.data_offset: m for m in members}
     for raw, extended, name in headers:
         plain = raw[extended:]
