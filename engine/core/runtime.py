@@ -11,16 +11,24 @@ Torch, ONNX Runtime and PIL release the GIL in their kernels, which is what make
 (rather than processes) enough here, and keeps models loaded once per worker. A stage that asks
 for ``workers`` > 1 has that many batches in ``process()`` at once, on helper threads; a shard's
 marker then waits until every batch before it is out.
+
+A stage may also come as several *replicas* (one per GPU, built by the placement in
+``engine/core/placement.py``): each batch goes to whichever replica frees a slot first, so
+faster devices take more; markers still wait for every batch before them, so the exactly-once
+contract and the shard order hold whatever the number of replicas. A batch that raises fails
+its own samples only; a replica whose batches raise ``_MAX_FAILED_BATCHES`` times in a row is
+retired (a broken GPU), and the stage fails only when no replica is left.
 """
 
 from __future__ import annotations
 
 import queue
 import signal
+import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -83,11 +91,15 @@ class StageFailed(RuntimeError):
 
 
 class Pipeline:
-    def __init__(self, stages: list[Stage], queue_depth: int, progress: Callable[[int, int], None] | None = None):
-        self.stages = stages
+    """``stages``: each entry a stage, or the replicas of one stage (same name, one per device)."""
+
+    def __init__(self, stages: Sequence[Stage | Sequence[Stage]], queue_depth: int,
+                 progress: Callable[[int, int], None] | None = None):
+        self.replicas = [[s] if isinstance(s, Stage) else list(s) for s in stages]
+        self.stages = [replicas[0] for replicas in self.replicas]
         self.queue_depth = queue_depth
         self.progress = progress
-        self.metrics = [StageMetrics(s.name) for s in stages]
+        self.metrics = [StageMetrics(s.name) for s in self.stages]
         self._stop = threading.Event()
         self._errors: list[BaseException] = []
         self.ready_s = 0.0  # time run() spent loading models before the first sample moved
@@ -100,9 +112,9 @@ class Pipeline:
         """Drive ``source`` through the stages into ``writer``; returns rejects by stage."""
         queues = [queue.Queue(self.queue_depth) for _ in range(len(self.stages) + 1)]
         ready = threading.Barrier(len(self.stages) + 1)
-        threads = [threading.Thread(target=self._stage_loop, name=f"stage-{s.name}",
-                                    args=(s, m, queues[i], queues[i + 1], ready), daemon=True)
-                   for i, (s, m) in enumerate(zip(self.stages, self.metrics))]
+        threads = [threading.Thread(target=self._stage_loop, name=f"stage-{r[0].name}",
+                                    args=(r, m, queues[i], queues[i + 1], ready), daemon=True)
+                   for i, (r, m) in enumerate(zip(self.replicas, self.metrics))]
         start = time.perf_counter()
         for thread in threads:
             thread.start()
@@ -141,26 +153,31 @@ class Pipeline:
             self._stop.set()
         out.put(_STOP)
 
-    def _stage_loop(self, stage: Stage, metrics: StageMetrics, inbox: queue.Queue,
+    def _stage_loop(self, replicas: list[Stage], metrics: StageMetrics, inbox: queue.Queue,
                     outbox: queue.Queue, ready: threading.Barrier) -> None:
+        stage = replicas[0]
+        loaded: list[Stage] = []
         try:
-            stage.setup()
-            metrics.description = stage.describe()
+            _set_up(replicas, loaded)
+            metrics.description = stage.describe() + (f" x{len(replicas)} replicas" if len(replicas) > 1 else "")
         except BaseException as exc:  # noqa: BLE001 - reported by run()
             self._errors.append(exc)
             ready.abort()
+            for replica in loaded:
+                replica.teardown()
             return
         try:
             ready.wait()
         except threading.BrokenBarrierError:  # another stage could not load: nothing will run
-            stage.teardown()
+            for replica in replicas:
+                replica.teardown()
             return
         resources = stage.resources()
-        batches = _Batches(stage.name, resources.workers)
+        batches = _Replicas(replicas, resources.workers, metrics)
         pending: list[Sample] = []
 
         def flush(passthrough: list[Item] | None = None) -> None:
-            batches.submit(self._flush, stage, metrics, pending, outbox, passthrough)
+            batches.submit(self._flush, metrics, pending, outbox, passthrough)
 
         try:
             while True:
@@ -199,37 +216,35 @@ class Pipeline:
             outbox.put(_STOP)
         finally:
             batches.close()  # no batch may still be inside process() when teardown frees the model
-            stage.teardown()
+            for replica in replicas:
+                replica.teardown()
             extra = getattr(stage, "metrics", None)
             if callable(extra):
                 metrics.extra.update(extra())
 
     def _flush(self, stage: Stage, metrics: StageMetrics, batch: list[Sample], outbox: queue.Queue,
-               passthrough: list[Item] | None = None) -> None:
+               passthrough: list[Item] | None = None) -> Exception | None:
+        """Run one batch on ``stage`` (one replica) and pass it on; returns what it raised."""
+        error = None
         if batch:
             start = time.perf_counter()
             try:
-                result, error = stage.process(batch), None
+                result = stage.process(batch)
                 if len(result) != len(batch):
                     raise RuntimeError(f"stage {stage.name} returned {len(result)} samples for {len(batch)}")
-            except Exception as exc:  # noqa: BLE001 - the batch's samples fail; counted below
+            except Exception as exc:  # noqa: BLE001 - the batch's samples fail; counted by _Replicas
                 result, error = batch, exc
+                for sample in batch:
+                    sample.fail(stage.name, f"batch failed: {type(error).__name__}: {error}")
             with metrics.lock:
-                if error is None:
-                    metrics.failed_batches = 0
-                else:
-                    metrics.failed_batches += 1
-                    if metrics.failed_batches >= _MAX_FAILED_BATCHES:
-                        raise StageFailed(f"stage {stage.name!r} failed {_MAX_FAILED_BATCHES} batches in a row; "
-                                          f"last error: {type(error).__name__}: {error}") from error
-                    for sample in batch:
-                        sample.fail(stage.name, f"batch failed: {type(error).__name__}: {error}")
+                metrics.failed_batches += error is not None
                 metrics.busy_s += time.perf_counter() - start
                 metrics.items += len(batch)
                 metrics.batches += 1
             outbox.put(list(result) + (passthrough or []))
         elif passthrough:
             outbox.put(passthrough)
+        return error
 
     def _write_loop(self, inbox: queue.Queue, writer) -> Counter:
         rejects: Counter = Counter()
@@ -248,25 +263,92 @@ class Pipeline:
                     self.progress(1, 0 if item.alive else 1)
 
 
-class _Batches:
-    """Runs a stage's batches: inline with one worker, else on ``workers`` helper threads with
-    at most that many in process() at once. A batch's exception surfaces at the next
-    ``submit`` or ``drain`` in the stage's thread."""
+def _set_up(replicas: list[Stage], loaded: list[Stage]) -> None:
+    """``setup()`` of every replica; several load at once (a model per GPU, each taking seconds),
+    one loads in the stage's thread. ``loaded`` collects those that succeeded."""
+    if len(replicas) == 1:
+        replicas[0].setup()
+        loaded.append(replicas[0])
+        return
+    with ThreadPoolExecutor(len(replicas), f"setup-{replicas[0].name}") as pool:
+        futures = [pool.submit(replica.setup) for replica in replicas]
+    for replica, future in zip(replicas, futures):
+        if future.exception() is None:
+            loaded.append(replica)
+    for future in futures:
+        future.result()  # the first setup error, if any
 
-    def __init__(self, stage: str, workers: int):
-        self.pool = ThreadPoolExecutor(workers, f"stage-{stage}") if workers > 1 else None
-        self.slots = threading.Semaphore(workers)
+
+class _Replicas:
+    """Runs a stage's batches on its replicas: inline for one replica with one worker, else on
+    helper threads, each replica holding at most ``workers`` batches at once, each batch going to
+    the replica that frees a slot first. A batch's exception surfaces at the next ``submit`` or
+    ``drain`` in the stage's thread."""
+
+    def __init__(self, replicas: list[Stage], workers: int, metrics: StageMetrics):
+        self.replicas, self.metrics = replicas, metrics
+        slots = len(replicas) * workers
+        self.pool = ThreadPoolExecutor(slots, f"stage-{replicas[0].name}") if slots > 1 else None
+        self.free: queue.Queue[int] = queue.Queue()
+        for _ in range(workers):
+            for index in range(len(replicas)):  # interleaved: every replica gets work from the start
+                self.free.put(index)
+        self.failures = [0] * len(replicas)  # batches in a row that raised, per replica
+        self.retired: set[int] = set()
+        self.items = [0] * len(replicas)
+        self.lock = threading.Lock()
         self.running: list[Future] = []
 
-    def submit(self, fn: Callable[..., None], *args: Any) -> None:
+    def submit(self, fn: Callable[..., Exception | None], *args: Any) -> None:
+        """``fn(replica, *args)`` on a free replica; returns what the batch raised, or None."""
         if self.pool is None:
-            fn(*args)
+            self._run(0, fn, args)
             return
-        self.slots.acquire()  # back-pressure: never more than `workers` batches at once
+        index = self._take()  # back-pressure: never more than `workers` batches per replica
         self._collect(wait=False)
-        future = self.pool.submit(fn, *args)
-        future.add_done_callback(lambda _: self.slots.release())
-        self.running.append(future)
+        self.running.append(self.pool.submit(self._run, index, fn, args))
+
+    def _take(self) -> int:
+        while True:
+            try:
+                index = self.free.get(timeout=0.1)
+            except queue.Empty:
+                self._collect(wait=False)  # raises once the last replica is retired
+                continue
+            if index not in self.retired:
+                return index
+
+    def _run(self, index: int, fn: Callable[..., Exception | None], args: tuple) -> None:
+        replica = self.replicas[index]
+        batch = args[1]
+        try:
+            error = fn(replica, *args)
+        except BaseException:
+            self.free.put(index)
+            raise
+        with self.lock:
+            self.items[index] += len(batch)
+            if error is None:
+                self.failures[index] = 0
+            else:
+                self.failures[index] += 1
+                if self.failures[index] >= _MAX_FAILED_BATCHES:
+                    self._retire(index, error)
+            if len(self.replicas) > 1:
+                self.metrics.extra["replica_items"] = {
+                    f"{i}:{r.resources().device}": n for i, (r, n) in enumerate(zip(self.replicas, self.items))}
+        self.free.put(index)
+
+    def _retire(self, index: int, error: Exception) -> None:
+        name = self.replicas[index].name
+        message = (f"stage {name!r} failed {_MAX_FAILED_BATCHES} batches in a row"
+                   + (f" on replica {index} ({self.replicas[index].resources().device})" if len(self.replicas) > 1 else "")
+                   + f"; last error: {type(error).__name__}: {error}")
+        self.retired.add(index)
+        if len(self.retired) == len(self.replicas):
+            raise StageFailed(message) from error
+        self.metrics.extra.setdefault("retired_replicas", []).append(index)
+        print(f"warning: {message}; its batches go to the other replicas", file=sys.stderr, flush=True)
 
     def drain(self) -> None:
         """Wait for every batch submitted so far (their outputs are then in the outbox)."""

@@ -1,0 +1,147 @@
+"""Replicas of a stage on several devices (CPU "devices" standing in for GPUs): every replica
+gets work, outputs equal a one-replica run, shard order and exactly-once hold, and a replica
+that raises fails only its own batches."""
+
+import threading
+import time
+from collections import Counter
+
+import pytest
+
+from engine.core.record import Sample, ShardEnd, Source
+from engine.core.runtime import Pipeline, StageFailed
+from engine.core.stage import Resources, Stage
+
+
+def shards(*sizes: int):
+    for s, n in enumerate(sizes):
+        shard = f"s{s}"
+        for i in range(n):
+            yield Sample(key=f"{shard}-{i}", source=Source(shard, shard, str(i)))
+        yield ShardEnd(shard, shard, n)
+
+
+class Scorer(Stage):
+    """A model-backed stage on one device: a deterministic score per key, slow enough that
+    replicas overlap."""
+
+    name = "score"
+
+    def __init__(self, device: str, delay: float = 0.01, broken: bool = False):
+        self.device, self.delay, self.broken = device, delay, broken
+        self.seen: list[str] = []
+        self.lock = threading.Lock()
+        self.loaded = False
+
+    def resources(self):
+        return Resources(batch_size=3, device=self.device)
+
+    def setup(self):
+        self.loaded = True
+
+    def process(self, batch):
+        time.sleep(self.delay)
+        if self.broken:
+            raise RuntimeError(f"CUDA error on {self.device}")
+        with self.lock:
+            self.seen += [s.key for s in batch]
+        for sample in batch:
+            sample.scores["v"] = float(sum(map(ord, sample.key)))
+        return batch
+
+
+class Writer:
+    def __init__(self):
+        self.events = []
+
+    def write(self, sample):
+        self.events.append(("sample", sample.key, sample.status, dict(sample.scores)))
+
+    def commit(self, end):
+        self.events.append(("commit", end.shard))
+
+
+def run(stages, items):
+    writer = Writer()
+    pipeline = Pipeline(stages, queue_depth=2)
+    pipeline.run(iter(items), writer)
+    return writer.events, pipeline
+
+
+def check_shards_in_order_exactly_once(events, sizes):
+    commits = [i for i, e in enumerate(events) if e[0] == "commit"]
+    assert [events[i][1] for i in commits] == [f"s{s}" for s in range(len(sizes))]
+    written = [e[1] for e in events if e[0] == "sample"]
+    assert sorted(written) == sorted(f"s{s}-{i}" for s, n in enumerate(sizes) for i in range(n))  # exactly once
+    start = 0
+    for s, end in enumerate(commits):  # every sample before its shard's marker, none after
+        assert {e[1] for e in events[start:end] if e[0] == "sample"} == {f"s{s}-{i}" for i in range(sizes[s])}
+        start = end
+
+
+def test_replicas_share_the_work_and_match_one_replica():
+    sizes = (20, 7, 13)
+    replicas = [Scorer(f"cpu:{d}") for d in range(3)]
+    events, pipeline = run([replicas], list(shards(*sizes)))
+    check_shards_in_order_exactly_once(events, sizes)
+    assert all(r.loaded and r.seen for r in replicas)  # every replica loaded and got work
+    assert sorted(k for r in replicas for k in r.seen) == sorted(e[1] for e in events if e[0] == "sample")
+    per_replica = pipeline.metrics[0].extra["replica_items"]
+    assert per_replica == {f"{i}:cpu:{i}": len(r.seen) for i, r in enumerate(replicas)}
+
+    alone, _ = run([Scorer("cpu:0")], list(shards(*sizes)))
+    outputs = {e[1]: (e[2], e[3]) for e in events if e[0] == "sample"}
+    assert outputs == {e[1]: (e[2], e[3]) for e in alone if e[0] == "sample"}
+
+
+def test_a_raising_replica_fails_only_its_batches_and_is_retired(capsys):
+    sizes = (30, 12)
+    replicas = [Scorer("cpu:0"), Scorer("cpu:1", broken=True), Scorer("cpu:2")]
+    events, pipeline = run([replicas], list(shards(*sizes)))
+    check_shards_in_order_exactly_once(events, sizes)
+    failed = {e[1] for e in events if e[0] == "sample" and e[2] == "error"}
+    ok = {e[1] for e in events if e[0] == "sample" and e[2] == "ok"}
+    # the broken replica took 3 batches (of at most 3) before it was retired; nothing else failed
+    assert pipeline.metrics[0].failed_batches == 3 and 0 < len(failed) <= 9
+    assert ok == {k for r in replicas for k in r.seen} and not ok & failed
+    assert pipeline.metrics[0].extra["retired_replicas"] == [1]
+    assert "failed 3 batches in a row on replica 1 (cpu:1)" in capsys.readouterr().err
+
+
+def test_the_stage_fails_when_every_replica_is_broken():
+    replicas = [Scorer(f"cpu:{d}", broken=True) for d in range(2)]
+    with pytest.raises(StageFailed, match="CUDA error"):
+        run([replicas], list(shards(40)))
+
+
+def test_replicas_load_at_once_and_a_failed_load_stops_before_any_work():
+    class SlowLoad(Scorer):
+        def setup(self):
+            time.sleep(0.2)
+            super().setup()
+
+    replicas = [SlowLoad(f"cpu:{d}") for d in range(4)]
+    start = time.perf_counter()
+    run([replicas], list(shards(3)))
+    assert time.perf_counter() - start < 0.6  # four loads of 0.2 s overlapped
+
+    class NoModel(Scorer):
+        def setup(self):
+            raise FileNotFoundError("no weights for cpu:1")
+
+    pulled = Counter()
+
+    def source():
+        for item in shards(5):
+            pulled["items"] += 1
+            yield item
+
+    torn = []
+
+    class Tracked(Scorer):
+        def teardown(self):
+            torn.append(self.device)
+
+    with pytest.raises(FileNotFoundError, match="no weights"):
+        Pipeline([[Tracked("cpu:0"), NoModel("cpu:1")]], 2).run(source(), Writer())
+    assert pulled["items"] == 0 and torn == ["cpu:0"]  # what loaded is freed again
