@@ -4,6 +4,7 @@
     python densefusion_local.py demo --out runs/demo
     python densefusion_local.py run --shards '/data/laion/{00000..00099}.tar' --out /data/df
     python densefusion_local.py meta --shards ... --out /data/meta --api-base URL --api-model gpt-4o
+    python densefusion_local.py plan --gpus 8 --gpu-memory-gb 40 [model flags]
 """
 
 from __future__ import annotations
@@ -74,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("curate", "pass 1 only: embed --shards, cluster, de-duplicate and select into --out/curate"),
         ("demo", "run the whole pipeline on built-in sample shards with tiny random-weight "
                  "models (writes noise captions; no weights or data needed)"),
+        ("plan", "placement and memory budget per GPU for the model flags given, on --gpus GPUs of "
+                 "--gpu-memory-gb each, without a GPU or weights (exit 2 when it does not fit)"),
         ("meta", "meta dataset: caption a seeded random share of --shards (--subset-share, default 0.1) with the "
                  "GPT-4V template through --api-base/--api-model, then export OUT/sft/ as LLaVA "
                  "fine-tuning data for the caption engine"),
@@ -84,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
                                   epilog=EPILOG.format(stages=_stage_list()),
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
         sub.add_argument("--config", metavar="YAML", help="YAML file with config sections; flags override it")
+        if name == "plan":
+            sub.add_argument("--gpus", type=int, default=8, help="GPUs per node (default: 8)")
+            sub.add_argument("--gpu-memory-gb", type=float, default=80.0, help="memory per GPU in GiB (default: 80)")
         config_module.add_arguments(sub)
     for name, (module, help_text) in OUTPUT_TOOLS.items():
         sub = commands.add_parser(name, help=help_text, description=help_text)
@@ -122,6 +128,17 @@ def command_run(args: argparse.Namespace) -> int:
     summary = pipeline.run(cfg, source=source)
     print(pipeline.format_summary(summary, Path(cfg.runtime.out)))
     return 130 if summary.interrupted else 0
+
+
+def command_plan(args: argparse.Namespace) -> int:
+    from engine.core.pipeline import selected_stage_names
+    from engine.core.placement import GIB, format_plan, make_plan
+
+    # the plan writes nothing: --out is only checked when given
+    cfg = config_module.build(args, args.config, runtime={"out": getattr(args, "runtime.out", None) or "."})
+    plan = make_plan(cfg, selected_stage_names(cfg), args.gpus, int(args.gpu_memory_gb * GIB))
+    print(format_plan(plan))
+    return 0 if plan.fits else 2
 
 
 def command_curate(args: argparse.Namespace) -> int:
@@ -181,7 +198,8 @@ def command_meta(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": command_run, "curate": command_curate, "demo": command_demo, "meta": command_meta}
+COMMANDS = {"run": command_run, "curate": command_curate, "demo": command_demo, "meta": command_meta,
+            "plan": command_plan}
 
 
 def main(argv: list[str] | None = None) -> int:

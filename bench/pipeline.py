@@ -88,7 +88,7 @@ def measure(images: int, rate: float, caption_batch: int, text_every: int, stage
         cfg = resolved(config.build(input={"shards": (str(shard),)},
                                     runtime={"out": f"{tmp}/out", "models": "tiny", "progress": False,
                                              "stages": stages, "device": "cpu"}))
-        built = [s for s in build_stages(cfg) if s.name != "caption"] + [PacedCaptionEngine(rate, caption_batch)]
+        built = [s for s in build_stages(cfg) if getattr(s, "name", "") != "caption"] + [PacedCaptionEngine(rate, caption_batch)]
         pipeline = Pipeline(built, cfg.runtime.queue_depth)
         writer = CountingWriter()
         start = time.perf_counter()

@@ -55,7 +55,8 @@ class Writer:
         self.events = []
 
     def write(self, sample):
-        self.events.append(("sample", sample.key, sample.status, dict(sample.scores)))
+        self.events.append(("sample", sample.key, sample.status, dict(sample.scores), repr(sample.tags),
+                            repr(sample.boxes), repr(sample.ocr), sample.prompt))
 
     def commit(self, end):
         self.events.append(("commit", end.shard))
@@ -68,22 +69,27 @@ def run(stages, items):
     return writer.events, pipeline
 
 
-def check_shards_in_order_exactly_once(events, sizes):
+def check_shards_in_order_exactly_once(events, expected: list[tuple[str, set[str]]]):
+    """``expected``: each shard's name and keys, in input order."""
     commits = [i for i, e in enumerate(events) if e[0] == "commit"]
-    assert [events[i][1] for i in commits] == [f"s{s}" for s in range(len(sizes))]
+    assert [events[i][1] for i in commits] == [name for name, _ in expected]
     written = [e[1] for e in events if e[0] == "sample"]
-    assert sorted(written) == sorted(f"s{s}-{i}" for s, n in enumerate(sizes) for i in range(n))  # exactly once
+    assert sorted(written) == sorted(k for _, keys in expected for k in keys)  # exactly once
     start = 0
-    for s, end in enumerate(commits):  # every sample before its shard's marker, none after
-        assert {e[1] for e in events[start:end] if e[0] == "sample"} == {f"s{s}-{i}" for i in range(sizes[s])}
+    for end, (_, keys) in zip(commits, expected):  # every sample before its shard's marker
+        assert {e[1] for e in events[start:end] if e[0] == "sample"} == keys
         start = end
+
+
+def numbered(*sizes: int) -> list[tuple[str, set[str]]]:
+    return [(f"s{s}", {f"s{s}-{i}" for i in range(n)}) for s, n in enumerate(sizes)]
 
 
 def test_replicas_share_the_work_and_match_one_replica():
     sizes = (20, 7, 13)
     replicas = [Scorer(f"cpu:{d}") for d in range(3)]
     events, pipeline = run([replicas], list(shards(*sizes)))
-    check_shards_in_order_exactly_once(events, sizes)
+    check_shards_in_order_exactly_once(events, numbered(*sizes))
     assert all(r.loaded and r.seen for r in replicas)  # every replica loaded and got work
     assert sorted(k for r in replicas for k in r.seen) == sorted(e[1] for e in events if e[0] == "sample")
     per_replica = pipeline.metrics[0].extra["replica_items"]
@@ -98,7 +104,7 @@ def test_a_raising_replica_fails_only_its_batches_and_is_retired(capsys):
     sizes = (30, 12)
     replicas = [Scorer("cpu:0"), Scorer("cpu:1", broken=True), Scorer("cpu:2")]
     events, pipeline = run([replicas], list(shards(*sizes)))
-    check_shards_in_order_exactly_once(events, sizes)
+    check_shards_in_order_exactly_once(events, numbered(*sizes))
     failed = {e[1] for e in events if e[0] == "sample" and e[2] == "error"}
     ok = {e[1] for e in events if e[0] == "sample" and e[2] == "ok"}
     # the broken replica took 3 batches (of at most 3) before it was retired; nothing else failed
@@ -145,3 +151,34 @@ def test_replicas_load_at_once_and_a_failed_load_stops_before_any_work():
     with pytest.raises(FileNotFoundError, match="no weights"):
         Pipeline([[Tracked("cpu:0"), NoModel("cpu:1")]], 2).run(source(), Writer())
     assert pulled["items"] == 0 and torn == ["cpu:0"]  # what loaded is freed again
+
+
+def test_real_expert_stages_built_per_device_give_what_one_replica_gives(tmp_path):
+    """The pipeline's factories build one replica of each expert per device (two CPU "devices"
+    here), and the run's outputs equal a one-device run's."""
+    from engine.core import config
+    from engine.core.pipeline import build_stages, resolved, shard_source
+    from engine.io.demo_data import demo_members, write_demo_shards
+
+    paths = write_demo_shards(tmp_path / "in", n_shards=2)
+
+    def outputs(devices: tuple[str, ...]):
+        cfg = resolved(config.build(
+            input={"shards": tuple(map(str, paths))}, experts={"tag_batch": 2, "detect_batch": 2},
+            runtime={"out": str(tmp_path / f"out{len(devices)}"), "models": "tiny", "progress": False,
+                     "device": "cpu", "stages": ("tag", "detect", "ocr", "prompt"), "replica_devices": devices}))
+        stages = build_stages(cfg)
+        writer = Writer()
+        pipeline = Pipeline(stages, queue_depth=2)
+        pipeline.run(shard_source(paths, cfg, set()), writer)
+        return stages, pipeline, writer.events
+
+    stages, pipeline, events = outputs(("cpu", "cpu"))
+    replicated = {s[0].name: s for s in stages if isinstance(s, list)}
+    assert set(replicated) == {"tag", "detect", "ocr"} and all(len(r) == 2 for r in replicated.values())
+    for m in pipeline.metrics:
+        if m.name in replicated:
+            assert list(m.extra["replica_items"]) == ["0:cpu", "1:cpu"]
+    check_shards_in_order_exactly_once(events, [(f"demo-{i:05d}", {m.key for m in demo_members(i)}) for i in range(2)])
+    _, _, alone = outputs(("cpu",))
+    assert {e[1]: e[2:] for e in events if e[0] == "sample"} == {e[1]: e[2:] for e in alone if e[0] == "sample"}

@@ -276,6 +276,11 @@ class RuntimeConfig:
         (), "run only these stages, in pipeline order (default: all); see `stages` in --help"
     )
     device: str = option("auto", "auto, cpu, cuda or cuda:N")
+    replica_devices: tuple[str, ...] = option(
+        (), "devices that each run one replica of every model-backed expert (category, tag, detect, ocr) "
+        "and of a transformers caption engine (default: every visible GPU with --device cuda, else "
+        "--device); e.g. cuda:0 cuda:1, or cpu cpu (tests)"
+    )
     models: str = option(
         "", "'tiny': random-weight tiny models for every model-backed stage (noise, for tests/demo)", affects=("tags", "boxes"),
     )
@@ -523,7 +528,10 @@ class SglangConfig:
         False, "load random weights of the checkpoint's shape (benchmarks: same cost as real)"
     )
     sglang_radix_cache: bool = option(True, "reuse the shared prompt prefix's KV cache")
-    sglang_mem_fraction: float = option(0.85, "share of GPU memory for weights and KV cache")
+    sglang_mem_fraction: float = option(
+        0.0, "share of GPU memory for SGLang's weights and KV cache; 0 = what the experts placed on "
+        "the same GPU leave, after a margin (see `densefusion_local.py plan`)"
+    )
     sglang_window: int = option(256, "caption requests kept in flight in the engine")
     sglang_chat_template: str = option(
         "vicuna_v1", "chat template of the caption model", choices=SGLANG_CHAT_TEMPLATES
@@ -537,8 +545,8 @@ class SglangConfig:
     def validate(self) -> None:
         if self.sglang_dp_size < 0 or self.sglang_tp_size < 1 or self.sglang_window < 1:
             raise ConfigError("--sglang-dp-size >= 0, --sglang-tp-size >= 1, --sglang-window >= 1")
-        if not 0.0 < self.sglang_mem_fraction < 1.0:
-            raise ConfigError("--sglang-mem-fraction must be within (0, 1)")
+        if not 0.0 <= self.sglang_mem_fraction < 1.0:
+            raise ConfigError("--sglang-mem-fraction must be within [0, 1) (0: from the placement)")
 
 
 # --- meta-dataset mode (engine/stages/subset.py) ----------------------------------------

@@ -3,7 +3,9 @@
 ``STAGES`` is the one ordered table of stages, each a stage module's ``build(cfg)``;
 ``--stages`` picks a subset in this order. The probe always runs (it fills width/height that
 every later stage relies on), and the decode stage is built last, from the views that the
-selected stages after it declare.
+selected stages after it declare. Model-backed experts (and a transformers caption engine) are
+built once per replica device (``engine/core/placement.py``): the runtime feeds the replicas as
+they free up.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 
 from engine.core.config import RunConfig
 from engine.core.errors import ConfigError
+from engine.core.placement import REPLICATED, check_fits, format_plan, node_plan, on_device, replica_devices, sglang_mem_fraction
 from engine.core.record import Sample, ShardEnd
 from engine.core.runtime import Item, Pipeline, RunSummary, SigintStops
 from engine.core.stage import Stage
@@ -25,6 +28,7 @@ from engine.io.readers import expand_shards, shard_items, shard_kind, shard_name
 from engine.io.writers import DatasetWriter
 from engine.stages import caption, category, decode, detect, ocr, probe, prompt, qc, score, tag
 from models.base import resolve_device
+from models.caption.registry import resolve_backend
 
 StageFactory = Callable[[RunConfig], Stage]
 
@@ -44,9 +48,15 @@ ALWAYS = ("probe",)
 
 
 def resolved(cfg: RunConfig) -> RunConfig:
-    """The config with ``auto`` settled (device), so every stage sees the same answer."""
+    """The config with ``auto`` settled (device, SGLang's memory share), so every stage sees
+    the same answer."""
     runtime = dataclasses.replace(cfg.runtime, device=resolve_device(cfg.runtime.device))
-    return dataclasses.replace(cfg, runtime=runtime)
+    cfg = dataclasses.replace(cfg, runtime=runtime)
+    stages = tuple(selected_stage_names(cfg))
+    if "caption" in stages and resolve_backend(cfg.caption.caption_backend, runtime.device) == "sglang":
+        fraction = sglang_mem_fraction(cfg, stages)
+        cfg = dataclasses.replace(cfg, sglang=dataclasses.replace(cfg.sglang, sglang_mem_fraction=fraction))
+    return cfg
 
 
 def selected_stage_names(cfg: RunConfig) -> list[str]:
@@ -57,13 +67,39 @@ def selected_stage_names(cfg: RunConfig) -> list[str]:
     return [name for name in STAGES if name in wanted]
 
 
-def build_stages(cfg: RunConfig) -> list[Stage]:
+def replicated_stage_names(cfg: RunConfig) -> set[str]:
+    """Stages built once per replica device: the model-backed experts, and the caption engine
+    when it runs in this process on one device (SGLang spans the GPUs itself; an endpoint is remote)."""
+    names = set(REPLICATED)
+    if resolve_backend(cfg.caption.caption_backend, cfg.runtime.device) == "transformers":
+        names.add("caption")
+    return names
+
+
+def build_stages(cfg: RunConfig) -> list[Stage | list[Stage]]:
+    """The selected stages in order; a replicated stage is a list of its replicas."""
     names = selected_stage_names(cfg)
-    built = {name: STAGES[name](cfg) for name in names if name != "decode"}
+    devices = replica_devices(cfg)
+    replicate = replicated_stage_names(cfg) if devices != [cfg.runtime.device] else set()
+    built: dict[str, Stage | list[Stage]] = {
+        name: [STAGES[name](on_device(cfg, d)) for d in devices] if name in replicate else STAGES[name](cfg)
+        for name in names if name != "decode"
+    }
     if "decode" in names:
-        after = [built[n] for n in names[names.index("decode") + 1:]]
+        after = [_first(built[n]) for n in names[names.index("decode") + 1:]]
         built["decode"] = decode.build(cfg, tuple(v for stage in after for v in stage.views()))
     return [built[name] for name in names]
+
+
+def _first(stage: Stage | list[Stage]) -> Stage:
+    return stage[0] if isinstance(stage, list) else stage
+
+
+def describe_placement(stages: list[Stage | list[Stage]]) -> str:
+    """One line: each stage with its replicas' devices."""
+    return "placement: " + ", ".join(
+        f"{s[0].name} x{len(s)} ({' '.join(r.resources().device for r in s)})" if isinstance(s, list)
+        else f"{s.name} ({s.resources().device})" for s in stages)
 
 
 def shard_source(paths: list[Path], cfg: RunConfig, skip: set[str]) -> Iterator[Item]:
@@ -82,7 +118,10 @@ def run(cfg: RunConfig, *, source_paths: list[Path] | None = None,
         raise ConfigError("no input shards: pass --shards (tar, parquet or image folders)")
     for path in paths:
         shard_kind(path)
+    plan = node_plan(cfg, tuple(selected_stage_names(cfg)))
+    check_fits(plan)  # before any model loads
     stages = build_stages(cfg)
+    print(describe_placement(stages) + (f"\n{format_plan(plan)}" if plan else ""), file=sys.stderr, flush=True)
     out = Path(cfg.runtime.out)
     out.mkdir(parents=True, exist_ok=True)
     manifest = Manifest(out / "manifest.json")
@@ -92,8 +131,9 @@ def run(cfg: RunConfig, *, source_paths: list[Path] | None = None,
     items = source(manifest.finished) if source else shard_source(paths, cfg, manifest.finished)
     items = take_subset(items, cfg.subset)
 
-    progress = ProgressBar(cfg.runtime.progress, stages)
-    pipeline = Pipeline(stages, cfg.runtime.queue_depth, progress.update)
+    pipeline = Pipeline(stages, cfg.runtime.queue_depth)
+    progress = ProgressBar(cfg.runtime.progress, pipeline.stages)
+    pipeline.progress = progress.update
     start = time.perf_counter()
     try:
         with SigintStops(pipeline):

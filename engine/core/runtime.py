@@ -29,7 +29,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -156,24 +156,21 @@ class Pipeline:
     def _stage_loop(self, replicas: list[Stage], metrics: StageMetrics, inbox: queue.Queue,
                     outbox: queue.Queue, ready: threading.Barrier) -> None:
         stage = replicas[0]
-        loaded: list[Stage] = []
+        resources = stage.resources()
+        batches = _Replicas(replicas, resources.workers, metrics)
         try:
-            _set_up(replicas, loaded)
+            batches.set_up()
             metrics.description = stage.describe() + (f" x{len(replicas)} replicas" if len(replicas) > 1 else "")
         except BaseException as exc:  # noqa: BLE001 - reported by run()
             self._errors.append(exc)
             ready.abort()
-            for replica in loaded:
-                replica.teardown()
+            batches.close()  # tears down the replicas that did load
             return
         try:
             ready.wait()
         except threading.BrokenBarrierError:  # another stage could not load: nothing will run
-            for replica in replicas:
-                replica.teardown()
+            batches.close()
             return
-        resources = stage.resources()
-        batches = _Replicas(replicas, resources.workers, metrics)
         pending: list[Sample] = []
 
         def flush(passthrough: list[Item] | None = None) -> None:
@@ -215,9 +212,7 @@ class Pipeline:
             self._stop.set()
             outbox.put(_STOP)
         finally:
-            batches.close()  # no batch may still be inside process() when teardown frees the model
-            for replica in replicas:
-                replica.teardown()
+            batches.close()  # waits for the batches in process(), then tears the replicas down
             extra = getattr(stage, "metrics", None)
             if callable(extra):
                 metrics.extra.update(extra())
@@ -263,32 +258,21 @@ class Pipeline:
                     self.progress(1, 0 if item.alive else 1)
 
 
-def _set_up(replicas: list[Stage], loaded: list[Stage]) -> None:
-    """``setup()`` of every replica; several load at once (a model per GPU, each taking seconds),
-    one loads in the stage's thread. ``loaded`` collects those that succeeded."""
-    if len(replicas) == 1:
-        replicas[0].setup()
-        loaded.append(replicas[0])
-        return
-    with ThreadPoolExecutor(len(replicas), f"setup-{replicas[0].name}") as pool:
-        futures = [pool.submit(replica.setup) for replica in replicas]
-    for replica, future in zip(replicas, futures):
-        if future.exception() is None:
-            loaded.append(replica)
-    for future in futures:
-        future.result()  # the first setup error, if any
-
-
 class _Replicas:
-    """Runs a stage's batches on its replicas: inline for one replica with one worker, else on
-    helper threads, each replica holding at most ``workers`` batches at once, each batch going to
-    the replica that frees a slot first. A batch's exception surfaces at the next ``submit`` or
-    ``drain`` in the stage's thread."""
+    """Runs a stage's batches on its replicas. One replica: ``setup``, ``teardown`` and (with one
+    worker) ``process`` in the stage's thread, ``workers`` > 1 on helper threads. Several: each
+    replica has its own thread(s), which load it (all replicas load at once), run its batches
+    and free it, so a replica only ever meets the threads of its own pool; each replica holds
+    at most ``workers`` batches at once and a batch goes to the replica that frees a slot first.
+    A batch's exception surfaces at the next ``submit`` or ``drain`` in the stage's thread."""
 
     def __init__(self, replicas: list[Stage], workers: int, metrics: StageMetrics):
         self.replicas, self.metrics = replicas, metrics
-        slots = len(replicas) * workers
-        self.pool = ThreadPoolExecutor(slots, f"stage-{replicas[0].name}") if slots > 1 else None
+        name = replicas[0].name
+        if len(replicas) > 1:
+            self.pools = [ThreadPoolExecutor(workers, f"stage-{name}-{i}") for i in range(len(replicas))]
+        else:
+            self.pools = [ThreadPoolExecutor(workers, f"stage-{name}")] if workers > 1 else []
         self.free: queue.Queue[int] = queue.Queue()
         for _ in range(workers):
             for index in range(len(replicas)):  # interleaved: every replica gets work from the start
@@ -298,22 +282,35 @@ class _Replicas:
         self.items = [0] * len(replicas)
         self.lock = threading.Lock()
         self.running: list[Future] = []
+        self.loaded: list[int] = []
+
+    def set_up(self) -> None:
+        if len(self.replicas) == 1:
+            self.replicas[0].setup()
+            self.loaded.append(0)
+            return
+        futures = [pool.submit(replica.setup) for pool, replica in zip(self.pools, self.replicas)]
+        wait(futures)
+        self.loaded = [i for i, future in enumerate(futures) if future.exception() is None]
+        for future in futures:
+            future.result()  # the first setup error, if any
 
     def submit(self, fn: Callable[..., Exception | None], *args: Any) -> None:
-        """``fn(replica, *args)`` on a free replica; returns what the batch raised, or None."""
-        if self.pool is None:
+        """``fn(replica, *args)`` on a free replica; it returns what the batch raised, or None."""
+        if not self.pools:
             self._run(0, fn, args)
             return
         index = self._take()  # back-pressure: never more than `workers` batches per replica
-        self._collect(wait=False)
-        self.running.append(self.pool.submit(self._run, index, fn, args))
+        self._collect(block=False)
+        pool = self.pools[index] if len(self.pools) > 1 else self.pools[0]
+        self.running.append(pool.submit(self._run, index, fn, args))
 
     def _take(self) -> int:
         while True:
             try:
                 index = self.free.get(timeout=0.1)
             except queue.Empty:
-                self._collect(wait=False)  # raises once the last replica is retired
+                self._collect(block=False)  # raises once the last replica is retired
                 continue
             if index not in self.retired:
                 return index
@@ -341,9 +338,9 @@ class _Replicas:
 
     def _retire(self, index: int, error: Exception) -> None:
         name = self.replicas[index].name
-        message = (f"stage {name!r} failed {_MAX_FAILED_BATCHES} batches in a row"
-                   + (f" on replica {index} ({self.replicas[index].resources().device})" if len(self.replicas) > 1 else "")
-                   + f"; last error: {type(error).__name__}: {error}")
+        where = f" on replica {index} ({self.replicas[index].resources().device})" if len(self.replicas) > 1 else ""
+        message = (f"stage {name!r} failed {_MAX_FAILED_BATCHES} batches in a row{where}; "
+                   f"last error: {type(error).__name__}: {error}")
         self.retired.add(index)
         if len(self.retired) == len(self.replicas):
             raise StageFailed(message) from error
@@ -352,17 +349,28 @@ class _Replicas:
 
     def drain(self) -> None:
         """Wait for every batch submitted so far (their outputs are then in the outbox)."""
-        self._collect(wait=True)
+        self._collect(block=True)
 
     def close(self) -> None:
-        """Wait for the batches in process(); drop those not started (after a failure)."""
-        if self.pool is not None:
-            self.pool.shutdown(wait=True, cancel_futures=True)
+        """Wait for the batches in process() (after a failure, drop those not started), then
+        tear down every replica that loaded, in the thread that loaded it."""
+        if len(self.replicas) == 1:
+            for pool in self.pools:
+                pool.shutdown(wait=True, cancel_futures=True)
+            if self.loaded:
+                self.replicas[0].teardown()
+            return
+        wait(self.running)  # a replica holds at most `workers` batches: all of them started
+        teardowns = [self.pools[i].submit(self.replicas[i].teardown) for i in self.loaded]
+        for pool in self.pools:
+            pool.shutdown(wait=True)
+        for future in teardowns:
+            future.result()
 
-    def _collect(self, wait: bool) -> None:
+    def _collect(self, block: bool) -> None:
         still = []
         for future in self.running:
-            if wait or future.done():
+            if block or future.done():
                 future.result()  # re-raises the batch's StageFailed in the stage's thread
             else:
                 still.append(future)

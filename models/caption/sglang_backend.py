@@ -119,7 +119,8 @@ def engine_args(cfg: SglangSettings, model_path: str, n_gpus: int) -> dict[str, 
         "dp_size": cfg.dp_size or n_gpus // cfg.tp_size,
         "load_format": "dummy" if cfg.dummy_weights else "auto",
         "disable_radix_cache": not cfg.radix_cache,
-        "mem_fraction_static": cfg.mem_fraction,
+        # 0 = not settled by the placement (engine/core/placement.py): SGLang's own default
+        "mem_fraction_static": cfg.mem_fraction or None,
         "random_seed": 0,
         "log_level": "error",
     }

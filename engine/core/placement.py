@@ -1,0 +1,422 @@
+"""Placement: which device runs which stage replica, and what each GPU's memory must hold.
+
+One process per node. Every model-backed expert stage (``REPLICATED``) runs one replica per
+GPU (``--replica-devices`` picks a subset, or CPU "devices" for tests); the runtime feeds the
+replicas batches as they free up. The caption engine runs one replica per GPU too: SGLang's
+data-parallel workers (their own processes), or, on the transformers backend, a runtime replica.
+Decode stays on the run's device (GPU 0): one decoder fills every replica's queue.
+
+The budget per GPU is computed without a GPU and without weights: parameter counts come from
+architectures built on PyTorch's ``meta`` device (shapes only, nothing allocated) or from the
+ONNX files' sizes; activations and the caption engine's KV cache are *estimates* from the
+models' shapes and batch sizes, and are labelled so. SGLang's ``mem_fraction_static`` (weights
++ KV cache, fixed at start) is what the experts on the same GPU leave, after a margin.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from engine.core.config import RunConfig
+from engine.core.errors import ConfigError
+
+REPLICATED = ("category", "tag", "detect", "ocr")  # model-backed experts: one replica per device
+GIB = 1024**3
+CUDA_CONTEXT = int(0.5 * GIB)  # per process per GPU (ours, and SGLang's worker): CUDA/cuBLAS state
+SGLANG_RUNTIME = 2 * GIB  # SGLang outside its static pool: prefill activations, CUDA graphs (estimate)
+MARGIN_SHARE, MARGIN_MIN = 0.10, 1 * GIB  # allocator fragmentation and estimate error
+TEXT_TOKENS = 400  # fusion prompt text (instruction, alt text, boxes, OCR) in LLaVA tokens (estimate)
+FALLBACK_FRACTION = 0.85  # SGLang's fraction when no GPU is visible (CPU engine, tests)
+
+
+@dataclass(frozen=True)
+class Need:
+    """One replica's memory on its device."""
+
+    stage: str
+    model: str
+    params: int
+    weight_bytes: int
+    activation_bytes: int  # estimate
+    source: str  # where the parameter count came from
+    kv_cache_bytes: int = 0  # estimate (caption engine)
+
+    @property
+    def total(self) -> int:
+        return self.weight_bytes + self.activation_bytes + self.kv_cache_bytes
+
+
+@dataclass(frozen=True)
+class CaptionNeed:
+    """The caption engine per GPU: weights, and the KV cache one request needs (estimates)."""
+
+    model: str
+    backend: str
+    params: int
+    weight_bytes: int
+    kv_bytes_per_token: int
+    tokens_per_request: int
+    min_requests: int  # the KV cache must hold at least this many requests at once
+    source: str
+
+    @property
+    def min_bytes(self) -> int:
+        return self.weight_bytes + self.kv_bytes_per_token * self.tokens_per_request * self.min_requests
+
+
+@dataclass(frozen=True)
+class GpuBudget:
+    device: str
+    total: int
+    experts: tuple[Need, ...]
+    overhead: int  # CUDA contexts (+ SGLang's runtime share outside its pool)
+    margin: int
+    caption_bytes: int  # what is left for the caption engine's weights + KV cache
+
+    @property
+    def experts_bytes(self) -> int:
+        return sum(n.total for n in self.experts)
+
+
+@dataclass(frozen=True)
+class Plan:
+    gpus: int
+    gpu_bytes: int
+    replicated: tuple[str, ...]
+    budgets: tuple[GpuBudget, ...]
+    caption: CaptionNeed | None
+    sglang_mem_fraction: float | None
+    problems: tuple[str, ...]
+
+    @property
+    def fits(self) -> bool:
+        return not self.problems
+
+
+# --- the plan -----------------------------------------------------------------------------------
+
+
+def make_plan(cfg: RunConfig, stages: list[str], gpus: int, gpu_bytes: int) -> Plan:
+    """One replica of each expert of ``stages`` and of the caption engine on each of ``gpus``
+    GPUs of ``gpu_bytes``; decode on GPU 0."""
+    if gpus < 1 or gpu_bytes <= 0:
+        raise ConfigError("plan: --gpus must be >= 1 and --gpu-memory-gb > 0")
+    needs = [need for name in stages if name in REPLICATED for need in stage_needs(cfg, name)]
+    decode = decode_need(cfg) if "decode" in stages else None
+    caption = caption_need(cfg) if "caption" in stages else None
+    sglang = caption is not None and caption.backend == "sglang"
+    budgets, problems = [], {}
+    for gpu in range(gpus):
+        experts = tuple(needs + ([decode] if decode and gpu == 0 else []))
+        used = sum(n.total for n in experts)
+        overhead = CUDA_CONTEXT * (2 if sglang else 1) + (SGLANG_RUNTIME if sglang else 0)
+        margin = max(MARGIN_MIN, int(MARGIN_SHARE * (used + overhead)))
+        left = gpu_bytes - used - overhead - margin
+        budgets.append(GpuBudget(f"cuda:{gpu}", gpu_bytes, experts, overhead, margin, left))
+        if caption is not None and left < caption.min_bytes:
+            problems.setdefault(
+                f"the caption engine needs {_gb(caption.min_bytes)} (weights {_gb(caption.weight_bytes)} + KV "
+                f"cache for {caption.min_requests} requests of ~{caption.tokens_per_request} tokens, estimate) "
+                f"but the experts leave {_gb(max(left, 0))}", []).append(f"cuda:{gpu}")
+        elif caption is None and left < 0:
+            problems.setdefault(f"the experts need {_gb(used + overhead + margin)} of {_gb(gpu_bytes)}",
+                                []).append(f"cuda:{gpu}")
+    fraction = None
+    if sglang:
+        tightest = min(b.caption_bytes for b in budgets)
+        fraction = math.floor(100 * max(tightest, 0) / gpu_bytes) / 100
+    return Plan(gpus, gpu_bytes, tuple(n for n in stages if n in REPLICATED), tuple(budgets), caption,
+                fraction, tuple(f"{' '.join(devices)}: {message}" for message, devices in problems.items()))
+
+
+@functools.lru_cache(maxsize=4)
+def node_plan(cfg: RunConfig, stages: tuple[str, ...]) -> Plan | None:
+    """The plan for this node's visible GPUs (the replica devices'), None without a GPU."""
+    import torch
+
+    from models.caption.registry import resolve_backend
+
+    if not cfg.runtime.device.startswith("cuda") or not torch.cuda.is_available():
+        return None
+    backend = resolve_backend(cfg.caption.caption_backend, cfg.runtime.device) if "caption" in stages else "auto"
+    cfg = dataclasses.replace(cfg, caption=dataclasses.replace(cfg.caption, caption_backend=backend))
+    devices = [d for d in replica_devices(cfg) if d.startswith("cuda")] or [cfg.runtime.device]
+    gpu_bytes = min(torch.cuda.get_device_properties(d).total_memory for d in devices)
+    return make_plan(cfg, list(stages), len(devices), gpu_bytes)
+
+
+def check_fits(plan: Plan | None) -> None:
+    if plan is not None and not plan.fits:
+        raise ConfigError("the models do not fit this node's GPUs: " + "; ".join(plan.problems)
+                          + " (see `densefusion_local.py plan`: fewer or smaller experts, smaller batches)")
+
+
+def sglang_mem_fraction(cfg: RunConfig, stages: tuple[str, ...]) -> float:
+    """``--sglang-mem-fraction`` settled: the option when set, else what the experts on the
+    tightest GPU leave (:func:`make_plan`); SGLang's old fixed share without a GPU."""
+    if cfg.sglang.sglang_mem_fraction:
+        return cfg.sglang.sglang_mem_fraction
+    plan = node_plan(cfg, stages)
+    if plan is None:
+        return FALLBACK_FRACTION
+    check_fits(plan)
+    return plan.sglang_mem_fraction
+
+
+def replica_devices(cfg: RunConfig) -> list[str]:
+    """Where the replicas of a model-backed stage go: ``--replica-devices``, else every visible
+    GPU for a run on ``cuda``, else the run's one device."""
+    if cfg.runtime.replica_devices:
+        devices = list(cfg.runtime.replica_devices)
+        gpus = [d for d in devices if d.startswith("cuda")]
+        if gpus:
+            import torch
+
+            visible = torch.cuda.device_count()
+            for device in gpus:
+                index = int(device.partition(":")[2] or 0)
+                if index >= visible:
+                    raise ConfigError(f"--replica-devices {device}: {visible} GPU(s) visible")
+        return devices
+    if cfg.runtime.device == "cuda":
+        import torch
+
+        return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    return [cfg.runtime.device]
+
+
+def on_device(cfg: RunConfig, device: str) -> RunConfig:
+    """``cfg`` for one replica: the run's device set to ``device``."""
+    return dataclasses.replace(cfg, runtime=dataclasses.replace(cfg.runtime, device=device))
+
+
+# --- what each model needs --------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=32)  # meta-device builds take seconds (imports); plans for several GPU sizes share them
+def stage_needs(cfg: RunConfig, stage: str) -> tuple[Need, ...]:
+    experts = cfg.experts
+    if stage == "category":
+        return (embedder_need(cfg.curate.embed_model, cfg.curate.embed_batch),)
+    if stage == "tag":
+        return (ram_plus_need(experts.tag_batch),) if experts.tagger == "ram_plus" else ()
+    if stage == "detect":
+        found = [owlv2_need(experts.owlv2_model, experts.detect_batch)] if experts.owlv2_model else []
+        if experts.closed_detector:
+            found.append(closed_detector_need(experts.closed_detector, experts.detect_batch))
+        return tuple(found)
+    if stage == "ocr":
+        return (ocr_need(cfg),)
+    return ()
+
+
+def vit_activations(batch: int, tokens: int, hidden: int, heads: int = 0, span: int = 0) -> int:
+    """Estimate, float16: one transformer layer's live tensors at inference (q, k, v, output, a
+    4x MLP, the residual: ~12 x hidden per token), plus its attention scores (heads x tokens x
+    span) where attention is not a fused kernel (SDPA keeps no score matrix)."""
+    return batch * 2 * (12 * tokens * hidden + heads * tokens * span)
+
+
+def _count(module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def embedder_need(model: str, batch: int) -> Need:
+    import torch
+
+    try:
+        import open_clip
+    except ImportError:
+        raise ConfigError("plan: counting the embedder's parameters needs open_clip (pip install open_clip_torch)") from None
+    config_file = Path(model) / "open_clip_config.json"
+    name = model
+    if config_file.is_file():
+        open_clip.add_model_config(str(config_file))
+        name = config_file.stem
+    if open_clip.get_model_config(name) is None:
+        raise ConfigError(f"plan: --embed-model {model} is neither an open_clip architecture nor a folder with "
+                          f"open_clip_config.json")
+    with torch.device("meta"):
+        net = open_clip.create_model(name, pretrained=None, device="meta")
+    vision = open_clip.get_model_config(name)["vision_cfg"]
+    trunk = getattr(net.visual, "trunk", None)
+    if trunk is not None:  # timm towers (EVA02)
+        tokens, hidden = trunk.patch_embed.num_patches + 1, trunk.embed_dim
+    else:
+        side, patch = vision.get("image_size", 224), vision.get("patch_size", 16)
+        tokens, hidden = (side // patch) ** 2 + 1, vision.get("width", 1024)
+    return Need("category", f"{model} (open_clip)", _count(net), 2 * _count(net),
+                vit_activations(batch, tokens, hidden), "meta-device architecture")
+
+
+def ram_plus_need(batch: int) -> Need:
+    import torch
+
+    from models.ram_plus import RamPlus, RamPlusConfig
+
+    config = RamPlusConfig()  # the released Swin-L 384 (a checkpoint loads strictly into it)
+    with torch.device("meta"):
+        net = RamPlus(config, [f"tag {i}" for i in range(config.num_classes)])
+    stage1 = (config.image_size // 4) ** 2  # Swin's largest activations: stage 1, windows of 12x12
+    return Need("tag", "RAM++ Swin-L 384", _count(net), 2 * _count(net),
+                vit_activations(batch, stage1, config.embed_dim, config.num_heads[0], config.window_size**2),
+                "meta-device architecture")
+
+
+def owlv2_need(model: str, batch: int) -> Need:
+    import torch
+    from transformers import Owlv2Config, Owlv2ForObjectDetection
+
+    config, source = _hf_config(model, Owlv2Config, KNOWN_OWLV2)
+    with torch.device("meta"):
+        net = Owlv2ForObjectDetection(config)
+    vision = config.vision_config
+    tokens = (vision.image_size // vision.patch_size) ** 2 + 1
+    return Need("detect", f"OWLv2 {Path(model).name} ({vision.image_size} px)", _count(net), 2 * _count(net),
+                vit_activations(batch, tokens, vision.hidden_size), source)
+
+
+def closed_detector_need(model: str, batch: int) -> Need:
+    path = Path(model)
+    if model.endswith(".onnx"):
+        if path.is_file():
+            params = path.stat().st_size // 4  # float32 export
+            source = "ONNX file size; float16 on TensorRT"
+        else:  # the paper's EVA02-L detector: a ViT-L backbone at 1024 px with a detection head
+            params, source = 400_000_000, "assumed: ViT-L detector, 0.4B parameters (file not found here)"
+        return Need("detect", f"closed-set {path.name}", params, 2 * params,
+                    vit_activations(batch, 64 * 64, 1024, 16, 14 * 14), source)
+    import torch
+    from transformers import AutoConfig, AutoModelForObjectDetection
+
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"plan: --closed-detector {model}: a local folder with config.json or an .onnx file")
+    config = AutoConfig.from_pretrained(path)
+    with torch.device("meta"):
+        net = AutoModelForObjectDetection.from_config(config)
+    return Need("detect", f"closed-set {path.name}", _count(net), 2 * _count(net),
+                batch * 2 * 1333 * 800 * 256 // 16, "config.json")  # estimate: stride-4 feature maps, 256 ch
+
+
+def ocr_need(cfg: RunConfig) -> Need:
+    from models.ocr import _model_folder, _one_onnx
+
+    folder = _model_folder(cfg.ocr)
+    size = sum(_one_onnx(folder, task).stat().st_size for task in ("det", "rec"))
+    side, batch = cfg.ocr.ocr_det_side, cfg.ocr.ocr_det_batch or 8
+    # estimate: DB's largest maps are 64 channels at stride 4... over the padded batch, float32
+    activations = batch * 4 * 64 * side * side * 3 // 4 // 16
+    return Need("ocr", "PP-OCR det + rec (ONNX Runtime)", size // 4, size, activations, "ONNX file size")
+
+
+def decode_need(cfg: RunConfig) -> Need:
+    """GPU JPEG decode (DALI or nvJPEG) on GPU 0: a batch of decoded originals (~4 MP) and its views."""
+    batch = cfg.decode.decode_batch
+    return Need("decode", "nvJPEG / DALI", 0, 0, batch * 4_000_000 * 3 * 2, "none: no weights")
+
+
+KNOWN_OWLV2 = {  # hub ids the plan knows without a download: their config.json's sizes
+    "google/owlv2-base-patch16-ensemble": {"vision_config": {"image_size": 960}},
+    "google/owlv2-base-patch16": {"vision_config": {"image_size": 960}},
+    "google/owlv2-large-patch14-ensemble": {
+        "projection_dim": 768,
+        "vision_config": {"image_size": 1008, "patch_size": 14, "hidden_size": 1024, "intermediate_size": 4096,
+                          "num_hidden_layers": 24, "num_attention_heads": 16},
+        "text_config": {"hidden_size": 768, "intermediate_size": 3072, "num_attention_heads": 12},
+    },
+}
+
+
+def _hf_config(model: str, config_class, known: dict):
+    """A transformers config: the folder's config.json, else a hub id this module knows."""
+    path = Path(model).expanduser()
+    if (path / "config.json").is_file():
+        return config_class.from_pretrained(path), "config.json"
+    if model in known:
+        overrides = known[model]
+        base = config_class()
+        data = base.to_dict()
+        for key, value in overrides.items():
+            data[key] = {**data[key], **value} if isinstance(value, dict) else value
+        return config_class.from_dict(data), f"known config of {model}"
+    raise ConfigError(f"plan: {model} is neither a local folder with config.json nor a model the plan knows "
+                      f"({', '.join(known)}): pass a local folder")
+
+
+@functools.lru_cache(maxsize=8)
+def caption_need(cfg: RunConfig) -> CaptionNeed:
+    import torch
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    from models.tiny import LLAVA_NEXT_7B, llava_next_parts
+
+    model = cfg.caption.caption_model
+    path = Path(model).expanduser()
+    if (path / "config.json").is_file():
+        config, source = LlavaNextConfig.from_pretrained(path), "config.json"
+    elif model.startswith("llava-hf/llava-v1.6-") and "7b" in model:
+        config, source = llava_next_parts(LLAVA_NEXT_7B)[0], f"known config of {model}"
+    else:
+        raise ConfigError(f"plan: --caption-model {model}: pass a local folder with config.json")
+    with torch.device("meta"):
+        net = LlavaNextForConditionalGeneration(config)
+    text, vision = config.text_config, config.vision_config
+    kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+    head_dim = text.hidden_size // text.num_attention_heads
+    kv_per_token = 2 * text.num_hidden_layers * kv_heads * head_dim * 2  # K and V, bfloat16
+    per_tile = (vision.image_size // vision.patch_size) ** 2
+    tiles = max(w * h for w, h in config.image_grid_pinpoints) // vision.image_size**2
+    image_tokens = per_tile * (1 + tiles) + int(math.sqrt(per_tile * tiles))  # base + grid + row newlines
+    backend = cfg.caption.caption_backend
+    backend = "sglang" if backend == "auto" else backend  # the card's engine on a GPU node
+    return CaptionNeed(f"{model} ({backend})", backend, _count(net), 2 * _count(net), kv_per_token,
+                       image_tokens + TEXT_TOKENS + cfg.caption.max_new_tokens, cfg.caption.caption_batch, source)
+
+
+# --- printing -------------------------------------------------------------------------------------
+
+
+def _gb(n: int) -> str:
+    return f"{n / GIB:.1f} GiB"
+
+
+def format_plan(plan: Plan) -> str:
+    lines = [f"plan: {plan.gpus} GPU(s) of {_gb(plan.gpu_bytes)}; one replica of each of "
+             f"{', '.join(plan.replicated) or 'no expert'} per GPU"
+             + (", and of the caption engine" if plan.caption else "")]
+    groups: dict[tuple, list[GpuBudget]] = {}
+    for budget in plan.budgets:
+        groups.setdefault(tuple(n.stage for n in budget.experts), []).append(budget)
+    for members in groups.values():
+        budget = members[0]
+        names = budget.device if len(members) == 1 else f"{members[0].device}..{members[-1].device} (each)"
+        lines.append(f"  {names}:")
+        for need in budget.experts:
+            lines.append(f"    {need.stage:<9} {need.model:<44} {need.params / 1e6:8.0f}M params  weights "
+                         f"{_gb(need.weight_bytes):>9}  activations {_gb(need.activation_bytes):>9} (estimate)  "
+                         f"[{need.source}]")
+        overhead = "CUDA contexts" + (", SGLang runtime (estimate)" if plan.sglang_mem_fraction is not None else "")
+        lines.append(f"    {'':<9} {overhead:<44} {_gb(budget.overhead):>24}")
+        lines.append(f"    {'':<9} {'margin (fragmentation, estimate error)':<44} {_gb(budget.margin):>24}")
+        lines.append(f"    {'':<9} {'left for the caption engine':<44} {_gb(max(budget.caption_bytes, 0)):>24}")
+    caption = plan.caption
+    if caption is not None:
+        kv_tokens = max(0, min(b.caption_bytes for b in plan.budgets) - caption.weight_bytes) // caption.kv_bytes_per_token
+        lines.append(f"  caption  {caption.model}: {caption.params / 1e9:.2f}B params, weights {_gb(caption.weight_bytes)} "
+                     f"[{caption.source}]; KV cache {caption.kv_bytes_per_token / 2**20:.2f} MiB/token, "
+                     f"~{caption.tokens_per_request} tokens/request (estimate)")
+        lines.append(f"  KV cache room per GPU: {kv_tokens:,} tokens = ~{kv_tokens // caption.tokens_per_request} "
+                     f"requests at once (estimate; at least {caption.min_requests} needed)")
+    if plan.sglang_mem_fraction is not None and plan.fits:
+        lines.append(f"  --sglang-mem-fraction {plan.sglang_mem_fraction:.2f} (SGLang's weights + KV cache; the rest "
+                     f"holds the experts)")
+    if plan.fits:
+        lines.append("fits.")
+    else:
+        lines += ["DOES NOT FIT:", *(f"  {p}" for p in plan.problems)]
+    return "\n".join(lines)
+
