@@ -85,7 +85,7 @@ def main(argv: list[str]) -> int:
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     images = photos(args.images)
     with tempfile.TemporaryDirectory() as tmp:
-        experts = _build(Path(tmp), real=args.real, device=device)
+        experts = build_experts(Path(tmp), real=args.real, device=device)
         print(f"experts: {'real sizes, random weights' if args.real else 'tiny random-weight models'}, "
               f"{device}, batch {args.images}, {args.threads} torch thread(s)")
         total = 0.0
@@ -164,7 +164,7 @@ def _row(name: str, n: int, seconds: float) -> None:
     print(f"  {name:<32} {n / seconds:10.3g} images/s  ({1000 * seconds / n:9.1f} ms/image)")
 
 
-def _build(tmp: Path, *, real: bool, device: str) -> dict:
+def build_experts(tmp: Path, *, real: bool, device: str) -> dict:
     import torch
 
     from engine.core.config import FusionConfig
