@@ -27,6 +27,7 @@ from engine.core.errors import ConfigError
 from engine.core.record import Box
 from engine.evidence.boxes import normalise_pixels
 from models.onnx_session import open_session
+from models.preprocess import to_device
 
 SOURCE = "closed"
 
@@ -59,7 +60,7 @@ class TransformersDetector:
         # the processor wraps arrays with torch.from_numpy, which wants writable memory
         images = [img if img.flags.writeable else img.copy() for img in images]
         inputs = self.processor(images=images, return_tensors="pt")
-        inputs = {k: v.to(self.device, self.dtype) if v.is_floating_point() else v.to(self.device)
+        inputs = {k: to_device(v, self.device, self.dtype if v.is_floating_point() else None)
                   for k, v in inputs.items()}
         with torch.inference_mode():
             outputs = self.model(**inputs)

@@ -82,11 +82,11 @@ class Owlv2Detector:
 
     def preprocess(self, images: Sequence[np.ndarray]):
         """RGB uint8 HWC arrays → (B, 3, S, S) normalised, padded bottom/right to a square."""
-        from models.preprocess import Letterbox
+        from models.preprocess import Letterbox, to_device
 
         if self.preprocess_mode == "stock":
             pixels = self.processor(images=list(images), return_tensors="pt")["pixel_values"]
-            return pixels.to(self.device, self.dtype)
+            return to_device(pixels, self.device, self.dtype)
         if self._letterbox is None or self._letterbox.side != self.size:
             self._letterbox = Letterbox(self.size, self.device, self.processor.image_mean, self.processor.image_std)
         pixels, _ = self._letterbox(images)  # padding 0 = black, as the stock path

@@ -2,7 +2,10 @@
 
 Decoded views arrive as RGB uint8 HWC arrays; these helpers move them to the model's
 device first, so on a GPU the resize and normalisation run there, and keep the batch in
-uint8 until the one conversion to float.
+uint8 until the one conversion to float. Host→GPU copies go through pinned (page-locked)
+memory with ``non_blocking``: the copy is queued on the calling thread's stream (a replica's
+own, see ``engine/core/runtime.py``) and overlaps the host's next work instead of a blocking
+pageable copy; PyTorch's caching host allocator reuses the pinned buffers.
 """
 
 from __future__ import annotations
@@ -12,13 +15,22 @@ from collections.abc import Sequence
 import numpy as np
 
 
+def to_device(tensor, device, dtype=None):
+    """``tensor`` on ``device`` (and ``dtype``); from a CPU tensor to a GPU through pinned memory,
+    without blocking. On the CPU, what ``.to`` does."""
+
+    if str(device).startswith("cuda") and tensor.device.type == "cpu":
+        tensor = tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device, dtype) if dtype is not None else tensor.to(device)
+
+
 def to_tensor(image: np.ndarray, device):
     """(1, 3, H, W) uint8 on ``device``."""
     import torch
 
     if not image.flags.writeable:  # torch wants writable memory (views from PIL are read-only)
         image = image.copy()
-    return torch.from_numpy(np.ascontiguousarray(image)).to(device).permute(2, 0, 1)[None]
+    return to_device(torch.from_numpy(np.ascontiguousarray(image)), device).permute(2, 0, 1)[None]
 
 
 def resize(t, size: tuple[int, int]):
@@ -68,7 +80,7 @@ class Letterbox:
             scale = s / max(h, w)
             nh, nw = max(1, min(s, round(h * scale))), max(1, min(s, round(w * scale)))
             if (nh, nw) == (h, w):
-                u8[i, :h, :w] = torch.from_numpy(image if image.flags.writeable else image.copy()).to(self.device)
+                u8[i, :h, :w] = to_device(torch.from_numpy(image if image.flags.writeable else image.copy()), self.device)
             else:
                 u8[i, :nh, :nw] = resize(to_tensor(image, self.device), (nh, nw))[0].permute(1, 2, 0)
             scales.append(scale)

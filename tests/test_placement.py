@@ -182,3 +182,31 @@ def test_real_expert_stages_built_per_device_give_what_one_replica_gives(tmp_pat
     check_shards_in_order_exactly_once(events, [(f"demo-{i:05d}", {m.key for m in demo_members(i)}) for i in range(2)])
     _, _, alone = outputs(("cpu",))
     assert {e[1]: e[2:] for e in events if e[0] == "sample"} == {e[1]: e[2:] for e in alone if e[0] == "sample"}
+
+
+def test_transfers_stay_plain_copies_on_the_cpu():
+    import numpy as np
+    import torch
+
+    from models.preprocess import to_device, to_tensor
+
+    image = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)
+    image.flags.writeable = False  # decoded views may be read-only
+    tensor = to_tensor(image, "cpu")
+    assert tensor.shape == (1, 3, 2, 3) and torch.equal(tensor[0].permute(1, 2, 0), torch.from_numpy(image.copy()))
+    assert to_device(tensor, "cpu", torch.float32).dtype == torch.float32
+
+
+@pytest.mark.gpu
+def test_host_to_gpu_copies_are_pinned_and_ordered_on_the_replica_stream():
+    import numpy as np
+    import torch
+
+    from engine.core.runtime import _device_stream
+    from models.preprocess import to_tensor
+
+    images = [np.random.default_rng(i).integers(0, 256, (480, 640, 3), dtype=np.uint8) for i in range(4)]
+    with _device_stream("cuda:0"):
+        assert torch.cuda.current_stream() != torch.cuda.default_stream()
+        moved = [to_tensor(image, "cuda:0").float().sum().item() for image in images]
+    assert moved == [float(image.sum(dtype=np.int64)) for image in images]

@@ -17,11 +17,14 @@ A stage may also come as several *replicas* (one per GPU, built by the placement
 faster devices take more; markers still wait for every batch before them, so the exactly-once
 contract and the shard order hold whatever the number of replicas. A batch that raises fails
 its own samples only; a replica whose batches raise ``_MAX_FAILED_BATCHES`` times in a row is
-retired (a broken GPU), and the stage fails only when no replica is left.
+retired (a broken GPU), and the stage fails only when no replica is left. On a GPU, each thread
+that runs batches has its own CUDA stream, so one batch's host→device copies (pinned,
+non-blocking: ``models/preprocess.py``) overlap another's kernels.
 """
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import signal
 import sys
@@ -319,7 +322,8 @@ class _Replicas:
         replica = self.replicas[index]
         batch = args[1]
         try:
-            error = fn(replica, *args)
+            with _device_stream(replica.resources().device):
+                error = fn(replica, *args)
         except BaseException:
             self.free.put(index)
             raise
@@ -375,6 +379,28 @@ class _Replicas:
             else:
                 still.append(future)
         self.running = still
+
+
+_streams = threading.local()
+
+
+@contextlib.contextmanager
+def _device_stream(device: str):
+    """On a GPU: the calling thread's own CUDA stream on ``device`` (made once), after the work
+    queued on the default stream (the weights ``setup`` loaded); on the CPU: nothing."""
+    if not device.startswith("cuda"):
+        yield
+        return
+    import torch
+
+    streams = _streams.__dict__.setdefault("by_device", {})
+    if device not in streams:
+        streams[device] = torch.cuda.Stream(device=device)
+    stream = streams[device]
+    stream.wait_stream(torch.cuda.default_stream(device))
+    with torch.cuda.device(device), torch.cuda.stream(stream):
+        yield
+    stream.synchronize()  # the batch's results are complete before the next stage reads them
 
 
 class SigintStops:

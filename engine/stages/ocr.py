@@ -32,6 +32,9 @@ class Ocr(Stage):
     def __init__(self, config: OcrConfig, device: str = "cpu"):
         self.config = config
         self.device = device
+        # on a GPU (one replica per GPU) two sessions suffice: one batch's CPU pre/post-processing
+        # overlaps the other's kernels; on the CPU every session is a core's worth of work
+        self.sessions = config.ocr_workers if device == "cpu" else min(2, config.ocr_workers)
         self.settings = ocr_settings(config)
         self.model = OcrModel(self.settings, device)  # checks model files now, before any work starts
         self._idle: queue.Queue[OcrModel] = queue.Queue()
@@ -42,12 +45,12 @@ class Ocr(Stage):
     def resources(self) -> Resources:
         # Batches of 8, not single images: a stage after OCR flushes a partial batch when its
         # input pauses, and one image at a time would leave the caption engine batches of one.
-        return Resources(batch_size=8, device=self.device, workers=self.config.ocr_workers)
+        return Resources(batch_size=8, device=self.device, workers=self.sessions)
 
     def setup(self) -> None:
         self.model.load()
         self._idle.put(self.model)
-        for _ in range(self.config.ocr_workers - 1):
+        for _ in range(self.sessions - 1):
             model = OcrModel(self.settings, self.device)
             model.load()
             self._idle.put(model)
@@ -71,4 +74,4 @@ class Ocr(Stage):
     def describe(self) -> str:
         provider = getattr(self.model.backend, "provider", "CPUExecutionProvider")
         return (f"{self.name} ({self.model.backend.describe}, onnxruntime {provider.removesuffix('ExecutionProvider')}, "
-                f"{self.config.ocr_workers} sessions)")
+                f"{self.sessions} sessions)")
