@@ -156,10 +156,11 @@ def ocr_row(n: int, device: str) -> dict:
 
         from bench.experts import text_images
         from engine.core.config import OcrConfig
+        from engine.stages.ocr import ocr_settings
         from models.ocr import OcrModel
 
         on = device if "CUDAExecutionProvider" in ort.get_available_providers() else "cpu"
-        model = OcrModel(OcrConfig(ocr_backend="batched", ocr_threads=0), on)
+        model = OcrModel(ocr_settings(OcrConfig(ocr_backend="batched", ocr_threads=0)), on)
         model.load()
     except Exception as exc:  # noqa: BLE001 - onnxruntime or the rapidocr models missing: say so
         return {"row": f"ocr: skipped ({type(exc).__name__}: {exc})", "images": 0}
@@ -232,7 +233,7 @@ def naive_generate_row(engine, samples, tokens: int, batch: int = 4, beams: int 
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench gpu", description=__doc__,
+    parser = argparse.ArgumentParser(allow_abbrev=False, prog="python -m bench gpu", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="tiny models on the CPU (the same code; CI)")
     parser.add_argument("--images", type=int, default=None, help="images per expert row (default 64; tiny 4)")

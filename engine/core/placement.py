@@ -43,11 +43,10 @@ class Need:
     weight_bytes: int
     activation_bytes: int  # estimate
     source: str  # where the parameter count came from
-    kv_cache_bytes: int = 0  # estimate (caption engine)
 
     @property
     def total(self) -> int:
-        return self.weight_bytes + self.activation_bytes + self.kv_cache_bytes
+        return self.weight_bytes + self.activation_bytes
 
 
 @dataclass(frozen=True)
@@ -303,9 +302,10 @@ def closed_detector_need(model: str, batch: int) -> Need:
 
 
 def ocr_need(cfg: RunConfig) -> Need:
+    from engine.stages.ocr import ocr_settings
     from models.ocr import _model_folder, _one_onnx
 
-    folder = _model_folder(cfg.ocr)
+    folder = _model_folder(ocr_settings(cfg.ocr))
     size = sum(_one_onnx(folder, task).stat().st_size for task in ("det", "rec"))
     side, batch = cfg.ocr.ocr_det_side, cfg.ocr.ocr_det_batch or 8
     # estimate: DB's largest maps are 64 channels at stride 4... over the padded batch, float32
