@@ -17,7 +17,7 @@ import densefusion_local
 from engine.core import config
 from engine.core.config import ExpertsConfig, FusionConfig, RunConfig, RuntimeConfig
 from engine.core.errors import ConfigError
-from engine.core.models import MODEL_OPTIONS, resolve_model
+from engine.core.models import resolve_model
 from engine.io.expert_cache import FIELDS, output_fingerprint
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -167,9 +167,10 @@ def runtime(models=""):
 
 
 def test_a_default_model_follows_models_tiny():
-    for role, (section, field) in MODEL_OPTIONS.items():
-        default = next(f.default for f in dataclasses.fields(section) if f.name == field)
-        ref = resolve_model(role, default, runtime("tiny"))
+    roles = config.model_options()
+    assert set(roles) == {"caption", "embed", "ram_plus", "owlv2", "detector"}
+    for role, (_, option) in roles.items():
+        ref = resolve_model(role, option.default, runtime("tiny"))
         assert ref is not None and ref.is_tiny and ref.role == role
 
 
@@ -178,6 +179,15 @@ def test_an_explicit_model_with_models_tiny_is_an_error():
         resolve_model("caption", "/ckpt/llava", runtime("tiny"))
     with pytest.raises(ConfigError, match="--closed-detector det.onnx contradicts --models tiny"):
         resolve_model("detector", "det.onnx", runtime("tiny"))
+
+
+def test_the_contradiction_is_refused_when_the_config_is_built(tmp_path):
+    """Up front, not when pass 2's stages are built (with --curate that is after pass 1)."""
+    with pytest.raises(ConfigError, match="--owlv2-model /ckpt/owl contradicts --models tiny"):
+        config.build(None, None, runtime={"out": str(tmp_path), "models": "tiny"},
+                     experts={"owlv2_model": "/ckpt/owl"})
+    assert config.build(None, None, runtime={"out": str(tmp_path), "models": "tiny"},
+                        experts={"owlv2_model": ""}).experts.owlv2_model == ""
 
 
 def test_off_stays_off_and_tiny_can_be_asked_per_model():

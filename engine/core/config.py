@@ -22,14 +22,15 @@ from engine.core.errors import ConfigError
 
 
 def option(default: Any, help: str, *, choices: tuple | None = None, flag: str | None = None,
-           affects: tuple[str, ...] | None = None):
+           affects: tuple[str, ...] | None = None, model: str | None = None):
     """A config field with the help text and choices the CLI shows.
 
     ``affects``: the expert outputs (``"tags"``, ``"boxes"``) whose values the option changes,
     ``()`` for none (a batch size); the expert cache keys each output on exactly those options
     (``options_affecting``), so an option cannot change tags yet keep serving cached ones.
+    ``model``: the option names the model of this role (``--models tiny`` replaces it).
     """
-    meta = {"help": help, "choices": choices, "flag": flag, "affects": affects}
+    meta = {"help": help, "choices": choices, "flag": flag, "affects": affects, "model": model}
     if isinstance(default, (list, dict, set)):
         raise TypeError("use tuples for sequence defaults: sections are frozen")
     return field(default=default, metadata=meta)
@@ -168,7 +169,7 @@ class CaptionConfig:
     caption_model: str = option(
         "llava-hf/llava-v1.6-vicuna-7b-hf",
         "caption engine: local folder or hub id of a LLaVA-NeXT checkpoint (the DenseFusion "
-        "engine once converted to the llava-hf layout), or 'tiny'",
+        "engine once converted to the llava-hf layout), or 'tiny'", model="caption",
     )
     caption_backend: str = option(
         "auto",
@@ -227,7 +228,7 @@ class CurateConfig:
     curate: bool = option(False, "run: curate first (pass 1) and caption only the selected samples")
     embed_model: str = option(
         "EVA02-L-14", "embedding model: open_clip architecture, folder with open_clip_config.json, "
-        "'hf-hub:org/repo', or 'tiny'", affects=("tags",),
+        "'hf-hub:org/repo', or 'tiny'", affects=("tags",), model="embed",
     )
     embed_weights: str = option(
         "merged2b_s4b_b131k", "weights for an architecture name: checkpoint file, open_clip "
@@ -325,7 +326,7 @@ class ExpertsConfig:
     ram_plus_model: str = option(
         "", "RAM++ checkpoint (ram_plus_swin_large_14m.pth) or its folder, or its ONNX export "
         "(python -m models.export onnx --target ram_plus), with ram_tag_list.txt "
-        "(and ram_tag_list_threshold.txt) beside it; 'tiny'", affects=("tags",),
+        "(and ram_tag_list_threshold.txt) beside it; 'tiny'", affects=("tags",), model="ram_plus",
     )
     tag_batch: int = option(16, "images per tagging batch", affects=())
     max_tags: int = option(30, "keep at most this many tags per image (they are OWLv2's queries)", affects=("tags",))
@@ -337,7 +338,7 @@ class ExpertsConfig:
     clip_tag_top_k: int = option(10, "clip tagger: at most this many tags per image", affects=("tags",))
     owlv2_model: str = option(
         "google/owlv2-base-patch16-ensemble", "open-set detector (transformers OWLv2 folder or hub id; "
-        "'tiny'; '' turns it off)", affects=("boxes",),
+        "'tiny'; '' turns it off)", affects=("boxes",), model="owlv2",
     )
     owlv2_preprocess: str = option("tensor", "OWLv2 preprocessing: tensor (fast) or stock (the processor)",
                                    choices=("tensor", "stock"), affects=("boxes",))
@@ -346,6 +347,7 @@ class ExpertsConfig:
     closed_detector: str = option(
         "", "closed-set detector: transformers object-detection checkpoint (folder or hub id) or an "
         ".onnx file with boxes/scores/labels outputs; 'tiny'; '' = off", affects=("boxes",),
+        model="detector",
     )
     closed_label_map: str = option("", "ONNX detector: labels.json / labels.txt (default: beside the .onnx)", affects=("boxes",))
     closed_input_size: int = option(0, "ONNX detector: input side when the graph's is dynamic", affects=("boxes",))
@@ -600,10 +602,28 @@ class RunConfig:
     def validate(self) -> RunConfig:
         for section in dataclasses.fields(self):
             getattr(self, section.name).validate()
+        for section, f in model_options().values():  # before any pass starts (pass 2 builds after pass 1)
+            check_tiny_swap(f, getattr(getattr(self, section), f.name), self.runtime.models)
         return self
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def model_options() -> dict[str, tuple[str, dataclasses.Field]]:
+    """role -> (section, field) of the option that names its model (``option(model=role)``)."""
+    return {f.metadata["model"]: (section.name, f) for section in dataclasses.fields(RunConfig)
+            for f in dataclasses.fields(section.default) if f.metadata.get("model")}
+
+
+def check_tiny_swap(f: dataclasses.Field, name: str, models: str) -> None:
+    """A model option set to another model than its default contradicts ``--models tiny``:
+    refused, not silently replaced (engine/core/models.py says why)."""
+    if models == "tiny" and name not in (f.default, "tiny", ""):
+        raise ConfigError(
+            f"{flag_name(f)} {name} contradicts --models tiny (which replaces every model with a "
+            f"random-weight tiny one): leave out --models tiny to run {name}, or leave out {flag_name(f)}"
+        )
 
 
 def options_affecting(cfg: RunConfig, output: str) -> dict[str, Any]:

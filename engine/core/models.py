@@ -10,20 +10,8 @@ either way (for the models that can be off).
 
 from __future__ import annotations
 
-import dataclasses
-
-from engine.core.config import CaptionConfig, CurateConfig, ExpertsConfig, RuntimeConfig, flag_name
-from engine.core.errors import ConfigError
+from engine.core.config import RuntimeConfig, check_tiny_swap, model_options
 from models.base import TINY, ModelRef
-
-# role -> the config option that names its model
-MODEL_OPTIONS = {
-    "caption": (CaptionConfig, "caption_model"),
-    "embed": (CurateConfig, "embed_model"),
-    "ram_plus": (ExpertsConfig, "ram_plus_model"),
-    "owlv2": (ExpertsConfig, "owlv2_model"),
-    "detector": (ExpertsConfig, "closed_detector"),
-}
 
 
 def resolve_model(role: str, name: str, runtime: RuntimeConfig) -> ModelRef | None:
@@ -32,13 +20,8 @@ def resolve_model(role: str, name: str, runtime: RuntimeConfig) -> ModelRef | No
     Checked (it exists, or is a hub id that can be fetched) before any work starts;
     ``ref.resolve(cache_dir)`` gives the path to load (a tiny model is built there on first use).
     """
-    section, field_name = MODEL_OPTIONS[role]
-    option = next(f for f in dataclasses.fields(section) if f.name == field_name)
-    if runtime.models == TINY and name not in (option.default, TINY, ""):
-        raise ConfigError(
-            f"{flag_name(option)} {name} contradicts --models tiny (which replaces every model with a "
-            f"random-weight tiny one): leave out --models tiny to run {name}, or leave out {flag_name(option)}"
-        )
+    _, option = model_options()[role]
+    check_tiny_swap(option, name, runtime.models)  # RunConfig.validate ran it too, for a run's config
     if runtime.models == TINY and (name or not option.default):
         name = TINY  # the default follows --models tiny; a model the user turned off ('') stays off
     if not name:
