@@ -106,7 +106,9 @@ OUTPUT_TOOLS = {
                                  "images included")),
     "report": ("engine.output.report", "write a static HTML report of an output folder (OUT/report.html)"),
     "train": ("engine.train.command", "fine-tune the caption engine (LLaVA-NeXT) on a `meta` output: "
-                                      "GPT-4V captions as targets (see `train --help`)"),
+                                      "GPT-4V captions as targets, only caption tokens carry loss"),
+    "evaluate": ("engine.train.evaluate", "caption a trained engine's held-out meta samples with it and with "
+                                          "its base model; compare both with GPT-4V's captions"),
 }
 
 

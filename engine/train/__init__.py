@@ -2,5 +2,6 @@
 
 ``config`` (options), ``data`` (records, held-out split, label masking, collation, data order),
 ``parts`` (which parameters train), ``loop`` (the training loop), ``checkpoints`` (atomic
-checkpoints, resume), ``command`` (the CLI).
+checkpoints, resume), ``command`` (the ``train`` CLI), ``evaluate`` (base vs fine-tuned vs
+GPT-4V on the held-out samples).
 """

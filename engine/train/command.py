@@ -1,12 +1,4 @@
-"""``python densefusion_local.py train META_OUT --base MODEL --out CKPT``: fine-tune the caption engine.
-
-    # one process (a GPU, or the CPU with --base tiny to try it out)
-    python densefusion_local.py train /data/meta --base llava-hf/llava-v1.6-vicuna-7b-hf --out /ckpt/engine
-    # one node, 8 GPUs, FSDP (full fine-tuning of the 7B model)
-    accelerate launch --config_file engine/train/fsdp_8gpu.yaml densefusion_local.py train /data/meta \\
-        --base llava-hf/llava-v1.6-vicuna-7b-hf --out /ckpt/engine
-    # stopped? the same command with --resume continues from the newest checkpoint
-"""
+"""``python densefusion_local.py train META_OUT --base MODEL --out CKPT``: the CLI of ``engine.train.loop``."""
 
 from __future__ import annotations
 
@@ -15,6 +7,16 @@ from pathlib import Path
 
 from engine.core import config as config_module
 from engine.train.config import TrainRunConfig
+
+EXAMPLES = """\
+    # one process (a GPU, or the CPU with --base tiny to try it out)
+    python densefusion_local.py train /data/meta --base llava-hf/llava-v1.6-vicuna-7b-hf --out /ckpt/engine
+    # one node, 8 GPUs, FSDP (full fine-tuning of the 7B model)
+    accelerate launch --config_file engine/train/fsdp_8gpu.yaml densefusion_local.py train /data/meta \\
+        --base llava-hf/llava-v1.6-vicuna-7b-hf --out /ckpt/engine
+    # stopped? the same command with --resume continues from the newest checkpoint
+"""
+
 
 EPILOG = """\
 META_OUT is a `meta` output folder (its sft/densefusion_sft.json), an `export sft` folder, or
@@ -36,6 +38,7 @@ densefusion_local.py train ...` (FSDP: parameters, gradients and optimizer state
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.description = f"{parser.description}\n\n{EXAMPLES}"
     parser.epilog = EPILOG
     parser.add_argument("data", type=Path, metavar="META_OUT",
                         help="`meta` output folder, `export sft` folder, or densefusion_sft.json")
@@ -48,6 +51,8 @@ def command(args: argparse.Namespace) -> int:
 
     cfg = config_module.build(args, args.config, cls=TrainRunConfig)
     result = train(args.data, cfg)
+    if not result.main_process:
+        return 0
     if result.losses:
         print(f"train: loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f} over steps "
               f"{result.resumed_from + 1}-{result.steps}"

@@ -154,8 +154,9 @@ class SampleEncoder:
         }
 
 
-def prompt_token_counts(processor, records: list[MetaRecord], max_side: int) -> list[int]:
-    """Tokens of each record's prompt with its image, from the image header alone (no decode)."""
+def prompt_token_counts(processor, records: list[MetaRecord], max_side: int) -> list[int | None]:
+    """Tokens of each record's prompt with its image, from the image header alone (no decode);
+    None where the header cannot be read."""
     from PIL import Image
 
     from engine.image.decode import fit_size
@@ -163,11 +164,15 @@ def prompt_token_counts(processor, records: list[MetaRecord], max_side: int) -> 
 
     shapes = []
     for record in records:
-        with Image.open(record.image) as image:
-            width, height = fit_size(*image.size, max_side)
+        try:
+            with Image.open(record.image) as image:
+                width, height = fit_size(*image.size, max_side)
+        except Exception:  # noqa: BLE001 - PIL raises more than OSError on hostile files
+            width = height = 0  # prompt_lengths leaves a bad image out
         # a read-only view of one byte with the image's shape: prompt_lengths reads shapes only
         shapes.append(np.broadcast_to(np.zeros((1, 1, 3), np.uint8), (height, width, 3)))
-    return prompt_lengths(processor, [r.prompt for r in records], shapes)
+    counts = prompt_lengths(processor, [r.prompt for r in records], shapes)
+    return [n if shape.shape[0] else None for n, shape in zip(counts, shapes, strict=True)]
 
 
 class EncodedRecords:

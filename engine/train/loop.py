@@ -54,6 +54,7 @@ class TrainResult:
     losses: list[float]  # per optimizer step, from the first step this invocation ran
     held_out: list[str]
     held_out_loss: float | None
+    main_process: bool  # under a launcher, only the main process reports
 
 
 def check_out(train: TrainConfig) -> None:
@@ -176,9 +177,10 @@ def train(data: Path, cfg: TrainRunConfig, *, log: Callable[[str], None] = print
     accumulation = t.global_batch // (t.batch_size * world)
     model.train()
     run_losses: list[float] = []
+    spare = None
     for step in range(start, total):
         began = time.perf_counter()
-        step_loss, failures = _step(model, accelerator, [next(batches) for _ in range(accumulation)])
+        step_loss, failures, spare = _step(model, accelerator, [next(batches) for _ in range(accumulation)], spare)
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm) if t.max_grad_norm else None
         optimizer.step()
         schedule.step()
@@ -191,7 +193,7 @@ def train(data: Path, cfg: TrainRunConfig, *, log: Callable[[str], None] = print
                "seconds": round(time.perf_counter() - began, 4), "failed_samples": failures}
         done = step + 1
         if done % order.steps_per_epoch == 0 or done == total:
-            row["held_out_loss"] = _held_out_loss(model, accelerator, held_records, encoder, pad_id, t.batch_size)
+            row["held_out_loss"] = _held_out_loss(model, accelerator, held_records, encoder, pad_id)
         metrics.write(row)
         if done % t.log_every == 0 or done in (1, total) or "held_out_loss" in row:
             say(_format(row, total))
@@ -206,27 +208,33 @@ def train(data: Path, cfg: TrainRunConfig, *, log: Callable[[str], None] = print
         "final_loss": figures["losses"][-1] if figures["losses"] else None, "held_out_loss": held_loss,
         "config": dataclasses.asdict(cfg),
     })
-    return TrainResult(out, total, start, run_losses, held, held_loss)
+    return TrainResult(out, total, start, run_losses, held, held_loss, accelerator.is_main_process)
 
 
 def _split(records, held: set[str], processor, t: TrainConfig):
-    """(training records, held-out records, lines for those whose prompt and image alone pass
-    --max-length)."""
+    """(training records, held-out records, a line for each record left out: an image whose
+    header cannot be read, or a prompt and image that alone pass --max-length)."""
     counts = prompt_token_counts(processor, records, t.caption_max_side)
-    fits = [r for r, n in zip(records, counts, strict=True) if n < t.max_length]
-    too_long = [f"{r.key}: prompt and image take {n} tokens >= --max-length {t.max_length}"
-                for r, n in zip(records, counts, strict=True) if n >= t.max_length]
-    return [r for r in fits if r.key not in held], [r for r in fits if r.key in held], too_long
+    fits, left_out = [], []
+    for record, n in zip(records, counts, strict=True):
+        if n is None:
+            left_out.append(f"{record.key}: image {record.image} cannot be read")
+        elif n >= t.max_length:
+            left_out.append(f"{record.key}: prompt and image take {n} tokens >= --max-length {t.max_length}")
+        else:
+            fits.append(record)
+    return [r for r in fits if r.key not in held], [r for r in fits if r.key in held], left_out
 
 
 def _inputs(batch: dict, device) -> dict:
     return {k: v.to(device) for k, v in batch.items() if k != "failures"}
 
 
-def _step(model, accelerator, micro_batches: list[dict]):
+def _step(model, accelerator, micro_batches: list[dict], spare: dict | None):
     """Forward and backward over one process's micro-batches; gradients are exchanged once,
-    after the last. A micro-batch whose samples all failed still joins the exchange (with a
-    zero loss), so the other processes never wait for it."""
+    after the last. A micro-batch whose samples all failed still joins the exchange: it runs
+    the last good batch (``spare``) with its loss times zero, so the other processes never
+    wait for it and no gradient changes. Returns (mean loss, failed samples, the new spare)."""
     import torch
 
     total = torch.zeros((), device=accelerator.device)
@@ -236,38 +244,52 @@ def _step(model, accelerator, micro_batches: list[dict]):
         sync = contextlib.nullcontext() if i == len(micro_batches) - 1 else accelerator.no_sync(model)
         with sync:
             if "input_ids" in batch:
+                spare = batch
                 loss = model(**_inputs(batch, accelerator.device), use_cache=False).loss
-            else:
+            elif spare is not None:
+                loss = model(**_inputs(spare, accelerator.device), use_cache=False).loss * 0.0
+            else:  # the run's very first batch failed whole: nothing to run, zero gradients
                 loss = sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
             accelerator.backward(loss / len(micro_batches))
         total += loss.detach() / len(micro_batches)
-    return total, failures
+    return total, failures, spare
 
 
-def mean_loss(model, records: list[MetaRecord], encoder: SampleEncoder, pad_id: int, batch_size: int,
-              device) -> float | None:
-    """Mean caption-token loss over ``records`` (per batch, averaged), without gradients."""
+def sample_losses(model, records: list[MetaRecord], encoder: SampleEncoder, pad_id: int, device) -> list[float | None]:
+    """Each record's mean caption-token loss, one forward pass each, without gradients (None:
+    the record failed to encode)."""
     import torch
 
-    losses = []
+    losses: list[float | None] = []
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        for i in range(0, len(records), batch_size):
-            batch = collate([EncodedRecords(records, encoder)[j] for j in range(i, min(i + batch_size, len(records)))],
-                            pad_id)
-            if "input_ids" in batch:
-                losses.append(model(**_inputs(batch, device), use_cache=False).loss.item())
+        for record in records:
+            batch = collate([EncodedRecords([record], encoder)[0]], pad_id)
+            losses.append(model(**_inputs(batch, device), use_cache=False).loss.item() if "input_ids" in batch
+                          else None)
     model.train(was_training)
+    return losses
+
+
+def mean_loss(model, records: list[MetaRecord], encoder: SampleEncoder, pad_id: int, device) -> float | None:
+    losses = [x for x in sample_losses(model, records, encoder, pad_id, device) if x is not None]
     return sum(losses) / len(losses) if losses else None
 
 
-def _held_out_loss(model, accelerator, held: list[MetaRecord], encoder, pad_id: int, batch_size: int):
+def _held_out_loss(model, accelerator, held: list[MetaRecord], encoder, pad_id: int) -> float | None:
+    """Mean over the held-out records, spread over the processes. Every process runs the same
+    number of forward passes (the last ones repeat a record and do not count): a distributed
+    model's forward is a collective step, which a process with nothing to do would leave hanging."""
     import torch
 
-    mine = held[accelerator.process_index::accelerator.num_processes]
-    loss = mean_loss(model, mine, encoder, pad_id, batch_size, accelerator.device)
-    pair = torch.tensor([loss or 0.0, 1.0 if loss is not None else 0.0], device=accelerator.device)
+    if not held:
+        return None
+    world, rank = accelerator.num_processes, accelerator.process_index
+    indices = range(rank, -(-len(held) // world) * world, world)
+    losses = sample_losses(model, [held[i % len(held)] for i in indices], encoder, pad_id, accelerator.device)
+    counted = [x for i, x in zip(indices, losses, strict=True) if i < len(held) and x is not None]
+    pair = torch.tensor([sum(counted), float(len(counted))], device=accelerator.device)
     total = accelerator.reduce(pair, reduction="sum")
     return round(float(total[0] / total[1]), 6) if total[1] else None
 
