@@ -267,6 +267,8 @@ def test_a_run_killed_mid_training_and_resumed_ends_with_the_uninterrupted_weigh
 def test_two_processes_on_the_cpu_train_like_one_and_checkpoint(meta_out, tiny_cache, tmp_path):
     """torchrun, 2 processes, gloo: each takes half of every global batch; the gradients are
     averaged, so the weights match one process that reads the whole batch."""
+    import os
+    import signal
     import subprocess
     import sys
 
@@ -276,12 +278,19 @@ def test_two_processes_on_the_cpu_train_like_one_and_checkpoint(meta_out, tiny_c
     from engine.train.loop import RECORD, train
 
     steps = ["--max-steps", "4", "--save-every", "2"]
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          "densefusion_local.py", *cli_train(meta_out, tmp_path / "two", tiny_cache, *steps)],
-                         cwd=Path(__file__).resolve().parents[1], env=subprocess_env(), capture_output=True,
-                         text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert "2 process(es)" in run.stdout and run.stdout.count("train: engine written") == 1  # the main process
+    # its own session: if it hangs, the launcher and both workers are killed together
+    launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                                 "2", "densefusion_local.py", *cli_train(meta_out, tmp_path / "two", tiny_cache,
+                                                                         *steps)],
+                                cwd=Path(__file__).resolve().parents[1], env=subprocess_env(), text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        stdout, stderr = launcher.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(launcher.pid, signal.SIGKILL)
+        stdout, stderr = launcher.communicate()
+    assert launcher.returncode == 0, stderr[-3000:]
+    assert "2 process(es)" in stdout and stdout.count("train: engine written") == 1  # the main process
     record = json.loads((tmp_path / "two" / RECORD).read_text())
     assert record["processes"] == 2
     assert [p.name for p in checkpoints.checkpoint_dirs(tmp_path / "two")] == ["step-00000002", "step-00000004"]
