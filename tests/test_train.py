@@ -41,12 +41,17 @@ def train_config(out: Path, tiny_cache: Path, **options) -> TrainRunConfig:
     return config_module.build(cls=TrainRunConfig, train=train)
 
 
+def tiny_base(tiny_cache: Path) -> Path:
+    """The folder of the tiny LLaVA-NeXT that `--base tiny` trains from."""
+    from models.base import ModelRef
+
+    return Path(ModelRef("tiny", "caption").resolve(tiny_cache))
+
+
 def tiny_processor(tiny_cache: Path):
     from transformers import AutoProcessor
 
-    from models.base import ModelRef
-
-    return AutoProcessor.from_pretrained(ModelRef("tiny", "caption").resolve(tiny_cache))
+    return AutoProcessor.from_pretrained(tiny_base(tiny_cache))
 
 
 def test_only_the_caption_tokens_and_end_of_sequence_carry_loss(meta_out, tiny_cache):
@@ -111,7 +116,6 @@ def test_a_few_dozen_steps_lower_the_training_loss(meta_out, tiny_cache, engine)
     from transformers import AutoModelForImageTextToText
 
     from engine.train.loop import RECORD, iter_rows, mean_loss
-    from models.base import ModelRef
 
     out, result, lines = engine
     assert result.steps == 24 and len(result.held_out) == 1
@@ -128,7 +132,7 @@ def test_a_few_dozen_steps_lower_the_training_loss(meta_out, tiny_cache, engine)
         model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32)
         return mean_loss(model, training, encoder, pad, device="cpu")
 
-    before, after = loss_of(ModelRef("tiny", "caption").resolve(tiny_cache)), loss_of(out)
+    before, after = loss_of(tiny_base(tiny_cache)), loss_of(out)
     assert after < 0.8 * before, (before, after)
 
     rows = list(iter_rows(out / "metrics.jsonl"))
@@ -255,9 +259,7 @@ def test_a_run_killed_mid_training_and_resumed_ends_with_the_uninterrupted_weigh
     assert expected.keys() == got.keys()
     for name, tensor in expected.items():
         torch.testing.assert_close(got[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
-    from models.base import ModelRef
-
-    base = weights(Path(ModelRef("tiny", "caption").resolve(tiny_cache)))
+    base = weights(tiny_base(tiny_cache))
     assert any(not torch.equal(base[name], tensor) for name, tensor in expected.items())  # it did train
     rows = [json.loads(line) for line in (stopped / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 11))  # the steps after the checkpoint, once
@@ -310,7 +312,6 @@ def test_lora_trains_adapters_and_saves_them_merged_into_a_plain_checkpoint(meta
     import torch
 
     from engine.train.loop import train
-    from models.base import ModelRef
 
     lines: list[str] = []
     cfg = config_module.build(cls=TrainRunConfig, lora={"lora": True, "lora_rank": 4, "lora_alpha": 8},
@@ -318,7 +319,7 @@ def test_lora_trains_adapters_and_saves_them_merged_into_a_plain_checkpoint(meta
                                      **FAST, "max_steps": 3})
     train(meta_out, cfg, log=lines.append)
     assert any("LoRA rank 4" in line for line in lines)
-    base, tuned = weights(Path(ModelRef("tiny", "caption").resolve(tiny_cache))), weights(tmp_path / "lora")
+    base, tuned = weights(tiny_base(tiny_cache)), weights(tmp_path / "lora")
     assert tuned.keys() == base.keys()  # merged: no adapter weights, loads as the base does
     changed = {name for name in base if not torch.equal(base[name], tuned[name])}
     assert any("language_model" in n and "q_proj" in n for n in changed)  # adapters merged in

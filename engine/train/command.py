@@ -39,6 +39,7 @@ densefusion_local.py train ...` (FSDP: parameters, gradients and optimizer state
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.description = f"{parser.description}\n\n{EXAMPLES}"
+    parser.usage = "%(prog)s META_OUT --base MODEL --out CKPT [OPTIONS]  (--help lists them)"
     parser.epilog = EPILOG
     parser.add_argument("data", type=Path, metavar="META_OUT",
                         help="`meta` output folder, `export sft` folder, or densefusion_sft.json")

@@ -29,7 +29,7 @@ from engine.evidence.coverage import COVERAGE_SCORES, Evidence, coverage_scores
 from engine.evidence.qc import check_caption, words
 from engine.io.manifest import write_json_atomic
 from engine.train.data import MetaRecord, SampleEncoder, read_records
-from engine.train.loop import RECORD
+from engine.train.loop import RECORD, base_model
 
 EVALUATION = "evaluation.json"
 COLUMNS = ("gpt4v", "base", "fine_tuned")
@@ -134,7 +134,7 @@ def evaluate(ckpt: Path, meta: Path | None = None, *, base: str = "", device: st
     from transformers import AutoProcessor
 
     from engine.evidence.language import pos_tagger
-    from models.base import ModelRef, resolve_device
+    from models.base import resolve_device
 
     ckpt = Path(ckpt)
     if not (ckpt / RECORD).is_file():
@@ -145,9 +145,9 @@ def evaluate(ckpt: Path, meta: Path | None = None, *, base: str = "", device: st
     train_cfg = record["config"]["train"]
     records = held_out_records(record, meta, limit)
     device = resolve_device(device)
-    base_ref = ModelRef(base or record["base"], "caption")
-    base_ref.check()
-    base_path = base_ref.resolve(Path(cache_dir or train_cfg["cache_dir"]))
+    cache_dir = cache_dir or train_cfg["cache_dir"]
+    base_ref = base_model(base or record["base"], cache_dir)
+    base_path = base_ref.resolve(Path(cache_dir))
     encoder = SampleEncoder(AutoProcessor.from_pretrained(str(ckpt)), max_length=train_cfg["max_length"],
                             max_side=train_cfg["caption_max_side"])
     images = [encoder.image(r) for r in records]

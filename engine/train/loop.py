@@ -68,18 +68,23 @@ def check_out(train: TrainConfig) -> None:
                           f"or choose a new --out")
 
 
+def base_model(name: str, cache_dir: str):
+    """The base checkpoint's reference ('tiny': the tiny LLaVA-NeXT, built on first use), checked."""
+    from engine.core.config import RuntimeConfig
+    from engine.core.models import resolve_model
+
+    ref = resolve_model("caption", name, RuntimeConfig(cache_dir=cache_dir))
+    if ref is None:
+        raise ConfigError("--base is empty: name the caption engine to fine-tune (folder, hub id or 'tiny')")
+    return ref
+
+
 def load_base(train: TrainConfig):
     """``(processor, model)`` of the base checkpoint, float32 weights (bf16 is autocast's job)."""
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from engine.core.config import RuntimeConfig
-    from engine.core.models import resolve_model
-
-    ref = resolve_model("caption", train.base, RuntimeConfig(cache_dir=train.cache_dir))
-    if ref is None:
-        raise ConfigError("--base is empty: name the caption engine to fine-tune (folder, hub id or 'tiny')")
-    path = ref.resolve(Path(train.cache_dir))
+    path = base_model(train.base, train.cache_dir).resolve(Path(train.cache_dir))
     processor = AutoProcessor.from_pretrained(path)
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
     return processor, model
