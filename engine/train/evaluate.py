@@ -117,10 +117,13 @@ def expert_evidence(meta: Path, keys: list[str]) -> dict[str, Evidence]:
 
 def caption_with(model: str, path: str, records: list[MetaRecord], images: list, config: CaptionConfig,
                  device: str) -> list[Written]:
+    from engine.core.config import ApiConfig, SglangConfig
+    from engine.stages.caption import backend_settings
     from models.caption.base import SamplingParams
     from models.caption.registry import load_engine
 
-    engine = load_engine(config, model, path, device)
+    settings = backend_settings("transformers", config, ApiConfig(), SglangConfig(), out="")
+    engine = load_engine("transformers", model, path, device, settings)
     try:
         params = SamplingParams(max_new_tokens=config.max_new_tokens)
         captions = engine.generate([r.prompt for r in records], images, params=params)
