@@ -164,7 +164,7 @@ def test_real_expert_stages_built_per_device_give_what_one_replica_gives(tmp_pat
 
     def outputs(devices: tuple[str, ...]):
         cfg = resolved(config.build(
-            input={"shards": tuple(map(str, paths))}, experts={"tag_batch": 2, "detect_batch": 2},
+            input={"shards": tuple(map(str, paths))}, experts={"tag_batch": 2, "detect_batch": 2, "expert_cache": "off"},
             runtime={"out": str(tmp_path / f"out{len(devices)}"), "models": "tiny", "progress": False,
                      "device": "cpu", "stages": ("tag", "detect", "ocr", "prompt"), "replica_devices": devices}))
         stages = build_stages(cfg)
