@@ -121,15 +121,21 @@ def test_the_stage_fails_when_every_replica_is_broken():
 
 
 def test_replicas_load_at_once_and_a_failed_load_stops_before_any_work():
+    loading, most, lock = [0], [0], threading.Lock()
+
     class SlowLoad(Scorer):
         def setup(self):
-            time.sleep(0.2)
+            with lock:
+                loading[0] += 1
+                most[0] = max(most[0], loading[0])
+            time.sleep(0.3)
+            with lock:
+                loading[0] -= 1
             super().setup()
 
     replicas = [SlowLoad(f"cpu:{d}") for d in range(4)]
-    start = time.perf_counter()
     run([replicas], list(shards(3)))
-    assert time.perf_counter() - start < 0.6  # four loads of 0.2 s overlapped
+    assert most[0] >= 2 and all(r.loaded for r in replicas)  # the first loads alone, the others at once
 
     class NoModel(Scorer):
         def setup(self):
@@ -166,7 +172,7 @@ def test_real_expert_stages_built_per_device_give_what_one_replica_gives(tmp_pat
         cfg = resolved(config.build(
             input={"shards": tuple(map(str, paths))}, experts={"tag_batch": 2, "detect_batch": 2, "expert_cache": "off"},
             runtime={"out": str(tmp_path / f"out{len(devices)}"), "models": "tiny", "progress": False,
-                     "device": "cpu", "stages": ("tag", "detect", "ocr", "prompt"), "replica_devices": devices}))
+                     "device": "cpu", "stages": ("decode", "tag", "detect", "ocr", "prompt"), "replica_devices": devices}))
         stages = build_stages(cfg)
         writer = Writer()
         pipeline = Pipeline(stages, queue_depth=2)
@@ -180,6 +186,9 @@ def test_real_expert_stages_built_per_device_give_what_one_replica_gives(tmp_pat
         if m.name in replicated:
             assert list(m.extra["replica_items"]) == ["0:cpu", "1:cpu"]
     check_shards_in_order_exactly_once(events, [(f"demo-{i:05d}", {m.key for m in demo_members(i)}) for i in range(2)])
+    ok = [e for e in events if e[0] == "sample" and e[2] == "ok"]
+    texts = {m.key for i in range(2) for m in demo_members(i) if m.meta["kind"] in ("poster", "slide")}
+    assert len(ok) == 12 and all("OcrLine" in e[6] for e in ok if e[1] in texts)  # 6 good a shard; text read
     _, _, alone = outputs(("cpu",))
     assert {e[1]: e[2:] for e in events if e[0] == "sample"} == {e[1]: e[2:] for e in alone if e[0] == "sample"}
 

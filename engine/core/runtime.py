@@ -292,9 +292,14 @@ class _Replicas:
             self.replicas[0].setup()
             self.loaded.append(0)
             return
-        futures = [pool.submit(replica.setup) for pool, replica in zip(self.pools, self.replicas)]
+        # The first replica loads alone: the libraries' first imports (transformers' lazy
+        # modules) are not thread-safe, and two replicas importing at once failed with
+        # "cannot import name". The others then load at once.
+        self.pools[0].submit(self.replicas[0].setup).result()
+        self.loaded.append(0)
+        futures = [pool.submit(replica.setup) for pool, replica in zip(self.pools[1:], self.replicas[1:])]
         wait(futures)
-        self.loaded = [i for i, future in enumerate(futures) if future.exception() is None]
+        self.loaded += [i for i, future in enumerate(futures, 1) if future.exception() is None]
         for future in futures:
             future.result()  # the first setup error, if any
 
