@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from engine.core import config as config_module
+from engine.core.console import format_summary
 from engine.core.errors import ConfigError
 
 EPILOG = """\
@@ -118,17 +119,13 @@ def command_run(args: argparse.Namespace) -> int:
     cfg = config_module.build(args, args.config)
     source = None
     if cfg.curate.curate:
-        from engine.curate.pass1 import format_report, run_curate
         from engine.curate.pass2_source import selected_source
 
-        report = run_curate(cfg)
-        if report is None:
-            print(f"interrupted during curation: rerun with --out {cfg.runtime.out} to finish")
+        if not curate(cfg):
             return 130
-        print(format_report(report, Path(cfg.runtime.out)))
         source = selected_source(cfg)
     summary = pipeline.run(cfg, source=source)
-    print(pipeline.format_summary(summary, Path(cfg.runtime.out)))
+    print(format_summary(summary))
     return 130 if summary.interrupted else 0
 
 
@@ -144,15 +141,18 @@ def command_plan(args: argparse.Namespace) -> int:
 
 
 def command_curate(args: argparse.Namespace) -> int:
+    return 0 if curate(config_module.build(args, args.config)) else 130
+
+
+def curate(cfg: config_module.RunConfig) -> bool:
+    """Pass 1 with its summary and report printed; False when it was interrupted."""
     from engine.curate.pass1 import format_report, run_curate
 
-    cfg = config_module.build(args, args.config)
-    report = run_curate(cfg)
-    if report is None:
-        print(f"interrupted: rerun with --out {cfg.runtime.out} to finish the remaining shards")
-        return 130
-    print(format_report(report, Path(cfg.runtime.out)))
-    return 0
+    summary, report = run_curate(cfg)
+    print(format_summary(summary))
+    if report is not None:
+        print(format_report(report, Path(cfg.runtime.out)))
+    return report is not None
 
 
 def command_demo(args: argparse.Namespace) -> int:
@@ -165,7 +165,7 @@ def command_demo(args: argparse.Namespace) -> int:
     print(f"demo: {len(shards)} built-in shards in {out}/input, tiny random-weight models "
           f"(captions are noise; see README for real checkpoints)")
     summary = pipeline.run(cfg)
-    print(pipeline.format_summary(summary, Path(cfg.runtime.out)))
+    print(format_summary(summary))
     return 130 if summary.interrupted else 0
 
 
@@ -191,7 +191,7 @@ def command_meta(args: argparse.Namespace) -> int:
     cfg = meta_config(args)
     summary = pipeline.run(cfg)
     out = Path(cfg.runtime.out)
-    print(pipeline.format_summary(summary, out))
+    print(format_summary(summary))
     if summary.interrupted:
         return 130
     result = export("sft", out, out / "sft")

@@ -45,7 +45,7 @@ class _CountingWriter:
 
 def engine_rate(shard: Path, args, model: str) -> tuple[float, int]:
     from engine.core import config as config_module
-    from engine.core.pipeline import resolved, shard_source
+    from engine.core.driver import resolved, shard_source
     from engine.core.runtime import Pipeline
     from engine.curate.pass1 import curate_stages
 

@@ -90,7 +90,7 @@ def test_caption_stage_shows_tokens_cache_hits_and_gpu_live(monkeypatch):
 
 
 def test_progress_bar_carries_the_stages_live_figures(capsys):
-    from engine.core.pipeline import ProgressBar
+    from engine.core.console import ProgressBar
     from engine.core.stage import Stage
 
     class Live(Stage):

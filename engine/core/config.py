@@ -305,7 +305,11 @@ def _check_writable(out: Path) -> None:
     probe_dir = out
     while not probe_dir.exists():
         probe_dir = probe_dir.parent
-    if not probe_dir.is_dir() or not os.access(probe_dir, os.W_OK | os.X_OK):
+    if probe_dir == out and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a folder: pass a folder (it is created if missing)")
+    if not probe_dir.is_dir():
+        raise ConfigError(f"output folder {out} is not writable: {probe_dir} is a file, not a folder")
+    if not os.access(probe_dir, os.W_OK | os.X_OK):
         raise ConfigError(f"output folder {out} is not writable (checked {probe_dir})")
     from engine.io.commit import check_links
 

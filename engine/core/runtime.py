@@ -73,22 +73,6 @@ class StageMetrics:
         }
 
 
-@dataclass
-class RunSummary:
-    shards_done: list[str]
-    shards_skipped: list[str]
-    written: int
-    rejected: int
-    rejects_by_stage: dict[str, int]
-    wall_s: float
-    interrupted: bool
-    stages: list[dict[str, Any]]
-
-    @property
-    def images_per_s(self) -> float:
-        return (self.written + self.rejected) / self.wall_s if self.wall_s else 0.0
-
-
 class StageFailed(RuntimeError):
     """A stage raised repeatedly: a bug or a broken model, not a bad sample."""
 

@@ -18,14 +18,14 @@ from pathlib import Path
 from typing import Any
 
 from engine.core.config import RunConfig
+from engine.core.driver import Pass, run_pass
 from engine.core.errors import ConfigError
-from engine.core.pipeline import ProgressBar, resolved, shard_source
-from engine.core.runtime import Pipeline, SigintStops
+from engine.core.figures import RunSummary
+from engine.core.stage import Stage
 from engine.curate.kmeans import cluster, default_k
 from engine.curate.selection import Selection, report, select, selection_table
 from engine.curate.store import EmbeddingStore
 from engine.io.manifest import write_json_atomic, write_parquet_atomic
-from engine.io.readers import expand_shards, shard_kind, shard_name
 from engine.stages import decode, embed, probe
 from engine.stages.embed import EMBED_VIEW, embedder_model
 from engine.stages.probe import ResolutionFilter
@@ -37,47 +37,31 @@ def curate_dir(cfg: RunConfig) -> Path:
     return Path(cfg.runtime.out) / CURATE_DIR
 
 
-def run_curate(cfg: RunConfig) -> dict[str, Any] | None:
-    """Run pass 1 into OUT/curate; returns the report, or None when interrupted."""
-    cfg = resolved(cfg)
-    paths, store = open_store(cfg)
-    stages = curate_stages(cfg)
-    progress = ProgressBar(cfg.runtime.progress)
-    pipeline = Pipeline(stages, cfg.runtime.queue_depth, progress.update)
-    start = time.perf_counter()
-    try:
-        with SigintStops(pipeline):
-            _, interrupted = pipeline.run(shard_source(paths, cfg, store.finished), store)
-    finally:
-        store.close()
-        progress.close()
-    if interrupted:
-        return None
-    embed_s = time.perf_counter() - start
-    return select_from_store(store, cfg, embed_s=embed_s)
-
-
-def open_store(cfg: RunConfig) -> tuple[list[Path], EmbeddingStore]:
-    """The checks before pass 1 (shards, model, the store's model) and the store, settled."""
-    paths = expand_shards(cfg.input.shards)
-    if not paths:
-        raise ConfigError("no input shards: pass --shards (tar, parquet or image folders)")
-    for path in paths:
-        shard_kind(path)
-    _, identity = embedder_model(cfg)
-    root = curate_dir(cfg)
+def open_store(cfg: RunConfig, root: Path) -> EmbeddingStore:
     store = EmbeddingStore(root)
     # Embeddings of two models do not mix: a resumed store must keep the model it started with.
+    _, identity = embedder_model(cfg)
     if store.manifest.data.setdefault("embed_model", identity) != identity:
         raise ConfigError(f"{root} holds embeddings of {store.manifest.data['embed_model']}, not {identity}: "
                           f"use the same model to resume, or another --out")
-    store.settle([shard_name(p) for p in paths])
-    return paths, store
+    return store
 
 
-def curate_stages(cfg: RunConfig) -> list:
+def curate_stages(cfg: RunConfig) -> list[Stage]:
     """Pass 1's per-image stages: header probe, one decode at the embedder's view, embed."""
     return [probe.build(cfg), decode.build(cfg, (EMBED_VIEW,)), embed.build(cfg)]
+
+
+PASS1 = Pass("curate", CURATE_DIR, open_store, curate_stages, ("embeddings.zarr", "index.parts"))
+
+
+def run_curate(cfg: RunConfig) -> tuple[RunSummary, dict[str, Any] | None]:
+    """Run pass 1 into OUT/curate: the embedding run's summary, and the report (None when
+    interrupted: the global step waits for every shard)."""
+    summary = run_pass(cfg, PASS1)
+    if summary.interrupted:
+        return summary, None
+    return summary, select_from_store(EmbeddingStore(summary.root), cfg, embed_s=summary.wall_s)
 
 
 def select_from_store(store: EmbeddingStore, cfg: RunConfig, *, embed_s: float = 0.0) -> dict[str, Any]:

@@ -21,6 +21,7 @@ more).
 from __future__ import annotations
 
 import io
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -44,9 +45,10 @@ PARTS = ("embeddings.parts", "index.parts", "rejects.parts")
 
 
 class EmbeddingStore:
-    """Writer side (``write`` / ``commit`` / ``close``), driver side (``settle`` / ``adopt``) and
-    reader side of pass 1's output. ``adopt=False`` makes a worker's store: it publishes its
-    shards' parts and markers and leaves the zarr array and the manifest to the driver."""
+    """Writer side (``write`` / ``commit`` / ``close``) and driver side (``settle`` / ``adopt``):
+    the driver's :class:`engine.core.sink.Sink`; and reader side of pass 1's output.
+    ``adopt=False`` makes a worker's store: it publishes its shards' parts and markers and
+    leaves the zarr array and the manifest to the driver."""
 
     def __init__(self, root: Path, dim: int | None = None, *, chunk_rows: int = DEFAULT_CHUNK_ROWS,
                  adopt: bool = True):
@@ -66,6 +68,8 @@ class EmbeddingStore:
         self.markers = ShardMarkers(root / MARKERS_DIR)
         self.committed: dict[str, dict[str, Any]] = {}  # shard → its marker, for this writer's commits
         self._pending: dict[str, list[Sample]] = {}
+        self.written = 0  # embedded by this invocation
+        self.rejected = 0
 
     def _ensure_array(self, dim: int) -> None:
         import zarr
@@ -109,13 +113,16 @@ class EmbeddingStore:
             np.save(buffer, np.stack([s.embedding for s in alive]).astype(np.float16))
             hashes[file_label(vectors_path)] = publish_bytes(buffer.getvalue(), vectors_path)
         hashes[file_label(index_path)] = publish_parquet(_index_table(alive), index_path)
-        info = {**shard_info(end, self.attempts.get(end.shard, 1)),
-                "samples": len(samples), "rows": len(alive), "rejected": len(dead)}
+        info = {**shard_info(end, self.attempts.get(end.shard, 1)), "samples": len(samples), "rows": len(alive),
+                "written": len(alive), "rejected": len(dead),
+                "rejected_by_stage": dict(Counter(_reject_stage(s) for s in dead))}
         hashes[file_label(rejects_path)] = publish_parquet(_rejects_table(dead), rejects_path, info)
         marker = self.markers.write(end.shard, {**info, "files": hashes})
         self.committed[end.shard] = marker
         if self.adopting:
             self.adopt({end.shard: marker})
+        self.written += len(alive)
+        self.rejected += len(dead)
 
     def close(self) -> None:
         """Uncommitted samples are dropped: their shard is redone on the next run."""
@@ -224,6 +231,10 @@ def _index_table(samples: list[Sample]):
     })
 
 
+def _reject_stage(sample: Sample) -> str:
+    return sample.stage or "embed"  # alive without an embedding: the embedder left it out
+
+
 def _rejects_table(samples: list[Sample]):
     import pyarrow as pa
 
@@ -231,7 +242,7 @@ def _rejects_table(samples: list[Sample]):
 
     return pa.Table.from_pylist([
         {"key": s.key, "shard": s.source.shard, "member": s.source.member,
-         "stage": s.stage or "embed", "status": "error" if s.alive else s.status,
+         "stage": _reject_stage(s), "status": "error" if s.alive else s.status,
          "reason": s.reason or "no embedding"}
         for s in samples
     ], schema=REJECT_SCHEMA)

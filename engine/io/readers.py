@@ -91,6 +91,23 @@ def shard_kind(path: Path) -> str:
     raise ConfigError(f"{path}: not a tar, parquet file or image folder")
 
 
+def expected_samples(path: Path) -> int | None:
+    """A shard's sample count when it is cheap to know before reading it (the progress bar's
+    time left): a parquet file's row count from its footer, a folder's image files; ``None``
+    for a tar (its members are known only once read) or a file that cannot tell."""
+    kind = shard_kind(path)
+    if kind == "folder":
+        return len(folder_images(path))
+    if kind == "parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            return pq.ParquetFile(path).metadata.num_rows
+        except Exception:  # noqa: BLE001 - a broken file becomes a shard error when it is read
+            return None
+    return None
+
+
 # --- one shard -------------------------------------------------------------------------
 
 
@@ -318,13 +335,16 @@ def _jsonable(value: Any) -> Any:
         return str(value)
 
 
+def folder_images(path: Path) -> list[Path]:
+    """The image files under a folder (by extension), in the order they are read."""
+    return sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower().lstrip(".") in IMAGE_EXTS)
+
+
 def read_folder(path: Path, cfg: InputConfig, report: ShardReport) -> Iterator[Sample]:
     """Images under a folder; ``name.txt`` beside ``name.jpg`` is its alt text."""
     name = shard_name(path)
-    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+    for file in folder_images(path):
         ext = file.suffix.lower().lstrip(".")
-        if ext not in IMAGE_EXTS:
-            continue
         relative = file.relative_to(path).as_posix()
         key, problem = usable_key(relative.rsplit(".", 1)[0])
         report.n_samples += 1

@@ -19,6 +19,7 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -145,7 +146,8 @@ class _OpenShard:
 
 
 class DatasetWriter:
-    """Writes samples to their shard's temporary files; ``commit`` publishes a shard.
+    """Writes samples to their shard's temporary files; ``commit`` publishes a shard (the
+    driver's :class:`engine.core.sink.Sink`).
 
     ``manifest`` is the driver's: given, each commit is recorded there too (one process runs
     everything). A Ray worker passes none and returns its markers to the driver instead; it also
@@ -186,6 +188,10 @@ class DatasetWriter:
         if missing:
             self.manifest.record(missing)
 
+    @property
+    def finished(self) -> set[str]:
+        return self.manifest.finished
+
     def write(self, sample: Sample) -> None:
         # valid_utf8: whatever a reader or stage left in a string (a lone surrogate from a JSON
         # escape), what is written is valid UTF-8; the readers' keys already are
@@ -209,7 +215,8 @@ class DatasetWriter:
         tar, rows, rejects = self.files(end.shard)
         hashes = {file_label(tar): publish(shard.tar_path, tar),
                   file_label(rows): publish_parquet(rows_to_table(shard.rows), rows)}
-        info = {**shard_info(end, self.attempts.get(end.shard, 1)), "written": len(shard.rows), "rejected": len(shard.rejects)}
+        info = {**shard_info(end, self.attempts.get(end.shard, 1)), "written": len(shard.rows), "rejected": len(shard.rejects),
+                "rejected_by_stage": dict(Counter(r["stage"] or "?" for r in shard.rejects))}
         hashes[file_label(rejects)] = publish_parquet(
             pa.Table.from_pylist(shard.rejects, schema=REJECT_SCHEMA), rejects, info)
         marker = self.markers.write(end.shard, {**info, "files": hashes})

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from engine.core.figures import OutputTotals, describe_cache, expert_cache_figures
 from engine.evidence.category import SCORE_PREFIX, category_of
 from engine.output.dataset_reader import (
     WrittenSample,
@@ -194,27 +195,74 @@ def _figures_table(title: str, rows: list[tuple[str, Any]]) -> str:
     return f"<h3>{_e(title)}</h3><table>{body}</table>"
 
 
+def _number(value: Any, digits: int = 1, unit: str = "") -> str:
+    if value is None:
+        return "–"
+    return f"{value:,.{digits}f}{unit}" if isinstance(value, float) else f"{value:,}{unit}"
+
+
+# metrics.json's per-stage fields under the names a reader knows
+STAGE_COLUMNS = (("stage", "stage"), ("items", "images"), ("items_per_busy_s", "images/s while busy"),
+                 ("busy_share", "busy share of the run"), ("description", "what ran"))
+
+
+def _stage_cell(column: str, value: Any) -> str:
+    if column == "busy_share":
+        return "–" if value is None else f"{value:.0%}"
+    return _number(value) if column in ("items", "items_per_busy_s") else _e(value)
+
+
 def run_figures(manifest: dict[str, Any], metrics: dict[str, Any]) -> str:
-    shards = manifest.get("shards", {})
-    parts = [_figures_table("shards", [
-        ("finished shards", len(shards)),
-        ("samples read", sum(s.get("samples", 0) for s in shards.values())),
-        ("written", sum(s.get("written", 0) for s in shards.values())),
-        ("rejected", sum(s.get("rejected", 0) for s in shards.values())),
+    """The output's totals, every invocation of the run, the latest stage figures."""
+    # The manifest is what the output holds (metrics.json's totals are derived from it too, but a
+    # killed invocation may have committed shards after metrics.json was last written).
+    totals = OutputTotals.of(manifest)
+    parts = [_figures_table("output", [
+        ("shards committed", _number(totals.shards)),
+        ("samples read", _number(totals.samples)),
+        ("written", _number(totals.written)),
+        ("rejected", _number(totals.rejected)),
+        ("shards with problems", _number(len(totals.shard_problems))),
     ])]
-    if metrics:
-        parts.append(_figures_table("run", [(k, metrics[k]) for k in
-                                            ("wall_s", "images_per_s", "written", "rejected", "device")
-                                            if k in metrics]))
-        stages = metrics.get("stages") or []
-        if stages:
-            columns = [c for c in ("stage", "items", "items_per_busy_s", "busy_share", "description")
-                       if c in stages[0]]
-            head = "".join(f'<th class="l">{_e(c)}</th>' for c in columns)
-            rows = "".join("<tr>" + "".join(f'<td class="l">{_e(s.get(c, ""))}</td>' for c in columns) + "</tr>"
-                           for s in stages)
-            parts.append(f"<h3>stages</h3><table><tr>{head}</tr>{rows}</table>")
+    invocations = metrics.get("invocations") or []
+    if invocations:
+        killed = sum(1 for i in invocations if i.get("status") == "killed")
+        rows = [("runs into this folder", f"{len(invocations)}" + (f" ({killed} killed)" if killed else "")),
+                ("time running", _number(metrics.get("wall_s"), 1, " s")),
+                ("images per second", _number(metrics.get("images_per_s"), 2)),
+                ("device", invocations[-1].get("device") or "–")]
+        rows += [(f"expert cache: {stage}", describe_cache(figures))
+                 for stage, figures in (metrics.get("expert_cache") or {}).items()]
+        parts.append(_figures_table("runs", rows))
+        head = "".join(f'<th class="l">{h}</th>' for h in
+                       ("started (UTC)", "pass", "status", "written", "rejected", "shards committed", "time"))
+        body = "".join(
+            "<tr>" + "".join(f'<td class="l">{v}</td>' for v in (
+                _e(i.get("started_at", "")), _e(i.get("pass", "")), _e(i.get("status", "")),
+                _number(i.get("written")), _number(i.get("rejected")), _number(i.get("shards_committed")),
+                _number(i.get("wall_s"), 1, " s"))) + "</tr>"
+            for i in invocations)
+        parts.append(f'<h3>invocations</h3><table id="invocations-table"><tr>{head}</tr>{body}</table>')
+    stages = metrics.get("stages") or []
+    if stages:
+        cache = expert_cache_figures(stages)
+        head = "".join(f'<th class="l">{_e(label)}</th>' for _, label in STAGE_COLUMNS)
+        head += '<th class="l">expert cache</th>' if cache else ""
+        rows = "".join(
+            "<tr>" + "".join(f'<td class="l">{_stage_cell(c, s.get(c))}</td>' for c, _ in STAGE_COLUMNS)
+            + (f'<td class="l">{_e(describe_cache(cache.get(s["stage"], {})))}</td>' if cache else "") + "</tr>"
+            for s in stages)
+        parts.append(f'<h3>stages (latest run that processed images)</h3><table id="stages-table"><tr>{head}</tr>{rows}</table>')
     return "".join(parts)
+
+
+def shard_problems_html(manifest: dict[str, Any]) -> str:
+    problems = OutputTotals.of(manifest).shard_problems
+    if not problems:
+        return '<p class="muted">none: every committed shard was read to its end</p>'
+    rows = "".join(f'<tr><td class="l">{_e(shard)}</td><td class="l wrap">{_e(message)}</td></tr>'
+                   for shard, messages in problems.items() for message in messages)
+    return f'<table id="shard-problems-table"><tr><th class="l">shard</th><th class="l">problem</th></tr>{rows}</table>'
 
 
 def table1_html(stats: dict[str, Any]) -> str:

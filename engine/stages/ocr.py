@@ -73,5 +73,6 @@ class Ocr(Stage):
 
     def describe(self) -> str:
         provider = getattr(self.model.backend, "provider", "CPUExecutionProvider")
-        return (f"{self.name} ({self.model.backend.describe}, onnxruntime {provider.removesuffix('ExecutionProvider')}, "
-                f"{self.sessions} sessions)")
+        sessions = f"{self.sessions} session{'s' if self.sessions > 1 else ''}"
+        runtime = f"onnxruntime {provider.removesuffix('ExecutionProvider')}"
+        return f"{self.name} ({self.model.backend.describe}, {runtime}, {sessions})"

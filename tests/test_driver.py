@@ -1,0 +1,127 @@
+"""The one driver of both passes: sinks, reruns, metrics.json across invocations, shard problems."""
+
+import json
+import subprocess
+
+from conftest import jpeg, sample_members, write_tar
+from test_resume import ROOT, command, make_shards, run_and_kill
+
+import densefusion_local
+from engine.core.console import BAR_FORMAT, ProgressBar
+from engine.core.record import ShardEnd
+from engine.core.sink import Sink
+from engine.curate.store import EmbeddingStore
+from engine.io.manifest import Manifest
+from engine.io.writers import DatasetWriter
+
+
+def cli(*argv) -> int:
+    return densefusion_local.main(list(argv))
+
+
+def metrics(out):
+    return json.loads((out / "metrics.json").read_text())
+
+
+def test_both_passes_sinks_implement_the_one_interface(tmp_path):
+    assert isinstance(DatasetWriter(tmp_path / "out", Manifest(tmp_path / "out" / "manifest.json")), Sink)
+    assert isinstance(EmbeddingStore(tmp_path / "curate"), Sink)
+
+
+def test_pass1_reaches_the_driver_without_pass2s_module():
+    code = ("import sys, engine.curate.pass1; "
+            "sys.exit('engine.core.pipeline' in sys.modules or 'engine.io.writers' in sys.modules)")
+    assert subprocess.run(["python", "-c", code], cwd=ROOT).returncode == 0
+
+
+def test_rerun_of_a_finished_output_loads_no_model_and_keeps_its_totals(tmp_path, monkeypatch, capsys):
+    shards = [write_tar(tmp_path / f"in{i}.tar", sample_members(f"k{i}", jpeg(500, 500))
+                        + sample_members(f"small{i}", jpeg(100, 100))) for i in range(2)]
+    args = ["run", "--shards", *map(str, shards), "--out", str(tmp_path / "out"), "--no-progress",
+            "--stages", "decode"]
+    assert cli(*args) == 0
+    first = metrics(tmp_path / "out")
+
+    class NoPipeline:  # stages' setup() (model loading) runs only inside Pipeline.run
+        def __init__(self, *a, **k):
+            raise AssertionError("a rerun with nothing to do built a pipeline")
+
+    monkeypatch.setattr("engine.core.driver.Pipeline", NoPipeline)
+    capsys.readouterr()
+    assert cli(*args) == 0
+    out = capsys.readouterr().out
+    assert "nothing left to do" in out and "0 committed this run, 2 already done" in out
+    assert "2 shards, 2 written, 2 rejected" in out  # the output's totals, not this invocation's zeros
+    again = metrics(tmp_path / "out")
+    totals = ("written", "rejected", "samples", "shards", "rejects_by_stage")
+    assert {k: again[k] for k in totals} == {k: first[k] for k in totals} == {
+        "written": 2, "rejected": 2, "samples": 4, "shards": 2, "rejects_by_stage": {"probe": 2}}
+    assert [i["status"] for i in again["invocations"]] == ["finished", "nothing to do"]
+    assert again["invocations"][1]["written"] == 0 and again["stages"] == first["stages"]
+
+
+def test_resume_after_a_kill_keeps_every_invocation_and_the_totals_of_a_clean_run(tmp_path):
+    from engine.output.report import run_figures
+
+    shards = make_shards(tmp_path / "in", n_shards=4, per_shard=30)
+    clean, resumed = tmp_path / "clean", tmp_path / "resumed"
+    assert cli(*command(shards, clean)[2:]) == 0
+    assert run_and_kill(command(shards, resumed), resumed, after_shards=1) < len(shards)
+    for _ in range(2):  # the resume, then a rerun with nothing left to do
+        assert cli(*command(shards, resumed)[2:]) == 0
+    a, b = metrics(clean), metrics(resumed)
+    totals = ("written", "rejected", "samples", "shards", "rejects_by_stage", "shard_problems")
+    assert {k: b[k] for k in totals} == {k: a[k] for k in totals}
+    assert a["written"] == 4 * 30 - 4 * 5  # every 7th image of a shard is too small
+    assert [i["status"] for i in b["invocations"]] == ["killed", "finished", "nothing to do"]
+    resumed_run = b["invocations"][1]
+    assert 0 < resumed_run["written"] < b["written"] and resumed_run["shards_skipped"] >= 1
+    page = run_figures(json.loads((resumed / "manifest.json").read_text()), b)
+    assert f'<td class="l">{b["written"]}</td>' in page and "3 (1 killed)" in page  # the report shows the totals
+
+
+def test_shard_problems_are_warned_summarised_and_recorded(tmp_path, capsys):
+    good = write_tar(tmp_path / "good.tar", sample_members("k", jpeg(500, 500)))
+    empty = write_tar(tmp_path / "empty.tar", [])
+    zero = tmp_path / "zero.tar"
+    zero.write_bytes(b"")
+    out = tmp_path / "out"
+    assert cli("run", "--shards", str(good), str(empty), str(zero), "--out", str(out), "--no-progress",
+               "--stages", "decode") == 0
+    captured = capsys.readouterr()
+    assert "warning: shard empty: no samples in this shard" in captured.err
+    assert "warning: shard zero:" in captured.err
+    assert "shard problems (2 of 3 committed shards" in captured.out
+    problems = metrics(out)["shard_problems"]
+    assert set(problems) == {"empty", "zero"} and "empty file" in problems["zero"][0]
+
+
+def test_out_pointing_at_a_file_says_so(tmp_path, capsys):
+    shard = write_tar(tmp_path / "in.tar", sample_members("k", jpeg(500, 500)))
+    (tmp_path / "taken").write_text("")
+    assert cli("run", "--shards", str(shard), "--out", str(tmp_path / "taken"), "--no-progress") == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+
+
+def test_progress_shows_shards_rate_and_time_left_always_as_images_per_second(capsys):
+    from tqdm import tqdm
+
+    bar = ProgressBar(True, shards_total=4, shards_before=1, expected_samples=[10, 10, 10])
+    bar.update(10, 0)
+    bar.shard_committed(ShardEnd("a", "a.tar", 10), [])
+    bar.update(6, 2)
+    assert bar.seconds_left() is not None
+    bar.close()
+    err = capsys.readouterr().err
+    assert "shards 2/4" in err and "ETA" in err and "img/s" in err and "rejected=2" in err
+    slow = tqdm.format_meter(1, None, 50.0, unit="img", prefix="images", bar_format=BAR_FORMAT)
+    assert "0.02img/s" in slow and "s/img" not in slow  # slow runs never flip to seconds per image
+
+
+def test_time_left_from_committed_shards_when_counts_are_unknown():
+    bar = ProgressBar(True, shards_total=3, expected_samples=[None, None, None])
+    bar.update(5, 0)
+    assert bar.seconds_left() is None  # a tar's count is known only once it is read
+    bar.shard_committed(ShardEnd("a", "a.tar", 5), [])
+    assert bar.seconds_left() > 0  # two more shards of about five images each
+    bar.close()
