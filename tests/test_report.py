@@ -91,3 +91,50 @@ def test_report_of_the_demo_output(tmp_path, browser):
     assert page.locator("#rejects-table tr").count() == rejected + 1
     assert page.locator("#summary").inner_text().count(str(written)) >= 1
     page.close()
+
+
+def test_box_labels_get_a_background_and_do_not_overlap():
+    from engine.output.report import place_labels
+
+    same_corner = [{"label": name, "score": 0.9, "xyxy": [0.1, 0.1, 0.5, 0.5]} for name in ("car", "person", "tree")]
+    svg = boxes_overlay(same_corner, 200, 200)
+    assert svg.count('<g class="label"><rect') == 3 and 'fill="#fff"' in svg  # white text on a filled tag
+    corners = place_labels([(20, 20, 100, 100)] * 3, [(50, 14)] * 3, 200, 200)
+    spans = sorted(y for _, y in corners)
+    assert spans[1] - spans[0] >= 14 and spans[2] - spans[1] >= 14  # stacked, not drawn over each other
+    assert all(0 <= x <= 150 and 0 <= y <= 186 for x, y in corners)  # inside the picture
+
+
+def _output_with_flags_prompt_and_a_broken_shard(out):
+    from output_fixture import fixture_samples
+
+    from engine.core.record import ShardEnd
+    from engine.io.manifest import Manifest
+    from engine.io.writers import DatasetWriter
+
+    samples = fixture_samples()
+    samples[0].flags = ["unfinished: ends mid-sentence"]
+    samples[1].prompt = "[OCR]\nGRAND OPENING\n" + "x" * 600  # one long unbroken word
+    write_fixture_output(out, samples)
+    DatasetWriter(out, Manifest(out / "manifest.json")).commit(
+        ShardEnd("broken", "/in/broken.tar", 0, ("/in/broken.tar: tar ends early or is corrupt (empty file)",)))
+    return out
+
+
+def test_report_shows_flags_prompt_and_shard_problems_in_chromium(tmp_path, browser):
+    path = build_report(_output_with_flags_prompt_and_a_broken_shard(tmp_path / "out"))
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(path.resolve().as_uri())
+    flags = page.locator('.sample[data-key="s0"] .flags')
+    assert flags.is_visible() and "unfinished: ends mid-sentence" in flags.inner_text()
+    assert "none" in page.locator('.sample[data-key="s1"] .flags').inner_text()
+    prompt = page.locator('.sample[data-key="s1"] details.prompt')
+    prompt.locator("summary").click()
+    assert "GRAND OPENING" in prompt.inner_text()
+    text = prompt.locator(".caption")  # the long word wraps inside its box instead of running out of it
+    assert text.evaluate("e => e.scrollWidth <= e.clientWidth")
+    problems = page.locator("#shard-problems")
+    assert problems.is_visible() and "broken" in problems.inner_text() and "empty file" in problems.inner_text()
+    summary = page.locator("#summary").inner_text()
+    assert "shards with problems\t1" in summary and "items_per_busy_s" not in summary and "None" not in summary
+    page.close()

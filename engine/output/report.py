@@ -2,10 +2,11 @@
 
     python densefusion_local.py report OUT [--samples 24] [--to OUT/report.html]
 
-Shows the run's figures (manifest, metrics.json), the Table 1 statistics, charts of the
-distributions (matplotlib, inline SVG), a sample of images (inline thumbnails) with their fused
-boxes drawn as an SVG overlay, tags, OCR lines, alt text, caption and coverage scores, and the
-rejects with their reasons. Statistics come from OUT/stats.json, recomputed when missing or
+Shows the output's totals (from the manifest) and every invocation of the run (metrics.json),
+the Table 1 statistics, charts of the distributions (matplotlib, inline SVG), a sample of
+images (inline thumbnails) with their fused boxes drawn as an SVG overlay, tags, OCR lines, alt
+text, caption, quality-control flags, prompt and coverage scores, the shards that ended early or
+held nothing, and the rejects with their reasons. Statistics come from OUT/stats.json, recomputed when missing or
 older than the manifest.
 """
 
@@ -48,6 +49,9 @@ th{background:#eee}td.l,th.l{text-align:left}
 .frame svg{position:absolute;left:0;top:0;width:100%;height:100%}
 .tag{display:inline-block;background:#eef;border-radius:3px;padding:1px 5px;margin:1px}
 .caption{white-space:pre-wrap;background:#f4f4f4;padding:6px;max-height:220px;overflow:auto}
+.sample,.caption,td.wrap,li{overflow-wrap:anywhere}
+.flags ul{margin:2px 0;padding-left:18px}.flag{color:#9a3412}
+.prompt summary{cursor:pointer}
 .top{display:flex;flex-wrap:wrap;gap:48px}.muted{color:#777}
 """
 
@@ -135,10 +139,37 @@ def thumbnail(image_bytes: bytes) -> tuple[str, int, int]:
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode(), *size
 
 
+LABEL_FONT_PX = 11
+LABEL_HEIGHT = 14
+LABEL_CHAR_WIDTH = 6.6  # bold system-ui at 11 px, generous: a label box too wide beats clipped text
+
+
+def place_labels(boxes: list[tuple[float, float, float, float]], sizes: list[tuple[float, float]],
+                 width: float, height: float) -> list[tuple[float, float]]:
+    """Top-left corners for box labels (pixel boxes, label sizes) that overlap as little as
+    possible: just above the box, else inside its top edge, else below it, else lower down
+    inside the box; labels already placed win. A label that fits nowhere free goes above or
+    inside its box's top edge all the same."""
+    placed: list[tuple[float, float, float, float]] = []
+    corners = []
+    for (x0, y0, _x1, y1), (w, h) in zip(boxes, sizes):
+        x = max(0.0, min(x0, width - w))
+        candidates = [y0 - h, y0, y1] + [y0 + h * k for k in range(1, int(max(y1 - y0, 0) // h))]
+        inside = [y for y in candidates if 0 <= y <= height - h]
+        free = [y for y in inside if not any(x < px1 and px < x + w and y < py1 and py < y + h
+                                             for px, py, px1, py1 in placed)]
+        y = (free or inside or [max(0.0, min(y0, height - h))])[0]
+        placed.append((x, y, x + w, y + h))
+        corners.append((x, y))
+    return corners
+
+
 def boxes_overlay(boxes: list[dict[str, Any]], width: int, height: int,
                   ocr: list[dict[str, Any]] = ()) -> str:
     """Boxes are normalised to [0, 1]; the SVG uses the thumbnail's pixel space so text keeps
-    its proportions, and is stretched over the image by CSS. OCR lines get dashed outlines."""
+    its proportions, and is stretched over the image by CSS. OCR lines get dashed outlines.
+    Labels sit on a filled tag of the box's colour (readable on any photo), placed so they
+    overlap as little as they can (:func:`place_labels`)."""
     parts = [f'<svg class="boxes" viewBox="0 0 {width} {height}" preserveAspectRatio="none">']
     for line in ocr:
         x0, y0, x1, y1 = line["xyxy"]
@@ -146,14 +177,21 @@ def boxes_overlay(boxes: list[dict[str, Any]], width: int, height: int,
             f'<rect class="ocr" x="{x0 * width:.1f}" y="{y0 * height:.1f}" width="{(x1 - x0) * width:.1f}" '
             f'height="{(y1 - y0) * height:.1f}" fill="none" stroke="#555" stroke-width="1.5" stroke-dasharray="4 3"/>'
         )
-    for i, box in enumerate(boxes):
-        x0, y0, x1, y1 = box["xyxy"]
-        color = _COLORS[i % len(_COLORS)]
+    pixel_boxes = [(b["xyxy"][0] * width, b["xyxy"][1] * height, b["xyxy"][2] * width, b["xyxy"][3] * height)
+                   for b in boxes]
+    labels = [f'{box["label"]} {box["score"]:.2f}' for box in boxes]
+    sizes = [(len(text) * LABEL_CHAR_WIDTH + 6, LABEL_HEIGHT) for text in labels]
+    for i, (x0, y0, x1, y1) in enumerate(pixel_boxes):
         parts.append(
-            f'<rect class="box" x="{x0 * width:.1f}" y="{y0 * height:.1f}" width="{(x1 - x0) * width:.1f}" '
-            f'height="{(y1 - y0) * height:.1f}" fill="none" stroke="{color}" stroke-width="2"/>'
-            f'<text x="{x0 * width + 2:.1f}" y="{y0 * height + 12:.1f}" fill="{color}" '
-            f'font-size="12" font-weight="bold">{_e(box["label"])} {box["score"]:.2f}</text>'
+            f'<rect class="box" x="{x0:.1f}" y="{y0:.1f}" width="{x1 - x0:.1f}" height="{y1 - y0:.1f}" '
+            f'fill="none" stroke="{_COLORS[i % len(_COLORS)]}" stroke-width="2"/>'
+        )
+    for i, ((x, y), (w, h), text) in enumerate(zip(place_labels(pixel_boxes, sizes, width, height), sizes, labels)):
+        parts.append(
+            f'<g class="label"><rect x="{x:.1f}" y="{y:.1f}" width="{w:.1f}" height="{h:.1f}" rx="2" '
+            f'fill="{_COLORS[i % len(_COLORS)]}" fill-opacity="0.85"/>'
+            f'<text x="{x + 3:.1f}" y="{y + h - 3.5:.1f}" fill="#fff" font-size="{LABEL_FONT_PX}" '
+            f'font-weight="bold">{_e(text)}</text></g>'
         )
     parts.append("</svg>")
     return "".join(parts)
@@ -174,6 +212,8 @@ def sample_card(sample: WrittenSample) -> str:
     scores = ", ".join(f"{_e(k)} {v:.2f}" for k, v in sorted(all_scores.items())
                        if not k.startswith(SCORE_PREFIX))
     caption = a.get("caption") or ""
+    flags = "".join(f'<li class="flag">{_e(f)}</li>' for f in a.get("flags") or [])
+    prompt = a.get("prompt") or ""
     return (
         f'<div class="sample" data-key="{_e(sample.key)}"><b>{_e(sample.key)}</b> '
         f'<span class="muted">{a.get("width")}×{a.get("height")}, shard {_e(a.get("shard", ""))}</span><br>'
@@ -183,7 +223,11 @@ def sample_card(sample: WrittenSample) -> str:
         f"<div><b>OCR</b>{f'<ul>{ocr}</ul>' if ocr else ' <span class=muted>none</span>'}</div>"
         f"<div><b>alt text</b> {_e(a.get('alt_text') or '') or '<span class=muted>none</span>'}</div>"
         f"<div><b>caption</b>{f'<div class=caption>{_e(caption)}</div>' if caption else ' <span class=muted>none</span>'}</div>"
-        f"<div><b>scores</b> {scores or '<span class=muted>none</span>'}</div>"
+        f"<div class=flags><b>quality-control flags</b>"
+        f"{f'<ul>{flags}</ul>' if flags else ' <span class=muted>none</span>'}</div>"
+        + (f'<details class="prompt"><summary><b>prompt</b> <span class="muted">({len(prompt):,} characters)</span>'
+           f'</summary><div class="caption">{_e(prompt)}</div></details>' if prompt else "")
+        + f"<div><b>scores</b> {scores or '<span class=muted>none</span>'}</div>"
         + (f"<div><b>category</b> {_e(category)} {all_scores[SCORE_PREFIX + category]:.2f}</div>"
            if category else "")
         + "</div>"
@@ -304,7 +348,8 @@ def build_report(out: Path, *, samples: int = 24, to: Path | None = None) -> Pat
         if len(cards) >= samples:
             break
         cards.append(sample_card(sample))
-    figures = run_figures(read_json(out / "manifest.json"), read_json(out / "metrics.json"))
+    manifest = read_json(out / "manifest.json")
+    figures = run_figures(manifest, read_json(out / "metrics.json"))
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>densefusion report: {_e(out.name)}</title>
 <style>{CSS}</style></head><body>
@@ -315,6 +360,8 @@ def build_report(out: Path, *, samples: int = 24, to: Path | None = None) -> Pat
 {"".join(f'<div class="chart">{svg}</div>' for svg in charts(stats))}</div></section>
 <section id="samples"><h2>Samples ({len(cards)} of {stats["table1"]["samples"]})</h2>
 <div class="samples">{"".join(cards)}</div></section>
+<section id="shard-problems"><h2>Shard problems ({len(OutputTotals.of(manifest).shard_problems)})</h2>
+{shard_problems_html(manifest)}</section>
 <section id="rejects"><h2>Rejects ({stats["rejects"]["total"]})</h2>{rejects_table(read_rejects(out))}</section>
 </body></html>
 """
