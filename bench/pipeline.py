@@ -85,8 +85,8 @@ def write_shard(folder: Path, n: int, text_every: int) -> Path:
 
 def measure(images: int, rate: float, caption_batch: int, text_every: int, stages: tuple[str, ...]) -> dict:
     from engine.core import config
-    from engine.core.driver import resolved, shard_source
-    from engine.core.pipeline import build_stages
+    from engine.core.driver import shard_source
+    from engine.core.pipeline import build_stages, resolved
     from engine.core.runtime import Pipeline
 
     with tempfile.TemporaryDirectory() as tmp:

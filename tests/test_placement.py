@@ -163,7 +163,8 @@ def test_real_expert_stages_built_per_device_give_what_one_replica_gives(tmp_pat
     """The pipeline's factories build one replica of each expert per device (two CPU "devices"
     here), and the run's outputs equal a one-device run's."""
     from engine.core import config
-    from engine.core.pipeline import build_stages, resolved, shard_source
+    from engine.core.driver import shard_source
+    from engine.core.pipeline import build_stages, resolved
     from engine.io.demo_data import demo_members, write_demo_shards
 
     paths = write_demo_shards(tmp_path / "in", n_shards=2)
