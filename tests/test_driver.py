@@ -125,3 +125,28 @@ def test_time_left_from_committed_shards_when_counts_are_unknown():
     bar.shard_committed(ShardEnd("a", "a.tar", 5), [])
     assert bar.seconds_left() > 0  # two more shards of about five images each
     bar.close()
+
+
+def test_expert_cache_hits_reach_metrics_totals_the_summary_and_the_report(tmp_path):
+    from engine.core.console import format_summary
+    from engine.core.figures import MetricsFile, OutputTotals, RunSummary
+    from engine.output.report import run_figures
+
+    def stage(name, **cache):
+        return {"stage": name, "description": f"{name} stage", "items": 3, "items_per_busy_s": 9.0,
+                "busy_share": 0.1, **cache}
+
+    metrics_file = MetricsFile(tmp_path / "metrics.json")
+    for hits in (0, 3):  # a first run fills the cache, a second one over the same images hits it
+        stages = [stage("probe"), stage("tag", cache_hits=hits, cache_misses=3 - hits)]
+        summary = RunSummary(["s"], [], 3, 0, {}, 1.0, False, stages, root=tmp_path, shards_total=1)
+        metrics_file.start("run", {}, OutputTotals())
+        metrics_file.finish(summary, "cpu")
+    data = metrics(tmp_path)
+    assert data["expert_cache"] == {"tag": {"cache_hits": 3, "cache_misses": 3}}  # summed over the runs
+    table = format_summary(summary).splitlines()
+    header = next(line for line in table if line.strip().startswith("stage"))
+    assert "expert cache" in header
+    assert "3 hits, 0 misses" in next(line for line in table if "tag stage" in line)
+    page = run_figures({"shards": {}}, data)
+    assert "expert cache: tag" in page and "3 hits, 3 misses" in page and "3 hits, 0 misses" in page
