@@ -8,8 +8,9 @@ whose FAISS is the CPU build; FAISS on the CPU otherwise.
 The fit runs coarse to fine: the first iterations on a random quarter of the sample, the last
 few (``refine_iterations``) on all of it, started from the coarse centroids. Lloyd's early
 iterations move centroids far and need few points to do so; the last ones settle them on the
-whole sample. On `python -m bench curate` this reaches the objective of all iterations on the
-whole sample (within 0.1%) at about 40% of the fitting cost.
+whole sample. The Lloyd iterations cost about 36% of all 20 on the whole sample; on
+`python -m bench curate` (1M x 768 into 1,000, 256 points per centroid) the objective came out
+0.23% above FAISS's 20 iterations on a sample of the same size (0.6690 vs 0.6675).
 """
 
 from __future__ import annotations
