@@ -375,3 +375,19 @@ def test_bad_records_are_left_out_with_a_reason_and_the_rest_train(meta_out, tin
     assert f"{records[0]['id']}: image" in reasons and "cannot be read" in reasons
     assert "does not exist" in reasons and "not a LLaVA conversation" in reasons
     assert any("left out:" in line for line in lines)
+
+
+def test_the_8_gpu_config_is_an_fsdp_config_that_wraps_the_models_own_layers(tiny_cache):
+    """What can be checked without GPUs: accelerate reads the shipped config as FSDP on 8 processes
+    in bf16, and the layer classes it shards by are the ones LLaVA-NeXT is built of."""
+    from accelerate.commands.config.config_args import ClusterConfig
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    import engine.train
+
+    config = ClusterConfig.from_yaml_file(str(Path(engine.train.__file__).parent / "fsdp_8gpu.yaml"))
+    assert (str(config.distributed_type), config.num_processes, config.mixed_precision) == \
+        ("DistributedType.FSDP", 8, "bf16")
+    model = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(tiny_base(tiny_cache)))
+    built_of = {type(m).__name__ for m in model.modules()}
+    assert set(config.fsdp_config["fsdp_transformer_layer_cls_to_wrap"].split(",")) <= built_of
