@@ -160,12 +160,12 @@ def train(data: Path, cfg: TrainRunConfig, *, log: Callable[[str], None] = print
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(schedule)
 
-    print_ = fingerprint(cfg, train_records, total, world)
+    run_fingerprint = fingerprint(cfg, train_records, total, world)
     start, figures = 0, {"losses": []}
     found = checkpoints.latest(out) if t.resume else None
     if found:
         folder, state = found
-        checkpoints.check_compatible(state["fingerprint"], print_, folder)
+        checkpoints.check_compatible(state["fingerprint"], run_fingerprint, folder)
         accelerator.load_state(str(folder))
         start, figures = state["step"], state["figures"]
         say(f"train: resumed from {folder} (step {start} of {total})")
@@ -203,7 +203,7 @@ def train(data: Path, cfg: TrainRunConfig, *, log: Callable[[str], None] = print
         if done % t.log_every == 0 or done in (1, total) or "held_out_loss" in row:
             say(_format(row, total))
         if done % t.save_every == 0 or done == total:
-            checkpoints.save(accelerator, out, done, {"fingerprint": print_, "figures": figures},
+            checkpoints.save(accelerator, out, done, {"fingerprint": run_fingerprint, "figures": figures},
                              t.keep_checkpoints)
     held_loss = _last_held_out_loss(out / METRICS)
     _save_final(accelerator, model, processor, cfg, out, {
