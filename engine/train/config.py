@@ -43,7 +43,8 @@ class TrainConfig:
     gradient_checkpointing: bool = option(True, "recompute activations in the backward pass (less memory)")
     dtype: str = option("auto", "auto: bfloat16 mixed precision on GPUs, float32 on the CPU",
                         choices=TRAIN_DTYPES)
-    device: str = option("auto", "auto, cpu or cuda (under torchrun/accelerate each process takes its GPU)")
+    device: str = option("auto", "auto (the GPUs when there are any), cpu or cuda; under torchrun/accelerate "
+                                 "each process takes its own GPU", choices=("auto", "cpu", "cuda"))
     seed: int = option(0, "seed of the data order, the held-out split and the initialisation of new weights")
     held_out_share: float = option(0.02, "share of the samples kept out of training for `evaluate` "
                                          "(at least one when there are two or more)")

@@ -95,7 +95,7 @@ def make_accelerator(train: TrainConfig):
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
-    if train.device.startswith("cuda") and not torch.cuda.is_available():
+    if train.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device {train.device} asked for a GPU but torch sees none: pass --device cpu")
     cpu = train.device == "cpu" or not torch.cuda.is_available()
     bf16 = train.dtype == "bfloat16" or (train.dtype == "auto" and not cpu)
