@@ -8,7 +8,8 @@ type fields rewritten; zero blocks; huge extended headers; concatenation; gzip).
 - every copy of a member header that survives anywhere in the bytes becomes a member at
   exactly its place (its data right after it), under its own name when nothing before it
   could have renamed it;
-- samples have distinct keys (a repeated key is rejected as a duplicate), keys are valid
+- keys are total and injective (two names never share a key, an escaped key never equals a
+  usable one); samples have distinct keys (a repeated key is rejected as a duplicate), keys are valid
   UTF-8, only usable keys stay alive, every reject has a reason;
 - probe and decode turn any image bytes into a decoded view or a reason, never an exception.
 """
@@ -17,10 +18,12 @@ from __future__ import annotations
 
 import gzip
 import io
+import tempfile
 import time
 import zlib
-from itertools import groupby
+from pathlib import Path
 
+import pytest
 from conftest import encode, jpeg
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -28,10 +31,10 @@ from PIL import Image
 from tar_corpus import END, GNU, header, long_name, member, pax
 
 from engine.core.config import DecodeConfig, FilterConfig, InputConfig
-from engine.core.record import Sample, Source
+from engine.core.record import Sample, ShardEnd, Source
 from engine.core.stage import ImageView
-from engine.io.keys import key_problem
-from engine.io.readers import _named, _Parts, _tar_sample, reject_duplicate_keys
+from engine.io.keys import key_problem, parse_member_name, split_member_name
+from engine.io.readers import member_samples, reject_duplicate_keys, shard_items
 from engine.io.tar import TarReader
 from engine.stages.decode import Decode
 from engine.stages.probe import ResolutionFilter
@@ -108,6 +111,16 @@ def mutate(data: bytes, steps) -> bytes:
     return data
 
 
+@pytest.fixture(scope="module")
+def stages():
+    """Probe and decode as a run builds them (PIL, one thread), set up once for all examples."""
+    decode = Decode(DecodeConfig(decoder="pil", decode_threads=1), FilterConfig(min_short_edge=0),
+                    (ImageView("embed", 24),))
+    decode.setup()
+    yield ResolutionFilter(FilterConfig(min_short_edge=0)), decode
+    decode.teardown()
+
+
 def read_members(data: bytes, gzipped: bool = False) -> tuple[list, TarReader, float]:
     start = time.perf_counter()
     stream = gzip.GzipFile(fileobj=io.BytesIO(data)) if gzipped else io.BytesIO(data)
@@ -116,7 +129,7 @@ def read_members(data: bytes, gzipped: bool = False) -> tuple[list, TarReader, f
     return members, tar, time.perf_counter() - start
 
 
-@settings(FUZZ, max_examples=2500)
+@settings(FUZZ, max_examples=2000)
 @given(entries=st.lists(st.tuples(names, exts, payloads, st.integers(0, 2)), min_size=1, max_size=8),
        steps=mutations)
 def test_every_surviving_header_is_read_at_its_place(entries, steps):
@@ -142,8 +155,7 @@ def test_every_surviving_header_is_read_at_its_place(entries, steps):
 
 
 def check_samples(members) -> list[Sample]:
-    groups = [_Parts.collect(group) for _, group in groupby(_named(members), key=lambda named: named[0].key)]
-    samples = list(reject_duplicate_keys(_tar_sample(parts, "s", "s.tar", CFG) for parts in groups))
+    samples = list(reject_duplicate_keys(member_samples(members, "s", Path("s.tar"), CFG)))
     alive = [s.key for s in samples if s.alive]
     assert len(alive) == len(set(alive)), "a key alive twice"
     for sample in samples:
@@ -173,14 +185,35 @@ def test_gzip_cut_anywhere_reads_what_decompresses(entries, cut):
     check_samples(members)
 
 
+@settings(FUZZ, max_examples=400)
+@given(entries=st.lists(st.tuples(names, exts, payloads, st.integers(0, 2)), min_size=1, max_size=6),
+       steps=mutations, gzipped=st.booleans())
+def test_read_probe_decode_accounts_for_every_key(stages, entries, steps, gzipped):
+    """The chain a run uses (shard_items → probe → decode) on a damaged shard file: one
+    ShardEnd, as many samples as it counts, each decoded or rejected with a reason."""
+    data = mutate(build(entries)[0], steps)
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / ("s.tar.gz" if gzipped else "s.tar")
+        path.write_bytes(zlib.compress(data, 1, wbits=31) if gzipped else data)
+        items = list(shard_items(path, CFG))
+    end = items.pop()
+    assert isinstance(end, ShardEnd) and end.n_samples == len(items)
+    assert all(isinstance(s, Sample) for s in items)
+    probe, decode = stages
+    for sample in decode.process(probe.process(items)):
+        assert (sample.alive and sample.views["embed"].ndim == 3) or (not sample.alive and sample.reason)
+    alive = [s.key for s in items if s.alive]
+    assert len(alive) == len(set(alive))
+
+
 image_mutations = st.lists(st.tuples(st.sampled_from(["flip", "cut", "insert", "dims"]),
                                      st.integers(0, 1 << 12), st.integers(0, 255)), max_size=3)
 
 
-@settings(FUZZ, max_examples=1000)
+@settings(FUZZ, max_examples=800)
 @given(base=st.sampled_from(IMAGES + [b"", b"GIF89a", b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff"]),
        steps=image_mutations)
-def test_probe_and_decode_never_raise(base, steps):
+def test_probe_and_decode_never_raise(stages, base, steps):
     data = base
     for op, where, value in steps:
         at = where % (len(data) + 1)
@@ -195,12 +228,23 @@ def test_probe_and_decode_never_raise(base, steps):
             data = data[:16] + b"\x7f\xff\xff\xff" + data[20:] if data[:4] == b"\x89PNG" else \
                 data[:6] + bytes([0xFF, 0xFF, 0xFF, 0xFF]) + data[10:]
     sample = Sample(key="k", source=Source("s", "s.tar", "k.jpg"), image_bytes=data)
-    probe = ResolutionFilter(FilterConfig(min_short_edge=0))
-    decode = Decode(DecodeConfig(decoder="pil", decode_threads=1), FilterConfig(min_short_edge=0),
-                    (ImageView("embed", 32),))
-    decode.setup()
-    try:
-        (sample,) = decode.process(probe.process([sample]))
-    finally:
-        decode.teardown()
+    probe, decode = stages
+    (sample,) = decode.process(probe.process([sample]))
     assert (sample.alive and sample.views["embed"].ndim == 3) or (not sample.alive and sample.reason)
+
+
+@settings(FUZZ, max_examples=500)
+@given(raws=st.lists(st.one_of(st.binary(max_size=16), st.sampled_from(
+    [b"ctl\x01.jpg", b"ctl\\x01.jpg", b"ctl?.jpg", b"a\xc2\x85.jpg", b"a\\u0085.jpg", b"a\x85.jpg", b""])),
+    min_size=2, max_size=12))
+def test_keys_are_total_and_injective(raws):
+    """Every name gets a valid UTF-8 key; two different keys in the names never share one;
+    a usable key is kept as it is, and no escaped key equals a usable one."""
+    owner: dict[str, str] = {}
+    for raw in raws:
+        name = parse_member_name(raw)
+        name.key.encode("utf-8"), name.shown.encode("utf-8"), name.ext.encode("utf-8")
+        stem = split_member_name(raw.decode("utf-8", "surrogateescape"))[0]
+        assert owner.setdefault(name.key, stem) == stem, f"{stem!r} and {owner[name.key]!r} share {name.key!r}"
+        assert (not name.problem) == (name.key == stem and not key_problem(name.key))
+        assert bool(name.problem) == bool(key_problem(name.key))  # escaping keeps a key unusable

@@ -163,12 +163,10 @@ def reject_duplicate_keys(samples: Iterable[Sample]) -> Iterator[Sample]:
 def read_tar(path: Path, cfg: InputConfig, report: ShardReport) -> Iterator[Sample]:
     """Samples of a tar (plain or gzip), streamed by :class:`TarReader`; damage becomes shard
     errors with the byte ranges skipped, every member whose header survived becomes a sample."""
-    name = shard_name(path)
     with open_stream(path) as stream:
         tar = TarReader(stream, _keep_policy(cfg))
         try:
-            for _, group in itertools.groupby(_named(tar), key=lambda named: named[0].key):
-                sample = _tar_sample(_Parts.collect(group), name, path, cfg)
+            for sample in member_samples(tar, shard_name(path), path, cfg):
                 report.n_samples += 1
                 yield sample
         finally:
@@ -196,6 +194,12 @@ def _keep_policy(cfg: InputConfig):
         return 0
 
     return keep
+
+
+def member_samples(members: Iterable[TarMember], shard: str, path: Path, cfg: InputConfig) -> Iterator[Sample]:
+    """Consecutive members with one key form one sample (img2dataset writes them together)."""
+    for _, group in itertools.groupby(_named(members), key=lambda named: named[0].key):
+        yield _tar_sample(_Parts.collect(group), shard, path, cfg)
 
 
 def _named(members: Iterable[TarMember]) -> Iterator[tuple[MemberName, TarMember]]:
