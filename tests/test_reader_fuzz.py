@@ -7,7 +7,7 @@ type fields rewritten; zero blocks; huge extended headers; concatenation; gzip).
 - reading never raises and never takes long;
 - every copy of a member header that survives anywhere in the bytes becomes a member at
   exactly its place (its data right after it), under its own name when nothing before it
-  could have renamed it;
+  could have renamed it (the reader's one stated limit aside: ``hidden_by_two_faults``);
 - keys are total and injective (two names never share a key, an escaped key never equals a
   usable one); samples have distinct keys (a repeated key is rejected as a duplicate), keys are valid
   UTF-8, only usable keys stay alive, every reject has a reason;
@@ -143,7 +143,11 @@ def test_every_surviving_header_is_read_at_its_place(entries, steps):
         at = damaged.find(plain)
         while at >= 0:
             found = by_data_offset.get(at + 512)
-            assert found is not None, f"the header at byte {at} survived but was not read"
+            assert found is not None or hidden_by_two_faults(at, members), \
+                f"the header at byte {at} survived but was not read"
+            if found is None:
+                at = damaged.find(plain, at + 1)
+                continue
             whole = damaged[at - extended:at + 512] == raw  # its extended headers survived too
             if found.offset == at - extended and (whole or not extended):  # nothing else could rename it
                 assert found.name == name
@@ -152,6 +156,15 @@ def test_every_surviving_header_is_read_at_its_place(entries, steps):
         assert not tar.damage and not tar.end_problem
         assert [m.name for m in members] == [name for _, _, name in headers]
     check_samples(members)
+
+
+def hidden_by_two_faults(at: int, members) -> bool:
+    """The one stated limit of the fast path (engine/io/tar.py): a header off the block grid
+    inside a member read whole, with a valid header right after that member's data (bytes
+    lost inside it *and* a rewritten header lined up behind it), reads as that member's data."""
+    starts = {m.offset for m in members}
+    return any(m.data_offset < at < m.data_offset + -(-m.size // 512) * 512 and (at - m.data_offset) % 512
+               and m.data_offset + -(-m.size // 512) * 512 in starts for m in members)
 
 
 def check_samples(members) -> list[Sample]:
