@@ -63,7 +63,8 @@ def selected_shard_items(cfg: RunConfig) -> Callable[[Path], Iterator[Sample | S
             end(r["stage"], r["reason"])
             yield sample
         info = store.manifest.data["shards"].get(shard, {})
-        yield ShardEnd(shard, str(path), info.get("samples", 0), tuple(info.get("errors", ())))
+        yield ShardEnd(shard, str(path), info.get("samples", 0), tuple(info.get("errors", ())),
+                       tuple(tuple(r) for r in info.get("skipped", ())))
 
     return items
 
