@@ -416,9 +416,8 @@ class TarReader:
             chunk = self._in.read(want)
             hit = _aligned_header(chunk)
             if hit >= 0:
-                self._in.unread(chunk[hit:])
-                parts.append(chunk[:hit])
-                return b"".join(parts), None, _overrun(size, start + got + hit)
+                parts.append(chunk)
+                return self._overrun_at(start, b"".join(parts), got + hit, size)
             parts.append(chunk)
             got += len(chunk)
             if len(chunk) < want:  # b"": no padding, but what was read may still hold a header
@@ -427,9 +426,17 @@ class TarReader:
         padding = self._in.read(_padded(size) - size)
         tail = size % BLOCK
         if tail and len(padding) == BLOCK - tail and _aligned_header(data[-tail:] + padding) == 0:
-            self._in.unread(data[-tail:] + padding)
-            return data[:-tail], None, _overrun(size, start + size - tail)
+            return self._overrun_at(start, data + padding, size - tail, size)
         return data, padding, ""
+
+    def _overrun_at(self, start: int, read: bytes, hit: int, size: int) -> tuple[bytes, None, str]:
+        """A header at block boundary ``hit`` of the data: the member ends there, or at a header
+        off the grid before it (the size field overran more than one member). ``read`` is every
+        byte consumed since ``start``; what follows the member's end goes back to the input."""
+        early = _find_header(read, 1, hit)
+        end = early if early >= 0 else hit
+        self._in.unread(read[end:])
+        return read[:end], None, _overrun(size, start + end)
 
     def _rescan(self, held: TarMember | None, zeros: int, after: bytes) -> bool:
         """Damage (or an odd end) right after a member read whole: a header inside its data at
