@@ -153,7 +153,8 @@ def train(data: Path, cfg: TrainRunConfig, *, log: Callable[[str], None] = print
     parts = describe(model, t, cfg.lora)
     say(f"train: {parts.description}")
     if t.gradient_checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        # gradient_checkpointing_enable: the name both transformers 5.19 (what sglang pins) and later releases have
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     learning_rate = cfg.lora.learning_rate(t.learning_rate)
     optimizer = torch.optim.AdamW(parameter_groups(model, learning_rate, t.vision_learning_rate, t.weight_decay))
     schedule = get_cosine_schedule_with_warmup(optimizer, round(t.warmup_ratio * total), total)
