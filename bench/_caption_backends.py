@@ -10,8 +10,10 @@ weights on a GPU with ``--real-size``. ``openai`` without ``--api-base`` runs ag
 fake chat-completions server (``bench/_chat_server.py``) answering after ``--fake-latency``
 seconds, every ``--fake-slow-every``-th request four times slower (long captions take
 longer): it measures the client (JPEG encoding, concurrency, HTTP), not a model. ``sglang``
-needs SGLang and a GPU; with ``--real-size`` it loads ``--sglang-model`` (a LLaVA-1.6-7B
-checkpoint folder, weights random with ``load_format=dummy``).
+serves the tiny model on the CPU (converted into the native LLaVA layout, as a run does; CPU
+figures check the wiring — same inputs, tokens, prefix-cache hits — not speed), or with
+``--real-size`` loads ``--sglang-model`` on the GPUs (a LLaVA-1.6-7B checkpoint folder, weights
+random with ``load_format=dummy``). Its rows print SGLang's prefix-cache hit rate.
 
 The window-keeping backends (openai, sglang) get a batch of ``--concurrency`` requests and
 two rows: one batch at a time (the window drains at each batch's end) and two at a time, as
@@ -73,8 +75,10 @@ def build_engine(backend: str, args: argparse.Namespace, cache_dir: Path, stack:
     path = args.sglang_model or resolve_model("caption", "tiny", RuntimeConfig(cache_dir=str(cache_dir))).resolve(cache_dir)
     cfg = SglangConfig(sglang_dummy_weights=args.real_size, sglang_window=args.concurrency)
     cfg.validate()
-    engine = SglangEngine(backend_settings("sglang", CaptionConfig(), ApiConfig(), cfg, out=""), path)
-    return engine, f"sglang ({Path(path).name}{', dummy weights' if args.real_size else ''})"
+    device = "cuda" if args.real_size else "cpu"
+    settings = backend_settings("sglang", CaptionConfig(), ApiConfig(), cfg, out="", cache_dir=str(cache_dir))
+    engine = SglangEngine(settings, path, device)
+    return engine, f"sglang ({Path(path).name}{', dummy weights' if args.real_size else ''}, {device})"
 
 
 def compare(args: argparse.Namespace, tokens: int) -> int:
@@ -102,6 +106,8 @@ def compare(args: argparse.Namespace, tokens: int) -> int:
                 finally:
                     engine.close()
     print(f"{len(samples)} images, {tokens} output tokens each (fixed)")
+    if not args.real_size:
+        print("  (tiny model on the CPU: these figures check the wiring, not the speed of a GPU run)")
     print(f"  {'backend':<72} {'images/s':>9} {'out tok/s':>10} {'vs first':>9}")
     base = rows[0][1]["images_per_s"]
     for label, r in rows:

@@ -8,11 +8,13 @@ from engine.stages.caption import backend_settings
 from models.caption.base import SamplingParams
 from models.caption.sglang_backend import (
     CHAT_TEMPLATES,
+    CPU_KV_TOKENS,
     IMAGE_TOKEN,
     caption_from_output,
     engine_args,
     generate_request,
     layout_prompt,
+    on_child_failure,
     require_sglang,
     sampling_dict,
     sglang_available,
@@ -59,17 +61,32 @@ def test_sampling_params_are_passed_through():
     params = SamplingParams(max_new_tokens=250, temperature=0.2, top_p=0.9, min_new_tokens=250)
     assert sampling_dict(params) == {"max_new_tokens": 250, "min_new_tokens": 250,
                                      "temperature": 0.2, "top_p": 0.9}
+    # the checkpoint's suppressed tokens (transformers applies them; SGLang reads a logit bias)
+    assert sampling_dict(params, (0, 7))["logit_bias"] == {"0": -1e9, "7": -1e9}
 
 
 def test_engine_args_span_the_gpus():
-    args = engine_args(settings(), "/ckpt/llava", 8)
-    assert (args["model_path"], args["dp_size"], args["tp_size"]) == ("/ckpt/llava", 8, 1)
+    args = engine_args(settings(), "/ckpt/llava", "cuda", 8)
+    assert (args["model_path"], args["dp_size"], args["tp_size"], args["base_gpu_id"]) == ("/ckpt/llava", 8, 1, 0)
     assert args["load_format"] == "auto" and args["disable_radix_cache"] is False
+    assert args["custom_sigquit_handler"] is on_child_failure  # a dead child must not kill the run
     args = engine_args(settings(sglang_tp_size=2, sglang_dummy_weights=True,
-                                    sglang_radix_cache=False), "m", 8)
+                                    sglang_radix_cache=False), "m", "cuda", 8)
     assert (args["dp_size"], args["load_format"], args["disable_radix_cache"]) == (4, "dummy", True)
     with pytest.raises(ConfigError):
-        engine_args(settings(sglang_tp_size=2), "m", 1)
+        engine_args(settings(sglang_tp_size=2), "m", "cuda", 1)
+
+
+def test_engine_args_on_one_gpu_and_on_the_cpu():
+    one = engine_args(settings(sglang_tp_size=2), "m", "cuda:4", 8)
+    assert (one["base_gpu_id"], one["tp_size"], one["dp_size"]) == (4, 2, 1)
+    with pytest.raises(ConfigError):
+        engine_args(settings(sglang_tp_size=2), "m", "cuda:7", 8)
+    cpu = engine_args(settings(sglang_dp_size=3), "m", "cpu", 0)
+    assert (cpu["device"], cpu["tp_size"], cpu["dp_size"], cpu["dtype"]) == ("cpu", 1, 1, "float16")
+    assert cpu["attention_backend"] == "torch_native" and cpu["disable_cuda_graph"] is True
+    assert cpu["max_total_tokens"] == CPU_KV_TOKENS and "mem_fraction_static" not in cpu
+    assert engine_args(settings(sglang_max_total_tokens=4096), "m", "cpu")["max_total_tokens"] == 4096
 
 
 def test_outputs_become_captions():
@@ -96,7 +113,7 @@ def test_explicit_sglang_without_sglang_is_a_config_error(monkeypatch):
 
 
 @pytest.mark.parametrize("change", [{"sglang_window": 0}, {"sglang_mem_fraction": 1.0},
-                                    {"sglang_tp_size": 0}])
+                                    {"sglang_tp_size": 0}, {"sglang_max_total_tokens": -1}])
 def test_bad_settings_fail_validation(change):
     with pytest.raises(ConfigError):
         SglangConfig(**change).validate()
@@ -106,16 +123,21 @@ def test_config_offers_exactly_the_templates_the_backend_knows():
     assert set(SGLANG_CHAT_TEMPLATES) == set(CHAT_TEMPLATES)
 
 
-def test_request_carries_the_laid_out_prompt_the_image_and_the_sampling_params():
+def test_request_carries_the_laid_out_prompt_the_image_as_png_and_the_sampling_params():
+    import io
+
     import numpy as np
+    from PIL import Image
 
     image = np.random.default_rng(0).integers(0, 255, (30, 40, 3), dtype=np.uint8)
     sampling = sampling_dict(SamplingParams(max_new_tokens=250, min_new_tokens=250))
     request = generate_request(_fusion("a bus", "bus: [0.1, 0.2, 0.3, 0.4]"), image, sampling, settings())
     assert set(request) == {"prompt", "image_data", "sampling_params"}
     assert request["prompt"] == layout_prompt(_fusion("a bus", "bus: [0.1, 0.2, 0.3, 0.4]"), "vicuna_v1")
-    assert request["image_data"].size == (40, 30) and request["image_data"].mode == "RGB"
-    assert np.array_equal(np.asarray(request["image_data"]), image)
+    # bytes, never a PIL image (SGLang would take it for a video frame and skip AnyRes), lossless
+    assert isinstance(request["image_data"], bytes)
+    decoded = Image.open(io.BytesIO(request["image_data"]))
+    assert decoded.format == "PNG" and np.array_equal(np.asarray(decoded.convert("RGB")), image)
     assert request["sampling_params"] is sampling
     first = generate_request("p", image, sampling, settings(sglang_image_first=True, sglang_chat_template="chatml"))
     assert first["prompt"] == layout_prompt("p", "chatml", image_first=True)

@@ -168,8 +168,10 @@ CAPTION_BACKENDS = ("auto", "openai", "sglang", "transformers")
 class CaptionConfig:
     caption_model: str = option(
         "llava-hf/llava-v1.6-vicuna-7b-hf",
-        "caption engine: local folder or hub id of a LLaVA-NeXT checkpoint (the DenseFusion "
-        "engine once converted to the llava-hf layout), or 'tiny'", model="caption",
+        "caption engine: local folder or hub id of a LLaVA-NeXT checkpoint, or 'tiny'. Layouts: "
+        "transformers takes llava-hf's (LlavaNextForConditionalGeneration); sglang takes llava-hf's "
+        "(converted once into the original LLaVA layout, cached) or the original one "
+        "(LlavaLlamaForCausalLM and kin, e.g. liuhaotian/llava-v1.6-*)", model="caption",
     )
     caption_backend: str = option(
         "auto",
@@ -202,7 +204,8 @@ class CaptionConfig:
     )
     caption_dtype: str = option(
         "auto",
-        "weights dtype: auto (bfloat16 on a GPU, float32 on the CPU), bfloat16, float16, float32",
+        "weights dtype: auto (transformers: bfloat16 on a GPU, float32 on the CPU; sglang: float16, "
+        "the only dtype it runs LLaVA in), bfloat16, float16, float32",
         choices=("auto", "bfloat16", "float16", "float32"),
     )
 
@@ -523,7 +526,7 @@ class ApiConfig:
             raise ConfigError("--api-jpeg-quality must be within 1..100")
 
 
-SGLANG_CHAT_TEMPLATES = ("vicuna_v1", "mistral_instruct", "chatml")  # see sglang_backend
+SGLANG_CHAT_TEMPLATES = ("vicuna_v1", "llava_hf_vicuna", "mistral_instruct", "chatml")  # see sglang_backend
 
 
 @dataclass(frozen=True)
@@ -539,6 +542,9 @@ class SglangConfig:
         "the same GPU leave, after a margin (see `densefusion_local.py plan`)"
     )
     sglang_window: int = option(256, "caption requests kept in flight in the engine")
+    sglang_max_total_tokens: int = option(
+        0, "KV-cache pool in tokens (0: SGLang sizes it from --sglang-mem-fraction; 16384 on the CPU)"
+    )
     sglang_chat_template: str = option(
         "vicuna_v1", "chat template of the caption model", choices=SGLANG_CHAT_TEMPLATES
     )
@@ -549,8 +555,10 @@ class SglangConfig:
     )
 
     def validate(self) -> None:
-        if self.sglang_dp_size < 0 or self.sglang_tp_size < 1 or self.sglang_window < 1:
-            raise ConfigError("--sglang-dp-size >= 0, --sglang-tp-size >= 1, --sglang-window >= 1")
+        if self.sglang_dp_size < 0 or self.sglang_tp_size < 1 or self.sglang_window < 1 \
+                or self.sglang_max_total_tokens < 0:
+            raise ConfigError("--sglang-dp-size >= 0, --sglang-tp-size >= 1, --sglang-window >= 1, "
+                              "--sglang-max-total-tokens >= 0")
         if not 0.0 <= self.sglang_mem_fraction < 1.0:
             raise ConfigError("--sglang-mem-fraction must be within [0, 1) (0: from the placement)")
 

@@ -105,6 +105,8 @@ def format_summary(summary: RunSummary) -> str:
         lines.append("rejected by stage: " + ", ".join(f"{k} {v}" for k, v in sorted(summary.rejects_by_stage.items())))
     lines += _problem_lines(summary)
     lines += _stage_table(summary.stages)
+    if summary.figures:
+        lines.append("  figures: " + ", ".join(f"{k} {v}" for k, v in summary.figures.items()))
     if summary.shards_skipped or summary.interrupted:
         lines.append(f"output so far (every run into {root}): {totals.shards} shards, "
                      f"{totals.written} written, {totals.rejected} rejected")

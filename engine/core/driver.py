@@ -109,6 +109,7 @@ def _process(cfg: RunConfig, sink: Sink, stages: list[Stage | list[Stage]], summ
         rejects_by_stage=dict(rejects), wall_s=wall,
         interrupted=interrupted and not {shard_name(p) for p in paths} <= sink.finished,
         stages=[m.as_dict(wall) for m in pipeline.metrics],
+        figures={k: v for stage in pipeline.stages for k, v in stage.progress().items()},
     )
 
 

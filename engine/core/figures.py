@@ -89,6 +89,7 @@ class RunSummary:
     outputs: tuple[str, ...] = ()  # the folders under root that hold the pass's results
     shards_total: int = 0
     totals: OutputTotals = field(default_factory=OutputTotals)
+    figures: dict[str, str] = field(default_factory=dict)  # the stages' live figures (progress bar), final
 
     @property
     def images_per_s(self) -> float:

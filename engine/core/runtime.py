@@ -214,6 +214,8 @@ class Pipeline:
                 result = stage.process(batch)
                 if len(result) != len(batch):
                     raise RuntimeError(f"stage {stage.name} returned {len(result)} samples for {len(batch)}")
+            except StageFailed:  # the stage says it is broken (its engine died): no sample's fault
+                raise
             except Exception as exc:  # noqa: BLE001 - the batch's samples fail; counted by _Replicas
                 result, error = batch, exc
                 for sample in batch:

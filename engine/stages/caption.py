@@ -11,10 +11,11 @@ from engine.core.config import ApiConfig, CaptionConfig, RunConfig, RuntimeConfi
 from engine.core.errors import ConfigError
 from engine.core.models import resolve_model
 from engine.core.record import Sample
+from engine.core.runtime import StageFailed
 from engine.core.stage import ImageView, Resources, Stage
-from models.caption.base import CaptionEngine, SamplingParams
+from models.caption.base import CaptionEngine, EngineDead, SamplingParams
 from models.caption.figures import CaptionTally, GpuSampler
-from models.caption.registry import load_engine, resolve_backend
+from models.caption.registry import load_engine, prepare_backend, resolve_backend
 
 JOURNAL = Path("journal") / "openai.jsonl"  # under OUT: captions an endpoint was paid for
 
@@ -28,9 +29,11 @@ def sampling_params(config: CaptionConfig) -> SamplingParams:
                           top_p=config.top_p, min_new_tokens=config.min_new_tokens)
 
 
-def backend_settings(backend: str, config: CaptionConfig, api: ApiConfig, sglang: SglangConfig, out: str):
+def backend_settings(backend: str, config: CaptionConfig, api: ApiConfig, sglang: SglangConfig, out: str,
+                     cache_dir: str = ""):
     """The settings object ``backend`` (resolved) takes, from the run's options; the engine
-    decides where in the output folder a backend's journal goes."""
+    decides where in the output folder a backend's journal goes, and where SGLang keeps what it
+    builds (converted checkpoints, the CPU stub): ``cache_dir``."""
     if backend == "transformers":
         from models.caption.transformers_backend import TransformersSettings
 
@@ -42,7 +45,9 @@ def backend_settings(backend: str, config: CaptionConfig, api: ApiConfig, sglang
         return SglangSettings(dp_size=sglang.sglang_dp_size, tp_size=sglang.sglang_tp_size,
                               dummy_weights=sglang.sglang_dummy_weights, radix_cache=sglang.sglang_radix_cache,
                               mem_fraction=sglang.sglang_mem_fraction, window=sglang.sglang_window,
-                              chat_template=sglang.sglang_chat_template, image_first=sglang.sglang_image_first)
+                              chat_template=sglang.sglang_chat_template, image_first=sglang.sglang_image_first,
+                              max_total_tokens=sglang.sglang_max_total_tokens, cache_dir=cache_dir,
+                              dtype=config.caption_dtype)
     from models.caption.openai_backend import ApiSettings
 
     return ApiSettings(base=api.api_base, model=api.api_model, concurrency=api.api_concurrency,
@@ -61,7 +66,7 @@ class CaptionStage(Stage):
         # Settled now, so a missing SGLang or endpoint fails before any work.
         backend = resolve_backend(config.caption_backend, self.device)
         self.config = dataclasses.replace(config, caption_backend=backend)
-        self.settings = backend_settings(backend, config, api, sglang, runtime.out)
+        self.settings = backend_settings(backend, config, api, sglang, runtime.out, runtime.cache_dir)
         self.cache_dir = Path(runtime.cache_dir)
         if backend == "openai":
             self.settings.require_endpoint()
@@ -72,6 +77,7 @@ class CaptionStage(Stage):
             if self.ref is None:
                 raise ConfigError("--caption-model is empty: name a LLaVA-NeXT checkpoint (folder or hub id)")
             self.model_name = self.ref.name
+        prepare_backend(backend, self.device, self.settings)  # here: the main thread, before any work
         self.engine: CaptionEngine | None = None
         self.tally = CaptionTally()
         self._figures_lock = threading.Lock()
@@ -109,11 +115,14 @@ class CaptionStage(Stage):
         if not ready:
             return batch
         start = time.perf_counter()
-        captions = self.engine.generate(
-            [s.prompt for s in ready],
-            [s.views["caption"] for s in ready],
-            params=sampling_params(self.config),
-        )
+        try:
+            captions = self.engine.generate(
+                [s.prompt for s in ready],
+                [s.views["caption"] for s in ready],
+                params=sampling_params(self.config),
+            )
+        except EngineDead as exc:  # not this batch's fault: stop, leaving its shard uncommitted
+            raise StageFailed(f"caption engine failed: {exc}") from exc
         with self._figures_lock:  # process() may run on two threads (resources().workers)
             self.tally.add(captions, time.perf_counter() - start)
             self.gpu.maybe_sample()
@@ -140,7 +149,7 @@ class CaptionStage(Stage):
         engine = self.engine  # teardown may clear it meanwhile
         with self._figures_lock:  # process() adds to the tally and the GPU figures meanwhile
             figures = {**self.tally.figures(), **self.gpu.figures()}
-        figures.update(engine.metrics() if engine else {})
+        figures.update(engine.metrics() if engine else self.engine_figures)  # the last, after teardown
         live = {}
         if "output_tokens_per_s" in figures:
             live["prompt tok/s"] = f"{figures['prompt_tokens_per_s']:.0f}"

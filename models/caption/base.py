@@ -10,6 +10,11 @@ import numpy as np
 from engine.core.record import Caption
 
 
+class EngineDead(RuntimeError):
+    """The caption engine itself failed (its processes died): no request can succeed any more.
+    Raised from ``generate``; the caption stage stops the run (finished shards stay committed)."""
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_new_tokens: int = 400  # the paper's captions average ~190 words (~250 tokens)

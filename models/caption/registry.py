@@ -47,6 +47,14 @@ def resolve_backend(requested: str, device: str) -> str:
     return "transformers"
 
 
+def prepare_backend(backend: str, device: str, settings: Any) -> None:
+    """What a backend must do on the main thread before any work (SGLang: its CPU environment,
+    its child-failure signal handler); a backend module without ``prepare`` needs nothing."""
+    prepare = getattr(importlib.import_module(_BACKEND_MODULES[backend]), "prepare", None)
+    if prepare is not None:
+        prepare(device, settings)
+
+
 def load_engine(backend: str, model_name: str, model_path: str, device: str, settings: Any) -> CaptionEngine:
     """Load ``backend``'s engine (resolved, not ``auto``) on ``device``; ``model_path`` is what
     its loader reads, ``settings`` that backend's settings object."""

@@ -20,9 +20,11 @@ Two things make it fast on a GPU (``python -m bench caption --real-size`` measur
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -245,6 +247,9 @@ def load(model: str, path: str, device: str, settings: TransformersSettings) -> 
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    if Path(path, "config.json").is_file() and "mm_vision_tower" in json.loads(Path(path, "config.json").read_text()):
+        raise ConfigError(f"caption model {path} is in the original LLaVA layout, which transformers does not "
+                          f"load: use --caption-backend sglang, or a llava-hf LLaVA-NeXT checkpoint")
     if device == "cpu":
         torch.set_num_threads(settings.cpu_threads)  # measured: 2 threads beside OCR/decode ran 6x slower
     processor = AutoProcessor.from_pretrained(path)

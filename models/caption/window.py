@@ -29,6 +29,10 @@ class RequestWindow:
         """Run ``coro`` on the loop and wait for its result (thread-safe; blocks the caller)."""
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
+    def call_soon(self, fn) -> None:
+        """Run ``fn()`` on the loop (from any thread, a signal handler included)."""
+        self._loop.call_soon_threadsafe(fn)
+
     def slot(self) -> asyncio.Semaphore:
         """``async with window.slot():`` around a request keeps it inside the window."""
         return self._slots

@@ -1,8 +1,10 @@
-"""``python -m models.export onnx|tensorrt ...``: compile the vision experts.
+"""``python -m models.export onnx|tensorrt|llava-native ...``: compile the vision experts, or
+rewrite a llava-hf LLaVA-NeXT checkpoint into the original LLaVA layout SGLang serves natively.
 
     python -m models.export onnx --target embed --model EVA02-L-14 --weights eva02_l.bin --out exports/embed
     python -m models.export onnx --target detector --model facebook/detr-resnet-50 --size 800 --out exports/det
     python -m models.export tensorrt --onnx exports/embed/embed.onnx --fp16 --max-batch 256
+    python -m models.export llava-native llava-hf/llava-v1.6-vicuna-7b-hf --out llava-v1.6-vicuna-7b-native
 """
 
 from __future__ import annotations
@@ -38,9 +40,16 @@ def main(argv: list[str] | None = None) -> int:
     trt.add_argument("--min-batch", type=int, default=1)
     trt.add_argument("--opt-batch", type=int, default=64)
     trt.add_argument("--max-batch", type=int, default=256)
+    native = commands.add_parser(
+        "llava-native", allow_abbrev=False, help="llava-hf LLaVA-NeXT -> the original LLaVA layout (SGLang serves it with its "
+        "radix cache; --caption-backend sglang does this itself, cached)")
+    native.add_argument("src", help="llava-hf LLaVA-NeXT checkpoint folder, hub id, or 'tiny'")
+    native.add_argument("--out", required=True, help="folder to write (must not exist)")
+    native.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "densefusion"))
     args = parser.parse_args(argv)
+    commands_run = {"onnx": export_onnx_command, "tensorrt": tensorrt_command, "llava-native": llava_native_command}
     try:
-        return export_onnx_command(args) if args.command == "onnx" else tensorrt_command(args)
+        return commands_run[args.command](args)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -59,6 +68,25 @@ def export_onnx_command(args: argparse.Namespace) -> int:
     report = export_onnx(target, out, opset=args.opset)
     print(f"{report.onnx_path}: input {report.input_shape} (batch dynamic), outputs {report.outputs}; "
           f"ONNX Runtime vs torch max |diff| {report.max_abs_diff:.2e}; {report.seconds:.1f}s")
+    return 0
+
+
+def llava_native_command(args: argparse.Namespace) -> int:
+    from models.caption.llava_native import convert
+
+    ref = ModelRef(args.src, "caption")
+    ref.check()
+    src = ref.resolve(Path(args.cache_dir))
+    if not Path(src).is_dir():  # a hub id: the hub client's local copy
+        from huggingface_hub import snapshot_download
+
+        src = snapshot_download(src)
+    out = Path(args.out)
+    if out.exists():
+        raise ConfigError(f"--out {out} exists: pass a new folder")
+    convert(Path(src), out)
+    print(f"{out}: original LLaVA layout of {args.src} (vision tower in {out / 'clip-vision-tower'}); "
+          f"serve it with --caption-backend sglang --caption-model {out}")
     return 0
 
 

@@ -1,0 +1,102 @@
+"""What SGLang needs to run on a machine without a GPU driver (CI, and users checking a setup).
+
+sglang 0.5.23 serves on the CPU (``device="cpu"``), but two things stand in the way on a
+machine with no NVIDIA driver, and this module is the one place that handles them:
+
+* the ``sgl_kernel`` wheel's extension libraries link ``libcuda.so.1``, so ``import sglang``
+  fails without a driver. :func:`build_stub` compiles, with gcc, a stand-in ``libcuda.so.1``
+  whose functions (the driver symbols those libraries link against) all return
+  ``CUDA_ERROR_NO_DEVICE``; none of them is called on the CPU path, and torch, asking it for
+  devices, sees none.
+* SGLang picks its CPU platform from ``SGLANG_USE_CPU_ENGINE=1``, read when ``sglang.srt`` is
+  first imported, so it must be set before then.
+
+:func:`prepare` does both, in this process and for the engine's child processes (which inherit
+the environment). Where a real driver loads, no stub is built: the GPU path never loads it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from engine.core.errors import ConfigError
+
+CUDA_ERROR_NO_DEVICE = 100
+# Driver functions the sgl_kernel 0.4.10 extension libraries import (nm -D --undefined-only),
+# then the entry points a CUDA runtime asks a driver for first.
+DRIVER_SYMBOLS = (
+    "cuCtxFromGreenCtx", "cuCtxPopCurrent_v2", "cuCtxPushCurrent_v2", "cuDevResourceGenerateDesc",
+    "cuDevSmResourceSplitByCount", "cuDeviceGetDevResource", "cuDriverGetVersion", "cuGetErrorString",
+    "cuGetProcAddress_v2", "cuGreenCtxCreate", "cuGreenCtxDestroy", "cuGreenCtxGetDevResource",
+    "cuPointerGetAttribute", "cuStreamCreate", "cuInit", "cuDeviceGetCount", "cuGetProcAddress",
+)
+STUB_NAME = "libcuda.so.1"
+
+
+def stub_source() -> str:
+    """C source of the stand-in driver: every function fails with CUDA_ERROR_NO_DEVICE."""
+    lines = ["/* Stand-in libcuda.so.1 for machines without an NVIDIA driver (densefusion). */"]
+    lines += [f"int {name}(void) {{ return {CUDA_ERROR_NO_DEVICE}; }}" for name in DRIVER_SYMBOLS]
+    return "\n".join(lines) + "\n"
+
+
+def driver_loads() -> bool:
+    """Whether a real (or already loaded) ``libcuda.so.1`` is found by the dynamic loader."""
+    try:
+        ctypes.CDLL(STUB_NAME)
+    except OSError:
+        return False
+    return True
+
+
+def build_stub(folder: Path) -> Path:
+    """``folder/libcuda.so.1``, compiled on first use (written under a temporary name, renamed)."""
+    folder = Path(folder)
+    target = folder / STUB_NAME
+    if target.is_file():
+        return target
+    gcc = shutil.which("gcc")
+    if gcc is None:
+        raise ConfigError(
+            "SGLang on the CPU needs a C compiler to build a stand-in libcuda.so.1 (this machine "
+            "has no NVIDIA driver): install gcc (apt-get install gcc), or use --caption-backend "
+            "transformers"
+        )
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder) as scratch:
+        source = Path(scratch) / "libcuda_stub.c"
+        source.write_text(stub_source())
+        built = Path(scratch) / STUB_NAME
+        result = subprocess.run(
+            [gcc, "-shared", "-fPIC", "-O1", f"-Wl,-soname,{STUB_NAME}", "-o", str(built), str(source)],
+            capture_output=True, text=True,
+        )
+        if result.returncode != 0:
+            raise ConfigError(f"building the stand-in {STUB_NAME} with gcc failed: {result.stderr.strip()}")
+        built.replace(target)
+    return target
+
+
+def prepare(cache_dir: Path) -> Path | None:
+    """Make ``import sglang`` and ``sglang.Engine(device="cpu")`` work here and in the engine's
+    children; returns the stub it loaded, or None where a driver loads. Call it before anything
+    imports ``sglang.srt``."""
+    if os.environ.get("SGLANG_USE_CPU_ENGINE") != "1" and any(m.startswith("sglang.srt") for m in sys.modules):
+        # SGLang caches its platform choice on first use: too late to ask for the CPU one now
+        raise ConfigError("sglang was imported before its CPU engine was asked for: set "
+                          "SGLANG_USE_CPU_ENGINE=1 before importing sglang")
+    os.environ["SGLANG_USE_CPU_ENGINE"] = "1"
+    if driver_loads():
+        return None
+    stub = build_stub(Path(cache_dir) / "sglang-cpu")
+    # Loaded by soname, so sgl_kernel's libraries find it in this process; children read the path.
+    ctypes.CDLL(str(stub), mode=ctypes.RTLD_GLOBAL)
+    paths = [str(stub.parent), *filter(None, os.environ.get("LD_LIBRARY_PATH", "").split(os.pathsep))]
+    os.environ["LD_LIBRARY_PATH"] = os.pathsep.join(dict.fromkeys(paths))
+    return stub
