@@ -263,6 +263,9 @@ def caption_from_output(out: dict[str, Any], seconds: float, model: str) -> Capt
 
 def native_architectures() -> set[str]:
     """Architectures SGLang serves with its own classes (anything else: its Transformers fallback)."""
+    # importing the registry imports every model module; the CPU build warns about each that
+    # needs a GPU kernel (dozens of lines, none about LLaVA): not the user's concern
+    logging.getLogger("sglang.srt.models.registry").setLevel(logging.ERROR)
     from sglang.srt.models.registry import ModelRegistry
 
     return set(ModelRegistry.get_supported_archs())
