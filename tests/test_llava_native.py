@@ -4,7 +4,6 @@ These need neither SGLang nor a GPU; tests/test_sglang_engine.py serves the conv
 
 from __future__ import annotations
 
-import ctypes
 import json
 
 import pytest
@@ -122,10 +121,15 @@ def test_export_command_writes_the_native_layout(tmp_path, tiny_cache, capsys):
 
 
 def test_the_stand_in_driver_answers_no_device(tmp_path):
+    import subprocess
+    import sys
+
     stub = sglang_cpu.build_stub(tmp_path)
-    library = ctypes.CDLL(str(stub))
-    for name in sglang_cpu.DRIVER_SYMBOLS:
-        assert getattr(library, name)() == sglang_cpu.CUDA_ERROR_NO_DEVICE
+    # loaded in another process: loaded here, it would stand in for libcuda.so.1 in later tests
+    check = (f"import ctypes; lib = ctypes.CDLL({str(stub)!r}); "
+             f"print([getattr(lib, n)() for n in {sglang_cpu.DRIVER_SYMBOLS!r}])")
+    answers = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, check=True).stdout
+    assert json.loads(answers) == [sglang_cpu.CUDA_ERROR_NO_DEVICE] * len(sglang_cpu.DRIVER_SYMBOLS)
     assert sglang_cpu.build_stub(tmp_path) == stub  # built once
 
 

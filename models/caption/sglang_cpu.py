@@ -46,13 +46,12 @@ def stub_source() -> str:
     return "\n".join(lines) + "\n"
 
 
-def driver_loads() -> bool:
-    """Whether a real (or already loaded) ``libcuda.so.1`` is found by the dynamic loader."""
-    try:
-        ctypes.CDLL(STUB_NAME)
-    except OSError:
-        return False
-    return True
+def driver_installed() -> bool:
+    """Whether a real NVIDIA driver is installed (the loader's cache knows ``libcuda``). Not
+    "does libcuda.so.1 load": a stand-in already loaded in this process would answer yes."""
+    import ctypes.util
+
+    return ctypes.util.find_library("cuda") is not None
 
 
 def build_stub(folder: Path) -> Path:
@@ -92,7 +91,7 @@ def prepare(cache_dir: Path) -> Path | None:
         raise ConfigError("sglang was imported before its CPU engine was asked for: set "
                           "SGLANG_USE_CPU_ENGINE=1 before importing sglang")
     os.environ["SGLANG_USE_CPU_ENGINE"] = "1"
-    if driver_loads():
+    if driver_installed():
         return None
     stub = build_stub(Path(cache_dir) / "sglang-cpu")
     # Loaded by soname, so sgl_kernel's libraries find it in this process; children read the path.
