@@ -117,6 +117,8 @@ def command_run(args: argparse.Namespace) -> int:
     from engine.core import pipeline
 
     cfg = config_module.build(args, args.config)
+    if cfg.cluster.ray:
+        return on_ray(cfg, curate=cfg.curate.curate, caption=True)
     source = None
     if cfg.curate.curate:
         from engine.curate.pass2_source import selected_source
@@ -141,7 +143,10 @@ def command_plan(args: argparse.Namespace) -> int:
 
 
 def command_curate(args: argparse.Namespace) -> int:
-    return 0 if curate(config_module.build(args, args.config)) else 130
+    cfg = config_module.build(args, args.config)
+    if cfg.cluster.ray:
+        return on_ray(cfg, curate=True, caption=False)
+    return 0 if curate(cfg) else 130
 
 
 def curate(cfg: config_module.RunConfig) -> bool:
@@ -189,15 +194,45 @@ def command_meta(args: argparse.Namespace) -> int:
     from engine.output.export import export, left_out_note
 
     cfg = meta_config(args)
-    summary = pipeline.run(cfg)
     out = Path(cfg.runtime.out)
-    print(format_summary(summary))
-    if summary.interrupted:
-        return 130
+    if cfg.cluster.ray:
+        code = on_ray(cfg, curate=False, caption=True)
+    else:
+        summary = pipeline.run(cfg)
+        print(format_summary(summary))
+        code = 130 if summary.interrupted else 0
+    if code == 130:
+        return code
     result = export("sft", out, out / "sft")
     print(f"meta: {result.records} GPT-4V captions exported as caption-engine fine-tuning data to {result.path}"
           f"{left_out_note(result)}")
-    return 0
+    return code
+
+
+def on_ray(cfg: config_module.RunConfig, *, curate: bool, caption: bool) -> int:
+    """The passes on a Ray cluster (--ray); exit code 1 when a shard failed after its attempts."""
+    from engine.cluster import passes
+    from engine.cluster.driver import connect, disconnect
+    from engine.core.pipeline import format_summary
+    from engine.curate.pass1 import format_report
+
+    out = Path(cfg.runtime.out)
+    connect(cfg.cluster)
+    try:
+        if curate:
+            report, result = passes.curate(cfg)
+            print(passes.format_cluster(result))
+            if report is None:
+                return 1
+            print(format_report(report, out))
+        if caption:
+            summary, result = passes.caption(cfg, selected=curate)
+            print(format_summary(summary, out))
+            print(passes.format_cluster(result))
+            return 1 if result.failed else 0
+        return 0
+    finally:
+        disconnect()
 
 
 COMMANDS = {"run": command_run, "curate": command_curate, "demo": command_demo, "meta": command_meta,

@@ -592,6 +592,39 @@ class ScoreConfig:
 
 
 @dataclass(frozen=True)
+class ClusterConfig:
+    """Running on a Ray cluster (engine/cluster/): shards leased to one worker actor per GPU."""
+
+    ray: str = option(
+        "",
+        "run on a Ray cluster: its address (host:port or ray://...), or 'auto' ($RAY_ADDRESS, else a local "
+        "cluster); --shards and --out must be on storage every node sees at the same path",
+    )
+    ray_max_attempts: int = option(3, "a shard whose worker died this many times is recorded as failed")
+    ray_actors: int = option(0, "worker actors (0: one per GPU of the cluster, by --ray-gpus-per-actor)")
+    ray_gpus_per_actor: float = option(1.0, "GPUs each worker actor holds (0: CPU-only workers; then set --ray-actors)")
+    ray_cpus_per_actor: float = option(1.0, "CPUs each worker actor reserves in Ray's accounting")
+    ray_lease_timeout: float = option(
+        0.0,
+        "seconds a shard may take on one worker before it is given to another (0: no limit); the slow "
+        "worker is no longer used, and whatever it commits later cannot replace the first commit",
+    )
+
+    def validate(self) -> None:
+        if self.ray_max_attempts < 1:
+            raise ConfigError("--ray-max-attempts must be >= 1")
+        if self.ray_actors < 0 or self.ray_gpus_per_actor < 0 or self.ray_cpus_per_actor < 0 or self.ray_lease_timeout < 0:
+            raise ConfigError("--ray-actors, --ray-gpus-per-actor, --ray-cpus-per-actor and --ray-lease-timeout must be >= 0")
+        if self.ray and self.ray_gpus_per_actor == 0 and self.ray_actors == 0:
+            raise ConfigError("--ray-gpus-per-actor 0 (CPU-only workers) needs --ray-actors N")
+        if self.ray:
+            from importlib.util import find_spec
+
+            if find_spec("ray") is None:
+                raise ConfigError("--ray needs Ray: pip install 'densefusion[ray]'")
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """The whole configuration of one run; sections are passed down, never re-spread."""
 
@@ -610,6 +643,7 @@ class RunConfig:
     sglang: SglangConfig = SglangConfig()
     subset: SubsetConfig = SubsetConfig()
     score: ScoreConfig = ScoreConfig()
+    cluster: ClusterConfig = ClusterConfig()
 
     def validate(self) -> RunConfig:
         for section in dataclasses.fields(self):

@@ -60,6 +60,7 @@ class EmbeddingStore:
         self.chunk_rows = chunk_rows
         self.adopting = adopt
         self.attempts: dict[str, int] = {}  # which try of a shard this is (a Ray worker sets it)
+        self.node = ""  # recorded in markers (default: the host name; a Ray worker adds its node address)
         self.array = zarr.open_array(self.zarr_path, mode="r+") if self.zarr_path.exists() else None
         if dim is not None:
             self._ensure_array(dim)
@@ -113,7 +114,8 @@ class EmbeddingStore:
             np.save(buffer, np.stack([s.embedding for s in alive]).astype(np.float16))
             hashes[file_label(vectors_path)] = publish_bytes(buffer.getvalue(), vectors_path)
         hashes[file_label(index_path)] = publish_parquet(_index_table(alive), index_path)
-        info = {**shard_info(end, self.attempts.get(end.shard, 1)), "samples": len(samples), "rows": len(alive),
+        info = {**shard_info(end, self.attempts.get(end.shard, 1), self.node),
+                "samples": len(samples), "rows": len(alive),
                 "written": len(alive), "rejected": len(dead),
                 "rejected_by_stage": dict(Counter(_reject_stage(s) for s in dead))}
         hashes[file_label(rejects_path)] = publish_parquet(_rejects_table(dead), rejects_path, info)

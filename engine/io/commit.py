@@ -110,14 +110,14 @@ def read_shard_info(path: Path) -> dict[str, Any]:
     return json.loads(metadata[SHARD_INFO_KEY]) if SHARD_INFO_KEY in metadata else {}
 
 
-def shard_info(end: ShardEnd, attempt: int = 1) -> dict[str, Any]:
+def shard_info(end: ShardEnd, attempt: int = 1, node: str = "") -> dict[str, Any]:
     """Every field of the shard's end marker except its name (generic: a field added to
     ``ShardEnd`` reaches the marker and the manifest without a change here), and who made it:
     which try of the shard this is, on which node."""
     info = {name: list(value) if isinstance(value, tuple) else value
             for name, value in dataclasses.asdict(end).items() if name != "shard"}
     info["samples"] = info.pop("n_samples")
-    return {**info, "attempt": attempt, "node": node_name()}
+    return {**info, "attempt": attempt, "node": node or node_name()}
 
 
 def check_links(folder: Path) -> str | None:

@@ -157,6 +157,7 @@ class DatasetWriter:
     def __init__(self, out: Path, manifest: Manifest | None, *, clean: bool = True):
         self.out, self.manifest = out, manifest
         self.attempts: dict[str, int] = {}
+        self.node = ""  # recorded in markers (default: the host name; a Ray worker adds its node address)
         for folder in ("shards", "rejects"):
             (out / folder).mkdir(parents=True, exist_ok=True)
         self.markers = ShardMarkers(out / MARKERS_DIR)
@@ -215,7 +216,8 @@ class DatasetWriter:
         tar, rows, rejects = self.files(end.shard)
         hashes = {file_label(tar): publish(shard.tar_path, tar),
                   file_label(rows): publish_parquet(rows_to_table(shard.rows), rows)}
-        info = {**shard_info(end, self.attempts.get(end.shard, 1)), "written": len(shard.rows), "rejected": len(shard.rejects),
+        info = {**shard_info(end, self.attempts.get(end.shard, 1), self.node),
+                "written": len(shard.rows), "rejected": len(shard.rejects),
                 "rejected_by_stage": dict(Counter(r["stage"] or "?" for r in shard.rejects))}
         hashes[file_label(rejects)] = publish_parquet(
             pa.Table.from_pylist(shard.rejects, schema=REJECT_SCHEMA), rejects, info)

@@ -1,0 +1,272 @@
+"""The driver of a Ray run: lists the shards, leases them one at a time to worker actors, and
+records what they commit. It is the one process that writes ``manifest.json`` (or adopts
+embeddings into the store); workers only publish files and markers on shared storage.
+
+Faults, and what the driver does about them:
+
+* an actor dies (its process killed, its node lost, its pipeline broken): the shard it held goes
+  back to the front of the queue with its attempt count, and a replacement actor is started
+  (it waits for resources if its node is gone). After ``--ray-max-attempts`` tries a shard is
+  recorded as failed; the run finishes the other shards and exits non-zero.
+* a shard takes longer than ``--ray-lease-timeout``: the same, except the slow actor is not
+  killed (it may be unreachable); it gets no more shards, and if it wakes up and commits, its
+  files and marker are refused by the no-replace commit (engine/io/commit.py).
+* the driver dies: actors die with it (Ray ties them to their owner); a rerun skips every
+  marked shard and redoes the rest.
+
+Leasing is done here, not by Ray: actors are created with ``max_restarts=0`` and calls with no
+retries, and ``ray.util.ActorPool`` is not used (it drops the work of an actor that died).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from engine.cluster.faults import ENV as FAULTS_ENV
+from engine.core.config import ClusterConfig, RunConfig
+from engine.core.errors import ConfigError
+from engine.io.readers import shard_name
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+_NO_WORKER_TIMEOUT_S = 300.0  # no live actor for this long (all nodes gone): the remaining shards fail
+_LATE_GRACE_S = 15.0  # how long a finished run waits for leases it gave up on (only when there are some)
+_MAX_START_FAILURES = 3  # actors failing to start this many times in a row: give up starting more
+
+
+@dataclass
+class ActorRecord:
+    index: int
+    handle: Any
+    state: str = "starting"  # starting, idle, busy, lost (lease timed out), dead
+    node: str = ""
+    pid: int = 0
+    shards: int = 0
+    samples: int = 0
+    busy_s: float = 0.0
+    reason: str = ""
+
+    def figures(self) -> dict[str, Any]:
+        return {"actor": self.index, "node": self.node, "pid": self.pid, "state": self.state, "shards": self.shards,
+                "samples": self.samples, "busy_s": round(self.busy_s, 3),
+                "images_per_busy_s": round(self.samples / self.busy_s, 2) if self.busy_s else None,
+                **({"reason": self.reason} if self.reason else {})}
+
+
+@dataclass
+class ClusterResult:
+    """What one leasing round did: committed markers, failed shards, and the figures."""
+
+    committed: dict[str, dict[str, Any]] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)  # shard → why its last attempt failed
+    retries: int = 0
+    late: list[str] = field(default_factory=list)  # results of leases given up on
+    actors: list[ActorRecord] = field(default_factory=list)
+    stages: list[dict[str, Any]] = field(default_factory=list)
+    wall_s: float = 0.0
+
+    def figures(self) -> dict[str, Any]:
+        nodes: dict[str, Counter] = {}
+        for actor in self.actors:
+            if actor.node:
+                nodes.setdefault(actor.node, Counter()).update(samples=actor.samples, shards=actor.shards,
+                                                               actors=1)
+        return {
+            "wall_s": round(self.wall_s, 3), "retries": self.retries,
+            "failed_shards": dict(sorted(self.failed.items())), "late_results": self.late,
+            "nodes": {node: {**counts, "images_per_s": round(counts["samples"] / self.wall_s, 2) if self.wall_s else None}
+                      for node, counts in sorted(nodes.items())},
+            "actors": [a.figures() for a in self.actors],
+        }
+
+
+def connect(cluster: ClusterConfig) -> None:
+    """``auto``: $RAY_ADDRESS, else a new local cluster."""
+    import ray
+
+    address = os.environ.get("RAY_ADDRESS") if cluster.ray == "auto" else cluster.ray
+    ray.init(address=address or None, logging_level="WARNING")
+
+
+def disconnect() -> None:
+    import ray
+
+    ray.shutdown()
+
+
+def actor_count(cluster: ClusterConfig) -> int:
+    import ray
+
+    if cluster.ray_actors:
+        return cluster.ray_actors
+    gpus = ray.cluster_resources().get("GPU", 0)
+    count = int(gpus // cluster.ray_gpus_per_actor)
+    if count < 1:
+        raise ConfigError(f"the Ray cluster has {gpus:g} GPUs, fewer than --ray-gpus-per-actor "
+                          f"{cluster.ray_gpus_per_actor:g}: add GPU nodes, or run CPU-only workers with "
+                          f"--ray-gpus-per-actor 0 --ray-actors N")
+    return count
+
+
+def actor_environment() -> dict[str, str]:
+    """The engine's code at the driver's path on every node (shared storage or the same install),
+    and the test-only fault switch when it is set."""
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, (str(PROJECT_ROOT), os.environ.get("PYTHONPATH"))))}
+    if os.environ.get(FAULTS_ENV):
+        env[FAULTS_ENV] = os.environ[FAULTS_ENV]
+    return env
+
+
+def lease_shards(cfg: RunConfig, kind: str, paths: list[Path],
+                 on_commit: Callable[[str, dict[str, Any]], None]) -> ClusterResult:
+    """Run the ``kind`` pass (engine/cluster/worker.py) over ``paths`` on the connected cluster."""
+    import ray
+
+    from engine.cluster.actor import remote_actor
+
+    cluster = cfg.cluster
+    actor_cls = remote_actor(cluster, actor_environment())
+    result = ClusterResult()
+    start = time.perf_counter()
+    queue: deque[Path] = deque(paths)
+    tries: Counter = Counter()
+    starting: dict[Any, ActorRecord] = {}
+    busy: dict[Any, tuple[ActorRecord, Path, int, float]] = {}
+    given_up: dict[Any, tuple[ActorRecord, Path, int]] = {}
+    idle: deque[ActorRecord] = deque()
+    start_failures = 0
+    last_worker = time.monotonic()
+
+    def start_actor() -> None:
+        record = ActorRecord(len(result.actors), actor_cls.remote(cfg, kind))
+        result.actors.append(record)
+        starting[record.handle.ready.remote()] = record
+
+    def retire(record: ActorRecord, state: str, reason: str) -> None:
+        record.state, record.reason = state, reason
+        if state == "dead":
+            ray.kill(record.handle, no_restart=True)
+        if start_failures < _MAX_START_FAILURES and queue:
+            start_actor()
+
+    def late_result(lease: tuple[ActorRecord, Path, int], ref: Any) -> None:
+        record, path, attempt = lease
+        try:
+            late = ray.get(ref)["marker"]
+        except ray.exceptions.RayError as exc:
+            result.late.append(f"{shard_name(path)} attempt {attempt} on {record.node}: {_reason(exc)}")
+            record.state = "dead"
+            return
+        result.late.append(f"{shard_name(path)} attempt {attempt} on {record.node}: finished late; "
+                           f"the marker of attempt {late.get('attempt')} stands")
+        record.state, record.reason = "idle", ""  # slow, not broken: it takes shards again
+        idle.append(record)
+
+    def shard_failed(path: Path, reason: str) -> None:
+        result.retries += 1
+        if tries[path] >= cluster.ray_max_attempts:
+            result.failed[shard_name(path)] = f"{reason} (attempt {tries[path]} of {cluster.ray_max_attempts})"
+        else:
+            queue.appendleft(path)  # retried before new work, so a failing shard is decided early
+
+    for _ in range(actor_count(cluster)):
+        start_actor()
+    try:
+        while queue or busy:
+            while idle and queue:
+                record, path = idle.popleft(), queue.popleft()
+                tries[path] += 1
+                record.state = "busy"
+                busy[record.handle.process.remote(str(path), tries[path])] = (record, path, tries[path], time.monotonic())
+            if busy or idle:
+                last_worker = time.monotonic()
+            elif time.monotonic() - last_worker > _NO_WORKER_TIMEOUT_S or (not starting and queue):
+                for path in queue:
+                    result.failed[shard_name(path)] = "no worker actor could be started to run it"
+                queue.clear()
+                break
+            done, _ = ray.wait([*starting, *busy, *given_up], num_returns=1, timeout=0.5)
+            for ref in done:
+                if ref in starting:
+                    record = starting.pop(ref)
+                    try:
+                        info = ray.get(ref)
+                    except ray.exceptions.RayError as exc:
+                        start_failures += 1
+                        retire(record, "dead", f"could not start: {_reason(exc)}")
+                        continue
+                    start_failures = 0
+                    record.node, record.pid, record.state = info["node"], info["pid"], "idle"
+                    idle.append(record)
+                elif ref in busy:
+                    record, path, attempt, _ = busy.pop(ref)
+                    try:
+                        done_shard = ray.get(ref)
+                    except ray.exceptions.RayError as exc:
+                        shard_failed(path, f"worker actor {record.index} on {record.node or '?'} died: {_reason(exc)}")
+                        retire(record, "dead", _reason(exc))
+                        continue
+                    record.shards += 1
+                    record.samples += done_shard["marker"].get("samples", 0)
+                    record.busy_s += done_shard["seconds"]
+                    record.state = "idle"
+                    result.committed[shard_name(path)] = done_shard["marker"]
+                    on_commit(shard_name(path), done_shard["marker"])
+                    idle.append(record)
+                else:
+                    late_result(given_up.pop(ref), ref)
+            if cluster.ray_lease_timeout:
+                now = time.monotonic()
+                for ref, (record, path, attempt, leased) in list(busy.items()):
+                    if now - leased > cluster.ray_lease_timeout:
+                        del busy[ref]
+                        given_up[ref] = (record, path, attempt)
+                        shard_failed(path, f"worker actor {record.index} on {record.node} took longer than "
+                                           f"--ray-lease-timeout {cluster.ray_lease_timeout:g}s")
+                        retire(record, "lost", "lease timed out")
+        # A worker given up on may only have been slow: a short wait lets it report (its commit
+        # was refused if the shard was committed meanwhile) before it is stopped.
+        deadline = time.monotonic() + _LATE_GRACE_S
+        while given_up and time.monotonic() < deadline:
+            done, _ = ray.wait(list(given_up), num_returns=1, timeout=0.5)
+            for ref in done:
+                late_result(given_up.pop(ref), ref)
+        result.stages = _stage_figures([r for r in result.actors if r.state == "idle"])
+    finally:
+        for record in result.actors:
+            ray.kill(record.handle, no_restart=True)
+        result.wall_s = time.perf_counter() - start
+    return result
+
+
+def _stage_figures(actors: list[ActorRecord]) -> list[dict[str, Any]]:
+    """Per-stage figures summed over the actors still alive at the end."""
+    import ray
+
+    totals: dict[str, dict[str, Any]] = {}
+    try:
+        per_actor = ray.get([a.handle.figures.remote() for a in actors], timeout=30)
+    except ray.exceptions.RayError:
+        return []
+    for figures in per_actor:
+        for stage in figures:
+            total = totals.setdefault(stage["stage"], {"stage": stage["stage"], "description": stage["description"],
+                                                       "items": 0, "batches": 0, "busy_s": 0.0})
+            total["items"] += stage["items"]
+            total["batches"] += stage["batches"]
+            total["busy_s"] += stage["busy_s"]
+    for total in totals.values():
+        total["busy_s"] = round(total["busy_s"], 3)
+        total["items_per_busy_s"] = round(total["items"] / total["busy_s"], 2) if total["busy_s"] else None
+        total["busy_share"] = None
+    return list(totals.values())
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]

@@ -1,0 +1,143 @@
+"""One worker of a Ray run: the single-node pipeline, kept running, fed one shard at a time.
+
+The stages are built and their models loaded once, when the worker starts; a shard given to
+:meth:`ShardWorker.process` goes into the running pipeline's source and the call returns when
+the shard is committed (engine/io/commit.py), with its marker: metadata only, the samples stay
+on shared storage. Plain Python (no Ray import), so the engine part is testable on its own;
+engine/cluster/actor.py makes it a Ray actor.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from engine.cluster.faults import faults_for
+from engine.core.config import RunConfig
+from engine.core.record import Sample, ShardEnd
+from engine.core.runtime import Item, Pipeline
+from engine.io.readers import shard_name
+
+PASSES = ("caption", "caption-selected", "curate")  # what a worker runs: pass 2, pass 2 over a selection, pass 1
+
+
+@dataclass
+class _Lease:
+    attempt: int
+    faults: set[str]
+    started: float = field(default_factory=time.perf_counter)
+    done: threading.Event = field(default_factory=threading.Event)
+    result: dict[str, Any] | None = None
+
+
+class ShardWorker:
+    """``stages`` run over the shards given to :meth:`process`; ``sink`` (a dataset writer or an
+    embedding store in worker mode) commits each; ``shard_items`` reads one shard."""
+
+    def __init__(self, stages: list, sink, shard_items: Callable[[Path], Iterator[Item]], queue_depth: int):
+        self.sink, self.shard_items = sink, shard_items
+        self.pipeline = Pipeline(stages, queue_depth)
+        self._inbox: queue.Queue[Path | None] = queue.Queue()
+        self._leases: dict[str, _Lease] = {}
+        self._started = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="shard-worker", daemon=True)
+        self._thread.start()
+
+    def ready(self) -> None:
+        """Wait until every stage has loaded its model; raise what stopped one."""
+        while not self._started.wait(0.1):
+            if self._error is not None:
+                raise RuntimeError(f"worker could not start: {type(self._error).__name__}: {self._error}") from self._error
+
+    def process(self, path: str, attempt: int) -> dict[str, Any]:
+        """Run one shard to its commit; returns the shard's marker plus this worker's timing."""
+        name = shard_name(Path(path))
+        lease = self._leases[name] = _Lease(attempt, faults_for(name, attempt))
+        self.sink.attempts[name] = attempt
+        self._inbox.put(Path(path))
+        while not lease.done.wait(0.2):
+            if self._error is not None:
+                raise RuntimeError(f"shard {name}: the worker's pipeline stopped: "
+                                   f"{type(self._error).__name__}: {self._error}") from self._error
+        del self._leases[name]
+        return lease.result
+
+    def figures(self) -> list[dict[str, Any]]:
+        """Per-stage figures so far (the same as a single-node run's metrics.json ``stages``)."""
+        return [m.as_dict(0.0) for m in self.pipeline.metrics]
+
+    def close(self) -> None:
+        self._inbox.put(None)
+        self._thread.join()
+
+    # --- the pipeline's side -------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            self.pipeline.run(self._source(), self)
+        except BaseException as exc:  # noqa: BLE001 - reported to the caller of process()
+            self._error = exc
+
+    def _source(self) -> Iterator[Item]:
+        self._started.set()  # the pipeline reads its source only after every stage is set up
+        while (path := self._inbox.get()) is not None:
+            items = self.shard_items(path)
+            if "kill" in self._leases[shard_name(path)].faults:
+                items = _killed_half_way(items)
+            yield from items
+
+    def write(self, sample: Sample) -> None:
+        self.sink.write(sample)
+
+    def commit(self, end: ShardEnd) -> None:
+        lease = self._leases[end.shard]
+        if "freeze" in lease.faults:
+            os.kill(os.getpid(), signal.SIGSTOP)  # test-only (faults.py): a worker frozen before it commits
+        self.sink.commit(end)
+        marker = self.sink.committed.pop(end.shard)
+        lease.result = {"shard": end.shard, "marker": marker, "attempt": lease.attempt,
+                        "seconds": time.perf_counter() - lease.started}
+        lease.done.set()
+
+
+def _killed_half_way(items: Iterator[Item]) -> Iterator[Item]:
+    """Test-only (faults.py): the worker dies by SIGKILL with half of the shard's samples read."""
+    items = list(items)
+    yield from items[: max(1, len(items) // 2)]
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def build_worker(cfg: RunConfig, kind: str) -> ShardWorker:
+    """The worker of one pass (:data:`PASSES`): its stages, its sink, how it reads a shard."""
+    from engine.core.pipeline import build_stages, resolved, shard_source
+    from engine.core.subset import take_subset
+
+    cfg = resolved(replace(cfg, runtime=replace(cfg.runtime, progress=False)))
+    out = Path(cfg.runtime.out)
+    if kind == "curate":
+        from engine.curate.pass1 import curate_dir, curate_stages
+        from engine.curate.store import EmbeddingStore
+        from engine.stages.embed import embed_model_path
+
+        model = embed_model_path(cfg.curate, cfg.runtime.models, cfg.runtime.cache_dir)
+        return ShardWorker(curate_stages(cfg, model), EmbeddingStore(curate_dir(cfg), adopt=False),
+                           lambda path: shard_source([path], cfg, set()), cfg.runtime.queue_depth)
+    from engine.io.writers import DatasetWriter
+
+    if kind == "caption-selected":
+        from engine.curate.pass2_source import selected_shard_items
+
+        read = selected_shard_items(cfg)
+    else:
+        def read(path: Path) -> Iterator[Item]:
+            return shard_source([path], cfg, set())
+    return ShardWorker(build_stages(cfg), DatasetWriter(out, None, clean=False),
+                       lambda path: take_subset(read(path), cfg.subset), cfg.runtime.queue_depth)

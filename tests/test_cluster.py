@@ -1,0 +1,204 @@
+"""Runs on a loopback two-node Ray cluster with fake GPU slots, under injected faults: every
+input key ends exactly once in shards/ ∪ rejects/, and the first commit of a shard stands.
+
+Faults are injected with the test-only switch of engine/cluster/faults.py (DENSEFUSION_FAULTS),
+by SIGKILL of the driver, and by SIGKILL of a node's processes. One cluster serves the module;
+the node-loss test runs last (it leaves one node)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from ray_cluster import ENV, LoopbackCluster
+from test_resume import ROOT, command, contents, make_shards
+
+pytest.importorskip("ray")
+
+N_SHARDS = 5
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    root = Path(tempfile.mkdtemp(prefix="dfray", dir="/tmp"))  # short: Ray's socket paths have a length limit
+    started = LoopbackCluster(root, ROOT)
+    try:
+        yield started.start()
+    finally:
+        started.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> list[Path]:
+    return make_shards(tmp_path_factory.mktemp("in") / "shards", n_shards=N_SHARDS, per_shard=16)
+
+
+@pytest.fixture(scope="module")
+def single_node(shards, tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("single") / "out"
+    subprocess.run(command(shards, out), cwd=ROOT, check=True, capture_output=True)
+    return contents(out, shards)
+
+
+def on_ray(cmd: list[str], cluster: LoopbackCluster, *extra: str) -> list[str]:
+    return [*cmd, "--ray", cluster.address, *extra]
+
+
+def ray_env(faults: str = "") -> dict[str, str]:
+    env = {**os.environ, **ENV, "PYTHONPATH": str(ROOT)}
+    env.pop("RAY_ADDRESS", None)
+    if faults:
+        env["DENSEFUSION_FAULTS"] = faults
+    return env
+
+
+def run(cmd: list[str], faults: str = "") -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=ROOT, env=ray_env(faults), capture_output=True, text=True, timeout=400)
+
+
+def markers(out: Path) -> dict[str, dict]:
+    return {p.stem: json.loads(p.read_text()) for p in sorted((out / "markers").glob("*.json"))}
+
+
+def published(out: Path, shard: str) -> dict[str, bytes]:
+    files = [out / "shards" / f"{shard}.tar", out / "shards" / f"{shard}.parquet",
+             out / "rejects" / f"{shard}.parquet", out / "markers" / f"{shard}.json"]
+    return {str(p.relative_to(out)): p.read_bytes() for p in files}
+
+
+def wait_for(condition, timeout: float = 240.0, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def test_clean_run_equals_a_single_node_run_captions_included(cluster, tmp_path, tiny_cache):
+    shards = make_shards(tmp_path / "in", n_shards=3, per_shard=5)
+    captions = ["--stages", "decode", "prompt", "caption", "--models", "tiny", "--cache-dir", str(tiny_cache),
+                "--max-new-tokens", "6", "--caption-batch", "4", "--caption-sort-window", "1"]
+    single = run([*command(shards, tmp_path / "single"), *captions])
+    assert single.returncode == 0, single.stderr
+    clustered = run(on_ray([*command(shards, tmp_path / "ray"), *captions], cluster))
+    assert clustered.returncode == 0, clustered.stderr + clustered.stdout
+
+    assert contents(tmp_path / "ray", shards) == contents(tmp_path / "single", shards)
+    for shard in shards:
+        import pyarrow.parquet as pq
+
+        ray_rows = pq.read_table(tmp_path / "ray" / "shards" / f"{shard.stem}.parquet").to_pylist()
+        single_rows = pq.read_table(tmp_path / "single" / "shards" / f"{shard.stem}.parquet").to_pylist()
+        assert [(r["key"], r["caption"]) for r in ray_rows] == [(r["key"], r["caption"]) for r in single_rows]
+        assert all(r["caption"] for r in ray_rows)
+    metrics = json.loads((tmp_path / "ray" / "metrics.json").read_text())
+    assert metrics["cluster"]["retries"] == 0 and metrics["cluster"]["failed_shards"] == {}
+    assert sum(a["samples"] for a in metrics["cluster"]["actors"]) == 15
+    assert "ray: " in clustered.stdout and "images/s busy" in clustered.stdout
+
+
+def test_killed_worker_is_redone_elsewhere_and_a_shard_that_always_kills_fails_alone(cluster, shards, single_node,
+                                                                                      tmp_path):
+    out = tmp_path / "out"
+    result = run(on_ray(command(shards, out), cluster, "--ray-max-attempts", "2"),
+                 faults="kill:shard-01:1,kill:shard-03")
+    assert result.returncode == 1, result.stderr + result.stdout
+    assert "FAILED shard-03" in result.stdout and "attempt 2 of 2" in result.stdout
+    done = markers(out)
+    assert set(done) == {p.stem for p in shards} - {"shard-03"}
+    assert done["shard-01"]["attempt"] == 2
+    assert all(m["attempt"] == 1 for name, m in done.items() if name != "shard-01")
+    assert not (out / "shards" / "shard-03.tar").exists()
+    kept = [p for p in shards if p.stem != "shard-03"]
+    assert contents(out, kept) == {p.stem: single_node[p.stem] for p in kept}  # every key exactly once
+    cluster_figures = json.loads((out / "metrics.json").read_text())["cluster"]
+    assert cluster_figures["retries"] == 3 and list(cluster_figures["failed_shards"]) == ["shard-03"]
+    assert not list(out.rglob("*.tmp"))
+
+
+def test_driver_killed_then_rerun_redoes_only_unfinished_shards(cluster, shards, single_node, tmp_path):
+    out = tmp_path / "out"
+    cmd = on_ray(command(shards, out), cluster)
+    driver = subprocess.Popen(cmd, cwd=ROOT, env=ray_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: len(markers(out)) >= 2 or driver.poll() is not None, what="two committed shards")
+    finally:
+        driver.send_signal(signal.SIGKILL)
+        driver.wait()
+    before = markers(out)
+    assert 2 <= len(before) < N_SHARDS
+    finished = {name: published(out, name) for name in before}
+    # and one finished shard as if the kill came between publishing its files and its marker
+    unmarked = sorted(before)[0]
+    (out / "markers" / f"{unmarked}.json").unlink()
+    inodes = {p: p.stat().st_ino for p in (out / "shards").glob(f"{unmarked}.*")}
+
+    rerun = run(cmd)
+    assert rerun.returncode == 0, rerun.stderr + rerun.stdout
+    assert f"{N_SHARDS - len(before)} committed this run, {len(before)} already done" in rerun.stdout
+    for name, files in finished.items():
+        if name != unmarked:
+            assert published(out, name) == files  # byte for byte: not redone
+    completed = markers(out)[unmarked]
+    assert completed["completed_from_files"] and completed["files"] == before[unmarked]["files"]
+    assert {p: p.stat().st_ino for p in (out / "shards").glob(f"{unmarked}.*")} == inodes
+    assert contents(out, shards) == single_node
+
+
+def test_frozen_worker_cannot_replace_the_commit_made_while_it_was_frozen(cluster, shards, single_node, tmp_path):
+    out = tmp_path / "out"
+    cmd = on_ray(command(shards, out), cluster, "--ray-lease-timeout", "6")
+    driver = subprocess.Popen(cmd, cwd=ROOT, env=ray_env("freeze:shard-00:1"), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: "shard-00" in markers(out), what="shard-00 redone while its first worker is frozen")
+        first = published(out, "shard-00")
+        assert json.loads(first["markers/shard-00.json"])["attempt"] == 2
+        frozen = [pid for node in (0, 1) for pid in cluster.node_pids(node) if _state(pid) == "T"]
+        assert len(frozen) == 1
+        temporaries = list((out / "shards").glob(f"shard-00.tar.*-{frozen[0]}-*.tmp"))
+        assert temporaries, "the frozen worker holds its unpublished shard"
+        os.kill(frozen[0], signal.SIGCONT)
+        wait_for(lambda: not temporaries[0].exists(), what="the woken worker's commit")  # it tried, and lost
+        assert published(out, "shard-00") == first
+        stdout, stderr = driver.communicate(timeout=300)
+    finally:
+        driver.kill()
+    assert driver.returncode == 0, stderr + stdout
+    assert "shard-00 attempt 1" in stdout and "the marker of attempt 2 stands" in stdout
+    assert published(out, "shard-00") == first
+    assert contents(out, shards) == single_node
+
+
+def test_lost_node_run_finishes_on_the_remaining_node(cluster, shards, single_node, tmp_path):
+    out = tmp_path / "out"
+    driver = subprocess.Popen(on_ray(command(shards, out), cluster), cwd=ROOT, env=ray_env(),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: any(m["node"].endswith("127.0.0.3") for m in markers(out).values()),
+                 what="a shard committed on the second node")
+        assert cluster.kill_node(1)
+        before = set(markers(out))
+        stdout, stderr = driver.communicate(timeout=300)
+    finally:
+        driver.kill()
+    assert driver.returncode == 0, stderr + stdout
+    after = markers(out)
+    assert set(after) == {p.stem for p in shards} and set(after) > before
+    assert all(after[name]["node"].endswith("127.0.0.2") for name in set(after) - before)
+    assert contents(out, shards) == single_node
+
+
+def _state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return ""
