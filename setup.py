@@ -7,6 +7,7 @@ Extras (see README "Installing" for which combine):
   tensorrt  torch-tensorrt 2.14 (torch 2.14.x) + ONNX export tools
   dali      NVIDIA DALI decode (CUDA 13 build; no torch pin)
   train     peft + accelerate: fine-tuning the caption engine (`train`, `evaluate`)
+  ray       Ray: run, curate and meta on a cluster (--ray); the single-node path never imports it
   test      pytest and the dataset loaders the output-compatibility tests use
 """
 
@@ -41,6 +42,7 @@ EXTRAS = {
     "tensorrt": ["torch-tensorrt==2.14.0", "onnx>=1.16"],
     "dali": ["nvidia-dali-cuda130==2.4.0"],
     "train": ["peft>=0.17,<1", "accelerate>=1.10,<2"],
+    "ray": ["ray>=2.60,<3"],
     "test": ["pytest>=8", "hypothesis>=6.100", "webdataset>=1.0", "datasets>=3", "aiohttp>=3.9", "playwright>=1.45"],
 }
 

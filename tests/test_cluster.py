@@ -17,8 +17,9 @@ import time
 from pathlib import Path
 
 import pytest
-from ray_cluster import ENV, LoopbackCluster
 from test_resume import ROOT, command, contents, make_shards
+
+from engine.cluster.loopback import ENV, LoopbackCluster
 
 pytest.importorskip("ray")
 

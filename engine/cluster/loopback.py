@@ -1,6 +1,10 @@
-"""A two-node Ray cluster on loopback for tests: each node its own 127.0.0.x address, ports,
-temp dir and one fake GPU slot. Every process it starts is found by its temp dir (and its
-children) and stopped by PID; `ray stop` would kill every Ray process on the machine."""
+"""A two-node Ray cluster on one machine, for the fault tests and ``python -m bench ray``.
+
+Each node gets its own loopback address (127.0.0.2, 127.0.0.3: Ray rewrites 127.0.0.1 to the
+host's main address), its own ports and temp dir, and one fake GPU slot (``--num-gpus=1``,
+which exercises GPU placement without a GPU). Every process it starts is found by its node's
+temp dir (and their children) and stopped by PID: ``ray stop`` would kill every Ray process on
+the machine, other users' included."""
 
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ def free_port(host: str) -> int:
 
 class LoopbackCluster:
     def __init__(self, root: Path, project_root: Path, cpus_per_node: int = 2):
+        """``root``: a short path (Ray's socket paths under it have a length limit)."""
         self.root, self.project_root, self.cpus = root, project_root, cpus_per_node
         self.env = {**os.environ, **ENV, "PYTHONPATH": str(project_root)}
         self.address = ""
