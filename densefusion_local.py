@@ -231,6 +231,9 @@ def on_ray(cfg: config_module.RunConfig, *, curate: bool, caption: bool) -> int:
             print(passes.format_cluster(result))
             return 1 if result.failed else 0
         return 0
+    except KeyboardInterrupt:  # the actors are stopped; every shard committed so far is recorded
+        print(f"\ninterrupted: rerun with --out {out} to finish the remaining shards")
+        return 130
     finally:
         disconnect()
 

@@ -178,8 +178,8 @@ def test_frozen_worker_cannot_replace_the_commit_made_while_it_was_frozen(cluste
     assert contents(out, shards) == single_node
 
 
-def test_curation_embeds_on_the_actors_selects_once_and_captions_the_selection(cluster, shards, tmp_path,
-                                                                               tiny_cache):
+def test_curation_embeds_on_the_actors_selects_once_and_captions_the_selection(cluster, tmp_path, tiny_cache):
+    shards = make_shards(tmp_path / "in", n_shards=3, per_shard=8)
     # one cluster: the selection does not depend on the order in which shards reached the store
     curated = ["--curate", "--models", "tiny", "--cache-dir", str(tiny_cache), "--device", "cpu", "--embed-batch", "1",
                "--curate-clusters", "1", "--curate-top-n", "6", "--curate-eps", "0.02"]
@@ -196,8 +196,8 @@ def test_curation_embeds_on_the_actors_selects_once_and_captions_the_selection(c
     assert kept(tmp_path / "ray") and kept(tmp_path / "ray") == kept(tmp_path / "single")
     assert contents(tmp_path / "ray", shards) == contents(tmp_path / "single", shards)
     embedded = json.loads((tmp_path / "ray" / "curate" / "metrics.json").read_text())["cluster"]
-    assert sum(a["shards"] for a in embedded["actors"]) == N_SHARDS  # pass 1 ran on the actors
-    assert len(markers(tmp_path / "ray" / "curate")) == N_SHARDS
+    assert sum(a["shards"] for a in embedded["actors"]) == len(shards)  # pass 1 ran on the actors
+    assert len(markers(tmp_path / "ray" / "curate")) == len(shards)
 
 
 def test_lost_node_run_finishes_on_the_remaining_node(cluster, shards, single_node, tmp_path):

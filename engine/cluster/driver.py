@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.cluster.faults import ENV as FAULTS_ENV
+from engine.cluster.faults import parse as parse_faults
 from engine.core.config import ClusterConfig, RunConfig
 from engine.core.errors import ConfigError
 from engine.io.readers import shard_name
@@ -118,6 +119,10 @@ def actor_environment() -> dict[str, str]:
     and the test-only fault switch when it is set."""
     env = {"PYTHONPATH": os.pathsep.join(filter(None, (str(PROJECT_ROOT), os.environ.get("PYTHONPATH"))))}
     if os.environ.get(FAULTS_ENV):
+        try:
+            parse_faults(os.environ[FAULTS_ENV])
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         env[FAULTS_ENV] = os.environ[FAULTS_ENV]
     return env
 
