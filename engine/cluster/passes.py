@@ -62,7 +62,7 @@ def curate(cfg: RunConfig) -> tuple[dict[str, Any] | None, ClusterResult]:
     from engine.core.pipeline import resolved
     from engine.curate.pass1 import open_store, select_from_store
 
-    paths, _, store = open_store(resolved(cfg))
+    paths, store = open_store(resolved(cfg))
     todo = [p for p in paths if shard_name(p) not in store.finished]
     result = lease_shards(cfg, "curate", todo, lambda shard, marker: store.adopt({shard: marker}))
     write_json_atomic(store.root / "metrics.json", {"cluster": result.figures(), "stages": result.stages})

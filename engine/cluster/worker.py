@@ -117,19 +117,18 @@ def _killed_half_way(items: Iterator[Item]) -> Iterator[Item]:
 
 def build_worker(cfg: RunConfig, kind: str) -> ShardWorker:
     """The worker of one pass (:data:`PASSES`): its stages, its sink, how it reads a shard."""
-    from engine.core.pipeline import build_stages, resolved, shard_source
+    from engine.core.pipeline import build_stages, resolved
     from engine.core.subset import take_subset
+    from engine.io.readers import shard_items
 
     cfg = resolved(replace(cfg, runtime=replace(cfg.runtime, progress=False)))
     out = Path(cfg.runtime.out)
     if kind == "curate":
         from engine.curate.pass1 import curate_dir, curate_stages
         from engine.curate.store import EmbeddingStore
-        from engine.stages.embed import embed_model_path
 
-        model = embed_model_path(cfg.curate, cfg.runtime.models, cfg.runtime.cache_dir)
-        return ShardWorker(curate_stages(cfg, model), EmbeddingStore(curate_dir(cfg), adopt=False),
-                           lambda path: shard_source([path], cfg, set()), cfg.runtime.queue_depth)
+        return ShardWorker(curate_stages(cfg), EmbeddingStore(curate_dir(cfg), adopt=False),
+                           lambda path: shard_items(path, cfg.input), cfg.runtime.queue_depth)
     from engine.io.writers import DatasetWriter
 
     if kind == "caption-selected":
@@ -138,6 +137,6 @@ def build_worker(cfg: RunConfig, kind: str) -> ShardWorker:
         read = selected_shard_items(cfg)
     else:
         def read(path: Path) -> Iterator[Item]:
-            return shard_source([path], cfg, set())
+            return shard_items(path, cfg.input)
     return ShardWorker(build_stages(cfg), DatasetWriter(out, None, clean=False),
                        lambda path: take_subset(read(path), cfg.subset), cfg.runtime.queue_depth)
