@@ -76,7 +76,7 @@ def measure(*, shards: int, images: int, stages: tuple[str, ...], address: str =
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench ray", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m bench ray", description=__doc__, allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shards", type=int, default=6, help="shards to write and run")
     parser.add_argument("--images", type=int, default=40, help="images per shard")

@@ -6,6 +6,7 @@ Each entry is ``ACTION:SHARD[:ATTEMPT]`` (no attempt: every attempt of that shar
 
     kill    the worker sends itself SIGKILL half-way through the shard's samples
     freeze  the worker sends itself SIGSTOP just before committing the shard (SIGCONT resumes it)
+    stall   the worker waits STALL_S seconds just before committing the shard (a slow shard)
 
 The fault tests (tests/test_cluster.py) use it to kill or freeze a worker at a known point of
 a known shard. Only engine/cluster/worker.py reads it; the driver hands it to its actors.
@@ -17,7 +18,8 @@ from __future__ import annotations
 import os
 
 ENV = "DENSEFUSION_FAULTS"
-ACTIONS = ("kill", "freeze")
+ACTIONS = ("kill", "freeze", "stall")
+STALL_S = 4.0
 
 
 def parse(spec: str) -> list[tuple[str, str, int | None]]:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from engine.cluster.faults import faults_for
+from engine.cluster.faults import STALL_S, faults_for
 from engine.core.config import RunConfig
 from engine.core.record import Sample, ShardEnd
 from engine.core.runtime import Item, Pipeline
@@ -44,7 +44,7 @@ class ShardWorker:
     def __init__(self, stages: list, sink, shard_items: Callable[[Path], Iterator[Item]], queue_depth: int):
         self.sink, self.shard_items = sink, shard_items
         self.pipeline = Pipeline(stages, queue_depth)
-        self._inbox: queue.Queue[Path | None] = queue.Queue()
+        self._inbox: queue.Queue[Path] = queue.Queue()
         self._leases: dict[str, _Lease] = {}
         self._started = threading.Event()
         self._error: BaseException | None = None
@@ -74,10 +74,6 @@ class ShardWorker:
         """Per-stage figures so far (the same as a single-node run's metrics.json ``stages``)."""
         return [m.as_dict(0.0) for m in self.pipeline.metrics]
 
-    def close(self) -> None:
-        self._inbox.put(None)
-        self._thread.join()
-
     # --- the pipeline's side -------------------------------------------------------------
 
     def _run(self) -> None:
@@ -88,7 +84,8 @@ class ShardWorker:
 
     def _source(self) -> Iterator[Item]:
         self._started.set()  # the pipeline reads its source only after every stage is set up
-        while (path := self._inbox.get()) is not None:
+        while True:  # the actor lives as long as the driver needs it; Ray ends its process
+            path = self._inbox.get()
             items = self.shard_items(path)
             if "kill" in self._leases[shard_name(path)].faults:
                 items = _killed_half_way(items)
@@ -101,6 +98,8 @@ class ShardWorker:
         lease = self._leases[end.shard]
         if "freeze" in lease.faults:
             os.kill(os.getpid(), signal.SIGSTOP)  # test-only (faults.py): a worker frozen before it commits
+        if "stall" in lease.faults:
+            time.sleep(STALL_S)  # test-only (faults.py): a slow shard
         self.sink.commit(end)
         marker = self.sink.committed.pop(end.shard)
         lease.result = {"shard": end.shard, "marker": marker, "attempt": lease.attempt,
@@ -121,6 +120,8 @@ def build_worker(cfg: RunConfig, kind: str) -> ShardWorker:
     from engine.core.subset import take_subset
     from engine.io.readers import shard_items
 
+    if kind not in PASSES:
+        raise ValueError(f"unknown pass {kind!r}; passes are {PASSES}")
     cfg = resolved(replace(cfg, runtime=replace(cfg.runtime, progress=False)))
     out = Path(cfg.runtime.out)
     if kind == "curate":
