@@ -213,21 +213,21 @@ def on_ray(cfg: config_module.RunConfig, *, curate: bool, caption: bool) -> int:
     """The passes on a Ray cluster (--ray); exit code 1 when a shard failed after its attempts."""
     from engine.cluster import passes
     from engine.cluster.driver import connect, disconnect
-    from engine.core.pipeline import format_summary
     from engine.curate.pass1 import format_report
 
     out = Path(cfg.runtime.out)
     connect(cfg.cluster)
     try:
         if curate:
-            report, result = passes.curate(cfg)
+            summary, result, report = passes.curate(cfg)
+            print(format_summary(summary))
             print(passes.format_cluster(result))
             if report is None:
                 return 1
             print(format_report(report, out))
         if caption:
             summary, result = passes.caption(cfg, selected=curate)
-            print(format_summary(summary, out))
+            print(format_summary(summary))
             print(passes.format_cluster(result))
             return 1 if result.failed else 0
         return 0

@@ -71,7 +71,7 @@ def measure(*, shards: int, images: int, stages: tuple[str, ...], address: str =
     n = local["written"] + local["rejected"]
     return {"images": n, "local_wall_s": local_wall, "ray_wall_s": ray_wall,
             "local_images_per_s": n / local_wall, "ray_images_per_s": n / ray_wall,
-            "ray_over_local": ray_wall / local_wall, "cluster": on_ray["cluster"],
+            "ray_over_local": ray_wall / local_wall, "cluster": on_ray["invocations"][-1]["cluster"],
             "same_counts": (local["written"], local["rejected"]) == (on_ray["written"], on_ray["rejected"])}
 
 

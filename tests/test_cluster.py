@@ -65,6 +65,11 @@ def run(cmd: list[str], faults: str = "") -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=ROOT, env=ray_env(faults), capture_output=True, text=True, timeout=400)
 
 
+def cluster_figures(root: Path) -> dict:
+    """The cluster figures of the last invocation in a pass's metrics.json."""
+    return json.loads((root / "metrics.json").read_text())["invocations"][-1]["cluster"]
+
+
 def markers(out: Path) -> dict[str, dict]:
     return {p.stem: json.loads(p.read_text()) for p in sorted((out / "markers").glob("*.json"))}
 
@@ -99,9 +104,9 @@ def test_clean_run_equals_a_single_node_run_captions_included(cluster, tmp_path,
         single_rows = pq.read_table(tmp_path / "single" / "shards" / f"{shard.stem}.parquet").to_pylist()
         assert [(r["key"], r["caption"]) for r in ray_rows] == [(r["key"], r["caption"]) for r in single_rows]
         assert all(r["caption"] for r in ray_rows)
-    metrics = json.loads((tmp_path / "ray" / "metrics.json").read_text())
-    assert metrics["cluster"]["retries"] == 0 and metrics["cluster"]["failed_shards"] == {}
-    assert sum(a["samples"] for a in metrics["cluster"]["actors"]) == 15
+    figures = cluster_figures(tmp_path / "ray")
+    assert figures["retries"] == 0 and figures["failed_shards"] == {}
+    assert sum(a["samples"] for a in figures["actors"]) == 15
     assert "ray: " in clustered.stdout and "images/s busy" in clustered.stdout
 
 
@@ -119,8 +124,8 @@ def test_killed_worker_is_redone_elsewhere_and_a_shard_that_always_kills_fails_a
     assert not (out / "shards" / "shard-03.tar").exists()
     kept = [p for p in shards if p.stem != "shard-03"]
     assert contents(out, kept) == {p.stem: single_node[p.stem] for p in kept}  # every key exactly once
-    cluster_figures = json.loads((out / "metrics.json").read_text())["cluster"]
-    assert cluster_figures["retries"] == 3 and list(cluster_figures["failed_shards"]) == ["shard-03"]
+    figures = cluster_figures(out)
+    assert figures["retries"] == 3 and list(figures["failed_shards"]) == ["shard-03"]
     assert not list(out.rglob("*.tmp"))
 
 
@@ -195,7 +200,7 @@ def test_curation_embeds_on_the_actors_selects_once_and_captions_the_selection(c
 
     assert kept(tmp_path / "ray") and kept(tmp_path / "ray") == kept(tmp_path / "single")
     assert contents(tmp_path / "ray", shards) == contents(tmp_path / "single", shards)
-    embedded = json.loads((tmp_path / "ray" / "curate" / "metrics.json").read_text())["cluster"]
+    embedded = cluster_figures(tmp_path / "ray" / "curate")
     assert sum(a["shards"] for a in embedded["actors"]) == len(shards)  # pass 1 ran on the actors
     assert len(markers(tmp_path / "ray" / "curate")) == len(shards)
 

@@ -14,61 +14,64 @@ from typing import Any
 
 from engine.cluster.driver import ClusterResult, lease_shards
 from engine.core.config import RunConfig
+from engine.core.driver import Pass
 from engine.core.errors import ConfigError
-from engine.core.runtime import RunSummary
-from engine.io.manifest import Manifest, write_json_atomic
-from engine.io.readers import expand_shards, shard_kind, shard_name
+from engine.core.figures import MetricsFile, OutputTotals, RunSummary
+from engine.io.readers import expand_shards, expected_samples, shard_name
 
 
-def caption(cfg: RunConfig, *, selected: bool = False) -> tuple[RunSummary, ClusterResult]:
-    """Pass 2 on the cluster; ``selected``: over pass 1's selection (run --curate)."""
-    from engine.core.pipeline import build_stages, resolved
-    from engine.io.writers import DatasetWriter
-
+def run_pass_on_ray(cfg: RunConfig, spec: Pass, kind: str) -> tuple[RunSummary, ClusterResult]:
+    """``spec`` (engine/core/driver.py) with its per-image work on the actors (``kind``: see
+    engine/cluster/worker.py). Checked as on one node before any work; the actors settle
+    ``auto`` options (the device) on their own nodes."""
+    checked = spec.resolve(cfg)
     paths = expand_shards(cfg.input.shards)
     if not paths:
         raise ConfigError("no input shards: pass --shards (tar, parquet or image folders)")
     for path in paths:
-        shard_kind(path)
-    build_stages(resolved(cfg))  # the same checks as one node's run (models found, options), before any work
-    out = Path(cfg.runtime.out)
-    out.mkdir(parents=True, exist_ok=True)
-    manifest = Manifest(out / "manifest.json")
-    DatasetWriter(out, manifest).settle([shard_name(p) for p in paths])
-    skipped = [shard_name(p) for p in paths if shard_name(p) in manifest.finished]
-    todo = [p for p in paths if shard_name(p) not in manifest.finished]
-    result = lease_shards(cfg, "caption-selected" if selected else "caption", todo,
-                          lambda shard, marker: manifest.record({shard: marker}))
-    rejects_by_stage: Counter = Counter()
-    for shard in result.committed:
-        rejects_by_stage.update(_reject_stages(out / "rejects" / f"{shard}.parquet"))
+        expected_samples(path)  # refuses what is no shard
+    spec.build_stages(checked)  # their checks (models found, options); models load on the actors
+    root = Path(cfg.runtime.out) / spec.folder
+    root.mkdir(parents=True, exist_ok=True)
+    sink = spec.open_sink(checked, root)
+    sink.settle([shard_name(p) for p in paths])
+    skipped = [shard_name(p) for p in paths if shard_name(p) in sink.finished]
+    metrics = MetricsFile(root / "metrics.json")
+    metrics.start(spec.name, cfg.to_dict(), OutputTotals.of(sink.manifest.data))
+    result = lease_shards(cfg, kind, [p for p in paths if shard_name(p) not in sink.finished],
+                          lambda shard, marker: sink.adopt({shard: marker}))
+    by_stage: Counter = Counter()
+    for marker in result.committed.values():
+        by_stage.update(marker.get("rejected_by_stage", {}))
     summary = RunSummary(
         shards_done=sorted(result.committed), shards_skipped=skipped,
         written=sum(m.get("written", 0) for m in result.committed.values()),
         rejected=sum(m.get("rejected", 0) for m in result.committed.values()),
-        rejects_by_stage=dict(rejects_by_stage), wall_s=result.wall_s, interrupted=False, stages=result.stages,
+        rejects_by_stage=dict(by_stage), wall_s=result.wall_s, interrupted=False, stages=result.stages,
+        root=root, outputs=spec.outputs, shards_total=len(paths), totals=OutputTotals.of(sink.manifest.data),
     )
-    write_json_atomic(out / "metrics.json", {
-        "wall_s": round(summary.wall_s, 3), "images_per_s": round(summary.images_per_s, 2),
-        "written": summary.written, "rejected": summary.rejected, "rejects_by_stage": summary.rejects_by_stage,
-        "device": "ray", "stages": summary.stages, "cluster": result.figures(), "config": cfg.to_dict(),
-    })
+    metrics.invocations[-1]["cluster"] = result.figures()
+    metrics.finish(summary, "ray")
     return summary, result
 
 
-def curate(cfg: RunConfig) -> tuple[dict[str, Any] | None, ClusterResult]:
-    """Pass 1 on the cluster; the report is None when a shard failed (the global step needs
-    every shard: a rerun retries the failed ones and then selects)."""
-    from engine.core.pipeline import resolved
-    from engine.curate.pass1 import open_store, select_from_store
+def caption(cfg: RunConfig, *, selected: bool = False) -> tuple[RunSummary, ClusterResult]:
+    """Pass 2 on the cluster; ``selected``: over pass 1's selection (run --curate)."""
+    from engine.core.pipeline import PASS2
 
-    paths, store = open_store(resolved(cfg))
-    todo = [p for p in paths if shard_name(p) not in store.finished]
-    result = lease_shards(cfg, "curate", todo, lambda shard, marker: store.adopt({shard: marker}))
-    write_json_atomic(store.root / "metrics.json", {"cluster": result.figures(), "stages": result.stages})
+    return run_pass_on_ray(cfg, PASS2, "caption-selected" if selected else "caption")
+
+
+def curate(cfg: RunConfig) -> tuple[RunSummary, ClusterResult, dict[str, Any] | None]:
+    """Pass 1 on the cluster, then the global step here; the report is None when a shard failed
+    (the global step needs every shard: a rerun retries the failed ones, then selects)."""
+    from engine.curate.pass1 import PASS1, select_from_store
+    from engine.curate.store import EmbeddingStore
+
+    summary, result = run_pass_on_ray(cfg, PASS1, "curate")
     if result.failed:
-        return None, result
-    return select_from_store(store, cfg, embed_s=result.wall_s), result
+        return summary, result, None
+    return summary, result, select_from_store(EmbeddingStore(summary.root), cfg, embed_s=summary.wall_s)
 
 
 def format_cluster(result: ClusterResult) -> str:
@@ -91,9 +94,3 @@ def format_cluster(result: ClusterResult) -> str:
     if result.failed:
         lines.append("failed shards are not in the output; a rerun with the same --out retries them")
     return "\n".join(lines)
-
-
-def _reject_stages(path: Path) -> Counter:
-    import pyarrow.parquet as pq
-
-    return Counter(pq.read_table(path, columns=["stage"]).column("stage").to_pylist())

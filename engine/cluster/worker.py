@@ -116,7 +116,7 @@ def _killed_half_way(items: Iterator[Item]) -> Iterator[Item]:
 
 def build_worker(cfg: RunConfig, kind: str) -> ShardWorker:
     """The worker of one pass (:data:`PASSES`): its stages, its sink, how it reads a shard."""
-    from engine.core.pipeline import build_stages, resolved
+    from engine.core.driver import resolved
     from engine.core.subset import take_subset
     from engine.io.readers import shard_items
 
@@ -125,11 +125,12 @@ def build_worker(cfg: RunConfig, kind: str) -> ShardWorker:
     cfg = resolved(replace(cfg, runtime=replace(cfg.runtime, progress=False)))
     out = Path(cfg.runtime.out)
     if kind == "curate":
-        from engine.curate.pass1 import curate_dir, curate_stages
+        from engine.curate.pass1 import PASS1, curate_dir
         from engine.curate.store import EmbeddingStore
 
-        return ShardWorker(curate_stages(cfg), EmbeddingStore(curate_dir(cfg), adopt=False),
+        return ShardWorker(PASS1.build_stages(cfg), EmbeddingStore(curate_dir(cfg), adopt=False),
                            lambda path: shard_items(path, cfg.input), cfg.runtime.queue_depth)
+    from engine.core.pipeline import PASS2
     from engine.io.writers import DatasetWriter
 
     if kind == "caption-selected":
@@ -139,5 +140,5 @@ def build_worker(cfg: RunConfig, kind: str) -> ShardWorker:
     else:
         def read(path: Path) -> Iterator[Item]:
             return shard_items(path, cfg.input)
-    return ShardWorker(build_stages(cfg), DatasetWriter(out, None, clean=False),
+    return ShardWorker(PASS2.build_stages(cfg), DatasetWriter(out, None, clean=False),
                        lambda path: take_subset(read(path), cfg.subset), cfg.runtime.queue_depth)

@@ -193,6 +193,10 @@ class DatasetWriter:
     def finished(self) -> set[str]:
         return self.manifest.finished
 
+    def adopt(self, markers: dict[str, dict[str, Any]]) -> None:
+        """The driver's side of other writers' commits (Ray workers): record their markers."""
+        self.manifest.record(markers)
+
     def write(self, sample: Sample) -> None:
         # valid_utf8: whatever a reader or stage left in a string (a lone surrogate from a JSON
         # escape), what is written is valid UTF-8; the readers' keys already are
