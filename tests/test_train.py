@@ -143,23 +143,33 @@ def test_a_few_dozen_steps_lower_the_training_loss(meta_out, tiny_cache, engine)
     assert any("language model + projector + top 1 of 1 vision layers" in line for line in lines)
 
 
-def test_the_engine_captions_through_run_caption_model(meta_out, engine, tiny_cache, tmp_path):
+@pytest.mark.parametrize("backend", ["transformers", "sglang"])
+def test_the_engine_captions_through_run_caption_model(meta_out, engine, tiny_cache, tmp_path, backend):
+    """The checkpoint serves unchanged on transformers and, converted to the native LLaVA layout
+    by the sglang backend itself, on SGLang's CPU engine (in a child process: its own engine)."""
+    import subprocess
+    import sys
+
     import pyarrow.parquet as pq
 
-    import densefusion_local
+    from models.caption.sglang_backend import sglang_available
 
+    if backend == "sglang" and not sglang_available():
+        pytest.skip("the sglang extra is not installed")
     out, _, _ = engine
     shards = sorted((meta_out.parent / "in").glob("*.tar"))
-    code = densefusion_local.main([
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run([
+        sys.executable, str(root / "densefusion_local.py"),
         "run", "--shards", *map(str, shards), "--out", str(tmp_path / "run"), "--no-progress", "--device", "cpu",
-        "--stages", "decode", "prompt", "caption", "--caption-model", str(out), "--caption-backend", "transformers",
+        "--stages", "decode", "prompt", "caption", "--caption-model", str(out), "--caption-backend", backend,
         "--max-new-tokens", "12", "--cache-dir", str(tiny_cache),
-    ])
-    assert code == 0
+    ], cwd=root, env=subprocess_env(), capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout + done.stderr
     rows = pq.read_table(tmp_path / "run" / "shards" / f"{shards[0].stem}.parquet").to_pylist()
     assert len(rows) == 6
     for row in rows:
-        assert row["engine"]["model"] == str(out) and row["engine"]["backend"] == "transformers"
+        assert row["engine"]["model"] == str(out) and row["engine"]["backend"] == backend
         assert row["engine"]["finish_reason"] in ("stop", "length") and row["caption"].strip()
 
 
