@@ -132,7 +132,10 @@ def test_killed_worker_is_redone_elsewhere_and_a_shard_that_always_kills_fails_a
 def test_driver_killed_then_rerun_redoes_only_unfinished_shards(cluster, shards, single_node, tmp_path):
     out = tmp_path / "out"
     cmd = on_ray(command(shards, out), cluster)
-    driver = subprocess.Popen(cmd, cwd=ROOT, env=ray_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # every shard after the first two stalls before its commit, so the kill lands with shards left
+    # however fast the machine is (the rerun has no faults)
+    stalls = ",".join(f"stall:{p.stem}:1" for p in shards[2:])
+    driver = subprocess.Popen(cmd, cwd=ROOT, env=ray_env(stalls), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for(lambda: len(markers(out)) >= 2 or driver.poll() is not None, what="two committed shards")
     finally:

@@ -88,7 +88,10 @@ def test_sigkill_mid_caption_then_rerun_writes_every_key_once_and_leaves_no_proc
     out = tmp_path / "out"
     cmd = [sys.executable, str(ROOT / "densefusion_local.py"), "run", "--shards", *map(str, shards),
            "--out", str(out), "--models", "tiny", "--caption-backend", "sglang", "--device", "cpu",
-           "--no-progress", "--cache-dir", str(tiny_cache), "--max-new-tokens", "8"]
+           "--no-progress", "--cache-dir", str(tiny_cache), "--max-new-tokens", "8",
+           # one request at a time: shards commit one after another, so the kill after the first
+           # lands with shards left even on a fast, quiet machine (a full window finishes them at once)
+           "--sglang-window", "1", "--caption-batch", "1"]
 
     code, children, output = run_watching(cmd, kill_after_shards=1)
     assert code == -signal.SIGKILL, output
