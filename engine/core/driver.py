@@ -5,7 +5,7 @@
     left? summary, no model loaded ─▶ else the Pipeline under SigintStops with the progress
     bar ─▶ summary ─▶ metrics.json (every invocation, and the output's totals)
 
-Pass 2 is ``engine.core.pipeline`` (``run``, ``run_shards``), pass 1 ``engine.curate.pass1``.
+Pass 2 is ``engine.core.pipeline`` (``run``), pass 1 ``engine.curate.pass1``.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""Pass 2 assembled: the stage table and ``run`` / ``run_shards`` (what the CLI and a cluster
-actor call), on the one driver (engine/core/driver.py) with the dataset writer as its sink.
+"""Pass 2 assembled: the stage table and ``run`` (what the CLI calls; a cluster actor builds
+the same ``PASS2``), on the one driver (engine/core/driver.py) with the dataset writer as its sink.
 
 ``STAGES`` is the one ordered table of stages, each a stage module's ``build(cfg)``;
 ``--stages`` picks a subset in this order. The probe always runs (it fills width/height that
@@ -119,8 +119,3 @@ PASS2 = Pass("run", "", open_writer, placed_stages, ("shards", "rejects"), resol
 def run(cfg: RunConfig, *, source_paths: list[Path] | None = None, source: Source | None = None) -> RunSummary:
     """Pass 2 over ``--shards`` (or ``source_paths``), or over ``source``'s items (a curated selection)."""
     return run_pass(cfg, PASS2, paths=source_paths, source=source)
-
-
-def run_shards(cfg: RunConfig, paths: list[Path]) -> RunSummary:
-    """Pass 2 over exactly these shards (one, from a cluster actor): ``--shards`` is not read."""
-    return run_pass(cfg, PASS2, paths=list(paths))
