@@ -52,16 +52,16 @@ def test_non_transitive_rule_is_followed():
     np.testing.assert_array_equal(~result.keep, reference_duplicates(x, EPS))
 
 
-@pytest.mark.parametrize("block", [3, 64, 4096])
-def test_blocked_mask_equals_reference_on_planted_clusters(block):
+@pytest.mark.parametrize(("backend", "block"), [("numpy", 3), ("numpy", 64), ("numpy", 4096), ("bf16", None)])
+def test_mask_equals_reference_on_planted_clusters(backend, block):
     rng = np.random.default_rng(1)
     dim = 32
     clusters = [planted_cluster(unit(rng.standard_normal(dim)), size, rng, dim=dim)
-                for size in (700, 300, 150, 40, 1)]
+                for size in (700, 300, 257, 150, 40, 1)]
     total_dups = 0
     for x in clusters:
         expected = reference_duplicates(x, EPS)
-        result = semdedup_keep_mask(x, EPS, block=block)
+        result = semdedup_keep_mask(x, EPS, backend=backend, **({"block": block} if block else {}))
         np.testing.assert_array_equal(~result.keep, expected)
         dup = np.flatnonzero(~result.keep)
         # the named earlier member really is above the threshold and earlier
@@ -70,6 +70,28 @@ def test_blocked_mask_equals_reference_on_planted_clusters(block):
         assert np.all(sims > 1 - EPS)
         total_dups += len(dup)
     assert 0 < total_dups < sum(map(len, clusters))
+
+
+@pytest.mark.parametrize("backend", ["numpy", "bf16"])
+def test_pairs_inside_bf16_error_of_the_threshold_get_the_float32_verdict(backend):
+    # bf16 cannot tell 1 - eps +- 1e-4 apart (its dot products are off by up to BF16_DOT_ERROR):
+    # the screen must leave these to float32, which can.
+    rng = np.random.default_rng(3)
+    dim = 64
+    bases = [unit(rng.standard_normal(dim)) for _ in range(40)]
+    x = []
+    for base in bases:
+        x += [base, with_similarity(base, 1 - EPS + 1e-4, rng), with_similarity(base, 1 - EPS - 1e-4, rng)]
+    x = np.array(x, np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    expected = reference_duplicates(x, EPS)
+    result = semdedup_keep_mask(x, EPS, backend=backend)
+    np.testing.assert_array_equal(~result.keep, expected)
+    assert 30 < expected.sum() < 80  # the +1e-4 copies (and some -1e-4 ones close to another copy)
+    dup = np.flatnonzero(expected)
+    sims = x @ x.T
+    np.testing.assert_array_equal(result.nearest_earlier[dup],
+                                  [np.argmax(np.where(np.arange(len(x)) < j, sims[j], -np.inf)) for j in dup])
 
 
 def reference_cluster_verdict(x: np.ndarray, distance: np.ndarray, eps: float, which_to_keep: str,

@@ -250,10 +250,13 @@ class CurateConfig:
         "the reference's default) or easy (closest); the order changes the counts too",
         choices=("hard", "easy"),
     )
-    kmeans_iterations: int = option(20, "k-means iterations in all (coarse, then refine)")
+    kmeans_iterations: int = option(
+        20, "k-means iterations at most, coarse and refining together; the coarse ones stop early once "
+        "no assignment changes"
+    )
     kmeans_refine_iterations: int = option(
-        3, "the last k-means iterations, on the whole fit sample; the others run on a quarter of it "
-        "(coarse to fine: the objective of all on the whole sample at ~40%% of the cost; 0: all on the whole sample)"
+        1, "the last k-means iterations, on the whole fit sample; the others run on a quarter of it "
+        "(coarse to fine, seeded by AFK-MC2; 0: all on the whole sample)"
     )
     kmeans_points_per_centroid: int = option(
         256, "k-means is fitted on a random sample of this many points per centroid (FAISS's default)"
