@@ -166,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         path = Path(tmp) / "embeddings.zarr"
         t = time.perf_counter()
         make_embeddings(path, args.n, args.dim, args.k)
+        os.sync()  # its writeback would otherwise land on whichever side runs first
         print(f"synthetic: {args.n:,} x {args.dim} float16 into {args.k:,} clusters "
               f"(made in {time.perf_counter() - t:.1f}s), eps={args.eps}, keep {args.keep}, top {args.top_n}, "
               f"k-means fit on {args.points_per_centroid} points per centroid, {args.niter} iterations")
