@@ -68,6 +68,9 @@ def test_curate_end_to_end_respects_top_n_and_eps(clean):
     assert report["n_in"] == len(index) + sum(report["rejected_by_stage"].values())
     assert sum(h["clusters"] for h in report["cluster_size_histogram"]) == 3
     assert report["keep"] == "hard"
+    similarity = [1 - r["distance"] for r in selection]
+    assert report["kmeans_objective"] == pytest.approx(np.mean(similarity), abs=1e-5)
+    assert 1 <= report["kmeans_iterations"] <= 20
     for c in {r["cluster"] for r in selection}:
         members = sorted((r for r in selection if r["cluster"] == c), key=lambda r: r["rank"])
         assert [r["rank"] for r in members] == list(range(len(members)))  # rank: closest first

@@ -92,6 +92,9 @@ def select_from_store(store: EmbeddingStore, cfg: RunConfig, *, embed_s: float =
         write_parquet_atomic(selection_table(index, selection), store.root / "selection.parquet")
         result = report(selection, n_in=n_in, n_after_filter=n_in - n_filtered,
                         n_embedded=store.rows, eps=cfg.curate.curate_eps, k=k)
+        # how well k-means fitted: mean cosine similarity of every row to its centroid
+        result.update(kmeans_objective=round(float(clustering.similarity.mean()), 6),
+                      kmeans_iterations=clustering.iterations)
     else:
         nothing = Selection.empty(cfg.curate.curate_top_n, cfg.curate.curate_keep)
         write_parquet_atomic(selection_table(index, nothing), store.root / "selection.parquet")
