@@ -15,10 +15,10 @@ from conftest import jpeg, sample_members, write_tar
 
 import densefusion_local
 from engine.core import config
-from engine.core.config import ExpertsConfig, FusionConfig, RunConfig, RuntimeConfig
+from engine.core.config import ExpertsConfig, FusionConfig, RunConfig, RuntimeConfig, options_affecting
 from engine.core.errors import ConfigError
 from engine.core.models import resolve_model
-from engine.io.expert_cache import FIELDS, output_fingerprint
+from engine.io.expert_cache import FIELDS, fingerprint, output_fingerprint
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("engine", "models", "kernels")
@@ -245,6 +245,39 @@ def test_a_fingerprint_changes_with_the_options_declared_to_affect_it(section, c
     other = dataclasses.replace(base, **{section: dataclasses.replace(getattr(base, section), **change)})
     changed = {out for out in FIELDS if output_fingerprint(base, out) != output_fingerprint(other, out)}
     assert changed == changes
+
+
+def test_a_fingerprint_changes_when_files_at_the_same_path_change(tmp_path):
+    checkpoint = tmp_path / "ram" / "ram_plus_swin_large_14m.pth"
+    checkpoint.parent.mkdir()
+    checkpoint.write_bytes(b"weights")
+    (checkpoint.parent / "ram_tag_list.txt").write_text("cat\ndog\n")
+    owlv2 = tmp_path / "owlv2"
+    (owlv2 / "sub").mkdir(parents=True)
+    (owlv2 / "sub" / "model.safetensors").write_bytes(b"w")
+    base = RunConfig()
+    cfg = dataclasses.replace(base, experts=dataclasses.replace(
+        base.experts, ram_plus_model=str(checkpoint), owlv2_model=str(owlv2)))
+
+    def keys():
+        return {out: output_fingerprint(cfg, out) for out in FIELDS}
+
+    first = keys()
+    assert keys() == first  # stable while nothing changes
+    changes = [
+        (lambda: checkpoint.write_bytes(b"new weights"), {"tags", "boxes"}),  # boxes are queried with the tags
+        (lambda: (checkpoint.parent / "ram_tag_list.txt").write_text("cat\ndog\nbird\n"), {"tags", "boxes"}),
+        (lambda: (owlv2 / "sub" / "model.safetensors").write_bytes(b"other"), {"boxes"}),
+        (lambda: (checkpoint.parent / "notes.md").write_text("unrelated"), set()),
+    ]
+    for change, expected in changes:
+        before = keys()
+        change()
+        after = keys()
+        assert {out for out in FIELDS if after[out] != before[out]} == expected
+    # a hub id or 'tiny' names nothing on disk: its key is the one it always had
+    assert output_fingerprint(base, "boxes") == fingerprint(
+        "boxes", options_affecting(base, "boxes"), [output_fingerprint(base, "tags")])
 
 
 def test_a_second_run_over_the_same_images_reports_cache_hits_in_metrics(tmp_path, tiny_cache):

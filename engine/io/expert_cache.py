@@ -50,10 +50,33 @@ def fingerprint(*parts: Any) -> str:
 
 
 def output_fingerprint(cfg: RunConfig, output: str) -> str:
-    """What keys ``output`` (a key of FIELDS): the options declared to affect it, and the
-    fingerprints of the outputs it is computed from."""
+    """What keys ``output`` (a key of FIELDS): the options declared to affect it, the files on
+    disk those options name (:func:`files_on_disk`), and the fingerprints of the outputs it is
+    computed from."""
+    options = options_affecting(cfg, output)
     upstream = [output_fingerprint(cfg, name) for name in INPUTS.get(output, ())]
-    return fingerprint(output, options_affecting(cfg, output), upstream)
+    on_disk = {name: files_on_disk(value) for name, value in options.items() if isinstance(value, str)}
+    on_disk = {name: files for name, files in on_disk.items() if files}
+    # Options naming nothing on disk (hub ids, 'tiny', numbers) keep the keys they always had.
+    return fingerprint(output, options, upstream, *([on_disk] if on_disk else []))
+
+
+COMPANION_SUFFIXES = (".txt", ".json")  # a tag list or label map read from beside a checkpoint
+
+
+def files_on_disk(value: str) -> list[tuple[str, int, int]]:
+    """(path, size, mtime in ns) of the files an option value names: every file of a folder; a
+    file and the .txt/.json files beside it. New weights at the same path change the key;
+    hashing gigabytes of weights on every run would not pay. [] when it names nothing."""
+    path = Path(value).expanduser() if value else None
+    if path is None or not path.exists():
+        return []
+    if path.is_dir():
+        files = [f for f in path.rglob("*") if f.is_file()]
+    else:
+        files = [path] + [f for f in path.parent.iterdir()
+                          if f != path and f.is_file() and f.suffix in COMPANION_SUFFIXES]
+    return sorted((str(f), (st := f.stat()).st_size, st.st_mtime_ns) for f in files)
 
 
 # Switching a new file to WAL while another connection opens it can fail at once with
