@@ -36,14 +36,13 @@ import numpy as np
 from engine.core.config import CurateConfig
 
 
-def make_embeddings(path: Path, n: int, dim: int, k: int, seed: int = 0, chunk: int = 65536):
-    """Clustered unit vectors with ~10% planted near-duplicates, written chunk by chunk."""
-    import zarr
-
+def fill_embeddings(array, k: int, seed: int = 0, chunk: int = 65536) -> None:
+    """Fill ``array`` (rows x dim, a zarr array or a NumPy one) with unit vectors around ``k``
+    random centres, ~10% of them planted near-duplicates, chunk by chunk."""
+    n, dim = array.shape
     rng = np.random.default_rng(seed)
     centers = rng.standard_normal((k, dim)).astype(np.float32)
     centers /= np.linalg.norm(centers, axis=1, keepdims=True)
-    array = zarr.create_array(path, shape=(n, dim), chunks=(16384, dim), dtype="float16", compressors=None)
     for start in range(0, n, chunk):
         m = min(chunk, n - start)
         x = centers[rng.integers(0, k, m)] + rng.standard_normal((m, dim), dtype=np.float32) / np.sqrt(dim)
@@ -165,7 +164,10 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         path = Path(tmp) / "embeddings.zarr"
         t = time.perf_counter()
-        make_embeddings(path, args.n, args.dim, args.k)
+        import zarr
+
+        fill_embeddings(zarr.create_array(path, shape=(args.n, args.dim), chunks=(16384, args.dim), dtype="float16",
+                                          compressors=None), args.k)
         os.sync()  # its writeback would otherwise land on whichever side runs first
         print(f"synthetic: {args.n:,} x {args.dim} float16 into {args.k:,} clusters "
               f"(made in {time.perf_counter() - t:.1f}s), eps={args.eps}, keep {args.keep}, top {args.top_n}, "

@@ -15,6 +15,9 @@ table says so:
   buildable here), DETR-ResNet-50 (transformers);
 - OCR: the batched PP-OCR backend on ONNX Runtime's CUDA provider when onnxruntime-gpu and the
   rapidocr models are there; on the CPU provider otherwise (labelled); skipped without them;
+- curate: pass 1's k-means (torch fp16: no faiss there) and SemDeDup (the Triton kernel) over
+  1M synthetic 768-d embeddings into 1,000 clusters, held in host memory (per embedding, so
+  outside the experts' share of the caption engine's time);
 - caption: LLaVA-1.6-7B on the transformers backend: the batch in arrival order, sorted
   windows with dynamic, static and compiled decoding, and a naive ``generate`` loop (batch 4,
   beam search 3, as ShareGPT4V's captioner ran), every request ``--tokens`` long.
@@ -174,6 +177,27 @@ def ocr_row(n: int, device: str) -> dict:
 # --- caption engine -------------------------------------------------------------------------------
 
 
+def curate_row(tiny: bool, device: str, tmp: Path) -> dict:
+    """Pass 1 after the embedder: k-means, SemDeDup and the top-N selection, as the engine runs
+    them (engine/curate), over synthetic unit embeddings in float16 host memory."""
+    from bench.curate import fill_embeddings
+    from engine.curate.kmeans import cluster
+    from engine.curate.selection import select
+
+    n, k = (20_000, 20) if tiny else (1_000_000, 1_000)
+    embeddings = np.empty((n, 768), np.float16)
+    fill_embeddings(embeddings, k)
+    on_gpu = device.startswith("cuda")
+
+    def run():
+        clustering = cluster(embeddings, k, backend="torch")
+        return select(embeddings, clustering, scratch=tmp / "curate.scratch",
+                      backend=("triton", device) if on_gpu else None)
+
+    label = f"curate: k-means {k:,} + SemDeDup + top 20 on {n:,} x 768 ({'torch fp16, Triton' if on_gpu else 'CPU'})"
+    return measured(label, run, n, device)
+
+
 def caption_rows(tiny: bool, images: int, tokens: int, batch: int, window: int, tmp: Path) -> list[dict]:
     from bench.caption import caption_stage, make_samples, measure, real_size_engine, tiny_engine, variant
 
@@ -262,6 +286,7 @@ def main(argv: list[str]) -> int:
         rows.append(embed_row(photo_jpegs(n), tiny, device))
         rows += expert_rows(photos(n), tiny, device, Path(tmp))
         rows.append(ocr_row(n if not tiny else 2, device))
+        rows.append(curate_row(tiny, device, Path(tmp)))
         caption = caption_rows(tiny, args.caption_images or (4 if tiny else 16), args.tokens or (4 if tiny else 250),
                                args.batch if not tiny else 2, args.window, Path(tmp))
     figures = summarise(rows, caption, gpu, tiny, args.tokens or (4 if tiny else 250))
@@ -277,8 +302,8 @@ def summarise(experts: list[dict], caption: list[dict], gpu: str, tiny: bool, to
 
     best = max(caption[:-1], key=lambda r: r["images_per_s"])
     naive = caption[-1]
-    expert_ms = sum(r["ms_per_image"] for r in experts if r.get("images") and not r["row"].startswith("tag: CLIP")
-                    and not r["row"].startswith("box fusion"))
+    expert_ms = sum(r["ms_per_image"] for r in experts if r.get("images")
+                    and not r["row"].startswith(("tag: CLIP", "box fusion", "curate")))
     return {
         "gpu": gpu, "tiny": tiny, "torch": torch.__version__, "transformers": transformers.__version__,
         "python": platform.python_version(), "caption_tokens": tokens, "rows": experts + caption,

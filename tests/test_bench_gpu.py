@@ -19,7 +19,8 @@ def test_tiny_run_writes_every_row_without_the_absent_libraries(tmp_path, monkey
     figures = json.loads(out.read_text())
     labels = [r["row"] for r in figures["rows"]]
     for prefix in ("embed: tiny CLIP ViT, incl. decode", "tag: RAM++", "detect: OWLv2", "detect: closed-set",
-                   "ocr: PP-OCR batched", "caption: 2 per call, arrival order", "caption: naive generate, batch 4, beam 3"):
+                   "ocr: PP-OCR batched", "curate: k-means 20 + SemDeDup",
+                   "caption: 2 per call, arrival order", "caption: naive generate, batch 4, beam 3"):
         assert any(label.startswith(prefix) for label in labels), (prefix, labels)
     modes = [r["row"] for r in figures["rows"] if "sorted" in r["row"]]
     assert [m.rsplit(" ", 1)[1] for m in modes] == ["dynamic", "static"]

@@ -117,3 +117,15 @@ def test_afk_mc2_seeds_one_per_planted_cluster():
     # a uniform draw of k rows almost never does (8! / 8**8 = 0.2%)
     uniform = rng.choice(n, (20, k))
     assert all(len(set(truth[draw])) < k for draw in uniform)
+
+
+def test_without_faiss_the_torch_search_does_the_job(monkeypatch, planted):
+    import sys
+
+    from engine.curate.kmeans import pick_backend
+
+    monkeypatch.setitem(sys.modules, "faiss", None)  # a GPU node with no FAISS installed
+    assert pick_backend() == "torch"
+    array, truth, k = planted
+    result = cluster(array, k, niter=10, points_per_centroid=200, chunk_rows=700)
+    assert len(np.unique(result.assignment)) == k

@@ -43,15 +43,19 @@ def default_k(n: int) -> int:
 
 
 def pick_backend(backend: str = "auto") -> str:
-    """"faiss-gpu" when FAISS sees a GPU; "torch" when torch does (a GPU node with faiss-cpu) or
-    the CPU has native bf16; else "faiss" (its float32 search beats torch's by ~15%)."""
+    """"faiss-gpu" when FAISS sees a GPU; "torch" when torch does (a GPU node with faiss-cpu or
+    none), the CPU has native bf16, or FAISS is not installed; else "faiss" (its float32 search
+    beats torch's by ~15%)."""
     if backend != "auto":
         if backend not in BACKENDS:
             raise ValueError(f"unknown k-means backend {backend!r}: {', '.join(BACKENDS)} or auto")
         return backend
-    import faiss
     import torch
 
+    try:
+        import faiss
+    except ImportError:  # a GPU node may come without FAISS: torch alone does the job
+        return "torch"
     if hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0:
         return "faiss-gpu"
     return "torch" if torch.cuda.is_available() or cpu_has_native_bf16() else "faiss"
