@@ -78,9 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
                  "models (writes noise captions; no weights or data needed)"),
         ("plan", "placement and memory budget per GPU for the model flags given, on --gpus GPUs of "
                  "--gpu-memory-gb each, without a GPU or weights (exit 2 when it does not fit)"),
-        ("meta", "meta dataset: caption a seeded random share of --shards (--subset-share, default 0.1) with the "
-                 "GPT-4V template through --api-base/--api-model, then export OUT/sft/ as LLaVA "
-                 "fine-tuning data for the caption engine"),
+        ("meta", "meta dataset: caption a seeded random share of --shards (--subset-share, default 0.1; with "
+                 "--curate, of pass 1's selection) with the GPT-4V template through --api-base/--api-model, "
+                 "then export OUT/sft/ as LLaVA fine-tuning data for the caption engine"),
     ):
         # the full usage lists every option (over a hundred lines): an error would scroll away
         sub = commands.add_parser(name, help=help_text, description=help_text,
@@ -114,9 +114,14 @@ OUTPUT_TOOLS = {
 
 
 def command_run(args: argparse.Namespace) -> int:
+    return caption_pass(config_module.build(args, args.config))
+
+
+def caption_pass(cfg: config_module.RunConfig) -> int:
+    """Pass 2 over --shards, or with --curate over pass 1's selection (pass 1 first, skipped
+    once done); locally or on Ray. The exit code: 0, 1 (a shard failed on Ray), 130."""
     from engine.core import pipeline
 
-    cfg = config_module.build(args, args.config)
     if cfg.cluster.ray:
         return on_ray(cfg, curate=cfg.curate.curate, caption=True)
     source = None
@@ -190,17 +195,11 @@ def meta_config(args: argparse.Namespace) -> config_module.RunConfig:
 
 
 def command_meta(args: argparse.Namespace) -> int:
-    from engine.core import pipeline
     from engine.output.export import export, left_out_note
 
     cfg = meta_config(args)
     out = Path(cfg.runtime.out)
-    if cfg.cluster.ray:
-        code = on_ray(cfg, curate=False, caption=True)
-    else:
-        summary = pipeline.run(cfg)
-        print(format_summary(summary))
-        code = 130 if summary.interrupted else 0
+    code = caption_pass(cfg)  # with --curate: the share is drawn from pass 1's selection, as in the paper
     if code == 130:
         return code
     result = export("sft", out, out / "sft")

@@ -82,3 +82,32 @@ def test_meta_command_captions_the_subset_with_gpt4v_and_exports_sft(tmp_path, c
         assert human["value"].startswith("<image>\n" + CAPTION_ENGINE_INSTRUCTION)  # the engine's template
         assert gpt["value"] == by_key[record["id"]]["caption"]
     assert f"{len(records)} GPT-4V captions exported" in capsys.readouterr().out
+
+
+def test_meta_with_curate_draws_its_share_from_pass_1s_selection(tmp_path, tiny_cache):
+    import pyarrow.parquet as pq
+
+    import densefusion_local
+    from bench._chat_server import ChatServer
+    from engine.io.demo_data import write_demo_shards
+
+    shards = write_demo_shards(tmp_path / "in", n_shards=1)
+    out = tmp_path / "out"
+    with ChatServer(output_words=20) as server:
+        code = densefusion_local.main([
+            "meta", "--shards", *map(str, shards), "--out", str(out), "--no-progress", "--device", "cpu",
+            "--stages", "decode", "prompt", "caption", "--api-base", server.url, "--api-model", "fake-4v",
+            "--subset-share", "1", "--caption-max-side", "256",
+            "--curate", "--embed-model", "tiny", "--cache-dir", str(tiny_cache), "--embed-batch", "2",
+            "--curate-clusters", "1", "--curate-top-n", "2",
+        ])
+    assert code == 0
+    selection = pq.read_table(out / "curate" / "selection.parquet").to_pylist()
+    selected = {r["key"] for r in selection if r["kept"]}
+    assert 0 < len(selected) <= 2 < len(selection)  # the top 2 of one cluster, out of every embedded image
+    written = {r["key"] for r in pq.read_table(out / "shards" / f"{shards[0].stem}.parquet").to_pylist()}
+    assert written == selected
+    rejected = pq.read_table(out / "rejects" / f"{shards[0].stem}.parquet").to_pylist()
+    assert {r["stage"] for r in rejected} >= {"curate"}
+    records = json.loads((out / "sft" / "densefusion_sft.json").read_text())
+    assert {r["id"] for r in records} == written

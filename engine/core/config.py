@@ -228,7 +228,8 @@ class CaptionConfig:
 
 @dataclass(frozen=True)
 class CurateConfig:
-    curate: bool = option(False, "run: curate first (pass 1) and caption only the selected samples")
+    curate: bool = option(False, "run, meta: curate first (pass 1, into OUT/curate) and caption only the selected "
+                                 "samples (meta: its share of them)")
     embed_model: str = option(
         "EVA02-L-14", "embedding model: open_clip architecture, folder with open_clip_config.json, "
         "'hf-hub:org/repo', or 'tiny'", affects=("tags",), model="embed",
