@@ -249,3 +249,23 @@ def test_stages_opening_a_new_cache_at_once_do_not_lock_each_other_out(tmp_path)
     assert errors == []
     last = ExpertCache(tmp_path / f"{rounds - 1}.sqlite")
     assert set(last.get_many(["stage0", "stage1"], "e")) == {"stage0", "stage1"}
+
+
+def test_a_nan_or_zero_embedding_fails_its_sample_alone():
+    from engine.stages.embed import EMBED_VIEW, fill_embeddings
+
+    class Broken:
+        def embed_images(self, images):
+            out = np.zeros((len(images), 4), np.float32)
+            out[:, 0] = 1.0
+            out[1] = np.nan  # fp16 overflow in the model
+            out[2] = 0.0  # an all-zero feature, "normalised"
+            return out
+
+    samples = [Sample(key=f"k{i}", source=Source("s", "s.tar", f"k{i}.jpg")) for i in range(3)]
+    for s in samples:
+        s.views[EMBED_VIEW.name] = np.zeros((8, 8, 3), np.uint8)
+    fill_embeddings(Broken(), samples, "embed")
+    assert samples[0].alive and samples[0].embedding.tolist() == [1.0, 0.0, 0.0, 0.0]
+    assert not samples[1].alive and "not finite" in samples[1].reason
+    assert not samples[2].alive and "norm 0" in samples[2].reason

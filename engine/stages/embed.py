@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
+
 from engine.core.config import CurateConfig, RunConfig
 from engine.core.errors import ConfigError
 from engine.core.models import resolve_model
@@ -34,10 +36,17 @@ def fill_embeddings(embedder, samples: list[Sample], stage: str) -> None:
         vectors = None
     for i, sample in enumerate(ready):
         try:
-            sample.embedding = vectors[i] if vectors is not None else embedder.embed_images(
-                [sample.views[EMBED_VIEW.name]])[0]
+            vector = vectors[i] if vectors is not None else embedder.embed_images([sample.views[EMBED_VIEW.name]])[0]
         except Exception as exc:  # noqa: BLE001 - per-sample failure is data
             sample.fail(stage, f"{type(exc).__name__}: {exc}")
+            continue
+        # One NaN row would poison a k-means centroid, and every row compared with it after.
+        if not np.all(np.isfinite(vector)):
+            sample.fail(stage, "the embedding is not finite (NaN or inf): the model overflowed on this image")
+        elif abs(float(np.linalg.norm(vector)) - 1.0) > 1e-3:
+            sample.fail(stage, f"the embedding has norm {float(np.linalg.norm(vector)):.3g}, not 1 (an all-zero feature?)")
+        else:
+            sample.embedding = vector
 
 
 def embedder_model(cfg: RunConfig) -> tuple[str, str]:
