@@ -48,23 +48,30 @@ def test_meta_defaults_to_the_papers_share_unless_one_is_given(tmp_path):
     assert (chosen.subset.subset_share, chosen.subset.subset_seed) == (1.0, 4)
 
 
-def test_meta_command_captions_the_subset_with_gpt4v_and_exports_sft(tmp_path, capsys):
-    import pyarrow.parquet as pq
-
+def run_meta(tmp_path, output_words: int, *flags: str):
+    """``meta`` over one demo shard against a fake GPT-4V endpoint: (exit code, shards, out, server)."""
     import densefusion_local
     from bench._chat_server import ChatServer
-    from engine.core.subset import in_subset
-    from engine.evidence.prompt import GPT4V_INSTRUCTION
     from engine.io.demo_data import write_demo_shards
 
     shards = write_demo_shards(tmp_path / "in", n_shards=1)
     out = tmp_path / "out"
-    with ChatServer(output_words=40) as server:
+    with ChatServer(output_words=output_words) as server:
         code = densefusion_local.main([
             "meta", "--shards", *map(str, shards), "--out", str(out), "--no-progress", "--device", "cpu",
-            "--stages", "decode", "prompt", "caption", "qc", "--api-base", server.url, "--api-model", "fake-4v",
-            "--subset-share", "0.6", "--subset-seed", "2", "--caption-max-side", "256",
+            "--api-base", server.url, "--api-model", "fake-4v", "--caption-max-side", "256", *flags,
         ])
+    return code, shards, out, server
+
+
+def test_meta_command_captions_the_subset_with_gpt4v_and_exports_sft(tmp_path, capsys):
+    import pyarrow.parquet as pq
+
+    from engine.core.subset import in_subset
+    from engine.evidence.prompt import GPT4V_INSTRUCTION
+
+    code, shards, out, server = run_meta(tmp_path, 40, "--stages", "decode", "prompt", "caption", "qc",
+                                         "--subset-share", "0.6", "--subset-seed", "2")
     assert code == 0
     written = pq.read_table(out / "shards" / f"{shards[0].stem}.parquet").to_pylist()
     rejected = pq.read_table(out / "rejects" / f"{shards[0].stem}.parquet").to_pylist()
@@ -87,20 +94,9 @@ def test_meta_command_captions_the_subset_with_gpt4v_and_exports_sft(tmp_path, c
 def test_meta_with_curate_draws_its_share_from_pass_1s_selection(tmp_path, tiny_cache):
     import pyarrow.parquet as pq
 
-    import densefusion_local
-    from bench._chat_server import ChatServer
-    from engine.io.demo_data import write_demo_shards
-
-    shards = write_demo_shards(tmp_path / "in", n_shards=1)
-    out = tmp_path / "out"
-    with ChatServer(output_words=20) as server:
-        code = densefusion_local.main([
-            "meta", "--shards", *map(str, shards), "--out", str(out), "--no-progress", "--device", "cpu",
-            "--stages", "decode", "prompt", "caption", "--api-base", server.url, "--api-model", "fake-4v",
-            "--subset-share", "1", "--caption-max-side", "256",
-            "--curate", "--embed-model", "tiny", "--cache-dir", str(tiny_cache), "--embed-batch", "2",
-            "--curate-clusters", "1", "--curate-top-n", "2",
-        ])
+    code, shards, out, _ = run_meta(tmp_path, 20, "--stages", "decode", "prompt", "caption", "--subset-share", "1",
+                                    "--curate", "--embed-model", "tiny", "--cache-dir", str(tiny_cache),
+                                    "--embed-batch", "2", "--curate-clusters", "1", "--curate-top-n", "2")
     assert code == 0
     selection = pq.read_table(out / "curate" / "selection.parquet").to_pylist()
     selected = {r["key"] for r in selection if r["kept"]}

@@ -41,10 +41,11 @@ def fill_embeddings(embedder, samples: list[Sample], stage: str) -> None:
             sample.fail(stage, f"{type(exc).__name__}: {exc}")
             continue
         # One NaN row would poison a k-means centroid, and every row compared with it after.
-        if not np.all(np.isfinite(vector)):
+        norm = float(np.linalg.norm(vector))
+        if not np.isfinite(norm):
             sample.fail(stage, "the embedding is not finite (NaN or inf): the model overflowed on this image")
-        elif abs(float(np.linalg.norm(vector)) - 1.0) > 1e-3:
-            sample.fail(stage, f"the embedding has norm {float(np.linalg.norm(vector)):.3g}, not 1 (an all-zero feature?)")
+        elif abs(norm - 1.0) > 1e-3:
+            sample.fail(stage, f"the embedding has norm {norm:.3g}, not 1 (an all-zero feature?)")
         else:
             sample.embedding = vector
 
