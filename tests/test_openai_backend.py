@@ -152,7 +152,7 @@ def test_killed_then_resumed_cli_run_captions_every_sample_exactly_once(tmp_path
     import subprocess
 
     from contract import check_output_contract
-    from test_resume import ROOT, make_shards, run_and_kill
+    from test_resume import ROOT, held_back, make_shards, run_and_kill
 
     shards = make_shards(tmp_path / "in", n_shards=4, per_shard=8)
     chaos = ("429:0.05", "ok", "500", "ok", "malformed", "timeout:1.5", "reset", "ok")
@@ -170,7 +170,8 @@ def test_killed_then_resumed_cli_run_captions_every_sample_exactly_once(tmp_path
     assert clean.returncode == 0, clean.stderr
     resumed = tmp_path / "resumed"
     with ChatServer(latency=0.05, output_words=30, expect_key=SECRET, chaos=chaos) as server:
-        assert run_and_kill(command(resumed, server), resumed, after_shards=1) < len(shards)
+        with held_back(shards[-1]):
+            assert run_and_kill(command(resumed, server), resumed, after_shards=1) < len(shards)
         final = subprocess.run(command(resumed, server), cwd=ROOT, capture_output=True, text=True)
     assert final.returncode == 0, final.stderr
     # The rerun took what the killed run had been answered from its journal: only the requests
