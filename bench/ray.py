@@ -2,11 +2,12 @@
 
 Writes ``--shards`` shards of ``--images`` photo-like JPEGs each, runs ``run`` on them locally
 (one process), then on a loopback two-node Ray cluster started for the purpose (or on
-``--address``), with the same stages and options. Printed per mode: wall time of the whole
+``--address``), with the same stages and options: once with one shard in flight per actor and
+once with the default ``--ray-shards-in-flight``. Printed per mode: wall time of the whole
 command (model loading and, for Ray, connecting and starting actors included), images/s over
 that wall time, and for Ray the per-actor images/s while busy; then Ray's wall time ÷ the local
-one (the overhead of Ray mode as a ratio). On one machine both nodes share its cores, so this
-measures overhead, not the speed-up of more nodes.
+one (the overhead of Ray mode as a ratio), and what holding more shards per actor gains. On one
+machine both nodes share its cores, so this measures overhead, not the speed-up of more nodes.
 """
 
 from __future__ import annotations
@@ -50,29 +51,36 @@ def timed_run(cmd: list[str], env: dict[str, str]) -> tuple[float, dict]:
     return wall, json.loads((out / "metrics.json").read_text())
 
 
-def measure(*, shards: int, images: int, stages: tuple[str, ...], address: str = "", workdir: Path) -> dict:
+def measure(*, shards: int, images: int, stages: tuple[str, ...], address: str = "", actors: int = 0,
+            workdir: Path) -> dict:
     from engine.cluster.loopback import ENV, LoopbackCluster
+    from engine.core.config import ClusterConfig
 
     paths = write_shards(workdir / "in", shards, images)
     base = [sys.executable, str(ROOT / "densefusion_local.py"), "run", "--shards", *map(str, paths), "--no-progress",
-            "--stages", *stages, "--models", "tiny", "--cache-dir", str(workdir / "cache"), "--decode-threads", "1"]
+            "--stages", *stages, "--models", "tiny", "--cache-dir", str(workdir / "cache"), "--decode-threads", "1",
+            "--expert-cache", "off"]  # every mode computes its experts: none reads what another stored
     env = {**os.environ, **ENV, "PYTHONPATH": str(ROOT)}
     local_wall, local = timed_run([*base, "--out", str(workdir / "local")], env)
     cluster = None
     if not address:
         cluster = LoopbackCluster(Path(tempfile.mkdtemp(prefix="dfbench", dir="/tmp")), ROOT).start()
         address = cluster.address
+    runs = []
     try:
-        ray_wall, on_ray = timed_run([*base, "--out", str(workdir / "ray"), "--ray", address], env)
+        for in_flight in sorted({1, ClusterConfig().ray_shards_in_flight}):
+            wall, on_ray = timed_run([*base, "--out", str(workdir / f"ray-{in_flight}"), "--ray", address,
+                                      "--ray-shards-in-flight", str(in_flight), "--ray-actors", str(actors)], env)
+            worked = [a for a in on_ray["invocations"][-1]["cluster"]["actors"] if a["shards"]]
+            runs.append({"in_flight": in_flight, "wall_s": wall, "actors": worked,
+                         "busy_images_per_s": sum(a["samples"] for a in worked) / sum(a["busy_s"] for a in worked),
+                         "same_counts": (local["written"], local["rejected"]) == (on_ray["written"], on_ray["rejected"]),
+                         "nodes": len(on_ray["invocations"][-1]["cluster"]["nodes"])})
     finally:
         if cluster is not None:
             cluster.stop()
             shutil.rmtree(cluster.root, ignore_errors=True)
-    n = local["written"] + local["rejected"]
-    return {"images": n, "local_wall_s": local_wall, "ray_wall_s": ray_wall,
-            "local_images_per_s": n / local_wall, "ray_images_per_s": n / ray_wall,
-            "ray_over_local": ray_wall / local_wall, "cluster": on_ray["invocations"][-1]["cluster"],
-            "same_counts": (local["written"], local["rejected"]) == (on_ray["written"], on_ray["rejected"])}
+    return {"images": local["written"] + local["rejected"], "local_wall_s": local_wall, "ray": runs}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,21 +90,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=40, help="images per shard")
     parser.add_argument("--stages", nargs="+", default=["decode"], help="pass-2 stages to run (tiny models)")
     parser.add_argument("--address", default="", help="an existing cluster's address (default: a loopback 2-node one)")
+    parser.add_argument("--actors", type=int, default=0,
+                        help="worker actors on Ray (default: one per GPU slot; 1 measures one actor without its "
+                             "neighbour competing for the same cores)")
     parser.add_argument("--workdir", default="", help="folder for the shards and outputs (default: a temporary one)")
     args = parser.parse_args(argv)
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench-ray-"))
     workdir.mkdir(parents=True, exist_ok=True)
     figures = measure(shards=args.shards, images=args.images, stages=tuple(args.stages), address=args.address,
-                      workdir=workdir)
-    print(f"{figures['images']} images in {args.shards} shards, stages: {' '.join(args.stages)}")
-    ray_label = f"Ray ({len(figures['cluster']['nodes'])} nodes)"
-    print(f"  {'local (one process)':<20} {figures['local_wall_s']:7.1f} s  {figures['local_images_per_s']:7.1f} images/s")
-    print(f"  {ray_label:<20} {figures['ray_wall_s']:7.1f} s  {figures['ray_images_per_s']:7.1f} images/s")
-    for actor in figures["cluster"]["actors"]:
-        if actor["shards"]:
+                      actors=args.actors, workdir=workdir)
+    n = figures["images"]
+    print(f"{n} images in {args.shards} shards, stages: {' '.join(args.stages)}")
+    print(f"  {'local (one process)':<34} {figures['local_wall_s']:7.1f} s  {n / figures['local_wall_s']:7.1f} images/s")
+    for run in figures["ray"]:
+        label = f"Ray ({run['nodes']} nodes), {run['in_flight']} shard(s) in flight"
+        print(f"  {label:<34} {run['wall_s']:7.1f} s  {n / run['wall_s']:7.1f} images/s  "
+              f"({run['busy_images_per_s']:.1f} images/s per busy actor)")
+        for actor in run["actors"]:
             print(f"    actor {actor['actor']} on {actor['node']}: {actor['shards']} shards, "
                   f"{actor['images_per_busy_s']} images/s busy")
-    print(f"Ray mode / local, wall time: {figures['ray_over_local']:.2f}x "
-          f"(connecting, starting actors and loading models in each included)")
-    print(f"same written/rejected counts: {figures['same_counts']}")
+    for run in figures["ray"]:
+        print(f"Ray mode ({run['in_flight']} in flight) / local, wall time: {run['wall_s'] / figures['local_wall_s']:.2f}x "
+              f"(connecting, starting actors and loading models in each included); same written/rejected counts: "
+              f"{run['same_counts']}")
+    if len(figures["ray"]) == 2:
+        one, more = figures["ray"]
+        print(f"{more['in_flight']} shards in flight vs 1: {more['busy_images_per_s'] / one['busy_images_per_s']:.2f}x "
+              f"the images/s per busy actor, {one['wall_s'] / more['wall_s']:.2f}x the wall-time speed")
     return 0

@@ -113,7 +113,8 @@ def test_clean_run_equals_a_single_node_run_captions_included(cluster, tmp_path,
 def test_killed_worker_is_redone_elsewhere_and_a_shard_that_always_kills_fails_alone(cluster, shards, single_node,
                                                                                       tmp_path):
     out = tmp_path / "out"
-    result = run(on_ray(command(shards, out), cluster, "--ray-max-attempts", "2"),
+    # one shard per actor at a time: every death is charged to the one shard it held
+    result = run(on_ray(command(shards, out), cluster, "--ray-max-attempts", "2", "--ray-shards-in-flight", "1"),
                  faults="kill:shard-01:1,kill:shard-03")
     assert result.returncode == 1, result.stderr + result.stdout
     assert "FAILED shard-03" in result.stdout and "attempt 2 of 2" in result.stdout
@@ -127,6 +128,26 @@ def test_killed_worker_is_redone_elsewhere_and_a_shard_that_always_kills_fails_a
     figures = cluster_figures(out)
     assert figures["retries"] == 3 and list(figures["failed_shards"]) == ["shard-03"]
     assert not list(out.rglob("*.tmp"))
+
+
+def test_a_shard_that_kills_its_actor_costs_the_shards_beside_it_no_attempt(cluster, shards, single_node, tmp_path):
+    out = tmp_path / "out"
+    # One actor holding two shards: shard-02 stalls in its commit while shard-03's samples are
+    # read, so shard-03 kills the actor with shard-02 still in flight beside it.
+    result = run(on_ray(command(shards, out), cluster, "--ray-actors", "1", "--ray-shards-in-flight", "2",
+                        "--ray-max-attempts", "1"), faults="stall:shard-02:1,kill:shard-03")
+    assert result.returncode == 1, result.stderr + result.stdout
+    figures = cluster_figures(out)
+    # the shared death charged neither; each was retried alone, where shard-03 died again and
+    # used its one attempt, and shard-02 committed
+    assert list(figures["failed_shards"]) == ["shard-03"] and "attempt 1 of 1" in figures["failed_shards"]["shard-03"]
+    assert figures["retries"] == 3
+    done = markers(out)
+    assert set(done) == {p.stem for p in shards} - {"shard-03"}
+    assert done["shard-02"]["attempt"] == 2 and done["shard-04"]["attempt"] == 1
+    kept = [p for p in shards if p.stem != "shard-03"]
+    assert contents(out, kept) == {p.stem: single_node[p.stem] for p in kept}  # every key exactly once
+    assert [a["state"] for a in figures["actors"]] == ["dead", "dead", "ready"]
 
 
 def test_driver_killed_then_rerun_redoes_only_unfinished_shards(cluster, shards, single_node, tmp_path):

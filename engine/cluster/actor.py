@@ -47,4 +47,6 @@ def remote_actor(cluster: ClusterConfig, env: dict[str, str]):
     return ray.remote(EngineActor).options(
         num_gpus=cluster.ray_gpus_per_actor, num_cpus=cluster.ray_cpus_per_actor,
         max_restarts=0, max_task_retries=0, runtime_env={"env_vars": env},
+        # a thread per shard in flight (each waits on its own commit), and one for figures()
+        max_concurrency=cluster.ray_shards_in_flight + 1,
     )

@@ -1,16 +1,20 @@
-"""The driver of a Ray run: lists the shards, leases them one at a time to worker actors, and
+"""The driver of a Ray run: lists the shards, leases them to worker actors a few at a time, and
 records what they commit. It is the one process that writes ``manifest.json`` (or adopts
 embeddings into the store); workers only publish files and markers on shared storage.
 
 Faults, and what the driver does about them:
 
-* an actor dies (its process killed, its node lost, its pipeline broken): the shard it held goes
-  back to the front of the queue with its attempt count, and a replacement actor is started
-  (it waits for resources if its node is gone). After ``--ray-max-attempts`` tries a shard is
-  recorded as failed; the run finishes the other shards and exits non-zero.
-* a shard takes longer than ``--ray-lease-timeout``: the same, except the slow actor is not
-  killed (it may be unreachable); it gets no more shards, and if it wakes up and commits, its
-  files and marker are refused by the no-replace commit (engine/io/commit.py).
+* an actor dies (its process killed, its node lost, its pipeline broken): the shards it held
+  (``--ray-shards-in-flight``, so its pipeline never drains between shards) go back to the front
+  of the queue, and a replacement actor is started (it waits for resources if its node is gone).
+  A shard that was alone on the actor is charged an attempt; shards that were beside others are
+  not (which one broke it is unknown) and are each retried alone, where failures are charged.
+  After ``--ray-max-attempts`` charged attempts a shard is recorded as failed; the run finishes
+  the other shards and exits non-zero.
+* an actor holding shards commits nothing for ``--ray-lease-timeout``: the same, except the
+  slow actor is not killed (it may be unreachable); it gets no more shards until every lease
+  given up on has answered, and if it wakes up and commits, its files and marker are refused
+  by the no-replace commit (engine/io/commit.py).
 * the driver dies: actors die with it (Ray ties them to their owner); a rerun skips every
   marked shard and redoes the rest.
 
@@ -20,6 +24,7 @@ retries, and ``ray.util.ActorPool`` is not used (it drops the work of an actor t
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections import Counter, deque
@@ -41,16 +46,40 @@ _MAX_START_FAILURES = 3  # actors failing to start this many times in a row: giv
 
 
 @dataclass
+class Lease:
+    """One shard given to one actor: the pending call's reference, and whether the shard runs
+    alone on its actor (it was in flight beside another when an actor failed)."""
+
+    ref: Any
+    path: Path
+    attempt: int
+    alone: bool
+
+
+@dataclass
 class ActorRecord:
     index: int
     handle: Any
-    state: str = "starting"  # starting, idle, busy, lost (lease timed out), dead
+    state: str = "starting"  # starting, ready, lost (lease timed out; waiting for its late answers), dead
     node: str = ""
     pid: int = 0
     shards: int = 0
     samples: int = 0
     busy_s: float = 0.0
     reason: str = ""
+    leases: list[Lease] = field(default_factory=list)  # in flight, in the order given
+    busy_since: float = 0.0  # when its first lease of the current busy spell was given
+    progress_at: float = 0.0  # its last commit, or the start of its busy spell
+    late: int = 0  # leases given up on that have not answered yet
+
+    def takes(self, alone: bool, depth: int) -> bool:
+        """Whether it can take a shard now: a shard to run alone needs an empty actor, and an actor
+        running such a shard takes nothing beside it."""
+        if self.state != "ready":
+            return False
+        if alone or not self.leases:
+            return not self.leases
+        return len(self.leases) < depth and not any(lease.alone for lease in self.leases)
 
     def figures(self) -> dict[str, Any]:
         return {"actor": self.index, "node": self.node, "pid": self.pid, "state": self.state, "shards": self.shards,
@@ -135,15 +164,17 @@ def lease_shards(cfg: RunConfig, kind: str, paths: list[Path],
     from engine.cluster.actor import remote_actor
 
     cluster = cfg.cluster
+    depth = cluster.ray_shards_in_flight
     actor_cls = remote_actor(cluster, actor_environment())
     result = ClusterResult()
     start = time.perf_counter()
     queue: deque[Path] = deque(paths)
-    tries: Counter = Counter()
+    tries: Counter = Counter()  # attempts made (each attempt's number is in its marker)
+    charged: Counter = Counter()  # attempts that count against --ray-max-attempts
+    alone: set[Path] = set()  # shards that were in flight beside another when an actor failed
     starting: dict[Any, ActorRecord] = {}
-    busy: dict[Any, tuple[ActorRecord, Path, int, float]] = {}
-    given_up: dict[Any, tuple[ActorRecord, Path, int]] = {}
-    idle: deque[ActorRecord] = deque()
+    busy: dict[Any, ActorRecord] = {}
+    given_up: dict[Any, tuple[ActorRecord, Lease]] = {}
     start_failures = 0
     last_worker = time.monotonic()
 
@@ -152,6 +183,50 @@ def lease_shards(cfg: RunConfig, kind: str, paths: list[Path],
         result.actors.append(record)
         starting[record.handle.ready.remote()] = record
 
+    def lease_next() -> bool:
+        """Give the next shard to the ready actor holding the fewest; False when none can take it
+        (a shard to run alone waits for an empty actor, and nothing overtakes it)."""
+        path = queue[0]
+        takers = [r for r in result.actors if r.takes(path in alone, depth)]
+        if not takers:
+            return False
+        record = min(takers, key=lambda r: len(r.leases))
+        queue.popleft()
+        tries[path] += 1
+        now = time.monotonic()
+        if not record.leases:
+            record.busy_since = record.progress_at = now
+        lease = Lease(record.handle.process.remote(str(path), tries[path]), path, tries[path], path in alone)
+        record.leases.append(lease)
+        busy[lease.ref] = record
+        return True
+
+    def end_busy_spell(record: ActorRecord) -> None:
+        record.busy_s += time.monotonic() - record.busy_since
+
+    def actor_failed(record: ActorRecord, state: str, reason: str, why: str) -> None:
+        """Its shards go back to the front of the queue. Alone on it, the shard is charged an
+        attempt; beside others, none is (which of them broke the actor is unknown) and each is
+        retried alone, where a failure is charged: a shard that always kills its actor costs its
+        neighbours one retry, never their attempts."""
+        finished, _ = ray.wait([lease.ref for lease in record.leases], num_returns=len(record.leases), timeout=0)
+        for ref in finished:  # committed before the actor failed: not a victim
+            with contextlib.suppress(ray.exceptions.RayError):
+                committed(record, ref, ray.get(ref))
+        leases, record.leases = record.leases, []
+        if leases:
+            end_busy_spell(record)
+        for lease in leases:
+            del busy[lease.ref]
+            if state == "lost":
+                given_up[lease.ref] = (record, lease)
+                record.late += 1
+        for lease in reversed(leases):  # front of the queue, in the order they were given
+            shard_failed(lease.path, why, charge=len(leases) == 1)
+        if len(leases) > 1:
+            alone.update(lease.path for lease in leases)
+        retire(record, state, reason)
+
     def retire(record: ActorRecord, state: str, reason: str) -> None:
         record.state, record.reason = state, reason
         if state == "dead":
@@ -159,36 +234,46 @@ def lease_shards(cfg: RunConfig, kind: str, paths: list[Path],
         if start_failures < _MAX_START_FAILURES and queue:
             start_actor()
 
-    def late_result(lease: tuple[ActorRecord, Path, int], ref: Any) -> None:
-        record, path, attempt = lease
+    def late_result(record: ActorRecord, lease: Lease) -> None:
+        record.late -= 1
         try:
-            late = ray.get(ref)["marker"]
+            late = ray.get(lease.ref)["marker"]
         except ray.exceptions.RayError as exc:
-            result.late.append(f"{shard_name(path)} attempt {attempt} on {record.node}: {_reason(exc)}")
+            result.late.append(f"{shard_name(lease.path)} attempt {lease.attempt} on {record.node}: {_reason(exc)}")
             record.state = "dead"
             return
-        result.late.append(f"{shard_name(path)} attempt {attempt} on {record.node}: finished late; "
+        result.late.append(f"{shard_name(lease.path)} attempt {lease.attempt} on {record.node}: finished late; "
                            f"the marker of attempt {late.get('attempt')} stands")
-        record.state, record.reason = "idle", ""  # slow, not broken: it takes shards again
-        idle.append(record)
+        if record.state == "lost" and not record.late:
+            record.state, record.reason = "ready", ""  # slow, not broken: it takes shards again
 
-    def shard_failed(path: Path, reason: str) -> None:
+    def shard_failed(path: Path, reason: str, charge: bool) -> None:
         result.retries += 1
-        if tries[path] >= cluster.ray_max_attempts:
-            result.failed[shard_name(path)] = f"{reason} (attempt {tries[path]} of {cluster.ray_max_attempts})"
+        charged[path] += charge
+        if charged[path] >= cluster.ray_max_attempts:
+            result.failed[shard_name(path)] = f"{reason} (attempt {charged[path]} of {cluster.ray_max_attempts})"
         else:
             queue.appendleft(path)  # retried before new work, so a failing shard is decided early
+
+    def committed(record: ActorRecord, ref: Any, done_shard: dict[str, Any]) -> None:
+        lease = next(lease for lease in record.leases if lease.ref == ref)
+        record.leases.remove(lease)
+        del busy[ref]
+        record.progress_at = time.monotonic()
+        if not record.leases:
+            end_busy_spell(record)
+        record.shards += 1
+        record.samples += done_shard["marker"].get("samples", 0)
+        result.committed[shard_name(lease.path)] = done_shard["marker"]
+        on_commit(shard_name(lease.path), done_shard["marker"])
 
     for _ in range(actor_count(cluster)):
         start_actor()
     try:
         while queue or busy:
-            while idle and queue:
-                record, path = idle.popleft(), queue.popleft()
-                tries[path] += 1
-                record.state = "busy"
-                busy[record.handle.process.remote(str(path), tries[path])] = (record, path, tries[path], time.monotonic())
-            if busy or idle:
+            while queue and lease_next():
+                pass
+            if any(r.state == "ready" for r in result.actors):
                 last_worker = time.monotonic()
             elif time.monotonic() - last_worker > _NO_WORKER_TIMEOUT_S or (not starting and queue):
                 for path in queue:
@@ -206,42 +291,31 @@ def lease_shards(cfg: RunConfig, kind: str, paths: list[Path],
                         retire(record, "dead", f"could not start: {_reason(exc)}")
                         continue
                     start_failures = 0
-                    record.node, record.pid, record.state = info["node"], info["pid"], "idle"
-                    idle.append(record)
+                    record.node, record.pid, record.state = info["node"], info["pid"], "ready"
                 elif ref in busy:
-                    record, path, attempt, _ = busy.pop(ref)
+                    record = busy[ref]
                     try:
-                        done_shard = ray.get(ref)
+                        committed(record, ref, ray.get(ref))
                     except ray.exceptions.RayError as exc:
-                        shard_failed(path, f"worker actor {record.index} on {record.node or '?'} died: {_reason(exc)}")
-                        retire(record, "dead", _reason(exc))
-                        continue
-                    record.shards += 1
-                    record.samples += done_shard["marker"].get("samples", 0)
-                    record.busy_s += done_shard["seconds"]
-                    record.state = "idle"
-                    result.committed[shard_name(path)] = done_shard["marker"]
-                    on_commit(shard_name(path), done_shard["marker"])
-                    idle.append(record)
+                        actor_failed(record, "dead", _reason(exc),
+                                     f"worker actor {record.index} on {record.node or '?'} died: {_reason(exc)}")
                 else:
-                    late_result(given_up.pop(ref), ref)
+                    late_result(*given_up.pop(ref))
             if cluster.ray_lease_timeout:
                 now = time.monotonic()
-                for ref, (record, path, attempt, leased) in list(busy.items()):
-                    if now - leased > cluster.ray_lease_timeout:
-                        del busy[ref]
-                        given_up[ref] = (record, path, attempt)
-                        shard_failed(path, f"worker actor {record.index} on {record.node} took longer than "
-                                           f"--ray-lease-timeout {cluster.ray_lease_timeout:g}s")
-                        retire(record, "lost", "lease timed out")
+                for record in result.actors:
+                    if record.leases and now - record.progress_at > cluster.ray_lease_timeout:
+                        actor_failed(record, "lost", "lease timed out",
+                                     f"worker actor {record.index} on {record.node} committed nothing for "
+                                     f"--ray-lease-timeout {cluster.ray_lease_timeout:g}s")
         # A worker given up on may only have been slow: a short wait lets it report (its commit
         # was refused if the shard was committed meanwhile) before it is stopped.
         deadline = time.monotonic() + _LATE_GRACE_S
         while given_up and time.monotonic() < deadline:
             done, _ = ray.wait(list(given_up), num_returns=1, timeout=0.5)
             for ref in done:
-                late_result(given_up.pop(ref), ref)
-        result.stages = _stage_figures([r for r in result.actors if r.state == "idle"])
+                late_result(*given_up.pop(ref))
+        result.stages = _stage_figures([r for r in result.actors if r.state == "ready"])
     finally:
         for record in result.actors:
             ray.kill(record.handle, no_restart=True)

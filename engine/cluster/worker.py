@@ -1,4 +1,4 @@
-"""One worker of a Ray run: the single-node pipeline, kept running, fed one shard at a time.
+"""One worker of a Ray run: the single-node pipeline, kept running, fed shard after shard.
 
 The stages are built and their models loaded once, when the worker starts; a shard given to
 :meth:`ShardWorker.process` goes into the running pipeline's source and the call returns when
@@ -32,7 +32,6 @@ PASSES = ("caption", "caption-selected", "curate")  # what a worker runs: pass 2
 class _Lease:
     attempt: int
     faults: set[str]
-    started: float = field(default_factory=time.perf_counter)
     done: threading.Event = field(default_factory=threading.Event)
     result: dict[str, Any] | None = None
 
@@ -58,7 +57,8 @@ class ShardWorker:
                 raise RuntimeError(f"worker could not start: {type(self._error).__name__}: {self._error}") from self._error
 
     def process(self, path: str, attempt: int) -> dict[str, Any]:
-        """Run one shard to its commit; returns the shard's marker plus this worker's timing."""
+        """Run one shard to its commit; returns the shard's marker. Safe to call from several
+        threads: shards given while another is in flight queue behind it in the same pipeline."""
         name = shard_name(Path(path))
         lease = self._leases[name] = _Lease(attempt, faults_for(name, attempt))
         self.sink.attempts[name] = attempt
@@ -102,8 +102,7 @@ class ShardWorker:
             time.sleep(STALL_S)  # test-only (faults.py): a slow shard
         self.sink.commit(end)
         marker = self.sink.committed.pop(end.shard)
-        lease.result = {"shard": end.shard, "marker": marker, "attempt": lease.attempt,
-                        "seconds": time.perf_counter() - lease.started}
+        lease.result = {"shard": end.shard, "marker": marker, "attempt": lease.attempt}
         lease.done.set()
 
 

@@ -604,7 +604,14 @@ class ClusterConfig:
         "run on a Ray cluster: its address (host:port or ray://...), or 'auto' ($RAY_ADDRESS, else a local "
         "cluster); --shards and --out must be on storage every node sees at the same path",
     )
-    ray_max_attempts: int = option(3, "a shard whose worker died this many times is recorded as failed")
+    ray_max_attempts: int = option(
+        3, "a shard whose worker died this many times with no other shard beside it is recorded as failed")
+    ray_shards_in_flight: int = option(
+        2,
+        "shards each worker actor holds at once, so its pipeline reads the next while the last one drains "
+        "(1: one at a time); a worker that dies holding several charges none of them an attempt and each "
+        "is retried alone",
+    )
     ray_actors: int = option(0, "worker actors (0: one per GPU of the cluster, by --ray-gpus-per-actor)")
     ray_gpus_per_actor: float = option(1.0, "GPUs each worker actor holds (0: CPU-only workers; then set --ray-actors)")
     ray_cpus_per_actor: float = option(1.0, "CPUs each worker actor reserves in Ray's accounting")
@@ -615,8 +622,8 @@ class ClusterConfig:
     )
 
     def validate(self) -> None:
-        if self.ray_max_attempts < 1:
-            raise ConfigError("--ray-max-attempts must be >= 1")
+        if self.ray_max_attempts < 1 or self.ray_shards_in_flight < 1:
+            raise ConfigError("--ray-max-attempts and --ray-shards-in-flight must be >= 1")
         if self.ray_actors < 0 or self.ray_gpus_per_actor < 0 or self.ray_cpus_per_actor < 0 or self.ray_lease_timeout < 0:
             raise ConfigError("--ray-actors, --ray-gpus-per-actor, --ray-cpus-per-actor and --ray-lease-timeout must be >= 0")
         if self.ray and self.ray_gpus_per_actor == 0 and self.ray_actors == 0:
