@@ -12,6 +12,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -227,6 +228,42 @@ def test_curation_embeds_on_the_actors_selects_once_and_captions_the_selection(c
     embedded = cluster_figures(tmp_path / "ray" / "curate")
     assert sum(a["shards"] for a in embedded["actors"]) == len(shards)  # pass 1 ran on the actors
     assert len(markers(tmp_path / "ray" / "curate")) == len(shards)
+
+
+def test_meta_with_curate_on_ray_captions_the_selection_of_a_single_node_run(cluster, tmp_path, tiny_cache):
+    import pyarrow.parquet as pq
+
+    from bench._chat_server import ChatServer
+    from engine.io.demo_data import write_demo_shards
+
+    shards = write_demo_shards(tmp_path / "in", n_shards=2)
+    flags = ["--no-progress", "--device", "cpu", "--caption-max-side", "256", "--api-model", "fake-4v",
+             "--stages", "decode", "prompt", "caption", "--subset-share", "1", "--curate", "--embed-model", "tiny",
+             "--cache-dir", str(tiny_cache), "--embed-batch", "2", "--curate-clusters", "1", "--curate-top-n", "3"]
+
+    def meta(out: Path, *extra: str) -> subprocess.CompletedProcess:
+        return run([sys.executable, str(ROOT / "densefusion_local.py"), "meta", "--shards", *map(str, shards),
+                    "--out", str(out), "--api-base", server.url, *flags, *extra])
+
+    with ChatServer(output_words=20) as server:  # the GPT-4V stand-in, reached from every actor
+        single = meta(tmp_path / "single")
+        assert single.returncode == 0, single.stderr + single.stdout
+        clustered = meta(tmp_path / "ray", "--ray", cluster.address)
+        assert clustered.returncode == 0, clustered.stderr + clustered.stdout
+
+    def selected(out: Path) -> set[str]:
+        return {r["key"] for r in pq.read_table(out / "curate" / "selection.parquet").to_pylist() if r["kept"]}
+
+    def captioned(out: Path) -> set[str]:
+        return {r["key"] for shard in shards for r in pq.read_table(out / "shards" / f"{shard.stem}.parquet").to_pylist()}
+
+    assert selected(tmp_path / "ray") and selected(tmp_path / "ray") == selected(tmp_path / "single")
+    assert captioned(tmp_path / "ray") == captioned(tmp_path / "single") == selected(tmp_path / "single")
+    sft = [{r["id"] for r in json.loads((out / "sft" / "densefusion_sft.json").read_text())}
+           for out in (tmp_path / "ray", tmp_path / "single")]
+    assert sft[0] == sft[1] == selected(tmp_path / "single")
+    for root in (tmp_path / "ray" / "curate", tmp_path / "ray"):  # both passes ran on the actors
+        assert sum(a["shards"] for a in cluster_figures(root)["actors"]) == len(shards)
 
 
 def test_lost_node_run_finishes_on_the_remaining_node(cluster, shards, single_node, tmp_path):
