@@ -115,6 +115,17 @@ class ClusterResult:
         }
 
 
+def pick_actor(actors: list[ActorRecord], *, alone: bool, depth: int, waiting: int) -> ActorRecord | None:
+    """The actor to give the next of ``waiting`` shards: the one holding the fewest, among those
+    that :meth:`ActorRecord.takes` it. A shard to run alone waits for an empty actor, and nothing
+    overtakes it. A second shard goes to a busy actor only while more shards wait than there are
+    live actors (ready or starting): the run's last shards go to whichever actor empties first,
+    so none holds two while another idles (a caption shard can take an hour)."""
+    live = sum(actor.state in ("ready", "starting") for actor in actors)
+    takers = [actor for actor in actors if actor.takes(alone, depth if waiting > live else 1)]
+    return min(takers, key=lambda actor: len(actor.leases), default=None)
+
+
 def connect(cluster: ClusterConfig) -> None:
     """``auto``: $RAY_ADDRESS, else a new local cluster."""
     import ray
@@ -184,13 +195,11 @@ def lease_shards(cfg: RunConfig, kind: str, paths: list[Path],
         starting[record.handle.ready.remote()] = record
 
     def lease_next() -> bool:
-        """Give the next shard to the ready actor holding the fewest; False when none can take it
-        (a shard to run alone waits for an empty actor, and nothing overtakes it)."""
+        """Give the next shard to :func:`pick_actor`'s choice; False when no actor can take it."""
         path = queue[0]
-        takers = [r for r in result.actors if r.takes(path in alone, depth)]
-        if not takers:
+        record = pick_actor(result.actors, alone=path in alone, depth=depth, waiting=len(queue))
+        if record is None:
             return False
-        record = min(takers, key=lambda r: len(r.leases))
         queue.popleft()
         tries[path] += 1
         now = time.monotonic()

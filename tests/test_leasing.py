@@ -1,0 +1,42 @@
+"""Which actor the Ray driver gives the next shard to (engine/cluster/driver.py: pick_actor), on
+actor records alone: no cluster needed. tests/test_cluster.py runs the rule on a real one."""
+
+from pathlib import Path
+
+from engine.cluster.driver import ActorRecord, Lease, pick_actor
+
+
+def actor(index: int, state: str = "ready", leases: int = 0, alone: bool = False) -> ActorRecord:
+    record = ActorRecord(index, handle=None, state=state)
+    record.leases = [Lease(object(), Path(f"shard-{index}-{i}"), 1, alone) for i in range(leases)]
+    return record
+
+
+def test_the_next_shard_goes_to_the_ready_actor_holding_the_fewest():
+    actors = [actor(0, leases=1), actor(1), actor(2, leases=1)]
+    assert pick_actor(actors, alone=False, depth=2, waiting=10) is actors[1]
+    assert pick_actor([actor(0, leases=1), actor(1, leases=2)], alone=False, depth=2, waiting=10).index == 0
+    assert pick_actor([actor(0, leases=2)], alone=False, depth=2, waiting=10) is None  # full
+    assert pick_actor([actor(0, leases=1)], alone=False, depth=1, waiting=10) is None  # one at a time
+
+
+def test_a_busy_actor_takes_a_second_shard_only_while_more_wait_than_there_are_live_actors():
+    actors = [actor(0, leases=1), actor(1, leases=1), actor(2, state="starting")]
+    assert pick_actor(actors, alone=False, depth=2, waiting=4) is actors[0]
+    # the run's last 3 shards for 3 live actors: each waits for an actor to empty (or to start)
+    assert pick_actor(actors, alone=False, depth=2, waiting=3) is None
+    actors[2].state = "dead"  # a dead actor does not count: 3 shards for 2 live actors
+    assert pick_actor(actors, alone=False, depth=2, waiting=3) is actors[0]
+
+
+def test_a_shard_to_run_alone_needs_an_empty_actor_and_an_actor_running_one_takes_nothing_beside_it():
+    actors = [actor(0, leases=1), actor(1, leases=1, alone=True)]
+    assert pick_actor(actors, alone=True, depth=2, waiting=10) is None
+    assert pick_actor(actors, alone=False, depth=2, waiting=10) is actors[0]
+    actors.append(actor(2))
+    assert pick_actor(actors, alone=True, depth=2, waiting=10) is actors[2]
+
+
+def test_starting_lost_and_dead_actors_take_nothing():
+    actors = [actor(0, state="starting"), actor(1, state="lost"), actor(2, state="dead")]
+    assert pick_actor(actors, alone=False, depth=2, waiting=10) is None
