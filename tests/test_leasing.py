@@ -1,9 +1,11 @@
-"""Which actor the Ray driver gives the next shard to (engine/cluster/driver.py: pick_actor), on
-actor records alone: no cluster needed. tests/test_cluster.py runs the rule on a real one."""
+"""Which actor the Ray driver gives the next shard to (engine/cluster/driver.py: pick_actor), and
+the summary it prints, on actor records alone: no cluster needed. tests/test_cluster.py runs the
+same driver on a real one."""
 
 from pathlib import Path
 
-from engine.cluster.driver import ActorRecord, Lease, pick_actor
+from engine.cluster.driver import ActorRecord, ClusterResult, Lease, pick_actor
+from engine.cluster.passes import format_cluster
 
 
 def actor(index: int, state: str = "ready", leases: int = 0, alone: bool = False) -> ActorRecord:
@@ -40,3 +42,15 @@ def test_a_shard_to_run_alone_needs_an_empty_actor_and_an_actor_running_one_take
 def test_starting_lost_and_dead_actors_take_nothing():
     actors = [actor(0, state="starting"), actor(1, state="lost"), actor(2, state="dead")]
     assert pick_actor(actors, alone=False, depth=2, waiting=10) is None
+
+
+def test_the_summary_counts_one_of_a_thing_in_the_singular():
+    one = actor(0)
+    one.node, one.shards, one.samples, one.busy_s = "host/127.0.0.2", 1, 10, 2.0
+    two = actor(1)
+    two.node, two.shards, two.samples, two.busy_s = "host/127.0.0.2", 3, 30, 3.0
+    result = ClusterResult(retries=1, actors=[one, two], wall_s=5.0)
+    lines = format_cluster(result).splitlines()
+    assert lines[0] == "ray: 2 worker actors started on 1 node, 1 retry, 0 failed shards"
+    assert lines[1] == "  node host/127.0.0.2: 2 actors, 4 shards, 40 images, 8.0 images/s"
+    assert lines[2].endswith(": 1 shard, 10 images, 5.0 images/s busy, ready")

@@ -76,15 +76,15 @@ def curate(cfg: RunConfig) -> tuple[RunSummary, ClusterResult, dict[str, Any] | 
 
 def format_cluster(result: ClusterResult) -> str:
     figures = result.figures()
-    lines = [f"ray: {len(result.actors)} worker actors started on {len(figures['nodes'])} nodes, "
-             f"{result.retries} retries, {len(result.failed)} failed shards"]
+    lines = [f"ray: {_count(len(result.actors), 'worker actor')} started on {_count(len(figures['nodes']), 'node')}, "
+             f"{_count(result.retries, 'retry', 'retries')}, {_count(len(result.failed), 'failed shard')}"]
     for node, counts in figures["nodes"].items():
-        lines.append(f"  node {node}: {counts['actors']} actors, {counts['shards']} shards, {counts['samples']} images, "
-                     f"{counts['images_per_s'] or 0:.1f} images/s")
+        lines.append(f"  node {node}: {_count(counts['actors'], 'actor')}, {_count(counts['shards'], 'shard')}, "
+                     f"{_count(counts['samples'], 'image')}, {counts['images_per_s'] or 0:.1f} images/s")
     for actor in figures["actors"]:
         rate = actor["images_per_busy_s"]
         lines.append(f"  actor {actor['actor']} ({actor['node'] or 'never started'}, pid {actor['pid']}): "
-                     f"{actor['shards']} shards, {actor['samples']} images, "
+                     f"{_count(actor['shards'], 'shard')}, {_count(actor['samples'], 'image')}, "
                      f"{f'{rate:.1f} images/s busy' if rate else '-'}, {actor['state']}"
                      + (f" ({actor['reason']})" if actor.get("reason") else ""))
     for shard, reason in sorted(result.failed.items()):
@@ -94,3 +94,7 @@ def format_cluster(result: ClusterResult) -> str:
     if result.failed:
         lines.append("failed shards are not in the output; a rerun with the same --out retries them")
     return "\n".join(lines)
+
+
+def _count(n: int, noun: str, plural: str = "") -> str:
+    return f"{n} {noun if n == 1 else plural or noun + 's'}"
