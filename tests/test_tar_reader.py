@@ -4,6 +4,7 @@ sample (alive, or rejected with a reason), and lost bytes are shard errors with 
 
 from __future__ import annotations
 
+import io
 import json
 import time
 
@@ -15,6 +16,7 @@ from tar_corpus import END, GNU, Archive, gz, header, long_name, member, pad, pa
 import densefusion_local
 from engine.core.config import InputConfig
 from engine.io.readers import shard_items
+from engine.io.tar import TarReader
 
 IMAGE = jpeg(500, 500)
 
@@ -106,6 +108,26 @@ def test_bytes_inserted_or_deleted_mid_archive_resynchronise(tmp_path):
         samples, _ = read(write(tmp_path, "m.tar", data))
         assert {k for k, s in samples.items() if s.alive} >= {"k0", "k2", "k3"}
         assert set(samples) == {"k0", "k1", "k2", "k3"}
+
+
+def test_a_header_hidden_off_the_grid_is_found_across_zero_blocks_before_an_odd_end():
+    """Found by fuzzing: bytes lost from the first member header's zero tail through the same
+    place in the next member's long-name header leave the first header whole and the second
+    off the block grid inside the first's data, followed by its one zero byte and the end
+    blocks: three zero blocks, then a 1-byte tail. Only two were searched across, and the
+    second member's key was lost."""
+    first = long_name(b"a.jpg") + member(b"a.jpg", bytes(range(256)) * 2 + b"x" * 88)
+    data = first + long_name(b"b.jpg") + member(b"b.jpg", b"\0") + END
+    cut = 1024 + 265
+    damaged = data[:cut] + data[cut + len(first) - 1025:]
+    assert damaged[1024:1536] == data[1024:1536]  # the first member's header survived whole
+    assert damaged.find(header(b"b.jpg", 1)) == 2049  # the second's, off the grid in the first's data
+    tar = TarReader(io.BytesIO(damaged), lambda name, size: size)
+    members = list(tar)
+    assert [(m.name, m.offset, m.data_offset, m.data) for m in members] == [
+        (b"a.jpg", 0, 1536, damaged[1536:2049]), (b"b.jpg", 2049, 2561, b"\0")]
+    assert "a header starts at byte 2049" in members[0].problem
+    assert not tar.damage and not tar.end_problem  # read back on the grid, the archive ends as it should
 
 
 # --- crashes that used to escape the reader ---------------------------------------------

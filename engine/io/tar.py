@@ -50,6 +50,9 @@ _MAGIC = b"ustar"
 _MAGIC_AT = 257
 MAX_EXTENDED_BYTES = 1 << 20  # one PAX record set or GNU long name (real ones are < 4 KiB)
 MAX_NAME_BYTES = 1 << 16
+# Zero blocks a header hidden inside the last member may reach across (its own member's zero
+# data, then the end-of-archive blocks, all shifted off the grid): at most 1 MiB held to look.
+_RESCAN_ZERO_BLOCKS = 2048
 
 _FILE_TYPES = {b"0", b"\0", b"7"}  # regular, old regular, contiguous
 _NOT_FILES = {b"1": "a hard link", b"2": "a symbolic link", b"3": "a character device",
@@ -441,10 +444,12 @@ class TarReader:
     def _rescan(self, held: TarMember | None, zeros: int, after: bytes) -> bool:
         """Damage (or an odd end) right after a member read whole: a header inside its data at
         an offset that is not a block boundary (bytes were lost before it) explains it. If there
-        is one, the member ends there and reading goes on at that header. Up to two zero blocks
-        (an end-of-archive marker) may lie between: a header inside the member reaches into them."""
+        is one, the member ends there and reading goes on at that header. Zero blocks may lie
+        between: the hidden member's own zero data and the end-of-archive blocks, read off the
+        grid (one fuzzed shard had three, and lost the hidden member's key when only two were
+        allowed)."""
         padding = self._held_padding
-        if held is None or padding is None or zeros > 2:
+        if held is None or padding is None or zeros > _RESCAN_ZERO_BLOCKS:
             return False
         region = held.data + padding
         after = bytes(BLOCK * zeros) + after
