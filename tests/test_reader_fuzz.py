@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 from conftest import encode, jpeg
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 from tar_corpus import END, GNU, header, long_name, member, pax
@@ -35,7 +35,7 @@ from engine.core.record import Sample, ShardEnd, Source
 from engine.core.stage import ImageView
 from engine.io.keys import key_problem, parse_member_name, split_member_name
 from engine.io.readers import member_samples, reject_duplicate_keys, shard_items
-from engine.io.tar import TarReader
+from engine.io.tar import TarReader, parse_header
 from engine.stages.decode import Decode
 from engine.stages.probe import ResolutionFilter
 
@@ -132,6 +132,11 @@ def read_members(data: bytes, gzipped: bool = False) -> tuple[list, TarReader, f
 @settings(FUZZ, max_examples=2000)
 @given(entries=st.lists(st.tuples(names, exts, payloads, st.integers(0, 2)), min_size=1, max_size=8),
        steps=mutations)
+# Found by randomized runs of 20,000: a header off the grid behind three zero blocks (was lost),
+# and one behind a lying size field with an extended header right after (the stated limit).
+@example(entries=[(b"0", b"jpg", IMAGES[0], 1), (b"0", b"jpg", b"\0", 1)], steps=[("delete", 1289, 1535, b"")])
+@example(entries=[(b"0", b"jpg", IMAGES[0], 0)] * 2,
+         steps=[("insert", 0, 0, b""), ("size", 512, 220, b""), ("pax", 3072, 0, b"")])
 def test_every_surviving_header_is_read_at_its_place(entries, steps):
     data, headers = build(entries)
     damaged = mutate(data, steps)
@@ -143,7 +148,7 @@ def test_every_surviving_header_is_read_at_its_place(entries, steps):
         at = damaged.find(plain)
         while at >= 0:
             found = by_data_offset.get(at + 512)
-            assert found is not None or hidden_by_two_faults(at, members), \
+            assert found is not None or hidden_by_two_faults(at, members, damaged), \
                 f"the header at byte {at} survived but was not read"
             if found is None:
                 at = damaged.find(plain, at + 1)
@@ -158,13 +163,16 @@ def test_every_surviving_header_is_read_at_its_place(entries, steps):
     check_samples(members)
 
 
-def hidden_by_two_faults(at: int, members) -> bool:
+def hidden_by_two_faults(at: int, members, data: bytes) -> bool:
     """The one stated limit of the fast path (engine/io/tar.py): a header off the block grid
     inside a member read whole, with a valid header right after that member's data (bytes
-    lost inside it *and* a rewritten header lined up behind it), reads as that member's data."""
-    starts = {m.offset for m in members}
-    return any(m.data_offset < at < m.data_offset + -(-m.size // 512) * 512 and (at - m.data_offset) % 512
-               and m.data_offset + -(-m.size // 512) * 512 in starts for m in members)
+    lost inside it *and* a rewritten header lined up behind it), reads as that member's data.
+    The header behind may be an extended one that makes no member of its own."""
+    for m in members:
+        end = m.data_offset + -(-m.size // 512) * 512
+        if m.data_offset < at < end and (at - m.data_offset) % 512 and parse_header(data[end:end + 512]):
+            return True
+    return False
 
 
 def check_samples(members) -> list[Sample]:
