@@ -57,14 +57,18 @@ def measure(*, shards: int, images: int, stages: tuple[str, ...], address: str =
     from engine.core.config import ClusterConfig
 
     paths = write_shards(workdir / "in", shards, images)
-    base = [sys.executable, str(ROOT / "densefusion_local.py"), "run", "--shards", *map(str, paths), "--no-progress",
-            "--stages", *stages, "--models", "tiny", "--cache-dir", str(workdir / "cache"), "--decode-threads", "1",
-            "--expert-cache", "off"]  # every mode computes its experts: none reads what another stored
     env = {**os.environ, **ENV, "PYTHONPATH": str(ROOT)}
-    # untimed: the first run builds the tiny models into the cache, which no mode should pay for
-    timed_run([*base[:base.index("--shards") + 1], str(paths[0]), *base[base.index("--no-progress"):],
-               "--out", str(workdir / "warm-up")], env)
-    local_wall, local = timed_run([*base, "--out", str(workdir / "local")], env)
+
+    def run(name: str, shard_paths: list[Path], *extra: str) -> tuple[float, dict]:
+        return timed_run([sys.executable, str(ROOT / "densefusion_local.py"), "run",
+                          "--shards", *map(str, shard_paths), "--out", str(workdir / name), "--no-progress",
+                          "--stages", *stages, "--models", "tiny", "--cache-dir", str(workdir / "cache"),
+                          "--decode-threads", "1",
+                          "--expert-cache", "off",  # every mode computes its experts: none reads another's
+                          *extra], env)
+
+    run("warm-up", paths[:1])  # untimed: it builds the tiny models into the cache, which no mode should pay for
+    local_wall, local = run("local", paths)
     cluster = None
     if not address:
         cluster = LoopbackCluster(Path(tempfile.mkdtemp(prefix="dfbench", dir="/tmp")), ROOT).start()
@@ -72,13 +76,13 @@ def measure(*, shards: int, images: int, stages: tuple[str, ...], address: str =
     runs = []
     try:
         for in_flight in sorted({1, ClusterConfig().ray_shards_in_flight}):
-            wall, on_ray = timed_run([*base, "--out", str(workdir / f"ray-{in_flight}"), "--ray", address,
-                                      "--ray-shards-in-flight", str(in_flight), "--ray-actors", str(actors)], env)
-            worked = [a for a in on_ray["invocations"][-1]["cluster"]["actors"] if a["shards"]]
-            runs.append({"in_flight": in_flight, "wall_s": wall, "actors": worked,
+            wall, on_ray = run(f"ray-{in_flight}", paths, "--ray", address, "--ray-shards-in-flight", str(in_flight),
+                               "--ray-actors", str(actors))
+            figures = on_ray["invocations"][-1]["cluster"]
+            worked = [a for a in figures["actors"] if a["shards"]]
+            runs.append({"in_flight": in_flight, "wall_s": wall, "actors": worked, "nodes": len(figures["nodes"]),
                          "busy_images_per_s": sum(a["samples"] for a in worked) / sum(a["busy_s"] for a in worked),
-                         "same_counts": (local["written"], local["rejected"]) == (on_ray["written"], on_ray["rejected"]),
-                         "nodes": len(on_ray["invocations"][-1]["cluster"]["nodes"])})
+                         "same_counts": (local["written"], local["rejected"]) == (on_ray["written"], on_ray["rejected"])})
     finally:
         if cluster is not None:
             cluster.stop()
@@ -106,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{n} images in {args.shards} shards, stages: {' '.join(args.stages)}")
     print(f"  {'local (one process)':<34} {figures['local_wall_s']:7.1f} s  {n / figures['local_wall_s']:7.1f} images/s")
     for run in figures["ray"]:
-        label = f"Ray ({run['nodes']} nodes), {run['in_flight']} shard(s) in flight"
+        label = f"Ray ({run['nodes']} node(s)), {run['in_flight']} shard(s) in flight"
         print(f"  {label:<34} {run['wall_s']:7.1f} s  {n / run['wall_s']:7.1f} images/s  "
               f"({run['busy_images_per_s']:.1f} images/s per busy actor)")
         for actor in run["actors"]:

@@ -70,7 +70,6 @@ class ActorRecord:
     leases: list[Lease] = field(default_factory=list)  # in flight, in the order given
     busy_since: float = 0.0  # when its first lease of the current busy spell was given
     progress_at: float = 0.0  # its last commit, or the start of its busy spell
-    late: int = 0  # leases given up on that have not answered yet
 
     def takes(self, alone: bool, depth: int) -> bool:
         """Whether it can take a shard now: a shard to run alone needs an empty actor, and an actor
@@ -229,7 +228,6 @@ def lease_shards(cfg: RunConfig, kind: str, paths: list[Path],
             del busy[lease.ref]
             if state == "lost":
                 given_up[lease.ref] = (record, lease)
-                record.late += 1
         for lease in reversed(leases):  # front of the queue, in the order they were given
             shard_failed(lease.path, why, charge=len(leases) == 1)
         if len(leases) > 1:
@@ -244,7 +242,7 @@ def lease_shards(cfg: RunConfig, kind: str, paths: list[Path],
             start_actor()
 
     def late_result(record: ActorRecord, lease: Lease) -> None:
-        record.late -= 1
+        """``lease``, given up on and already taken out of ``given_up``, has answered."""
         try:
             late = ray.get(lease.ref)["marker"]
         except ray.exceptions.RayError as exc:
@@ -253,7 +251,7 @@ def lease_shards(cfg: RunConfig, kind: str, paths: list[Path],
             return
         result.late.append(f"{shard_name(lease.path)} attempt {lease.attempt} on {record.node}: finished late; "
                            f"the marker of attempt {late.get('attempt')} stands")
-        if record.state == "lost" and not record.late:
+        if record.state == "lost" and all(other is not record for other, _ in given_up.values()):
             record.state, record.reason = "ready", ""  # slow, not broken: it takes shards again
 
     def shard_failed(path: Path, reason: str, charge: bool) -> None:

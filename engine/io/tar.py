@@ -18,7 +18,8 @@ lost without a word. Guarding it would mean re-parsing each header ourselves any
   caller keeps is read whole and checked at block boundaries only (one byte per 512; the full
   search cost a third of the read time); a header off the block grid (bytes lost inside the
   member) shows as damage or an odd end after it (past any zero blocks), and is searched for
-  then in the bytes still held. Data not kept (over the cap, unused members, extended headers) is searched fully;
+  then in the bytes still held. Data not kept (over the cap, unused members, extended headers)
+  is searched fully;
 - caps extended headers (PAX records, GNU long names) and parses PAX records in one linear pass;
 - reads data in chunks and keeps only what the caller's ``keep(name, size)`` asks for, so a
   member over the caller's cap costs one chunk of memory, never its size.
