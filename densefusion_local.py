@@ -13,6 +13,7 @@ import argparse
 import difflib
 import importlib
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -176,7 +177,23 @@ def command_demo(args: argparse.Namespace) -> int:
           f"(captions are noise; see README for real checkpoints)")
     summary = pipeline.run(cfg)
     print(format_summary(summary))
-    return 130 if summary.interrupted else 0
+    if summary.interrupted:
+        return 130
+    print(demo_next_steps(out))
+    return 0
+
+
+def demo_next_steps(out: str) -> str:
+    """Where the demo leads: the commands that read its output (the demo's noise captions are
+    all flagged by quality control, so its export has to include them)."""
+    prog, quoted = "python densefusion_local.py", shlex.quote(out)
+    return "\n".join([
+        "next, look at what the demo wrote:",
+        f"  {prog} report {quoted}    # {out}/report.html: figures, samples with their boxes, rejects",
+        f"  {prog} stats {quoted}     # the paper's Table 1 for this output",
+        f"  {prog} export llava {quoted} --to {shlex.quote(str(Path(out) / 'export'))} --include-flagged"
+        f"    # LLaVA training JSON + images (the demo's noise captions are all flagged)",
+    ])
 
 
 def demo_overrides(out: str, shards: list[Path]) -> dict:
@@ -195,7 +212,7 @@ def meta_config(args: argparse.Namespace) -> config_module.RunConfig:
 
 
 def command_meta(args: argparse.Namespace) -> int:
-    from engine.output.export import export, left_out_note
+    from engine.output.export import export, left_out_note, nothing_exported
 
     cfg = meta_config(args)
     out = Path(cfg.runtime.out)
@@ -203,6 +220,9 @@ def command_meta(args: argparse.Namespace) -> int:
     if code == 130:
         return code
     result = export("sft", out, out / "sft")
+    if not result.records:
+        print(f"meta: {nothing_exported(result, out)}")
+        return code
     print(f"meta: {result.records} GPT-4V captions exported as caption-engine fine-tuning data to {result.path}"
           f"{left_out_note(result)}")
     return code

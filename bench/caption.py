@@ -1,4 +1,5 @@
-"""Caption stage throughput: images/s and tokens/s at a fixed output length.
+"""Caption stage throughput (images/s, tokens/s at a fixed output length): batched calls and
+length-sorted windows with dynamic, static or compiled decoding, against one image per call.
 
 ``python -m bench caption`` runs the tiny LLaVA-NeXT on the CPU through the caption stage
 (the production loading path); ``--real-size`` builds LLaVA-1.6-7B (Vicuna) from its config
@@ -39,7 +40,8 @@ SIZES = ((600, 800), (1024, 683), (512, 1024), (900, 900), (336, 1344), (480, 48
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(allow_abbrev=False, prog="python -m bench caption", description=__doc__)
+    parser = argparse.ArgumentParser(allow_abbrev=False, prog="python -m bench caption", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=16, help="images per measured run")
     parser.add_argument("--batch", type=int, default=8, help="images per generation call")
     parser.add_argument("--window", type=int, default=4,

@@ -1,4 +1,5 @@
-"""Pass 1 embedding throughput, including read, header probe and decode, against a baseline.
+"""Pass 1 embedding throughput (images/s, including read, header probe and decode), against a
+one-thread read + PIL + open_clip script.
 
     python -m bench embed                                   # tiny EVA02 on CPU (machinery check)
     python -m bench embed --model EVA02-L-14 --weights random --device cuda --n 4096 --batch 256
@@ -105,11 +106,12 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny", help="tiny, a folder, hf-hub:..., or an open_clip name")
     parser.add_argument("--weights", default="random", help="for an open_clip name: file, tag or 'random'")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     parser.add_argument("--n", type=int, default=48, help="images")
-    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=16, help="images per embedding call, both sides (default: 16)")
     parser.add_argument("--rounds", type=int, default=2, help="alternating engine/baseline rounds (best kept)")
-    parser.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "densefusion"))
+    parser.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "densefusion"),
+                        help="where the tiny model is built and kept (default: %(default)s)")
     args = parser.parse_args(argv)
 
     import torch

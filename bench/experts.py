@@ -1,4 +1,5 @@
-"""``python -m bench experts``: images/s of every vision expert, and OWLv2 preprocessing.
+"""Images/s of every vision expert; OWLv2 preprocessing against the stock processor, and the
+batched OCR backend against rapidocr's one image per call.
 
 Per expert, on decoded views of photo-sized images (the work of the tag/detect stages
 after decode): RAM++ tagging, CLIP zero-shot tagging from a stored embedding over a

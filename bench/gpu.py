@@ -1,12 +1,12 @@
-"""``python -m bench gpu``: the GPU paths at real size with random weights, in one command.
+"""The GPU paths at real size with random weights in one command (images/s per GPU, memory,
+utilisation), the caption rows against the roofline and the experts against the caption engine.
 
-Made for a rare GPU machine: one H100/H200 for ~15 minutes, run from the source tree with
-``PYTHONPATH=.``, with only what that machine has (torch with CUDA, Triton, torchvision,
-transformers, possibly older; no open_clip, timm, SGLang, TensorRT, DALI, faiss or
-onnxruntime-gpu; no pip, no network). Every model is built with random weights (they cost
-what real ones cost) from torch/transformers or this repository's own code; where the
-production model needs a missing library, a stand-in of the same size is measured and the
-table says so:
+Runs on a bare GPU machine from the source tree (``PYTHONPATH=. python -m bench gpu``) with
+nothing but torch with CUDA, Triton, torchvision and transformers (possibly older; no
+open_clip, timm, SGLang, TensorRT, DALI, faiss or onnxruntime-gpu, no pip, no network). Every
+model is built with random weights (they cost what real ones cost) from torch/transformers or
+this repository's own code; where the production model needs a missing library, a stand-in of
+the same size is measured and the table says so:
 
 - embed: EVA02-L-14's image tower needs open_clip/timm; CLIP ViT-L/14 (transformers: same
   width, depth, patch and input size, 304M parameters) stands in, JPEG decode (nvJPEG) included;
@@ -25,7 +25,8 @@ table says so:
 Printed and written to ``--json``: images/s per GPU, ms per image, peak GPU memory and mean
 NVML utilisation per row (pynvml may be absent: then "n/a"), the best caption row against the
 roofline (~4.5 images/s per H100), and the experts' time per image as a share of the caption
-engine's. ``--tiny`` runs the same code with tiny models on the CPU (CI runs it).
+engine's. ``--tiny`` runs the same code with tiny models on the CPU: a quick check of the command
+without a GPU (its figures mean nothing).
 """
 
 from __future__ import annotations
@@ -259,7 +260,7 @@ def naive_generate_row(engine, samples, tokens: int, batch: int = 4, beams: int 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(allow_abbrev=False, prog="python -m bench gpu", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tiny", action="store_true", help="tiny models on the CPU (the same code; CI)")
+    parser.add_argument("--tiny", action="store_true", help="tiny models on the CPU: the same code, checked without a GPU (figures mean nothing)")
     parser.add_argument("--images", type=int, default=None, help="images per expert row (default 64; tiny 4)")
     parser.add_argument("--caption-images", type=int, default=None, help="images per caption row (16; tiny 4)")
     parser.add_argument("--tokens", type=int, default=None, help="output tokens per caption (250; tiny 4)")

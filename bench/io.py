@@ -1,4 +1,4 @@
-"""``python -m bench io``: reading, header probe and decode against decode-then-check.
+"""Reading, header probe and decode (images/s) against decode-then-check and PIL decode + resize.
 
 Writes a tar of 1–2 MP photo-like JPEGs, then measures in the same run:
   baseline check   read + PIL full decode, then check the size (what ad-hoc scripts do)
@@ -64,7 +64,7 @@ def timed(fn, n: int) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(allow_abbrev=False, prog="python -m bench io", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=120)
+    parser.add_argument("--images", type=int, default=120, help="JPEGs in the tar (default: 120)")
     parser.add_argument("--threads", type=int, default=2, help="decode threads for the engine")
     parser.add_argument("--view", type=int, default=448, help="longer side of the decoded view")
     args = parser.parse_args(argv)

@@ -1,5 +1,5 @@
-"""``python -m bench pipeline``: does the whole pipeline overlap, so the experts hide behind the
-caption engine?
+"""Pass 2's overlap: wall time against the slowest stage's busy time, and images/s against a
+paced caption engine's rate (do the experts hide behind the caption engine?).
 
 The real stages of pass 2 with tiny random-weight experts (probe, decode, tag, detect, OCR on
 the real PP-OCR models, prompt) feed a *paced* caption engine: a stage that takes exactly

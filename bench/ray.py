@@ -1,4 +1,5 @@
-"""``python -m bench ray``: what running on Ray costs, on the same shards as a local run.
+"""What running on Ray costs: wall time and images/s on a loopback two-node cluster, against a
+local run of the same shards.
 
 Writes ``--shards`` shards of ``--images`` photo-like JPEGs each, runs ``run`` on them locally
 (one process), then on a loopback two-node Ray cluster started for the purpose (or on

@@ -27,7 +27,7 @@ from engine.core.record import Sample, ShardEnd, Source
 from engine.io.keys import MemberName, escape, lost_name, parse_member_name, split_member_name, usable_key
 from engine.io.sidecars import MAX_JSON_BYTES, parse_json_sidecar, text_bytes_to_read
 from engine.io.tar import TarMember, TarReader, is_gzip, open_stream
-from engine.io.text import decode_text, valid_text
+from engine.io.text import decode_text, unescape_entities, valid_text
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 READER = "read"
@@ -53,24 +53,53 @@ def expand_braces(pattern: str) -> list[str]:
 
 
 def expand_shards(patterns: Iterable[str]) -> list[Path]:
-    """Every pattern must match something; output shard names must be unique."""
+    """Every pattern must match something and every image folder hold an image (all the
+    problems are reported at once, before any model loads); output shard names must be unique."""
     paths: list[Path] = []
+    unmatched: list[str] = []  # glob patterns that match nothing
+    missing: list[str] = []  # plain names (a brace range's too) that do not exist
     for pattern in patterns:
         for expanded in expand_braces(pattern):
-            matches = sorted(glob.glob(expanded)) if glob.has_magic(expanded) else [expanded]
-            if not matches or not Path(matches[0]).exists():
-                raise ConfigError(f"input shard {expanded!r} does not exist (from {pattern!r})")
-            paths.extend(Path(m) for m in matches)
+            if glob.has_magic(expanded):
+                matches = sorted(glob.glob(expanded))
+                unmatched += [] if matches else [expanded]
+                paths.extend(Path(m) for m in matches)
+            elif Path(expanded).exists():
+                paths.append(Path(expanded))
+            else:
+                missing.append(expanded)
+    paths = list(dict.fromkeys(paths))
+    # An empty folder would load every model and commit an empty shard.
+    empty = [str(p) for p in paths if p.is_dir() and next(_image_files(p), None) is None]
+    problems = [_problem(unmatched, "--shards pattern", "matches no file", "match no file"),
+                _problem(missing, "input shard", "does not exist", "do not exist"),
+                _problem(empty, "image folder", "holds no image file", "hold no image file")]
+    problems = [p for p in problems if p]
+    if empty:
+        problems[-1] += f" ({', '.join(IMAGE_EXTS)}): nothing to caption; leave {'it' if len(empty) == 1 else 'them'} out of --shards"
+    if problems:
+        raise ConfigError("; ".join(problems))
     names: dict[str, Path] = {}
     for path in paths:
         name = shard_name(path)
-        if name in names and names[name] != path:
+        if name in names:
             raise ConfigError(
                 f"two input shards map to the same output name {name!r}: {names[name]} and "
                 f"{path}; rename one (outputs are named after the input file)"
             )
         names[name] = path
-    return list(dict.fromkeys(paths))
+    return paths
+
+
+_LISTED = 5  # names shown in a problem; the rest are counted
+
+
+def _problem(items: list[str], what: str, verb_one: str, verb_many: str) -> str:
+    """'input shard 'a' does not exist', or '8 input shards 'a', ... and 3 more do not exist'."""
+    if len(items) <= 1:
+        return f"{what} {items[0]!r} {verb_one}" if items else ""
+    shown = ", ".join(map(repr, items[:_LISTED])) + (f" and {len(items) - _LISTED} more" if len(items) > _LISTED else "")
+    return f"{len(items)} {what}s {shown} {verb_many}"
 
 
 def shard_name(path: Path) -> str:
@@ -123,7 +152,7 @@ class ShardReport:
 def read_shard(path: Path, cfg: InputConfig, report: ShardReport) -> Iterator[Sample]:
     readers = {"tar": read_tar, "parquet": read_parquet, "folder": read_folder}
     samples = readers[shard_kind(path)](path, cfg, report)
-    return reject_duplicate_keys(samples)
+    return reject_duplicate_keys(unescape_alt_texts(samples))
 
 
 def shard_items(path: Path, cfg: InputConfig) -> Iterator[Sample | ShardEnd]:
@@ -145,6 +174,18 @@ def shard_items(path: Path, cfg: InputConfig) -> Iterator[Sample | ShardEnd]:
 def shard_end(path: Path, report: ShardReport) -> ShardEnd:
     return ShardEnd(shard_name(path), valid_text(str(path)), report.n_samples,
                     tuple(valid_text(e) for e in report.errors), tuple(report.skipped))
+
+
+def unescape_alt_texts(samples: Iterable[Sample]) -> Iterator[Sample]:
+    """Alt text comes from web pages' alt attributes, often still HTML-escaped (``bike &amp;
+    pickup truck``, common in LAION): its character references become characters, once, here
+    where it is read, so the prompt, the parquet and the exports see the text a reader saw. The
+    text as read stays in ``meta["alt_text_raw"]``."""
+    for sample in samples:
+        text = unescape_entities(sample.alt_text)
+        if text != sample.alt_text:
+            sample.meta["alt_text_raw"], sample.alt_text = sample.alt_text, text
+        yield sample
 
 
 def reject_duplicate_keys(samples: Iterable[Sample]) -> Iterator[Sample]:
@@ -339,9 +380,13 @@ def _jsonable(value: Any) -> Any:
         return str(value)
 
 
+def _image_files(path: Path) -> Iterator[Path]:
+    return (p for p in path.rglob("*") if p.is_file() and p.suffix.lower().lstrip(".") in IMAGE_EXTS)
+
+
 def folder_images(path: Path) -> list[Path]:
     """The image files under a folder (by extension), in the order they are read."""
-    return sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower().lstrip(".") in IMAGE_EXTS)
+    return sorted(_image_files(path))
 
 
 def read_folder(path: Path, cfg: InputConfig, report: ShardReport) -> Iterator[Sample]:

@@ -86,3 +86,12 @@ def read_rejects(out: Path) -> list[dict[str, Any]]:
 def read_json(path: Path) -> dict[str, Any]:
     """A figures file (manifest.json, metrics.json, stats.json); {} when the run wrote none."""
     return json.loads(path.read_text()) if path.exists() else {}
+
+
+def tiny_model_runs(metrics: dict[str, Any]) -> int:
+    """How many invocations recorded in ``metrics`` (metrics.json) ran on ``--models tiny``:
+    random-weight models whose captions, tags and boxes are noise."""
+    from models.base import TINY
+
+    return sum(1 for i in metrics.get("invocations") or []
+               if ((i.get("config") or {}).get("runtime") or {}).get("models") == TINY)

@@ -4,14 +4,17 @@
     python densefusion_local.py export jsonl OUT --to DIR   # DIR/densefusion.jsonl
 
 Both write the images under DIR/images/<shard>/<key>.<ext> (the original bytes from the tar
-shards) and point at them with paths relative to DIR, so DIR can be moved as a whole.
+shards) and point at them with paths relative to DIR, so DIR can be moved as a whole. A
+sample's id is ``<shard>/<key>``: keys are unique only within a shard (two image folders
+both hold a ``0001.jpg``), output shard names are unique and hold no ``/``.
 ``llava`` is LLaVA's pre-training format (one conversation per image: the instruction, then
 the caption); ``jsonl`` has the fields of the released DenseFusion-1M files (``image_id``,
 ``url``, ``image_path``, ``caption``). Samples without a caption are left out of both, and so
 are captions that quality control flagged (``flags`` in their annotations: a repeated, cut-off
 or scaffolding-leaking caption must not become training data unnoticed) unless
-``--include-flagged``; the count left out is reported. The WebDataset tars and parquet files of
-OUT itself load as they are (see README).
+``--include-flagged``; the count left out is reported. When nothing is left to export, no file
+is written and the command says why and exits 1. The WebDataset tars and parquet files of OUT
+itself load as they are (see README).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,12 +40,18 @@ FILES = {"llava": "densefusion_llava.json", "jsonl": "densefusion.jsonl",
 _EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tif", "MPO": "jpg"}
 
 
+def export_id(sample: WrittenSample) -> str:
+    """The sample's id in every export: unique across the output's shards."""
+    return f"{sample.annotations['shard']}/{sample.key}"
+
+
 def image_path(sample: WrittenSample) -> str:
-    """Where the image goes, relative to the export folder, named by its real format."""
-    shard = sample.annotations.get("shard") or "images"
-    stem, _, ext = Path(sample.image_name).name.partition(".")
-    ext = _EXTENSIONS.get(sample.annotations.get("image_format", ""), ext)
-    return f"images/{shard}/{stem}.{ext}"
+    """Where the image goes, relative to the export folder, named by its real format. The
+    whole key names it (a folder shard's ``a/0001`` and ``b/0001`` are two files; keys are
+    never absolute and never hold ``..``)."""
+    written_ext = sample.image_name[len(sample.key) + 1:] or "jpg"
+    ext = _EXTENSIONS.get(sample.annotations.get("image_format", ""), written_ext)
+    return f"images/{export_id(sample)}.{ext}"
 
 
 def _write_image(to: Path, relative: str, data: bytes) -> None:
@@ -56,9 +66,14 @@ def _write_image(to: Path, relative: str, data: bytes) -> None:
 
 @dataclass
 class Exported:
-    path: Path  # the export file
+    path: Path  # the export file (not written when ``records`` is 0)
     records: int = 0  # captioned samples written to it
     flagged_left_out: int = 0  # captioned samples quality control flagged, not exported
+    uncaptioned: int = 0  # written samples without a caption
+
+
+# The exit code of an export that found nothing to export (misconfiguration is 2).
+NOTHING_EXPORTED = 1
 
 
 def captioned(out: Path, to: Path, result: Exported, *, include_flagged: bool) -> Iterator[tuple[WrittenSample, str]]:
@@ -66,6 +81,7 @@ def captioned(out: Path, to: Path, result: Exported, *, include_flagged: bool) -
     Counts the flagged ones it leaves out in ``result``."""
     for sample in iter_samples(out, with_images=True):
         if not sample.caption.strip():
+            result.uncaptioned += 1
             continue
         if sample.annotations.get("flags") and not include_flagged:
             result.flagged_left_out += 1
@@ -77,7 +93,7 @@ def captioned(out: Path, to: Path, result: Exported, *, include_flagged: bool) -
 
 def llava_record(sample: WrittenSample, relative: str, instruction: str) -> dict[str, Any]:
     return {
-        "id": sample.key,
+        "id": export_id(sample),
         "image": relative,
         "conversations": [
             {"from": "human", "value": f"<image>\n{instruction}"},
@@ -93,7 +109,7 @@ def sft_instruction(sample: WrittenSample) -> str:
 
 def jsonl_record(sample: WrittenSample, relative: str) -> dict[str, Any]:
     return {
-        "image_id": sample.key,
+        "image_id": export_id(sample),
         "url": (sample.annotations.get("meta") or {}).get("url"),
         "image_path": relative,
         "caption": sample.caption,
@@ -103,8 +119,10 @@ def jsonl_record(sample: WrittenSample, relative: str) -> dict[str, Any]:
 def export(kind: str, out: Path, to: Path, *, instruction: str = DEFAULT_INSTRUCTION,
            include_flagged: bool = False) -> Exported:
     """Write the export (flagged captions only with ``include_flagged``). Written under a
-    temporary name and renamed, so a stopped export never leaves a half file behind."""
+    temporary name and renamed, so a stopped export never leaves a half file behind; with no
+    record to hold, nothing is published (and a folder made for it is removed again)."""
     out, to = check_output(Path(out)), Path(to)
+    made = not to.exists()
     to.mkdir(parents=True, exist_ok=True)
     result = Exported(to / FILES[kind])
     tmp = result.path.with_name(result.path.name + ".tmp")
@@ -123,8 +141,26 @@ def export(kind: str, out: Path, to: Path, *, instruction: str = DEFAULT_INSTRUC
             for sample, relative in samples:
                 handle.write(json.dumps(jsonl_record(sample, relative), ensure_ascii=False) + "\n")
                 result.records += 1
-    os.replace(tmp, result.path)
+    if result.records:
+        os.replace(tmp, result.path)
+    else:
+        tmp.unlink()
+        if made:
+            to.rmdir()  # no image was written either
     return result
+
+
+def nothing_exported(result: Exported, out: Path) -> str:
+    """Why an export wrote nothing, and what to do about it."""
+    if result.flagged_left_out:
+        why = (f"all {result.flagged_left_out} captions were flagged by quality control "
+               f"(--include-flagged exports them)")
+    elif result.uncaptioned:
+        why = (f"none of its {result.uncaptioned} written samples has a caption "
+               f"(was the caption stage left out of --stages?)")
+    else:
+        why = "it holds no written sample (see its rejects/ and metrics.json)"
+    return f"nothing exported from {out}: {why}; {result.path.name} was not written"
 
 
 def left_out_note(result: Exported) -> str:
@@ -172,10 +208,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"llava: the human turn after <image> (default: {DEFAULT_INSTRUCTION!r})")
     parser.add_argument("--include-flagged", action="store_true",
                         help="also export captions that quality control flagged (left out by default)")
+    parser.epilog = (f"exit code {NOTHING_EXPORTED} when nothing is left to export (no caption, or every caption "
+                     f"flagged): no file is written and the reason is printed")
 
 
 def command(args: argparse.Namespace) -> int:
     result = export(args.kind, args.out, args.to, instruction=args.instruction, include_flagged=args.include_flagged)
+    if not result.records:
+        print(nothing_exported(result, args.out), file=sys.stderr)
+        return NOTHING_EXPORTED
     print(f"exported {result.records} captioned samples to {result.path} (images under {args.to / 'images'})"
           f"{left_out_note(result)}")
     return 0

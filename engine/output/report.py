@@ -29,8 +29,17 @@ from engine.output.dataset_reader import (
     iter_samples,
     read_json,
     read_rejects,
+    tiny_model_runs,
 )
-from engine.output.stats import PAPER_ROWS, POS_COLUMNS, TABLE1_HEADER, default_workers, output_stats, table1_row
+from engine.output.stats import (
+    PAPER_ROWS,
+    POS_COLUMNS,
+    TABLE1_HEADER,
+    TINY_TABLE1_NOTE,
+    default_workers,
+    output_stats,
+    table1_row,
+)
 
 THUMB_SIDE = 360
 MAX_REJECT_ROWS = 200
@@ -53,6 +62,7 @@ th{background:#eee}td.l,th.l{text-align:left}
 .flags ul{margin:2px 0;padding-left:18px}.flag{color:#9a3412}
 .prompt summary{cursor:pointer}
 .top{display:flex;flex-wrap:wrap;gap:48px}.muted{color:#777}
+.banner{background:#fff3cd;border:1px solid #e0a800;padding:8px 12px;font-weight:bold;max-width:60em}
 """
 
 
@@ -309,12 +319,17 @@ def shard_problems_html(manifest: dict[str, Any]) -> str:
     return f'<table id="shard-problems-table"><tr><th class="l">shard</th><th class="l">problem</th></tr>{rows}</table>'
 
 
-def table1_html(stats: dict[str, Any]) -> str:
+TINY_BANNER = ("Written with tiny random-weight models (--models tiny): every caption, tag and box here is "
+               "noise. Such a run checks the machinery; real captions need real checkpoints (see the README).")
+
+
+def table1_html(stats: dict[str, Any], *, tiny: bool = False) -> str:
     head = f'<th class="l">{_e(TABLE1_HEADER[0])}</th>' + "".join(f"<th>{_e(h)}</th>" for h in TABLE1_HEADER[1:])
     rows = "".join(f'<tr{" class=muted" if paper else ""}><th class="l">{_e(row[0])}</th>'
                    + "".join(f"<td>{_e(v)}</td>" for v in row[1:]) + "</tr>"
                    for paper, row in [(False, table1_row(stats))] + [(True, r) for r in PAPER_ROWS])
-    parts = [f'<table id="table1-table"><tr>{head}</tr>{rows}</table>',
+    parts = [f'<p id="tiny-table1" class="banner">{_e(TINY_TABLE1_NOTE)}</p>' if tiny else "",
+             f'<table id="table1-table"><tr>{head}</tr>{rows}</table>',
              (f'<p class="muted">{stats["table1"]["captions"]} captions; parts of speech by the '
               f'{_e(stats["pos_tagger"])} tagger, as shares of all caption words; grey rows: the paper</p>')]
     if stats["coverage"]:
@@ -348,14 +363,16 @@ def build_report(out: Path, *, samples: int = 24, to: Path | None = None) -> Pat
         if len(cards) >= samples:
             break
         cards.append(sample_card(sample))
-    manifest = read_json(out / "manifest.json")
-    figures = run_figures(manifest, read_json(out / "metrics.json"))
+    manifest, metrics = read_json(out / "manifest.json"), read_json(out / "metrics.json")
+    figures = run_figures(manifest, metrics)
+    tiny = tiny_model_runs(metrics) > 0  # any run into the folder: its samples are mixed in
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>densefusion report: {_e(out.name)}</title>
 <style>{CSS}</style></head><body>
 <h1>densefusion report</h1><p class="muted">{_e(out.resolve())}</p>
+{f'<p id="tiny-banner" class="banner">{_e(TINY_BANNER)}</p>' if tiny else ""}
 <div class="top"><section id="summary"><h2>Run</h2>{figures}</section>
-<section id="table1"><h2>Statistics (paper Table 1)</h2>{table1_html(stats)}</section></div>
+<section id="table1"><h2>Statistics (paper Table 1)</h2>{table1_html(stats, tiny=tiny)}</section></div>
 <section id="charts"><h2>Distributions</h2><div class="charts">
 {"".join(f'<div class="chart">{svg}</div>' for svg in charts(stats))}</div></section>
 <section id="samples"><h2>Samples ({len(cards)} of {stats["table1"]["samples"]})</h2>

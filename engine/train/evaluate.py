@@ -102,14 +102,15 @@ def held_out_records(record: dict[str, Any], meta: Path, limit: int) -> list[Met
 def expert_evidence(meta: Path, keys: list[str]) -> dict[str, Evidence]:
     """What the experts reported for each key, from the meta output's shards (none for an export)."""
     from engine.output.dataset_reader import iter_samples
+    from engine.output.export import export_id
 
     if not (meta / "shards").is_dir():
         return {}
     wanted, found = set(keys), {}
     for sample in iter_samples(meta):
-        if sample.key in wanted:
+        if export_id(sample) in wanted:  # the keys are the sft export's ids
             ann = sample.annotations
-            found[sample.key] = Evidence(tags=tuple(t["name"] for t in ann.get("tags") or []),
+            found[export_id(sample)] = Evidence(tags=tuple(t["name"] for t in ann.get("tags") or []),
                                          box_labels=tuple(b["label"] for b in ann.get("boxes") or []),
                                          ocr_lines=tuple(o["text"] for o in ann.get("ocr") or []))
     return found
