@@ -66,6 +66,68 @@ def test_misconfiguration_exits_2_before_writing_anything(tmp_path, capsys, make
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("shards, said", [
+    (["nope*.tar"], "--shards pattern '{d}/nope*.tar' matches no file"),
+    (["{{000..005}}.tar"], "3 input shards '{d}/003.tar', '{d}/004.tar', '{d}/005.tar' do not exist"),
+    (["{{000..010}}.tar"], "8 input shards '{d}/003.tar', '{d}/004.tar', '{d}/005.tar', '{d}/006.tar', "
+                           "'{d}/007.tar' and 3 more do not exist"),
+    (["000.tar", "empty", "no_images"], "2 image folders '{d}/empty', '{d}/no_images' hold no image file"),
+    (["x*.tar", "009.tar", "empty"], "--shards pattern '{d}/x*.tar' matches no file; input shard '{d}/009.tar' "
+                                     "does not exist; image folder '{d}/empty' holds no image file"),
+])
+def test_input_problems_are_all_named_before_any_model_loads(tmp_path, capsys, monkeypatch, shards, said):
+    from models.base import ModelRef
+
+    def no_model(*_):
+        raise AssertionError("a model was loaded for inputs that cannot run")
+
+    monkeypatch.setattr(ModelRef, "resolve", no_model)
+    for i in range(3):
+        write_tar(tmp_path / f"{i:03d}.tar", sample_members(f"k{i}", jpeg(500, 500)))
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "no_images" / "sub").mkdir(parents=True)
+    (tmp_path / "no_images" / "sub" / "notes.txt").write_text("alt text without its image")
+    argv = [str(tmp_path / s) for s in shards]
+    assert cli("run", "--shards", *argv, "--out", str(tmp_path / "out"), "--models", "tiny", "--no-progress") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and said.format(d=tmp_path) in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_html_entities_in_alt_text_are_unescaped_once_and_kept_raw(tmp_path, capsys):
+    """LAION alt text often arrives HTML-escaped: the prompt, the parquet and the exports get
+    the text a reader saw; ``&amp;amp;`` (an escaped '&amp;') becomes '&amp;', not '&'."""
+    import pyarrow.parquet as pq
+
+    from bench._chat_server import ChatServer
+
+    alts = {"k0": "bike &amp; pickup truck", "k1": "Tom&#39;s &quot;Diner&quot;", "k2": "&amp;amp; is an entity",
+            "k3": "AT&T store, ?a=1&para=2"}
+    members = [m for i, (key, alt) in enumerate(alts.items()) for m in sample_members(key, jpeg(500, 500, (60 * i, 0, 0)), alt)]
+    write_tar(tmp_path / "in.tar", members)
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "f0.jpg").write_bytes(jpeg(500, 500))
+    (folder / "f0.txt").write_text("fish &amp; chips")
+    out = tmp_path / "out"
+    with ChatServer(output_words=20) as server:
+        assert cli("run", "--shards", str(tmp_path / "in.tar"), str(folder), "--out", str(out),
+                   "--stages", "decode", "prompt", "caption", "--caption-backend", "openai",
+                   "--api-base", server.url, "--api-model", "m", "--no-progress", "--device", "cpu") == 0
+    rows = {r["key"]: r for name in ("in", "folder") for r in pq.read_table(out / "shards" / f"{name}.parquet").to_pylist()}
+    read = {"k0": "bike & pickup truck", "k1": 'Tom\'s "Diner"', "k2": "&amp; is an entity",
+            "k3": "AT&T store, ?a=1&para=2", "f0": "fish & chips"}
+    assert {key: row["alt_text"] for key, row in rows.items()} == read
+    assert all(read[key] in row["prompt"] and "&amp; chips" not in row["prompt"] for key, row in rows.items())
+    raw = {key: json.loads(row["meta"]["other"] or "{}").get("alt_text_raw") for key, row in rows.items()}
+    assert raw == {"k0": alts["k0"], "k1": alts["k1"], "k2": alts["k2"], "k3": None, "f0": "fish &amp; chips"}
+    assert cli("export", "sft", str(out), "--to", str(tmp_path / "sft")) == 0
+    human = {r["id"]: r["conversations"][0]["value"] for r in json.loads((tmp_path / "sft" / "densefusion_sft.json").read_text())}
+    assert "bike & pickup truck" in human["in/k0"] and "fish & chips" in human["folder/f0"]
+    assert "&amp; is an entity" in human["in/k2"] and not any("&amp; chips" in h for h in human.values())
+    capsys.readouterr()
+
+
 def test_run_on_a_parquet_and_a_folder(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq

@@ -259,7 +259,7 @@ def test_meta_with_curate_on_ray_captions_the_selection_of_a_single_node_run(clu
 
     assert selected(tmp_path / "ray") and selected(tmp_path / "ray") == selected(tmp_path / "single")
     assert captioned(tmp_path / "ray") == captioned(tmp_path / "single") == selected(tmp_path / "single")
-    sft = [{r["id"] for r in json.loads((out / "sft" / "densefusion_sft.json").read_text())}
+    sft = [{r["id"].partition("/")[2] for r in json.loads((out / "sft" / "densefusion_sft.json").read_text())}
            for out in (tmp_path / "ray", tmp_path / "single")]
     assert sft[0] == sft[1] == selected(tmp_path / "single")
     for root in (tmp_path / "ray" / "curate", tmp_path / "ray"):  # both passes ran on the actors

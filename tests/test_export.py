@@ -7,7 +7,7 @@ from output_fixture import CAPTIONS, fixture_samples, write_fixture_output
 
 import densefusion_local
 from engine.output.dataset_reader import iter_samples
-from engine.output.export import export, main, validate_llava
+from engine.output.export import export, export_id, main, validate_llava
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +29,7 @@ def test_llava_export_matches_the_schema_and_images_exist(fixture_out, tmp_path)
     assert count == len(records) == 2  # s2 has no caption, "bad" was rejected
     assert validate_llava(path) == []
     first = records[0]
-    assert first == {"id": "s0", "image": "images/00000/s0.jpg", "conversations": [
+    assert first == {"id": "00000/s0", "image": "images/00000/s0.jpg", "conversations": [
         {"from": "human", "value": "<image>\nDescribe it."}, {"from": "gpt", "value": CAPTIONS["s0"]}]}
     original = next(s for s in iter_samples(fixture_out, with_images=True) if s.key == "s0")
     assert (path.parent / first["image"]).read_bytes() == original.image_bytes
@@ -152,7 +152,7 @@ def test_export_of_the_demo_output_validates(demo_out, tmp_path):
     assert count == sum(bool(s.caption.strip()) for s in iter_samples(demo_out))
     assert validate_llava(path) == []
     # the tar names every image .jpg; exported files carry their real format's extension
-    formats = {s.key: s.annotations["image_format"] for s in iter_samples(demo_out)}
+    formats = {export_id(s): s.annotations["image_format"] for s in iter_samples(demo_out)}
     records = json.loads(path.read_text())
     assert {"JPEG", "PNG"} <= set(formats.values())
     assert all(r["image"].endswith(".png" if formats[r["id"]] == "PNG" else ".jpg") for r in records)
@@ -169,7 +169,7 @@ def test_flagged_captions_are_left_out_unless_asked_for(tmp_path, capsys):
         assert not (tmp_path / kind / "images" / "00000" / "s1.jpg").exists()
     kept = export("jsonl", out, tmp_path / "all", include_flagged=True)
     assert (kept.records, kept.flagged_left_out) == (2, 0)
-    assert [json.loads(x)["image_id"] for x in kept.path.read_text().splitlines()] == ["s0", "s1"]
+    assert [json.loads(x)["image_id"] for x in kept.path.read_text().splitlines()] == ["00000/s0", "00000/s1"]
     # the console says how many were left out, and how to keep them
     assert main(["llava", str(out), "--to", str(tmp_path / "cli")]) == 0
     said = capsys.readouterr().out
@@ -178,3 +178,61 @@ def test_flagged_captions_are_left_out_unless_asked_for(tmp_path, capsys):
     assert main(["llava", str(out), "--to", str(tmp_path / "cli2"), "--include-flagged"]) == 0
     said = capsys.readouterr().out
     assert "exported 2 captioned samples" in said and "left out" not in said
+
+
+def test_ids_and_image_files_are_unique_across_shards(tmp_path, capsys):
+    """Two image folders both holding 0001.jpg (and one a sub/0001.jpg): run through the CLI, then
+    every export gives each image its own id and its own file, holding that image's bytes."""
+    from bench._chat_server import ChatServer
+    from conftest import jpeg
+
+    images = {"a/0001": jpeg(500, 500, (200, 0, 0)), "b/0001": jpeg(500, 500, (0, 200, 0)),
+              "b/sub/0001": jpeg(500, 500, (0, 0, 200))}
+    for name, data in images.items():
+        (tmp_path / "in" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "in" / f"{name}.jpg").write_bytes(data)
+    out = tmp_path / "out"
+    with ChatServer(output_words=20) as server:
+        assert densefusion_local.main([
+            "run", "--shards", str(tmp_path / "in" / "a"), str(tmp_path / "in" / "b"), "--out", str(out),
+            "--stages", "decode", "prompt", "caption", "--caption-backend", "openai", "--api-base", server.url,
+            "--api-model", "m", "--no-progress", "--device", "cpu"]) == 0
+    for kind, ids in (("llava", "id"), ("sft", "id"), ("jsonl", "image_id")):
+        to = tmp_path / kind
+        assert densefusion_local.main(["export", kind, str(out), "--to", str(to)]) == 0
+        text = (to / {"llava": "densefusion_llava.json", "sft": "densefusion_sft.json",
+                      "jsonl": "densefusion.jsonl"}[kind]).read_text()
+        records = [json.loads(x) for x in text.splitlines()] if kind == "jsonl" else json.loads(text)
+        assert sorted(r[ids] for r in records) == sorted(images)
+        paths = [r["image_path" if kind == "jsonl" else "image"] for r in records]
+        assert len(set(paths)) == len(images) == len(list((to / "images").rglob("*.jpg")))
+        assert {r[ids]: (to / path).read_bytes() for r, path in zip(records, paths)} == images
+    capsys.readouterr()
+
+
+def test_export_with_nothing_to_export_says_why_and_writes_nothing(tmp_path, capsys):
+    flagged = fixture_samples()
+    for sample in flagged:
+        sample.flags.append("repeated_sentences: the same sentence 4 times")
+    out = write_fixture_output(tmp_path / "flagged", flagged)
+    to = tmp_path / "export"
+    assert densefusion_local.main(["export", "llava", str(out), "--to", str(to)]) == 1
+    said = capsys.readouterr()
+    assert said.out == ""
+    assert said.err == (f"nothing exported from {out}: all 2 captions were flagged by quality control "
+                        f"(--include-flagged exports them); densefusion_llava.json was not written\n")
+    assert not to.exists()  # neither the file nor an images folder
+    # an output without captions (the caption stage left out)
+    bare = fixture_samples()
+    for sample in bare:
+        sample.caption = None
+    out = write_fixture_output(tmp_path / "bare", bare)
+    (to / "kept.txt").parent.mkdir()
+    (to / "kept.txt").write_text("mine")
+    assert densefusion_local.main(["export", "jsonl", str(out), "--to", str(to)]) == 1
+    assert "none of its 3 written samples has a caption" in capsys.readouterr().err
+    assert sorted(p.name for p in to.iterdir()) == ["kept.txt"]  # a folder that was there stays
+    # the help says what the exit code means
+    with pytest.raises(SystemExit):
+        densefusion_local.main(["export", "--help"])
+    assert "exit code 1 when nothing is left to export" in " ".join(capsys.readouterr().out.split())

@@ -17,14 +17,14 @@ def test_sft_export_puts_each_samples_caption_engine_prompt_in_the_human_turn(tm
     by_key = {r["id"]: r for r in records}
     originals = {s.key: s for s in fixture_samples()}
     for key in ("s0", "s1"):
-        human, gpt = by_key[key]["conversations"]
+        human, gpt = by_key[f"00000/{key}"]["conversations"]
         # Exactly the prompt the caption stage builds for this sample at inference.
         expected = sample_prompt(originals[key], PromptConfig(prompt_template="caption_engine"))
         assert human["value"] == "<image>\n" + expected
         assert human["value"].startswith("<image>\n" + CAPTION_ENGINE_INSTRUCTION)
         assert gpt["value"] == CAPTIONS[key]
-    assert "GRAND OPENING" in by_key["s1"]["conversations"][0]["value"]
-    assert "car: [0.10, 0.20, 0.60, 0.80]" in by_key["s0"]["conversations"][0]["value"]
+    assert "GRAND OPENING" in by_key["00000/s1"]["conversations"][0]["value"]
+    assert "car: [0.10, 0.20, 0.60, 0.80]" in by_key["00000/s0"]["conversations"][0]["value"]
 
 
 def test_prompt_is_rebuilt_from_json_annotations_whatever_template_the_run_used():
@@ -82,8 +82,8 @@ def test_meta_command_captions_the_subset_with_gpt4v_and_exports_sft(tmp_path, c
         assert row["caption"] == server.caption_for(row["prompt"])
     records = json.loads((out / "sft" / "densefusion_sft.json").read_text())
     assert validate_llava(out / "sft" / "densefusion_sft.json") == []
-    assert sorted(r["id"] for r in records) == sorted(r["key"] for r in written)
-    by_key = {r["key"]: r for r in written}
+    assert sorted(r["id"] for r in records) == sorted(f"{shards[0].stem}/{r['key']}" for r in written)
+    by_key = {f"{shards[0].stem}/{r['key']}": r for r in written}
     for record in records:
         human, gpt = record["conversations"]
         assert human["value"].startswith("<image>\n" + CAPTION_ENGINE_INSTRUCTION)  # the engine's template
@@ -106,4 +106,4 @@ def test_meta_with_curate_draws_its_share_from_pass_1s_selection(tmp_path, tiny_
     rejected = pq.read_table(out / "rejects" / f"{shards[0].stem}.parquet").to_pylist()
     assert {r["stage"] for r in rejected} >= {"curate"}
     records = json.loads((out / "sft" / "densefusion_sft.json").read_text())
-    assert {r["id"] for r in records} == written
+    assert {r["id"] for r in records} == {f"{shards[0].stem}/{key}" for key in written}

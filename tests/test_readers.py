@@ -29,7 +29,7 @@ def test_expand_shards_globs_and_rejects_missing(tmp_path):
         write_tar(tmp_path / f"{i:03d}.tar", [])
     assert [p.name for p in expand_shards([str(tmp_path / "*.tar")])] == ["000.tar", "001.tar", "002.tar"]
     assert len(expand_shards([str(tmp_path / "{000..001}.tar")])) == 2
-    with pytest.raises(ConfigError, match="does not exist"):
+    with pytest.raises(ConfigError, match="3 input shards .* do not exist"):
         expand_shards([str(tmp_path / "{000..005}.tar")])
 
 
