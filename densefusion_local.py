@@ -187,13 +187,13 @@ def demo_next_steps(out: str) -> str:
     """Where the demo leads: the commands that read its output (the demo's noise captions are
     all flagged by quality control, so its export has to include them)."""
     prog, quoted = "python densefusion_local.py", shlex.quote(out)
-    return "\n".join([
-        "next, look at what the demo wrote:",
-        f"  {prog} report {quoted}    # {out}/report.html: figures, samples with their boxes, rejects",
-        f"  {prog} stats {quoted}     # the paper's Table 1 for this output",
-        f"  {prog} export llava {quoted} --to {shlex.quote(str(Path(out) / 'export'))} --include-flagged"
-        f"    # LLaVA training JSON + images (the demo's noise captions are all flagged)",
-    ])
+    steps = [(f"{prog} report {quoted}", "one HTML page: figures, samples with boxes, rejects"),
+             (f"{prog} stats {quoted}", "the paper's Table 1"),
+             (f"{prog} export llava {quoted} --to {shlex.quote(str(Path(out) / 'export'))} --include-flagged",
+              "LLaVA JSON + images (noise captions, all flagged)")]
+    width = max(len(command) for command, _ in steps)
+    return "\n".join(["next, look at what the demo wrote:"]
+                     + [f"  {command:<{width}}  # {what}" for command, what in steps])
 
 
 def demo_overrides(out: str, shards: list[Path]) -> dict:
