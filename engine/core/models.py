@@ -29,3 +29,9 @@ def resolve_model(role: str, name: str, runtime: RuntimeConfig) -> ModelRef | No
     ref = ModelRef(name, role)
     ref.check()
     return ref
+
+
+def ran_tiny_models(config: dict) -> bool:
+    """Whether a run's recorded config (``RunConfig.to_dict()``, kept per invocation in
+    metrics.json) swapped every model for a tiny one: its captions, tags and boxes are noise."""
+    return (config.get("runtime") or {}).get("models") == TINY

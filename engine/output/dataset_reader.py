@@ -91,7 +91,6 @@ def read_json(path: Path) -> dict[str, Any]:
 def tiny_model_runs(metrics: dict[str, Any]) -> int:
     """How many invocations recorded in ``metrics`` (metrics.json) ran on ``--models tiny``:
     random-weight models whose captions, tags and boxes are noise."""
-    from models.base import TINY
+    from engine.core.models import ran_tiny_models
 
-    return sum(1 for i in metrics.get("invocations") or []
-               if ((i.get("config") or {}).get("runtime") or {}).get("models") == TINY)
+    return sum(1 for i in metrics.get("invocations") or [] if ran_tiny_models(i.get("config") or {}))
