@@ -260,7 +260,8 @@ def naive_generate_row(engine, samples, tokens: int, batch: int = 4, beams: int 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(allow_abbrev=False, prog="python -m bench gpu", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tiny", action="store_true", help="tiny models on the CPU: the same code, checked without a GPU (figures mean nothing)")
+    parser.add_argument("--tiny", action="store_true",
+                        help="tiny models on the CPU: the same code, checked without a GPU (figures mean nothing)")
     parser.add_argument("--images", type=int, default=None, help="images per expert row (default 64; tiny 4)")
     parser.add_argument("--caption-images", type=int, default=None, help="images per caption row (16; tiny 4)")
     parser.add_argument("--tokens", type=int, default=None, help="output tokens per caption (250; tiny 4)")

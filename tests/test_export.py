@@ -3,6 +3,7 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import jpeg
 from output_fixture import CAPTIONS, fixture_samples, write_fixture_output
 
 import densefusion_local
@@ -184,7 +185,6 @@ def test_ids_and_image_files_are_unique_across_shards(tmp_path, capsys):
     """Two image folders both holding 0001.jpg (and one a sub/0001.jpg): run through the CLI, then
     every export gives each image its own id and its own file, holding that image's bytes."""
     from bench._chat_server import ChatServer
-    from conftest import jpeg
 
     images = {"a/0001": jpeg(500, 500, (200, 0, 0)), "b/0001": jpeg(500, 500, (0, 200, 0)),
               "b/sub/0001": jpeg(500, 500, (0, 0, 200))}

@@ -76,7 +76,8 @@ def expand_shards(patterns: Iterable[str]) -> list[Path]:
                 _problem(empty, "image folder", "holds no image file", "hold no image file")]
     problems = [p for p in problems if p]
     if empty:
-        problems[-1] += f" ({', '.join(IMAGE_EXTS)}): nothing to caption; leave {'it' if len(empty) == 1 else 'them'} out of --shards"
+        them = "it" if len(empty) == 1 else "them"
+        problems[-1] += f" ({', '.join(IMAGE_EXTS)}): nothing to caption; leave {them} out of --shards"
     if problems:
         raise ConfigError("; ".join(problems))
     names: dict[str, Path] = {}
