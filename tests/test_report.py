@@ -35,6 +35,13 @@ def test_report_file_holds_every_part(tmp_path):
     assert "GRAND OPENING" in page and "red car parked" in page
     assert CAPTIONS["s0"] in page and "cov_tags" not in page  # the fixture's samples were not scored
     assert 'src="http' not in page and 'href="http' not in page  # self-contained: nothing to fetch
+    # no run into it used tiny models (it has no metrics.json): no noise banner; one that did gets it
+    assert "tiny-banner" not in page and "tiny-table1" not in page
+    (out / "metrics.json").write_text('{"invocations": [{"config": {"runtime": {"models": ""}}}, '
+                                      '{"config": {"runtime": {"models": "tiny"}}}]}')
+    assert main([str(out)]) == 0
+    page = (out / "report.html").read_text()
+    assert page.count('id="tiny-banner"') == page.count('id="tiny-table1"') == 1
 
 
 @pytest.fixture(scope="module")
