@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from engine.core.config import check_output_folder
 from engine.output.dataset_reader import WrittenSample, check_output, iter_samples
 from engine.output.meta import caption_engine_prompt
 
@@ -175,6 +176,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def command(args: argparse.Namespace) -> int:
+    check_output_folder(args.to, "--to")
     result = export(args.kind, args.out, args.to, instruction=args.instruction, include_flagged=args.include_flagged)
     print(f"exported {result.records} captioned samples to {result.path} (images under {args.to / 'images'})"
           f"{left_out_note(result)}")
