@@ -97,6 +97,6 @@ def main(argv: list[str] | None = None) -> int:
           f"max bytes in flight: {'default' if budget is None else f'{args.budget_mib:g} MiB'}")
     first = min(peaks)
     for count, peak in sorted(peaks.items()):
-        growth = f"  +{(peak - peaks[first]) / 1e6 / (count - first):,.0f} MB per member over {first}" if count > first else ""
+        growth = f"  {(peak - peaks[first]) / 1e6 / (count - first):+,.0f} MB per member over {first}" if count > first else ""
         print(f"  {count:>4} members  peak RSS {peak / 1e9:6.2f} GB{growth}")
     return 0
