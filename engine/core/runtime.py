@@ -3,15 +3,16 @@
     source thread ─q─▶ stage 1 ─q─▶ stage 2 ─q─▶ … ─q─▶ writer (calling thread)
 
 Queues carry lists of items (samples and :class:`ShardEnd` markers) and hold at most
-``queue_depth`` lists, so a slow stage stops the ones before it (back-pressure). That bounds
-the number of samples in flight, not their bytes: a shard of 127 MiB members once sat whole
-in memory (+130 MB per member). So the source also waits while the image bytes between it and
-the writer would pass ``max_bytes_in_flight`` (:class:`ByteBudget`); it first hands on what it
-holds, and a stage flushes a partial batch when its input runs dry, so the bytes it waits for
-are always on their way to the writer (never a deadlock, whatever the batch sizes), and one
-sample larger than the budget still runs, alone. Each stage thread re-batches to its own batch size, flushes a partial batch
+``queue_depth`` lists, so a slow stage stops the ones before it (back-pressure) and memory
+stays bounded. Each stage thread re-batches to its own batch size, flushes a partial batch
 when a shard ends or its input runs dry, and forwards dead samples untouched; FIFO order
 keeps every marker behind its shard's samples, so the writer can commit on it.
+Queues bound the number of samples in flight, not their bytes (a shard of 127 MiB members once
+sat whole in memory, +130 MB per member), so the source also waits while the image bytes
+between it and the writer would pass ``max_bytes_in_flight`` (:class:`ByteBudget`). It hands
+on what it holds first, and stages flush when their input runs dry, so the bytes it waits for
+are on their way to the writer whatever the batch sizes (no deadlock); one sample larger than
+the budget still runs, alone.
 Torch, ONNX Runtime and PIL release the GIL in their kernels, which is what makes threads
 (rather than processes) enough here, and keeps models loaded once per worker. A stage that asks
 for ``workers`` > 1 has that many batches in ``process()`` at once, on helper threads; a shard's
