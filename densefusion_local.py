@@ -171,6 +171,7 @@ def command_demo(args: argparse.Namespace) -> int:
     from engine.io.demo_data import write_demo_shards
 
     out = getattr(args, "runtime.out", None) or "runs/demo"
+    config_module.check_output_folder(Path(out))  # before the sample shards are written into it
     shards = write_demo_shards(Path(out) / "input")
     cfg = config_module.build(args, args.config, **demo_overrides(out, shards))
     print(f"demo: {len(shards)} built-in shards in {out}/input, tiny random-weight models "

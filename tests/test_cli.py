@@ -145,3 +145,30 @@ def test_run_on_a_parquet_and_a_folder(tmp_path):
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert [s["stage"] for s in metrics["stages"]][:2] == ["probe", "decode"]
     assert metrics["written"] == 2 and metrics["images_per_s"] > 0
+
+
+OUTPUT_FLAGS = {  # every command that writes into a folder it is given, and that flag
+    "run": lambda d, out: ["run", "--shards", str(d / "in.tar"), "--out", out],
+    "curate": lambda d, out: ["curate", "--shards", str(d / "in.tar"), "--out", out],
+    "demo": lambda d, out: ["demo", "--out", out],
+    "meta": lambda d, out: ["meta", "--shards", str(d / "in.tar"), "--out", out,
+                            "--api-base", "http://127.0.0.1:9/v1", "--api-model", "m"],
+    "plan": lambda d, out: ["plan", "--out", out],
+    "train": lambda d, out: ["train", str(d), "--base", "tiny", "--out", out],
+    "export": lambda d, out: ["export", "llava", str(d), "--to", out],
+}
+
+
+@pytest.mark.parametrize("under_a_file", [False, True], ids=["file", "under-a-file"])
+@pytest.mark.parametrize("command", OUTPUT_FLAGS)
+def test_every_output_folder_that_is_a_file_gets_one_message_and_exit_2(tmp_path, capsys, command, under_a_file):
+    write_tar(tmp_path / "in.tar", sample_members("k", jpeg(500, 500)))
+    taken = tmp_path / "taken"
+    taken.write_text("")
+    out = taken / "sub" if under_a_file else taken
+    assert cli(*OUTPUT_FLAGS[command](tmp_path, str(out))) == 2
+    flag = "--to" if command == "export" else "--out"
+    expected = (f"error: {flag} {out} is not writable: {taken} is a file, not a folder\n" if under_a_file else
+                f"error: {flag} {out} is a file, not a folder: pass a folder (it is created if missing)\n")
+    assert capsys.readouterr().err == expected
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.tar", "taken"]  # nothing written

@@ -296,6 +296,10 @@ class RuntimeConfig:
         str(Path.home() / ".cache" / "densefusion"), "where tiny models and caches are kept"
     )
     queue_depth: int = option(4, "batches buffered between two stages (back-pressure)")
+    max_bytes_in_flight: int = option(
+        1 << 30, "image bytes held between reading and writing, all stages together: bounds memory "
+        "whatever the member sizes (one image larger than this still runs, alone)"
+    )
     progress: bool = option(True, "show a live progress bar")
 
     def validate(self) -> None:
@@ -303,26 +307,30 @@ class RuntimeConfig:
             raise ConfigError("--out is required: the folder to write the dataset to")
         if self.queue_depth < 1:
             raise ConfigError("--queue-depth must be >= 1")
+        if self.max_bytes_in_flight < 1:
+            raise ConfigError("--max-bytes-in-flight must be >= 1 (bytes)")
         if self.models not in ("", "tiny"):
             raise ConfigError("--models takes 'tiny' (or nothing, for the per-stage model flags)")
-        _check_writable(Path(self.out))
+        from engine.io.commit import check_links
+
+        reason = check_links(check_output_folder(Path(self.out)))
+        if reason:
+            raise ConfigError(f"output folder {self.out}: {reason}; use a local or NFS-like filesystem")
 
 
-def _check_writable(out: Path) -> None:
+def check_output_folder(out: Path, flag: str = "--out") -> Path:
+    """The one check of a folder that a command writes into (every ``--out``, ``export --to``):
+    a folder, or creatable as one, and writable. Returns the nearest folder that exists."""
     probe_dir = out
     while not probe_dir.exists():
         probe_dir = probe_dir.parent
     if probe_dir == out and not out.is_dir():
-        raise ConfigError(f"--out {out} is a file, not a folder: pass a folder (it is created if missing)")
+        raise ConfigError(f"{flag} {out} is a file, not a folder: pass a folder (it is created if missing)")
     if not probe_dir.is_dir():
-        raise ConfigError(f"output folder {out} is not writable: {probe_dir} is a file, not a folder")
+        raise ConfigError(f"{flag} {out} is not writable: {probe_dir} is a file, not a folder")
     if not os.access(probe_dir, os.W_OK | os.X_OK):
-        raise ConfigError(f"output folder {out} is not writable (checked {probe_dir})")
-    from engine.io.commit import check_links
-
-    reason = check_links(probe_dir)
-    if reason:
-        raise ConfigError(f"output folder {out}: {reason}; use a local or NFS-like filesystem")
+        raise ConfigError(f"{flag} {out} is not writable (checked {probe_dir})")
+    return probe_dir
 
 
 # --- pass 2: vision experts (engine/stages/tag.py, engine/stages/detect.py, engine/evidence/boxes.py) ---

@@ -92,7 +92,7 @@ def _process(cfg: RunConfig, sink: Sink, stages: list[Stage | list[Stage]], summ
     before = set(sink.finished)
     items = source(before) if source else shard_source(paths, cfg, before)
     items = take_subset(items, cfg.subset)
-    pipeline = Pipeline(stages, cfg.runtime.queue_depth)
+    pipeline = Pipeline(stages, cfg.runtime.queue_depth, max_bytes_in_flight=cfg.runtime.max_bytes_in_flight)
     progress = ProgressBar(cfg.runtime.progress, pipeline.stages, shards_total=len(paths),
                            shards_before=len(summary.shards_skipped), expected_samples=expected)
     pipeline.progress = progress.update

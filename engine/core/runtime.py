@@ -7,6 +7,12 @@ Queues carry lists of items (samples and :class:`ShardEnd` markers) and hold at 
 stays bounded. Each stage thread re-batches to its own batch size, flushes a partial batch
 when a shard ends or its input runs dry, and forwards dead samples untouched; FIFO order
 keeps every marker behind its shard's samples, so the writer can commit on it.
+Queues bound the number of samples in flight, not their bytes (a shard of 127 MiB members once
+sat whole in memory, +130 MB per member), so the source also waits while the image bytes
+between it and the writer would pass ``max_bytes_in_flight`` (:class:`ByteBudget`). It hands
+on what it holds first, and stages flush when their input runs dry, so the bytes it waits for
+are on their way to the writer whatever the batch sizes (no deadlock); one sample larger than
+the budget still runs, alone.
 Torch, ONNX Runtime and PIL release the GIL in their kernels, which is what makes threads
 (rather than processes) enough here, and keeps models loaded once per worker. A stage that asks
 for ``workers`` > 1 has that many batches in ``process()`` at once, on helper threads; a shard's
@@ -81,10 +87,11 @@ class Pipeline:
     """``stages``: each entry a stage, or the replicas of one stage (same name, one per device)."""
 
     def __init__(self, stages: Sequence[Stage | Sequence[Stage]], queue_depth: int,
-                 progress: Callable[[int, int], None] | None = None):
+                 progress: Callable[[int, int], None] | None = None, *, max_bytes_in_flight: int | None = None):
         self.replicas = [[s] if isinstance(s, Stage) else list(s) for s in stages]
         self.stages = [replicas[0] for replicas in self.replicas]
         self.queue_depth = queue_depth
+        self.budget = ByteBudget(max_bytes_in_flight)
         self.progress = progress
         self.metrics = [StageMetrics(s.name) for s in self.stages]
         self._stop = threading.Event()
@@ -127,6 +134,11 @@ class Pipeline:
         try:
             for item in source:
                 if self._stop.is_set():
+                    break
+                if chunk and not self.budget.fits(item):
+                    out.put(chunk)  # the stages can free bytes only for the samples they have
+                    chunk = []
+                if not self.budget.take(item, self._stop):
                     break
                 chunk.append(item)
                 if len(chunk) >= 64 or isinstance(item, ShardEnd):
@@ -241,10 +253,51 @@ class Pipeline:
                     writer.commit(item)
                     continue
                 writer.write(item)
+                self.budget.give(item)
                 if not item.alive:
                     rejects[item.stage] += 1
                 if self.progress:
                     self.progress(1, 0 if item.alive else 1)
+
+
+class ByteBudget:
+    """The image bytes of the samples between the source and the writer, held under ``limit``
+    (``None``: unbounded). A sample is charged when the source hands it on and freed when the
+    writer has it; ``peak`` is the most ever held. An empty budget admits any sample."""
+
+    def __init__(self, limit: int | None):
+        self.limit = limit
+        self.held = self.peak = 0
+        self._charges: dict[int, int] = {}  # id(sample) -> its bytes when charged (a rejected one drops them)
+        self._freed = threading.Condition()
+
+    def fits(self, item: Item) -> bool:
+        size = _image_bytes(item)
+        return self.limit is None or not size or not self.held or self.held + size <= self.limit
+
+    def take(self, item: Item, stop: threading.Event) -> bool:
+        """Charge ``item`` once it fits; False when ``stop`` is set while it waits."""
+        size = _image_bytes(item)
+        if not size:
+            return True
+        with self._freed:
+            while not self.fits(item):
+                if stop.is_set():
+                    return False
+                self._freed.wait(0.1)
+            self.held += size
+            self.peak = max(self.peak, self.held)
+            self._charges[id(item)] = size
+        return True
+
+    def give(self, item: Item) -> None:
+        with self._freed:
+            self.held -= self._charges.pop(id(item), 0)
+            self._freed.notify_all()
+
+
+def _image_bytes(item: Item) -> int:
+    return len(item.image_bytes) if isinstance(item, Sample) else 0
 
 
 class _Replicas:
