@@ -1,4 +1,5 @@
-"""``python -m bench memory``: peak memory of a run against the number of near-cap members.
+"""Peak memory (RSS) of a run as a shard holds more near-cap members, against the same run with
+fewer of them (flat under the byte budget) and, with ``--repo``, against another checkout's code.
 
 Writes gzipped tars of zero-filled ``.jpg`` members just under ``--max-member-bytes`` (127 MiB
 by default: a few hundred KB each once compressed), then runs ``densefusion_local.py run
