@@ -25,8 +25,9 @@ EPILOG = """\
 stages (pass 2, in order; --stages picks a subset, the probe always runs):
   {stages}
 
-A rerun with the same --out skips finished shards and redoes the rest; Ctrl-C stops after
-committing finished shards. Misconfiguration exits with code 2 before any work starts.
+A rerun with the same --out skips finished shards and redoes the rest; Ctrl-C or SIGTERM
+stops within seconds (exit 130; the shard in flight is redone by the rerun), a second one at
+once. Misconfiguration exits with code 2 before any work starts.
 """
 
 

@@ -2,7 +2,7 @@
 
     resolve the config ─▶ expand and check the shards ─▶ build the stages (their checks; no
     model loads before setup) ─▶ open the sink: its manifest says what is done ─▶ nothing
-    left? summary, no model loaded ─▶ else the Pipeline under SigintStops with the progress
+    left? summary, no model loaded ─▶ else the Pipeline under StopOnSignals with the progress
     bar ─▶ summary ─▶ metrics.json (every invocation, and the output's totals)
 
 Pass 2 is ``engine.core.pipeline`` (``run``), pass 1 ``engine.curate.pass1``.
@@ -21,7 +21,7 @@ from engine.core.console import ProgressBar
 from engine.core.errors import ConfigError
 from engine.core.figures import MetricsFile, OutputTotals, RunSummary, shard_problems
 from engine.core.record import Sample, ShardEnd
-from engine.core.runtime import Item, Pipeline, SigintStops
+from engine.core.runtime import Item, Pipeline, StopOnSignals
 from engine.core.sink import Sink
 from engine.core.stage import Stage
 from engine.core.subset import take_subset
@@ -98,7 +98,7 @@ def _process(cfg: RunConfig, sink: Sink, stages: list[Stage | list[Stage]], summ
     pipeline.progress = progress.update
     start = time.perf_counter()
     try:
-        with SigintStops(pipeline):
+        with StopOnSignals(pipeline):
             rejects, interrupted = pipeline.run(items, _Reporting(sink, progress))
     finally:
         sink.close()

@@ -31,6 +31,7 @@ non-blocking: ``models/preprocess.py``) overlap another's kernels.
 from __future__ import annotations
 
 import contextlib
+import os
 import queue
 import signal
 import sys
@@ -99,7 +100,10 @@ class Pipeline:
         self.ready_s = 0.0  # time run() spent loading models before the first sample moved
 
     def stop(self) -> None:
-        """Stop reading; finished shards stay committed, the open one is redone next run."""
+        """Stop within a batch: reading stops, and each stage drops what it has not started
+        (a whole list of items at a time, so a shard is either complete or its marker is dropped
+        with it); batches already in ``process()`` finish. Committed shards stay committed; the
+        others are redone by the next run, which is exact."""
         self._stop.set()
 
     def run(self, source: Iterator[Item], writer) -> tuple[Counter, bool]:
@@ -180,16 +184,21 @@ class Pipeline:
                 try:
                     items = inbox.get(timeout=_IDLE_FLUSH_S if pending else None)
                 except queue.Empty:
-                    flush()
+                    if not self._stop.is_set():
+                        flush()
                     pending = []
                     continue
                 metrics.queue_depth_sum += inbox.qsize()
                 metrics.queue_samples += 1
                 if items is _STOP:
-                    flush()
+                    if not self._stop.is_set():
+                        flush()
                     batches.drain()
                     outbox.put(_STOP)
                     return
+                if self._stop.is_set():  # stopping: what has not reached process() is redone on resume
+                    pending = []  # its shard's marker comes later and is dropped too: no commit
+                    continue
                 passthrough: list[Item] = []
                 for item in items:
                     if isinstance(item, Sample) and item.alive:
@@ -447,25 +456,37 @@ def _device_stream(device: str):
     stream.synchronize()  # the batch's results are complete before the next stage reads them
 
 
-class SigintStops:
-    """First Ctrl-C: stop after committing finished shards. Second: the default (abort)."""
+class StopOnSignals:
+    """Ctrl-C (SIGINT) or SIGTERM (a scheduler's stop): the pipeline stops within a batch
+    (``Pipeline.stop``), saying so; the same signal again exits at once (``128 + signal``),
+    leaving the shards in flight uncommitted, which a rerun redoes. Only the main thread can
+    take signals; elsewhere (a cluster actor's worker) this does nothing."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self, pipeline: Pipeline):
         self.pipeline = pipeline
-        self._previous = None
+        self._previous: dict[int, Any] = {}
+        self.received: int | None = None  # the signal that stopped the run
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._previous = {signum: signal.signal(signum, self._handle) for signum in self.SIGNALS}
         return self
 
     def _handle(self, signum, frame):
-        print("\nstopping: finished shards are committed; rerun with the same --out to resume "
-              "(Ctrl-C again to abort)", flush=True)
+        name = signal.Signals(signum).name
+        if self.received is not None:
+            print(f"\n{name} again: stopping at once; the shards in flight are redone on resume",
+                  file=sys.stderr, flush=True)
+            os._exit(128 + signum)  # threads in process() cannot be interrupted: don't wait for them
+        self.received = signum
+        print(f"\n{name}: stopping after the batches in progress (seconds); committed shards stay, "
+              f"the shard in flight is redone when you rerun with the same --out "
+              f"({'Ctrl-C' if signum == signal.SIGINT else name} again to stop at once)", file=sys.stderr, flush=True)
         self.pipeline.stop()
-        signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
         return False
