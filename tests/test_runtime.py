@@ -148,7 +148,13 @@ def test_stop_ends_without_committing_the_open_shard():
     writer = ListWriter()
     _, interrupted = pipeline.run(source(), writer)
     assert interrupted
-    assert [e[1] for e in writer.events if e[0] == "commit"] == ["done"]
+    # "done" was read whole before the stop: committed if it got through the stages in time, else
+    # dropped whole (redone on resume); the open shard never is
+    commits = [e[1] for e in writer.events if e[0] == "commit"]
+    assert commits in ([], ["done"])
+    if commits:
+        assert [e[1] for e in writer.events[:writer.events.index(("commit", "done"))]] == \
+            [f"done-{i}" for i in range(4)]
 
 
 class Concurrent(Recorder):
