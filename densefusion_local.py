@@ -130,12 +130,28 @@ def caption_pass(cfg: config_module.RunConfig) -> int:
     if cfg.curate.curate:
         from engine.curate.pass2_source import selected_source
 
+        check_both_passes(cfg)
         if not curate(cfg):
             return 130
         source = selected_source(cfg)
     summary = pipeline.run(cfg, source=source)
     print(format_summary(summary))
     return 130 if summary.interrupted else 0
+
+
+def check_both_passes(cfg: config_module.RunConfig) -> None:
+    """Pass 2's stages are built after pass 1 has run: their checks (models resolved) run before
+    it too, with pass 1's, so a missing model fails the run before any work, with every problem."""
+    from engine.core import driver, pipeline
+    from engine.core.errors import Problems
+    from engine.curate.pass1 import curate_stages
+
+    problems = Problems()
+    with problems.check():
+        curate_stages(driver.resolved(cfg))
+    with problems.check():
+        pipeline.build_stages(pipeline.resolved(cfg))
+    problems.raise_found()
 
 
 def command_plan(args: argparse.Namespace) -> int:

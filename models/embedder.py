@@ -161,8 +161,41 @@ def _normalise(features) -> np.ndarray:
 
 
 def check_model(model: str, weights: str) -> None:
-    """Fail before any work starts when the embedding model cannot be loaded as named."""
-    _open_clip_name(model, weights)
+    """Fail before any work starts when the embedding model cannot be loaded as named: an unknown
+    name, or weights that are neither here nor on a reachable hub (open_clip would retry for minutes)."""
+    name, pretrained = _open_clip_name(model, weights)
+    problem = _weights_problem(name, pretrained)
+    if problem:
+        raise ConfigError(problem)
+
+
+def _weights_problem(name: str, pretrained: str | None) -> str | None:
+    """Where open_clip would fetch the weights from, checked: an 'hf-hub:' id or a pretrained tag
+    (which names a hub repository, or for a few older tags a URL)."""
+    import open_clip
+    from open_clip.pretrained import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
+
+    from models.base import hub_problem
+
+    if name.startswith("hf-hub:"):
+        return hub_problem(name.removeprefix("hf-hub:"), "embedding model", (CONFIG_FILE,))
+    if not pretrained or Path(pretrained).is_file():
+        return None
+    source = open_clip.get_pretrained_cfg(name, pretrained)
+    what = f"embedding weights {pretrained!r} of {name}: hub repository"
+    if source.get("hf_hub"):
+        repo, filename = source["hf_hub"].rstrip("/"), ""
+        if not source["hf_hub"].endswith("/"):
+            repo, filename = repo.rsplit("/", 1)
+        files = (filename, str(Path(filename).with_suffix(".safetensors"))) if filename else \
+            (HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME)
+        return hub_problem(repo, what, files, "pass a checkpoint file to --embed-weights")
+    from huggingface_hub import is_offline_mode
+
+    cached = Path("~/.cache/clip").expanduser() / Path(source.get("url", "")).name
+    if is_offline_mode() and not cached.is_file():
+        return f"{what} is not in {cached.parent} and HF_HUB_OFFLINE is set: pass a checkpoint file to --embed-weights"
+    return None
 
 
 def _open_clip_name(model: str, weights: str) -> tuple[str, str | None]:
