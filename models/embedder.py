@@ -175,7 +175,7 @@ def _weights_problem(name: str, pretrained: str | None) -> str | None:
     import open_clip
     from open_clip.pretrained import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
 
-    from models.base import hub_problem
+    from models.hub import hub_problem
 
     if name.startswith("hf-hub:"):
         return hub_problem(name.removeprefix("hf-hub:"), "embedding model", (CONFIG_FILE,))

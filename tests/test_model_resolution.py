@@ -11,7 +11,7 @@ import time
 import pytest
 from conftest import jpeg, sample_members, write_tar
 
-from models.base import hub_problem
+from models.hub import hub_problem
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BOUND_S = 90  # generous (imports of torch and open_clip on a loaded 2-core machine); it took 152 s, then a traceback
