@@ -29,6 +29,11 @@ A rerun with the same --out skips finished shards and redoes the rest; Ctrl-C or
 stops within seconds (exit 130; the shard in flight is redone by the rerun), a second one at
 once. Misconfiguration exits with code 2 before any work starts.
 """
+CURATE_EPILOG = """\
+A rerun with the same --out resumes; Ctrl-C or SIGTERM stops within seconds (exit 130), a
+second one at once. Misconfiguration exits with code 2 before any work starts.
+"""
+MORE_OPTIONS = "\n"  # the short help's last line follows it (--help-all drops that line)
 
 
 def _stage_list() -> str:
@@ -58,13 +63,32 @@ class StrictParser(argparse.ArgumentParser):
 
     def _suggestions(self, extras: list[str]) -> str:
         known = [flag for action in self._actions for flag in action.option_strings]
+        elsewhere = config_module.option_commands()
         hints = []
         for arg in extras:
             flag = arg.split("=", 1)[0]
             close = difflib.get_close_matches(flag, known, n=3, cutoff=0.6) if flag.startswith("--") else []
-            if close:
+            if flag in elsewhere:
+                hints.append(f"{flag} does not apply to {self.prog.split()[-1]} (only to {', '.join(elsewhere[flag])})")
+            elif close:
                 hints.append(f"{flag}: did you mean {' or '.join(close)}?")
         return "".join(f"\n  {hint}" for hint in hints)
+
+
+class HelpAll(argparse.Action):
+    """``--help-all``: the help with every option of the command, not only the basic ones."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, nargs=0,
+                         help="show every option of this command, grouped, and exit")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        for action in parser._actions:
+            if hasattr(action, "full_help"):
+                action.help = action.full_help
+        parser.epilog = parser.epilog.split(MORE_OPTIONS)[0]
+        parser.print_help()
+        parser.exit()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,14 +110,19 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         # the full usage lists every option (over a hundred lines): an error would scroll away
         sub = commands.add_parser(name, help=help_text, description=help_text,
-                                  usage="%(prog)s [--config YAML] [OPTIONS]  (--help lists them)",
-                                  epilog=EPILOG.format(stages=_stage_list()),
+                                  usage="%(prog)s [--config YAML] [OPTIONS]  (--help: the main options, "
+                                        "--help-all: every one)",
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+        sub.add_argument("--help-all", action=HelpAll)
         sub.add_argument("--config", metavar="YAML", help="YAML file with config sections; flags override it")
         if name == "plan":
-            sub.add_argument("--gpus", type=int, default=8, help="GPUs per node (default: 8)")
-            sub.add_argument("--gpu-memory-gb", type=float, default=80.0, help="memory per GPU in GiB (default: 80)")
-        config_module.add_arguments(sub)
+            sub.add_argument("--gpus", type=int, default=8, metavar="N", help="GPUs per node (default: 8)")
+            sub.add_argument("--gpu-memory-gb", type=float, default=80.0, metavar="GIB",
+                             help="memory per GPU in GiB (default: 80)")
+        config_module.add_arguments(sub, command=name)
+        hidden = sum(hasattr(action, "full_help") for action in sub._actions)
+        sub.epilog = (EPILOG.format(stages=_stage_list()) if name != "curate" else CURATE_EPILOG) \
+            + MORE_OPTIONS + f" {hidden} more options of {name}: --help-all lists every one.\n"
     for name, (module, help_text) in OUTPUT_TOOLS.items():
         sub = commands.add_parser(name, help=help_text, description=help_text)
         importlib.import_module(module).add_arguments(sub)
@@ -105,8 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
 OUTPUT_TOOLS = {
     "stats": ("engine.output.stats", ("the paper's Table 1, length histograms, coverage and categories "
                                "of an output folder (writes OUT/stats.json)")),
-    "export": ("engine.output.export", ("export an output folder as LLaVA pre-training JSON or JSONL, "
-                                 "images included")),
+    "export": ("engine.output.export", ("export an output folder, images included: llava (LLaVA pre-training "
+                                        "JSON), jsonl, or sft (a meta output as the caption engine's fine-tuning "
+                                        "data)")),
     "report": ("engine.output.report", "write a static HTML report of an output folder (OUT/report.html)"),
     "train": ("engine.train.command", "fine-tune the caption engine (LLaVA-NeXT) on a `meta` output: "
                                       "GPT-4V captions as targets, only caption tokens carry loss"),
