@@ -14,8 +14,10 @@ on tensors from the decoded view so that on a GPU it runs there, in fp16, with t
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Sequence
+import logging
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,6 +71,24 @@ def build_tiny(folder: Path, seed: int = 0) -> Path:
     return folder
 
 
+@contextlib.contextmanager
+def random_weights_meant() -> Iterator[None]:
+    """open_clip warns on the root logger whenever it builds a model without weights ("No
+    pretrained weights loaded ... initialized randomly"); around a build meant to be random (a
+    meta-device count, ``--embed-weights random``) that warning is noise and is dropped. Any
+    other build keeps it: there it says the weights are missing."""
+
+    def keep(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No pretrained weights loaded")
+
+    root = logging.getLogger()
+    root.addFilter(keep)
+    try:
+        yield
+    finally:
+        root.removeFilter(keep)
+
+
 @dataclass(frozen=True)
 class Preprocess:
     """The model's own image preprocessing, as numbers we can apply to tensors."""
@@ -91,9 +111,10 @@ class ClipEmbedder:
         self.fp16 = device.startswith("cuda") if fp16 is None else fp16
         precision = "fp16" if self.fp16 else "fp32"
         name, pretrained = _open_clip_name(model, weights)
-        self.model = open_clip.create_model(
-            name, pretrained=pretrained, precision=precision, device=device, load_weights=True
-        ).eval()
+        with random_weights_meant() if weights == RANDOM_WEIGHTS else contextlib.nullcontext():
+            self.model = open_clip.create_model(
+                name, pretrained=pretrained, precision=precision, device=device, load_weights=True
+            ).eval()
         self.tokenizer = open_clip.get_tokenizer(name)
         cfg = self.model.visual.preprocess_cfg
         size = cfg["size"] if isinstance(cfg["size"], int) else cfg["size"][0]
