@@ -175,7 +175,9 @@ def check_both_passes(cfg: config_module.RunConfig) -> None:
     from engine.core import driver, pipeline
     from engine.core.errors import Problems
     from engine.curate.pass1 import curate_stages
+    from engine.io.readers import expand_shards
 
+    expand_shards(cfg.input.shards)  # the inputs' problems first, before any (tiny) model is built
     problems = Problems()
     with problems.check():
         curate_stages(driver.resolved(cfg))

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from engine.core.config import RunConfig
 from engine.core.console import ProgressBar
-from engine.core.errors import ConfigError, Problems
+from engine.core.errors import ConfigError
 from engine.core.figures import MetricsFile, OutputTotals, RunSummary, shard_problems
 from engine.core.record import Sample, ShardEnd
 from engine.core.runtime import Item, Pipeline, StopOnSignals
@@ -62,15 +62,11 @@ def run_pass(cfg: RunConfig, spec: Pass, *, paths: list[Path] | None = None,
     shards not yet finished, e.g. a curated selection). Everything is checked (shards exist,
     models found, output writable) before anything is written or loaded."""
     cfg = spec.resolve(cfg)
-    problems = Problems()  # the shards' and the stages' problems, reported together
-    with problems.check():
-        paths = expand_shards(cfg.input.shards) if paths is None else paths
-        if not paths and source is None:
-            raise ConfigError("no input shards: pass --shards (tar, parquet or image folders)")
-        expected = [expected_samples(path) for path in paths]  # also refuses what is no shard
-    with problems.check():
-        stages = spec.build_stages(cfg)  # their checks, models resolved; models load later, in setup()
-    problems.raise_found()
+    paths = expand_shards(cfg.input.shards) if paths is None else paths
+    if not paths and source is None:
+        raise ConfigError("no input shards: pass --shards (tar, parquet or image folders)")
+    expected = [expected_samples(path) for path in paths]  # also refuses what is no shard
+    stages = spec.build_stages(cfg)  # their checks, every model resolved at once; models load later, in setup()
     root = Path(cfg.runtime.out) / spec.folder
     root.mkdir(parents=True, exist_ok=True)
     sink = spec.open_sink(cfg, root)
