@@ -275,7 +275,8 @@ class CurateConfig:
     )
     embed_onnx: str = option(
         "", "run the embedder's image tower from this ONNX file (python -m models.export onnx "
-        "--target embed) on ONNX Runtime instead of torch", affects=("tags",), commands=(RUN, CURATE, DEMO, META, PLAN), metavar="FILE",
+        "--target embed) on ONNX Runtime instead of torch", affects=("tags",),
+        commands=(RUN, CURATE, DEMO, META, PLAN), metavar="FILE",
     )
     embed_batch: int = option(64, "images per embedding batch", commands=(RUN, CURATE, DEMO, META, PLAN))
     curate_clusters: int = option(0, "k-means clusters (0: N / 10,000 like the paper, at least 1)")
