@@ -242,7 +242,9 @@ def budgeted_run(stages, shards: dict[str, list[int]], budget: int, fail_keys=()
     """Samples of the given image sizes through ``stages`` under ``budget``; returns the writer
     and the bytes in flight (read from the source, not yet written) each time the source was asked
     for more: every sample before that one had been admitted."""
-    sizes = {f"{shard}-{i}": n for shard, ns in shards.items() for i, n in enumerate(ns)}
+    # a sample failed by the reader carries no bytes (it is rejected before the budget sees it)
+    sizes = {key: 0 if key in fail_keys else n
+             for shard, ns in shards.items() for i, n in enumerate(ns) for key in [f"{shard}-{i}"]}
     writer, in_flight, read = BytesWriter(sizes), [], [0]
 
     def source():
@@ -252,7 +254,7 @@ def budgeted_run(stages, shards: dict[str, list[int]], budget: int, fail_keys=()
                 sample = Sample(key=f"{shard}-{i}", source=Source(shard, shard, str(i)), image_bytes=b"\xff" * n)
                 if sample.key in fail_keys:
                     sample.fail("read", "broken")
-                read[0] += n
+                read[0] += sizes[sample.key]
                 yield sample
             yield ShardEnd(shard, shard, len(ns))
 
