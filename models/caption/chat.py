@@ -39,6 +39,9 @@ def check_chat_template(processor, model: str) -> None:
     if not getattr(processor, "chat_template", None):
         raise ConfigError(f"caption model {model!r} has no chat template in its processor: add the "
                           f"template it was trained with (chat_template.jinja beside its tokenizer)")
+    if not getattr(processor, "image_token", None):
+        raise ConfigError(f"caption model {model!r}: its processor names no image token: the folder needs "
+                          f"a LLaVA processor (processor_config.json beside the tokenizer)")
     placeholders = chat_text(processor, "").count(processor.image_token)
     if placeholders != 1:
         raise ConfigError(f"caption model {model!r}: its chat template renders {placeholders} image "
