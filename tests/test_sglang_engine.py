@@ -20,8 +20,8 @@ from engine.evidence.prompt import CAPTION_ENGINE_INSTRUCTION
 from engine.stages.caption import CaptionStage, backend_settings
 from models import tiny
 from models.caption.base import EngineDead, SamplingParams
-from models.caption.registry import load_engine
 from models.caption.chat import chat_text
+from models.caption.registry import load_engine
 from models.caption.sglang_backend import SglangEngine, generate_request, sampling_dict, sglang_available
 
 # not importorskip: importing sglang picks its platform, which the CPU engine must set first

@@ -70,6 +70,7 @@ CPU_KV_TOKENS = 16384  # the CPU engine's KV pool when --sglang-max-total-tokens
 DTYPE = "float16"
 _SUPPRESSED = -1e9  # logit bias of a suppressed token: never chosen (SGLang rejects -inf in JSON)
 
+
 def sglang_available() -> bool:
     return importlib.util.find_spec("sglang") is not None
 
