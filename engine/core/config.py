@@ -596,9 +596,6 @@ class ApiConfig:
             raise ConfigError("--api-jpeg-quality must be within 1..100")
 
 
-SGLANG_CHAT_TEMPLATES = ("vicuna_v1", "llava_hf_vicuna", "mistral_instruct", "chatml")  # see sglang_backend
-
-
 @dataclass(frozen=True)
 class SglangConfig:
     TITLE: ClassVar[str] = "SGLang (--caption-backend sglang)"  # its group in --help
@@ -617,14 +614,6 @@ class SglangConfig:
     sglang_window: int = option(256, "caption requests kept in flight in the engine")
     sglang_max_total_tokens: int = option(
         0, "KV-cache pool in tokens (0: SGLang sizes it from --sglang-mem-fraction; 16384 on the CPU)", metavar="TOKENS",
-    )
-    sglang_chat_template: str = option(
-        "vicuna_v1", "chat template of the caption model", choices=SGLANG_CHAT_TEMPLATES
-    )
-    sglang_image_first: bool = option(
-        False,
-        "put the image before the prompt text (how LLaVA training lays it out) instead of "
-        "after it; image-first gives up sharing the instruction's KV cache across requests",
     )
 
     def validate(self) -> None:

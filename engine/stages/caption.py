@@ -45,7 +45,6 @@ def backend_settings(backend: str, config: CaptionConfig, api: ApiConfig, sglang
         return SglangSettings(dp_size=sglang.sglang_dp_size, tp_size=sglang.sglang_tp_size,
                               dummy_weights=sglang.sglang_dummy_weights, radix_cache=sglang.sglang_radix_cache,
                               mem_fraction=sglang.sglang_mem_fraction, window=sglang.sglang_window,
-                              chat_template=sglang.sglang_chat_template, image_first=sglang.sglang_image_first,
                               max_total_tokens=sglang.sglang_max_total_tokens, cache_dir=cache_dir,
                               dtype=config.caption_dtype)
     from models.caption.openai_backend import ApiSettings
