@@ -22,6 +22,7 @@ from typing import Any
 from engine.core.errors import ConfigError
 from engine.io.commit import node_name
 from engine.ops import events
+from engine.ops.cluster_watch import ClusterWatch
 from engine.ops.watch import RunWatch
 
 # name: (type, labels besides node, help); which stage figures feed which family: STAGE_COUNTERS, STAGE_GAUGES
@@ -80,11 +81,11 @@ class Endpoint:
                               f"pick a free port") from None
         self.port = port
         self.node = node_name()
-        self.watches: dict[str, RunWatch] = {}
+        self.watches: dict[str, RunWatch | ClusterWatch] = {}
         self.scrapes = 0
         self._scraped = threading.Condition()
 
-    def follow(self, watch: RunWatch) -> None:
+    def follow(self, watch: RunWatch | ClusterWatch) -> None:
         self.watches[watch.pass_name] = watch
 
     def final_scrape(self, timeout_s: float) -> None:
@@ -101,7 +102,10 @@ class Endpoint:
         families = {name: kinds[kind](name, help_text, labels=[*labels, "node"])
                     for name, (kind, labels, help_text) in FAMILIES.items()}
         for watch in list(self.watches.values()):
-            self._add_pass(families, watch)
+            if isinstance(watch, ClusterWatch):
+                self._add_cluster_pass(families, watch)
+            else:
+                self._add_pass(families, watch)
         for gpu, (util, used) in _gpus().items():
             families["densefusion_gpu_utilization_ratio"].add_metric([gpu, self.node], util)
             families["densefusion_gpu_memory_used_bytes"].add_metric([gpu, self.node], used)
@@ -144,6 +148,26 @@ class Endpoint:
                     put(family, value, name)
         if watch.pipeline.queues:
             put("densefusion_stage_queue_depth", watch.pipeline.queues[-1].qsize(), "writer")
+
+    def _add_cluster_pass(self, families: dict[str, Any], watch: ClusterWatch) -> None:
+        """A pass on Ray: the actors' commits by the node that made them; the run's own series
+        on the driver's node."""
+        p = watch.pass_name
+        shards, written, rejected = watch.snapshot()
+        families["densefusion_run_info"].add_metric([events.RUN_ID, p, self.node], 1)
+        families["densefusion_run_shards"].add_metric([p, self.node], watch.shards_total)
+        families["densefusion_run_shards_done"].add_metric([p, self.node], watch.shards_before + sum(shards.values()))
+        for node, n in sorted(shards.items()):
+            families["densefusion_shards_committed"].add_metric([p, node], n)
+            families["densefusion_images_written"].add_metric([p, node], written[node])
+        for (node, stage), n in sorted(rejected.items()):
+            families["densefusion_images_rejected"].add_metric([p, stage, "", node], n)
+        elapsed = time.monotonic() - watch.started
+        processed = sum(written.values()) + sum(rejected.values())
+        families["densefusion_images_per_second"].add_metric([p, self.node], processed / elapsed if elapsed else 0.0)
+        eta = watch.eta_s
+        if eta is not None:
+            families["densefusion_eta_seconds"].add_metric([p, self.node], eta)
 
 
 def _gpus() -> dict[str, tuple[float, float]]:
