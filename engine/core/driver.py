@@ -95,8 +95,8 @@ def run_pass(cfg: RunConfig, spec: Pass, *, paths: list[Path] | None = None,
     return summary
 
 
-def _process(cfg: RunConfig, pass_name: str, sink: Sink, stages: list[Stage | list[Stage]], summary: RunSummary, paths: list[Path],
-             source: Source | None, expected: list[int | None]) -> RunSummary:
+def _process(cfg: RunConfig, pass_name: str, sink: Sink, stages: list[Stage | list[Stage]], summary: RunSummary,
+             paths: list[Path], source: Source | None, expected: list[int | None]) -> RunSummary:
     before = set(sink.finished)
     items = source(before) if source else shard_source(paths, cfg, before)
     items = take_subset(items, cfg.subset)
