@@ -6,6 +6,7 @@ queries name only metrics the endpoint serves."""
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -151,3 +152,21 @@ def test_the_dashboard_queries_only_metrics_the_endpoint_serves():
     for panel in dashboard["panels"]:
         assert {"id", "type", "title", "gridPos", "datasource", "targets"} <= set(panel)
         assert set(panel["gridPos"]) == {"h", "w", "x", "y"}
+
+
+def test_a_metrics_port_in_use_or_a_log_file_without_json_exits_2_before_any_work(tmp_path):
+    shards = write_demo_shards(tmp_path / "in", n_shards=1)
+    base = [sys.executable, str(ROOT / "densefusion_local.py"), "run", "--shards", str(shards[0]), "--models", "tiny",
+            "--no-progress"]
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        busy = subprocess.run([*base, "--out", str(tmp_path / "a"), "--metrics-port", str(port)],
+                              cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert busy.returncode == 2 and f"--metrics-port {port}" in busy.stderr and "free port" in busy.stderr
+    assert not (tmp_path / "a" / "metrics.json").exists()
+    no_json = subprocess.run([*base, "--out", str(tmp_path / "b"), "--log-file", str(tmp_path / "events.jsonl")],
+                             cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert no_json.returncode == 2 and "--log-format json" in no_json.stderr
+    assert not (tmp_path / "events.jsonl").exists()
