@@ -651,7 +651,7 @@ class OpsConfig:
     log_format: str = option(
         "text", "text, or json: one JSON object per event (shard committed or failed, replica retired, stall, "
         "interrupted) with run id, node and shard", choices=LOG_FORMATS)
-    log_file: str = option("", "--log-format json: append the events to this file (default: stderr)")
+    log_file: str = option("", "--log-format json: append the events to this file (empty: stderr)")
     stall_seconds: float = option(
         600.0, "when no sample finishes for this long, log the stage and replica that hold the oldest "
         "item, and show it in the metrics (0: off)")
