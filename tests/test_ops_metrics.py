@@ -170,3 +170,21 @@ def test_a_metrics_port_in_use_or_a_log_file_without_json_exits_2_before_any_wor
                              cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert no_json.returncode == 2 and "--log-format json" in no_json.stderr
     assert not (tmp_path / "events.jsonl").exists()
+
+
+def test_gpu_series_are_nvmls_figures_in_base_units(monkeypatch):
+    import models.caption.figures
+
+    monkeypatch.setattr(models.caption.figures, "gpu_figures", lambda: {
+        "gpu0_memory_used_gib": 1.5, "gpu0_util_percent": 50.0, "gpu1_memory_used_gib": 0.25, "gpu1_util_percent": 0.0})
+    port = free_port()
+    endpoint = Endpoint(port)
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+            families = {f.name: f for f in text_string_to_metric_families(response.read().decode())}
+    finally:
+        endpoint.server.shutdown()
+    util = {s.labels["gpu"]: s.value for s in families["densefusion_gpu_utilization_ratio"].samples}
+    memory = {s.labels["gpu"]: s.value for s in families["densefusion_gpu_memory_used_bytes"].samples}
+    assert util == {"0": 0.5, "1": 0.0} and memory == {"0": 1.5 * 2**30, "1": 0.25 * 2**30}
+    assert {s.labels["node"] for s in families["densefusion_gpu_memory_used_bytes"].samples} == {endpoint.node}
