@@ -144,7 +144,7 @@ def test_the_dashboard_queries_only_metrics_the_endpoint_serves():
     try:
         served = served_names(port)
     finally:
-        endpoint.server.shutdown()
+        endpoint.close()
     used = dashboard_metric_names()
     assert used and used <= served, f"the dashboard queries metrics the endpoint does not serve: {used - served}"
     dashboard = json.loads(DASHBOARD.read_text())
@@ -183,7 +183,7 @@ def test_gpu_series_are_nvmls_figures_in_base_units(monkeypatch):
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
             families = {f.name: f for f in text_string_to_metric_families(response.read().decode())}
     finally:
-        endpoint.server.shutdown()
+        endpoint.close()
     util = {s.labels["gpu"]: s.value for s in families["densefusion_gpu_utilization_ratio"].samples}
     memory = {s.labels["gpu"]: s.value for s in families["densefusion_gpu_memory_used_bytes"].samples}
     assert util == {"0": 0.5, "1": 0.0} and memory == {"0": 1.5 * 2**30, "1": 0.25 * 2**30}

@@ -96,6 +96,10 @@ class Endpoint:
     def follow(self, watch: RunWatch | ClusterWatch) -> None:
         self.watches[watch.pass_name] = watch
 
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
     def final_scrape(self, timeout_s: float) -> None:
         """Wait until a scrape that starts now has been served (the run's figures are final),
         at most ``timeout_s``."""
