@@ -122,8 +122,14 @@ class RunWatch:
 
     @property
     def seconds_since_last_sample(self) -> float:
-        base = self._last_sample or self._ready_at
-        return time.monotonic() - base if base is not None and self.running else 0.0
+        """Since the last sample reached the writer, or the models loaded; 0 before, and after the run."""
+        since = self._since()
+        return time.monotonic() - since if since is not None and self.running else 0.0
+
+    def _since(self) -> float | None:
+        if self._ready_at is None and self.ready:
+            self._ready_at = time.monotonic()  # first seen loaded (within a tick, or a scrape)
+        return self._last_sample or self._ready_at
 
     def stage_figures(self) -> list[dict[str, Any]]:
         """Per stage: the runtime's counters, its live queue depth and busy share, and the sum over
@@ -148,18 +154,12 @@ class RunWatch:
     def _watch_stalls(self) -> None:
         tick = min(1.0, self.stall_seconds / 4)
         while not self._done.wait(tick):
-            if self._ready_at is None:
-                if self.ready:
-                    self._ready_at = time.monotonic()
-                continue
-            since = self._last_sample or self._ready_at
-            if self.stall is None and time.monotonic() - since >= self.stall_seconds:
+            since = self._since()
+            if since is not None and self.stall is None and time.monotonic() - since >= self.stall_seconds:
                 stage, replica = oldest_item(self.pipeline)
                 self.stall = Stall(stage, replica, since)
-                held = f"stage {stage!r}" + (f" (replica {replica})" if replica not in ("-", "queued") else
-                                             " (queued before it)" if replica == "queued" else "")
                 events.emit("stalled", text=f"warning: no sample finished for {time.monotonic() - since:.0f} s "
-                                            f"(--stall-seconds {self.stall_seconds:g}); the oldest item is in {held}",
+                                            f"(--stall-seconds {self.stall_seconds:g}); {_where(stage, replica)}",
                             stage=stage, replica=replica, stalled_s=round(time.monotonic() - since, 1))
 
 
@@ -179,6 +179,16 @@ def oldest_item(pipeline: Pipeline) -> tuple[str, str]:
         if queues and queues[index].qsize():
             return pipeline.stages[index].name, "queued"
     return "source", "-"
+
+
+def _where(stage: str, replica: str) -> str:
+    if stage == "source":
+        return "nothing is in the pipeline: the reader waits for input (slow or blocked storage?)"
+    if stage == "writer":
+        return "the oldest item waits for the writer"
+    if replica == "queued":
+        return f"the oldest item is queued before stage {stage!r}"
+    return f"the oldest item is in stage {stage!r}, replica {replica}"
 
 
 def _is_count(key: str) -> bool:
