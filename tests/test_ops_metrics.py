@@ -106,10 +106,10 @@ def test_prometheus_scrapes_a_live_run_and_ends_on_metrics_json(tmp_path, tiny_c
     committed = [e for e in logged if e["event"] == "shard_committed"]
     assert sorted(e["shard"] for e in committed) == sorted(metrics_shards(out))
     assert len({e["run_id"] for e in logged}) == 1 and all(e["node"] for e in logged)
-    # the held shard's stall names the reader; a slow first batch on a busy machine may have raised
-    # the 2 s alarm before, on the stage that ran it
+    # the held shard's stall names the reader; on a busy machine a slow batch or commit may have
+    # raised the 2 s alarm before, naming where the oldest item was then
     stalls = [e["stage"] for e in logged if e["event"] == "stalled"]
-    assert stalls[-1] == "source" and set(stalls[:-1]) <= set(stages)
+    assert stalls[-1] == "source" and set(stalls[:-1]) <= {*stages, "writer", "source"}
     assert len([e for e in logged if e["event"] == "stall_ended"]) == len(stalls) - 1
     assert [e["problems"] != [] for e in committed] == [False, False, True]  # the released shard: empty
 

@@ -100,27 +100,27 @@ def test_a_shard_in_flight_is_a_live_writers_temporary_and_a_dead_ones_is_not(tm
 
 def test_ctrl_c_is_an_interrupted_event_and_status_says_stopped(tmp_path):
     shards = make_shards(tmp_path / "in", n_shards=3, per_shard=10)
-    out, log = tmp_path / "out", tmp_path / "events.jsonl"
-    with held_back(shards[-1]):
+    out, log, stderr = tmp_path / "out", tmp_path / "events.jsonl", tmp_path / "stderr.txt"
+    with held_back(shards[-1]), open(stderr, "w") as errors:
         writer = subprocess.Popen([*command(shards, out), "--log-format", "json", "--log-file", str(log)], cwd=ROOT,
-                                  stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                                  stdout=subprocess.PIPE, stderr=errors, text=True)
         try:
             deadline = time.monotonic() + 120
-            while finished(out) < 2 and time.monotonic() < deadline:
-                assert writer.poll() is None
+            while finished(out) < 2:
+                assert writer.poll() is None and time.monotonic() < deadline, stderr.read_text()
                 time.sleep(0.05)
             writer.send_signal(signal.SIGINT)
             while "stopping:" not in writer.stdout.readline():  # the run has taken the Ctrl-C
-                assert writer.poll() is None
+                assert writer.poll() is None, stderr.read_text()
             with open(shards[-1], "wb"):  # the reader waits on the pipe: let it through to see the stop
                 pass
-            writer.wait(timeout=60)
+            writer.wait(timeout=300)
         finally:
             writer.kill()
             writer.wait()
-    assert writer.returncode == 130
+    assert writer.returncode == 130, stderr.read_text()
     events = [json.loads(line) for line in log.read_text().splitlines()]
-    assert [e["shard"] for e in events if e["event"] == "shard_committed"] == ["shard-00", "shard-01"]
+    assert [e["shard"] for e in events if e["event"] == "shard_committed"] == ["shard-00", "shard-01"], events
     [interrupted] = [e for e in events if e["event"] == "interrupted"]
     assert (interrupted["shards_committed"], interrupted["shards_left"]) == (2, 1)
     stopped = status_json(out)
