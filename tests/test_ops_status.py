@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def status_json(out: Path) -> dict:
     result = subprocess.run([sys.executable, str(ROOT / "densefusion_local.py"), "status", str(out), "--json"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     jsonschema.validate(report, STATUS_SCHEMA)

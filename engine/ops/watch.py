@@ -5,8 +5,8 @@ Everything is read from what the runtime already keeps (the pipeline's :class:`S
 its queues, the stages' ``metrics()``, the sink's counts); the watch adds only what nobody
 counted live: rejects by stage *and reason*, and when the last sample reached the writer.
 
-The stall alarm: when no sample reaches the writer for ``--stall-seconds`` after the models
-loaded, the oldest item still in the pipeline is found (items move in order, so it is the one
+The stall alarm: when no sample reaches the writer (and no shard commits) for ``--stall-seconds``
+after the models loaded, the oldest item still in the pipeline is found (items move in order, so it is the one
 furthest downstream: a batch in some stage's ``process()``, else a full queue, else the reader)
 and reported once per stall, with its stage and replica.
 """
@@ -74,17 +74,13 @@ class RunWatch:
     # --- fed by the driver's writer wrapper (the writer's thread) ---
 
     def sample_written(self, sample: Sample) -> None:
-        self._last_sample = time.monotonic()
         if not sample.alive:
             self.rejected[(sample.stage or "?", reason_label(sample))] += 1
-        if self.stall is not None:
-            events.emit("stall_ended", text=f"stall over: samples finish again ({self.stall.stage} moved on)",
-                        stage=self.stall.stage, replica=self.stall.replica,
-                        stalled_s=round(time.monotonic() - self.stall.since, 1))
-            self.stall = None
+        self._progressed()
 
     def shard_committed(self, end: ShardEnd, marker: dict[str, Any], problems: list[str]) -> None:
         self.shards_committed += 1
+        self._progressed()  # a commit (even of an empty shard) is progress too
         events.emit("shard_committed", pass_name=self.pass_name, shard=end.shard, samples=marker.get("samples"),
                     written=marker.get("written"), rejected=marker.get("rejected"), attempt=marker.get("attempt"),
                     problems=problems)
@@ -150,6 +146,14 @@ class RunWatch:
         return found
 
     # --- the stall alarm ---
+
+    def _progressed(self) -> None:
+        self._last_sample = time.monotonic()
+        if self.stall is not None:
+            events.emit("stall_ended", text=f"stall over: samples finish again ({self.stall.stage} moved on)",
+                        stage=self.stall.stage, replica=self.stall.replica,
+                        stalled_s=round(time.monotonic() - self.stall.since, 1))
+            self.stall = None
 
     def _watch_stalls(self) -> None:
         tick = min(1.0, self.stall_seconds / 4)
