@@ -129,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Commands that read a finished output folder (train and evaluate: a meta output);
+# Commands that read an output folder (train and evaluate: a meta output; status: one being written too);
 # each module has add_arguments() and command().
 OUTPUT_TOOLS = {
     "stats": ("engine.output.stats", ("the paper's Table 1, length histograms, coverage and categories "
@@ -138,6 +138,8 @@ OUTPUT_TOOLS = {
                                         "JSON), jsonl, or sft (a meta output as the caption engine's fine-tuning "
                                         "data)")),
     "report": ("engine.output.report", "write a static HTML report of an output folder (OUT/report.html)"),
+    "status": ("engine.ops.status", "progress of an output folder being written or finished: shards done, failed "
+                                    "and in flight, images, rate and time left, the last errors (--json)"),
     "train": ("engine.train.command", "fine-tune the caption engine (LLaVA-NeXT) on a `meta` output: "
                                       "GPT-4V captions as targets, only caption tokens carry loss"),
     "evaluate": ("engine.train.evaluate", "caption a trained engine's held-out meta samples with it and with "

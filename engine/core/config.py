@@ -702,6 +702,41 @@ class ClusterConfig:
                 raise ConfigError("--ray needs Ray: pip install 'densefusion[ray]'")
 
 
+LOG_FORMATS = ("text", "json")
+
+
+@dataclass(frozen=True)
+class OpsConfig:
+    """Watching a long run: live Prometheus metrics, machine-readable events, the stall alarm
+    (engine/ops/)."""
+
+    metrics_port: int = option(
+        0, "serve Prometheus metrics on this port of the driver (0: off); see README 'Watching a long run'")
+    metrics_final_scrape_s: float = option(
+        15.0, "with --metrics-port: after the run, keep serving until one scrape has read the final "
+        "figures, at most this many seconds (0: exit at once)")
+    log_format: str = option(
+        "text", "text, or json: one JSON object per event (shard committed or failed, replica retired, stall, "
+        "interrupted) with run id, node and shard", choices=LOG_FORMATS)
+    log_file: str = option("", "--log-format json: append the events to this file (empty: stderr)")
+    stall_seconds: float = option(
+        600.0, "when no sample finishes for this long, log the stage and replica that hold the oldest "
+        "item, and show it in the metrics (0: off)")
+
+    def validate(self) -> None:
+        if not 0 <= self.metrics_port <= 65535:
+            raise ConfigError("--metrics-port must be a TCP port (1-65535), or 0 for no metrics endpoint")
+        if self.metrics_final_scrape_s < 0 or self.stall_seconds < 0:
+            raise ConfigError("--metrics-final-scrape-s and --stall-seconds must be >= 0")
+        if self.log_file and self.log_format != "json":
+            raise ConfigError("--log-file takes the JSON events: add --log-format json")
+        if self.metrics_port:
+            from importlib.util import find_spec
+
+            if find_spec("prometheus_client") is None:
+                raise ConfigError("--metrics-port needs prometheus_client: pip install prometheus_client")
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """The whole configuration of one run; sections are passed down, never re-spread."""
@@ -722,6 +757,7 @@ class RunConfig:
     subset: SubsetConfig = SubsetConfig()
     score: ScoreConfig = ScoreConfig()
     cluster: ClusterConfig = ClusterConfig()
+    ops: OpsConfig = OpsConfig()
 
     def validate(self) -> RunConfig:
         for section in dataclasses.fields(self):

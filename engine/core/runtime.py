@@ -45,6 +45,7 @@ from typing import Any
 
 from engine.core.record import Sample, ShardEnd
 from engine.core.stage import Stage
+from engine.ops import events
 
 Item = Sample | ShardEnd
 _STOP = object()  # end of input, passed down the chain
@@ -63,6 +64,8 @@ class StageMetrics:
     queue_depth_sum: int = 0
     queue_samples: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    # thread → (replica, start) of each batch in process(): where the stall alarm finds the oldest item
+    running: dict[int, tuple[Stage, float]] = field(default_factory=dict, repr=False)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)  # batches on helper threads
 
     def as_dict(self, wall_s: float) -> dict[str, Any]:
@@ -95,6 +98,7 @@ class Pipeline:
         self.budget = ByteBudget(max_bytes_in_flight)
         self.progress = progress
         self.metrics = [StageMetrics(s.name) for s in self.stages]
+        self.queues: list[queue.Queue] = []  # each stage's inbox, then the writer's (live depths for engine/ops)
         self._stop = threading.Event()
         self._errors: list[BaseException] = []
         self.ready_s = 0.0  # time run() spent loading models before the first sample moved
@@ -108,7 +112,7 @@ class Pipeline:
 
     def run(self, source: Iterator[Item], writer) -> tuple[Counter, bool]:
         """Drive ``source`` through the stages into ``writer``; returns rejects by stage."""
-        queues = [queue.Queue(self.queue_depth) for _ in range(len(self.stages) + 1)]
+        queues = self.queues = [queue.Queue(self.queue_depth) for _ in range(len(self.stages) + 1)]
         ready = threading.Barrier(len(self.stages) + 1)
         threads = [threading.Thread(target=self._stage_loop, name=f"stage-{r[0].name}",
                                     args=(r, m, queues[i], queues[i + 1], ready), daemon=True)
@@ -231,6 +235,7 @@ class Pipeline:
         error = None
         if batch:
             start = time.perf_counter()
+            metrics.running[threading.get_ident()] = (stage, start)
             try:
                 result = stage.process(batch)
                 if len(result) != len(batch):
@@ -246,6 +251,7 @@ class Pipeline:
                 metrics.busy_s += time.perf_counter() - start
                 metrics.items += len(batch)
                 metrics.batches += 1
+                metrics.running.pop(threading.get_ident(), None)
             outbox.put(list(result) + (passthrough or []))
         elif passthrough:
             outbox.put(passthrough)
@@ -402,6 +408,8 @@ class _Replicas:
         if len(self.retired) == len(self.replicas):
             raise StageFailed(message) from error
         self.metrics.extra.setdefault("retired_replicas", []).append(index)
+        events.emit("replica_retired", stage=name, replica=index, device=self.replicas[index].resources().device,
+                    reason=f"{type(error).__name__}: {error}")
         print(f"warning: {message}; its batches go to the other replicas", file=sys.stderr, flush=True)
 
     def drain(self) -> None:

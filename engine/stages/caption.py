@@ -139,8 +139,13 @@ class CaptionStage(Stage):
             self.engine = None
 
     def metrics(self) -> dict[str, float]:
-        """Tokens/s, images/s, the backend's own figures (retries, prefix-cache hits), GPU."""
-        return {**self.tally.figures(), **self.engine_figures, **self.gpu.figures()}
+        """Tokens/s, images/s, the backend's own figures (retries, prefix-cache hits), GPU. Safe to
+        call while ``process`` runs (the live metrics endpoint does): the engine's figures live,
+        its last ones after teardown."""
+        engine = self.engine  # teardown may clear it meanwhile
+        with self._figures_lock:
+            figures = {**self.tally.figures(), **self.gpu.figures()}
+        return {**figures, **(engine.metrics() if engine else self.engine_figures)}
 
     def progress(self) -> dict[str, str]:
         """Prompt and output tokens/s, the prefix-cache hit rate where the backend reports it,
