@@ -25,19 +25,21 @@ import tempfile
 import time
 import zlib
 from pathlib import Path
+from unittest import mock
 
 import pytest
 from conftest import encode, jpeg
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
-from tar_corpus import END, GNU, header, long_name, member, pax
+from tar_corpus import END, GNU, header, long_name, member, pad, pax
 
 from engine.core.config import DecodeConfig, FilterConfig, InputConfig
 from engine.core.record import Sample, ShardEnd, Source
 from engine.core.stage import ImageView
 from engine.io.keys import key_problem, lost_name, parse_member_name, split_member_name
 from engine.io.readers import IMAGE_EXTS, member_samples, shard_items
+from engine.io import tar as tar_module
 from engine.io.tar import TarReader, parse_header
 from engine.stages.decode import Decode
 from engine.stages.probe import ResolutionFilter
@@ -227,6 +229,64 @@ def test_gzip_cut_anywhere_reads_what_decompresses(entries, cut):
             assert at + 512 in offsets, f"the header at byte {at} decompresses but was not read"
     assert bool(tar.end_problem) == (len(damaged) < len(packed))
     check_samples(members)
+
+
+@settings(FUZZ, max_examples=400)
+@given(order=st.lists(st.tuples(st.sampled_from([b"k", b"j", b"dir/k"]), st.sampled_from([b"jpg", b"png", b"txt", b"json"]),
+                                st.integers(0, 2)), min_size=1, max_size=10),
+       steps=mutations)
+def test_members_in_any_order_give_each_key_once(order, steps):
+    """Issue 21, item 5: members of a key apart from each other (``k.jpg, j.jpg, k.txt``;
+    ``k.txt, j.jpg, k.jpg``; a PAX block lost between them). Each run is one sample under a key
+    of its own, and a key's sample is a run with an image whenever one has it."""
+    entries = [(key, ext, IMAGES[0] if ext in (b"jpg", b"png") else b"t", kind) for key, ext, kind in order]
+    members, _, _ = read_members(mutate(build(entries)[0], steps))
+    samples = check_samples(members)
+    if not steps:  # the order alone says what each key's sample is
+        runs = [key for key, _ in itertools.groupby(key for key, _, _ in order)]
+        assert len(samples) == len(runs)
+        by_key = {s.key: s for s in samples}
+        for key in set(runs):
+            has_image = any(k == key and e in (b"jpg", b"png") for k, e, _ in order)
+            assert by_key[key.decode()].alive == has_image
+
+
+# Data that says ``ustar`` every few bytes without holding a header: the units the byte-by-byte
+# search spent a full header test on, and generated ones (the magic, then digits, spaces, NULs)
+hostile_units = st.one_of(st.sampled_from([b"ustar000", b"ustar0", b"ustar" + b"0" * 19, b"ustar\x0000" + b"7" * 8]),
+                          st.tuples(st.binary(max_size=8), st.lists(st.sampled_from(b"0127 \0"), max_size=24))
+                          .map(lambda t: t[0] + b"ustar" + bytes(t[1])))
+
+
+def without_headers(unit: bytes, size: int) -> bytes:
+    """``unit`` repeated to ``size`` bytes, a byte changed wherever a valid header would start."""
+    data = bytearray((unit * (size // len(unit) + 1))[:size])
+    at = data.find(b"ustar")
+    while at >= 0:
+        if at >= 257 and parse_header(bytes(data[at - 257:at + 255]).ljust(512, b"\0")) is not None:
+            data[at - 257 + 148] = ord("9")  # an invalid checksum field
+        at = data.find(b"ustar", at + 1)
+    return bytes(data)
+
+
+@settings(FUZZ, max_examples=60)
+@given(unit=hostile_units, size=st.integers(600, 200_000), keep=st.sampled_from(sorted(KEEP)),
+       place=st.sampled_from(["member", "pax", "resync"]), lie=st.integers(-3, 3))
+def test_lying_data_costs_no_header_test_per_hit(unit, size, keep, place, lie):
+    """Issue 21, item 3: data full of the magic, in a member (kept or skipped, its size field
+    true or lying by whole blocks), in an extended header, or after damage, is passed over with
+    no Python header test per hit (only the archive's own headers are tested), and the member
+    after it is read at its place."""
+    data = without_headers(unit, size)
+    claimed = max(0, size + 512 * lie) if place == "member" else size
+    before = {"member": header(b"fill.bin", claimed) + pad(data), "pax": pax(data),
+              "resync": header(b"lost.bin", size, bad_checksum=True) + pad(data)}[place]
+    after = member(b"after.jpg", IMAGES[0])
+    with mock.patch.object(tar_module, "parse_header", wraps=tar_module.parse_header) as spy:
+        members, tar, _ = read_members(before + after + END, keep=keep)
+    assert members[-1].name == b"after.jpg" and members[-1].data_offset == len(before) + 512
+    assert len(members) <= 2
+    assert spy.call_count <= 8, f"{spy.call_count} header tests for {len(data)} bytes"
 
 
 @settings(FUZZ, max_examples=400)
