@@ -310,6 +310,44 @@ def test_read_probe_decode_accounts_for_every_key(stages, entries, steps, gzippe
     assert len(alive) == len(set(alive))
 
 
+def field_bytes(width: int):
+    """A tar number field as writers and forgers leave it: digits, spaces, NULs, base-256 marks."""
+    return st.lists(st.sampled_from(b"01234567 \0\x80\xff8u"), min_size=width, max_size=width).map(bytes)
+
+
+@st.composite
+def header_like(draw) -> bytes:
+    """A ustar header with its size and checksum fields rewritten; its checksum then true
+    (unsigned or signed, in any layout the parser takes) or not."""
+    block = bytearray(header(draw(st.sampled_from([b"a.jpg", b"\xff\xfe\xfd.jpg"])), 0))
+    block[124:136] = draw(field_bytes(12))
+    block[148:156] = b" " * 8
+    if draw(st.booleans()):
+        signed = draw(st.booleans())
+        total = sum(b - 256 * (signed and b >= 128) for b in block)
+        layout = draw(st.sampled_from([b"%06o\0 ", b"%07o\0", b" %o\0xyz", b"%o  ", b"%08o"]))
+        block[148:156] = (layout % total)[:8].ljust(8, b"\0") if total >= 0 else b"-"
+    else:
+        block[148:156] = draw(field_bytes(8))
+    return bytes(block)
+
+
+@settings(FUZZ, max_examples=300)
+@given(parts=st.lists(st.one_of(header_like(), st.sampled_from([b"ustar000" * 9, b"ustar0", b"\0" * 511, b"x"])),
+                      max_size=12),
+       lo=st.integers(0, 700), hi=st.integers(0, 8000))
+def test_the_vectorised_header_search_finds_what_a_byte_by_byte_one_finds(parts, lo, hi):
+    """The reader tests every offset of a span at once, as 64-bit words; ``parse_header``, one
+    offset at a time, is the reference (issue 21, item 3)."""
+    buf = b"".join(parts)
+    expect = next((h for h in range(lo, min(hi, len(buf) - 511)) if buf[h + 257:h + 262] == b"ustar"
+                   and parse_header(buf[h:h + 512])), -1)
+    assert tar_module._find_header(buf, lo, hi) == expect
+    aligned = next((h for h in range(0, len(buf) - 511, 512) if buf[h + 257:h + 262] == b"ustar"
+                    and parse_header(buf[h:h + 512])), -1)
+    assert tar_module._aligned_header(buf) == aligned
+
+
 image_mutations = st.lists(st.tuples(st.sampled_from(["flip", "cut", "insert", "dims"]),
                                      st.integers(0, 1 << 12), st.integers(0, 255)), max_size=3)
 

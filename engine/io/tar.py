@@ -59,11 +59,12 @@ _MAGIC = b"ustar"
 _MAGIC_AT = 257
 _MAGIC_BYTES = np.frombuffer(_MAGIC, np.uint8)
 # The first two bytes a valid header can have in its checksum field (a digit or a space, then
-# also the NUL after one digit) and its size field (empty, or base-256 0x80 and anything)
+# also the NUL after one digit) and its size field (also a NUL: empty, or base-256's 0x80,
+# either with anything after it), as tables indexed by the two bytes
 _FIRST_BYTES = tuple((at, np.isin(np.arange(1 << 16) & 0xFF, list(first))
-                       & (np.isin(np.arange(1 << 16) >> 8, list(then)) | (np.arange(1 << 16) & 0xFF == 0x80)))
-                      for at, first, then in ((148, b"01234567 ", b"01234567 \0"),
-                                              (124, b"01234567 \0\x80", b"01234567 \0")))
+                       & (np.isin(np.arange(1 << 16) >> 8, list(b"01234567 \0"))
+                          | np.isin(np.arange(1 << 16) & 0xFF, list(ends))))
+                      for at, first, ends in ((148, b"01234567 ", b""), (124, b"01234567 \0\x80", b"\0\x80")))
 _MAGIC_WORD = int.from_bytes(_MAGIC, "little")
 _U64 = np.uint64
 _ONES = _U64(0x0101010101010101)
@@ -277,7 +278,7 @@ def _candidates(arr: np.ndarray, lo: int, hi: int) -> np.ndarray:
     that a valid header can have: one pass over the span for the magic's first byte, then
     tests of those offsets only (hostile data holds it every few bytes, not at every one)."""
     starts = np.flatnonzero(arr[lo + _MAGIC_AT:hi + _MAGIC_AT] == _MAGIC[0]) + lo
-    words = np.ndarray((len(arr) - 7,), "<u8", arr, 0, (1,))  # the 8 bytes at every offset
+    words = _words(arr)
     starts = starts[words[starts + _MAGIC_AT] & _U64(0xFFFFFFFFFF) == _MAGIC_WORD]
     for at, allowed in _FIRST_BYTES:
         starts = starts[allowed[words[starts + at] & _U64(0xFFFF)]]
@@ -292,18 +293,19 @@ def _first_valid(buf: bytes, starts: np.ndarray) -> int:
     starts = starts[starts + BLOCK <= len(buf)]
     if not starts.size:
         return -1
-    words = np.ndarray((len(buf) - 7,), "<u8", buf, 0, (1,))  # the 8 bytes at every offset
+    words = _words(buf)
     checksum, valid = _octal_word(words[starts + 148])
     starts, checksum = starts[valid], checksum[valid]
     field = words[starts + 148]
     low, high = words[starts + 124], words[starts + 132] & _U64(0xFFFFFFFF)  # the 12-byte size field
     first = low & _U64(0xFF)
-    valid = (first == 0x80) | ((first != 0xFF) & _octal_shape(*_classes(low), *_classes(high)))
+    valid = (first == 0x80) | ((first != 0xFF) & _octal_shape(*_classes(low), *_classes(high))[0])
     starts, checksum, field = starts[valid], checksum[valid], field[valid]
     if not starts.size:
         return -1
     pairs = (field & _U64(0x00FF00FF00FF00FF)) + ((field >> _U64(8)) & _U64(0x00FF00FF00FF00FF))
-    unsigned = _block_sums(buf, starts).astype(np.int64) - (pairs * _U64(0x0001000100010001) >> _U64(48)).astype(np.int64) + 8 * 32
+    field_sum = (pairs * _U64(0x0001000100010001) >> _U64(48)).astype(np.int64)
+    unsigned = _block_sums(buf, starts) - field_sum + 8 * 32  # the field counts as 8 spaces
     match = checksum == unsigned
     maybe_signed = ~match & (checksum < unsigned) & ((unsigned - checksum) % 256 == 0)
     if maybe_signed.any():  # a writer that summed signed bytes: each byte >= 128 counts 256 less
@@ -314,6 +316,11 @@ def _first_valid(buf: bytes, starts: np.ndarray) -> int:
         if parse_header(buf[h:h + BLOCK]) is not None:
             return int(h)
     return -1
+
+
+def _words(buf) -> np.ndarray:
+    """The 8 bytes at every offset of ``buf`` as little-endian words: a view, nothing copied."""
+    return np.ndarray((len(buf) - 7,), "<u8", buf, 0, (1,))
 
 
 def _zero_bytes(words: np.ndarray) -> np.ndarray:
@@ -328,25 +335,25 @@ def _classes(words: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             _zero_bytes(words ^ _U64(0x2020202020202020)), _zero_bytes(words))
 
 
-def _octal_shape(*classes: np.ndarray, empty_ok: bool = True) -> np.ndarray:
+def _octal_shape(*classes: np.ndarray, empty_ok: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Whether a field (the classes of its words, in order) reads as a number: up to its first
-    NUL, spaces around one run of octal digits (no digit: 0 when ``empty_ok``)."""
+    NUL, spaces around one run of octal digits (no digit: 0 when ``empty_ok``); and the run."""
     digits = spaces = nuls = np.zeros_like(classes[0])
     for i in range(0, len(classes), 3):
         shift = _U64(8 * i // 3)
-        digits, spaces, nuls = digits | classes[i] << shift, spaces | classes[i + 1] << shift, nuls | classes[i + 2] << shift
+        digits, spaces = digits | classes[i] << shift, spaces | classes[i + 1] << shift
+        nuls = nuls | classes[i + 2] << shift
     before = (nuls & (~nuls + _U64(1))) - _U64(1)  # the bytes before the first NUL (all: none)
+    before &= _U64((1 << 8 * len(classes) // 3) - 1)  # of this field's bytes
     run = digits & before
     valid = ((before & ~(digits | spaces)) == 0) & ((((run | (run - _U64(1))) + _U64(1)) & run) == 0)
-    return valid & (run != 0) if not empty_ok else valid
+    return (valid & (run != 0) if not empty_ok else valid), run
 
 
 def _octal_word(field: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(value, valid) of 8-byte fields read as ``_octal`` reads one."""
-    digits, spaces, nuls = _classes(field)
-    valid = _octal_shape(digits, spaces, nuls, empty_ok=False)
-    run = digits & ((nuls & (~nuls + _U64(1))) - _U64(1))
-    run = (run & _U64(0xFF)).astype(np.intp)
+    valid, run = _octal_shape(*_classes(field), empty_ok=False)
+    run = run.astype(np.intp)
     packed = (field & _U64(0x0707070707070707) & _BYTES_OF[run]).byteswap()  # first byte highest
     packed = (packed | (packed >> _U64(5))) & _U64(0x003F003F003F003F)
     packed = (packed | (packed >> _U64(10))) & _U64(0x00000FFF00000FFF)
