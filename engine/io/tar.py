@@ -297,21 +297,22 @@ def _first_valid(buf: bytes, starts: np.ndarray) -> int:
     checksum, valid = _octal_word(words[starts + 148])
     starts, checksum = starts[valid], checksum[valid]
     field = words[starts + 148]
-    low, high = words[starts + 124], words[starts + 132] & _U64(0xFFFFFFFF)  # the 12-byte size field
-    first = low & _U64(0xFF)
-    valid = (first == 0x80) | ((first != 0xFF) & _octal_shape(*_classes(low), *_classes(high))[0])
-    starts, checksum, field = starts[valid], checksum[valid], field[valid]
-    if not starts.size:
-        return -1
     pairs = (field & _U64(0x00FF00FF00FF00FF)) + ((field >> _U64(8)) & _U64(0x00FF00FF00FF00FF))
     field_sum = (pairs * _U64(0x0001000100010001) >> _U64(48)).astype(np.int64)
     unsigned = _block_sums(buf, starts) - field_sum + 8 * 32  # the field counts as 8 spaces
+    # a signed sum counts each byte >= 128 256 less: only a multiple of 256 below can match
+    plausible = (checksum == unsigned) | ((checksum < unsigned) & ((unsigned - checksum) % 256 == 0))
+    starts, checksum, field, unsigned = starts[plausible], checksum[plausible], field[plausible], unsigned[plausible]
+    low, high = words[starts + 124], words[starts + 132] & _U64(0xFFFFFFFF)  # the 12-byte size field
+    first = low & _U64(0xFF)
+    valid = (first == 0x80) | ((first != 0xFF) & _octal_shape(*_classes(low), *_classes(high))[0])
+    starts, checksum, field, unsigned = starts[valid], checksum[valid], field[valid], unsigned[valid]
     match = checksum == unsigned
-    maybe_signed = ~match & (checksum < unsigned) & ((unsigned - checksum) % 256 == 0)
-    if maybe_signed.any():  # a writer that summed signed bytes: each byte >= 128 counts 256 less
-        field_high = ((field & _HIGH) >> _U64(7)) * _ONES >> _U64(56)
-        high = _block_sums(buf, starts[maybe_signed], high_bytes=True) - field_high[maybe_signed].astype(np.int64)
-        match[maybe_signed] = checksum[maybe_signed] == unsigned[maybe_signed] - 256 * high
+    if not match.all():  # the signed sum: how many bytes >= 128 the block has outside the field
+        signed = ~match
+        field_high = ((field[signed] & _HIGH) >> _U64(7)) * _ONES >> _U64(56)
+        high = _block_sums(buf, starts[signed], high_bytes=True) - field_high.astype(np.int64)
+        match[signed] = checksum[signed] == unsigned[signed] - 256 * high
     for h in starts[match]:
         if parse_header(buf[h:h + BLOCK]) is not None:
             return int(h)
