@@ -303,3 +303,16 @@ def test_a_header_hidden_off_the_grid_near_the_end_of_a_skipped_member_is_found(
     at = damaged.find(header(b"next.jpg", len(IMAGE)))
     assert [(m.name, m.offset) for m in members] == [(b"big.bin", 0), (b"next.jpg", at)]
     assert f"a header starts at byte {at}" in members[0].problem
+
+
+def test_a_lost_pax_block_between_a_keys_members_leaves_the_key_given_out_once(tmp_path):
+    """Issue 21, item 5: an unusable PAX header in the middle of k's members splits them into
+    runs; k used to be written and rejected ("no image member") both."""
+    lost_at = len(member(b"k.jpg", IMAGE))
+    data = (member(b"k.jpg", IMAGE) + pax(b"not records") + member(b"k.txt", b"alt")
+            + member(b"k.json", b"{}") + member(b"j.jpg", IMAGE) + END)
+    samples, end = read(write(tmp_path, "p.tar", data))
+    assert set(samples) == {"k", f"k\\@{lost_at}", "k\\#2", "j"} and end.n_samples == 4
+    assert samples["k"].alive and samples["j"].alive
+    assert "extended header (x) is malformed" in samples[f"k\\@{lost_at}"].reason
+    assert samples["k\\#2"].reason.startswith("duplicate key 'k'")
