@@ -7,8 +7,9 @@ reader (``engine.io.tar``: open → members → group by key → samples) and ne
 member names only become keys (``engine.io.keys``: total and injective), never paths.
 A sample is one run of consecutive members with one key (webdataset's rule: a new sample
 starts whenever the key changes); each key is given out once (``one_sample_per_key``): a key's
-sample is its first run with an image member (or its first run, when none has one), any other run of it is a duplicate, rejected
-under its own key ``key\\#n``, so every key lands in ``shards/`` or ``rejects/`` exactly once.
+sample is its first run with an image member (or its first run, when none has one), and any
+other run of it is a duplicate, rejected under its own key ``key\\#n``, so every key lands in
+``shards/`` or ``rejects/`` exactly once.
 Per-sample problems (a hostile name, a damaged or oversized member) become failed samples, so
 the key still reaches ``rejects/``; damage to the archive itself becomes shard-level errors
 with the byte ranges skipped; sidecars that cannot be read become flags.
