@@ -64,7 +64,7 @@ def selected_shard_items(cfg: RunConfig) -> Callable[[Path], Iterator[Sample | S
             yield sample
         info = store.manifest.data["shards"].get(shard, {})
         yield ShardEnd(shard, str(path), info.get("samples", 0), tuple(info.get("errors", ())),
-                       tuple(tuple(r) for r in info.get("skipped", ())))
+                       tuple(tuple(r) for r in info.get("skipped", ())), info.get("unread_bytes", 0))
 
     return items
 
