@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 
 from engine.core.config import InputConfig
 from engine.io.readers import ShardReport, read_shard, shard_name
+from engine.io.manifest import read_manifest
 
 
 def input_keys(path: Path) -> list[str]:
@@ -26,7 +27,7 @@ def output_rows(out: Path, shard: str) -> tuple[list[dict], list[dict]]:
 def check_output_contract(out: Path, inputs: list[Path]) -> dict[str, tuple[list[dict], list[dict]]]:
     """Every input key lands exactly once: written xor rejected (a repeated input key is the one
     exception: its later copies are rejects). Tar and parquet agree; the manifest counts match."""
-    manifest = json.loads((out / "manifest.json").read_text())["shards"]
+    manifest = read_manifest(out)
     result = {}
     for path in inputs:
         shard = shard_name(path)

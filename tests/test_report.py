@@ -81,7 +81,7 @@ def test_report_of_the_demo_output(tmp_path, browser):
 
     out = tmp_path / "demo"
     assert densefusion_local.main(["demo", "--out", str(out), "--no-progress"]) == 0
-    manifest = json.loads((out / "manifest.json").read_text())["shards"].values()
+    manifest = read_manifest(out).values()
     written, rejected = sum(s["written"] for s in manifest), sum(s["rejected"] for s in manifest)
     page = browser.new_page(viewport={"width": 1280, "height": 900})
     page.goto(build_report(out, samples=4).resolve().as_uri())
@@ -109,14 +109,14 @@ def _output_with_flags_prompt_and_a_broken_shard(out):
     from output_fixture import fixture_samples
 
     from engine.core.record import ShardEnd
-    from engine.io.manifest import Manifest
+    from engine.io.manifest import Manifest, read_manifest
     from engine.io.writers import DatasetWriter
 
     samples = fixture_samples()
     samples[0].flags = ["unfinished: ends mid-sentence"]
     samples[1].prompt = "[OCR]\nGRAND OPENING\n" + "x" * 600  # one long unbroken word
     write_fixture_output(out, samples)
-    DatasetWriter(out, Manifest(out / "manifest.json")).commit(
+    DatasetWriter(out, Manifest(out)).commit(
         ShardEnd("broken", "/in/broken.tar", 0, ("/in/broken.tar: tar ends early or is corrupt (empty file)",)))
     return out
 

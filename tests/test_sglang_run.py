@@ -19,6 +19,7 @@ from test_resume import held_back
 
 from engine.evidence.prompt import CAPTION_ENGINE_INSTRUCTION
 from models.caption.sglang_backend import sglang_available
+from engine.io.manifest import read_manifest
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.skipif(not sglang_available(), reason="the sglang extra is not installed")
@@ -39,7 +40,7 @@ def make_shards(folder: Path, n_shards: int = 4, per_shard: int = 3) -> list[Pat
 
 def finished(out: Path) -> int:
     try:
-        return len(json.loads((out / "manifest.json").read_text())["shards"])
+        return len(read_manifest(out))
     except (OSError, ValueError):
         return 0
 

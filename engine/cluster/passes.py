@@ -37,7 +37,7 @@ def run_pass_on_ray(cfg: RunConfig, spec: Pass, kind: str) -> tuple[RunSummary, 
     sink.settle([shard_name(p) for p in paths])
     skipped = [shard_name(p) for p in paths if shard_name(p) in sink.finished]
     metrics = MetricsFile(root / "metrics.json")
-    metrics.start(spec.name, cfg.to_dict(), OutputTotals.of(sink.manifest.data))
+    metrics.start(spec.name, cfg.to_dict(), OutputTotals.of(sink.manifest))
     result = lease_shards(cfg, kind, [p for p in paths if shard_name(p) not in sink.finished],
                           lambda shard, marker: sink.adopt({shard: marker}))
     by_stage: Counter = Counter()
@@ -48,7 +48,7 @@ def run_pass_on_ray(cfg: RunConfig, spec: Pass, kind: str) -> tuple[RunSummary, 
         written=sum(m.get("written", 0) for m in result.committed.values()),
         rejected=sum(m.get("rejected", 0) for m in result.committed.values()),
         rejects_by_stage=dict(by_stage), wall_s=result.wall_s, interrupted=False, stages=result.stages,
-        root=root, outputs=spec.outputs, shards_total=len(paths), totals=OutputTotals.of(sink.manifest.data),
+        root=root, outputs=spec.outputs, shards_total=len(paths), totals=OutputTotals.of(sink.manifest),
     )
     metrics.invocations[-1]["cluster"] = result.figures()
     metrics.finish(summary, "ray")

@@ -19,6 +19,7 @@ from engine.io.manifest import Manifest
 @runtime_checkable
 class Sink(Protocol):
     manifest: Manifest  # finished shards with their counts, across every invocation
+    committed: dict  # shard → its marker, for this writer's commits not yet taken by the driver
     written: int  # samples kept by this invocation
     rejected: int  # samples rejected by this invocation
 
