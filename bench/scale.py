@@ -9,9 +9,10 @@ half-way. The run is done with the default leasing, then again with
 ``--no-ray-copy-stragglers`` (the leasing before stragglers were copied) unless ``--one``.
 Printed per run:
 
-- the driver's CPU time per shard, and per commit at 1,000 and at N finished shards (their ratio
-  says whether the commit path stays flat), the commits/s that CPU time sustains, and the driver
-  process's peak memory growth per 1,000 shards;
+- the driver's CPU time per shard; per commit (its whole loop, and recording the commit in the
+  manifest) at 1,000 finished shards and at the last shards before the tail (their ratio says
+  whether the cost per commit stays flat); the commits/s that CPU time sustains; the driver
+  process's peak memory growth per 1,000 shards (the simulator's records included);
 - the share of GPU time idle between shards (before the last shard starts) and at the tail
   (after it), the tail's length, and the GPU time spent on work that did not stand;
 - a rerun's start-up over N markers: settle against the markers, skip what is done, the totals.
@@ -20,6 +21,7 @@ Printed per run:
 from __future__ import annotations
 
 import argparse
+import bisect
 import resource
 import shutil
 import tempfile
@@ -39,8 +41,9 @@ class ScaleRun:
     retries: int
     copies: int
     driver_cpu_s: float
-    commit_cpu_early_ms: float  # per commit, over commits 1,000..2,000 (or the first half)
-    commit_cpu_late_ms: float  # per commit, over the last 1,000
+    loop_cpu_ms: tuple[float, float]  # driver CPU per commit, over commits 1,000..2,000 and the last 1,000 before the tail
+    late_at: int  # finished shards at the end of that last window
+    record_ms: tuple[float, float]  # of it, recording the commit (the manifest append), over the same windows
     memory_mb_per_1000: float
     wall_s: float  # virtual
     ideal_s: float  # every shard's work spread evenly over the actors
@@ -71,7 +74,7 @@ def rerun_start(out: Path, paths: list[Path]) -> tuple[float, int]:
     sink = PASS2.open_sink(_cfg(True, 3), out)
     sink.settle([shard_name(p) for p in paths])
     todo = [p for p in paths if shard_name(p) not in sink.finished]
-    OutputTotals.of(sink.manifest.data)
+    OutputTotals.of(sink.manifest)
     return time.perf_counter() - start, len(todo)
 
 
@@ -88,11 +91,16 @@ def simulate(*, shards: int, gpus: int, out: Path, copy_stragglers: bool, shard_
     sink.settle([shard_name(p) for p in paths])
     cluster = SimulatedCluster(gpus, out, times=WorkTimes(shard_seconds, straggler_share=stragglers),
                                death_rate=death_rate, seed=seed)
-    commit_cpu: list[float] = []
+    commit_cpu: list[float] = []  # the driver's CPU time so far, at each commit
+    record_cpu: list[float] = []  # recording each commit
+    commit_at: list[float] = []  # virtual time of each commit
 
     def on_commit(shard: str, marker: dict) -> None:
+        before = time.process_time()
         sink.adopt({shard: marker})
+        record_cpu.append(time.process_time() - before)
         commit_cpu.append(time.process_time() - cluster.own_cpu_s)
+        commit_at.append(cluster.now())
 
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     cpu_before = time.process_time()
@@ -101,21 +109,24 @@ def simulate(*, shards: int, gpus: int, out: Path, copy_stragglers: bool, shard_
     rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     usage = cluster.usage(result.wall_s)
     work = sum(ref.work[1] - ref.work[0] for ref in cluster.calls if ref.stood)
-    n = len(commit_cpu)
-    early = (1000, 2000) if n >= 3 * WINDOW else (0, max(1, n // 2))
-    late = (max(0, n - WINDOW), n)
+    # the tail (after the last shard started) is left out: fewer commits, the same loop
+    steady = bisect.bisect_right(commit_at, result.wall_s - usage.tail_s)
+    early = (WINDOW, 2 * WINDOW) if steady >= 3 * WINDOW else (0, steady // 2)
+    late = (max(early[1], steady - WINDOW), steady)
 
     def per_commit(window: tuple[int, int]) -> float:
         first, last = window
-        if last - first < 2:
-            return 0.0
-        return 1000 * (commit_cpu[last - 1] - commit_cpu[first]) / (last - 1 - first)
+        return 1000 * (commit_cpu[last - 1] - commit_cpu[first]) / (last - 1 - first) if last - first > 1 else 0.0
+
+    def recording(window: tuple[int, int]) -> float:
+        return 1000 * sum(record_cpu[window[0]:window[1]]) / max(1, window[1] - window[0])
 
     rerun_s, todo = rerun_start(out, paths)
     return ScaleRun(
         leasing="copy stragglers" if copy_stragglers else "no copies (before)", shards=shards,
         committed=len(result.committed), failed=len(result.failed), retries=result.retries, copies=result.copies,
-        driver_cpu_s=driver_cpu, commit_cpu_early_ms=per_commit(early), commit_cpu_late_ms=per_commit(late),
+        driver_cpu_s=driver_cpu, loop_cpu_ms=(per_commit(early), per_commit(late)), late_at=late[1],
+        record_ms=(recording(early), recording(late)),
         memory_mb_per_1000=(rss_after - rss_before) / 1024 / shards * 1000, wall_s=result.wall_s,
         ideal_s=work / gpus + cluster.startup_s, idle_between=usage.idle_between, idle_tail=usage.idle_tail,
         idle=usage.idle, tail_s=usage.tail_s,
@@ -124,14 +135,15 @@ def simulate(*, shards: int, gpus: int, out: Path, copy_stragglers: bool, shard_
 
 
 def format_run(run: ScaleRun) -> str:
-    ratio = run.commit_cpu_late_ms / run.commit_cpu_early_ms if run.commit_cpu_early_ms else float("nan")
+    (early, late), (record_early, record_late) = run.loop_cpu_ms, run.record_ms
     return "\n".join([
         f"leasing: {run.leasing}",
         f"  shards {run.committed:,} committed, {run.failed} failed, {run.retries} retries, "
         f"{run.copies} straggler copies",
         f"  driver CPU: {run.driver_cpu_s:.1f} s in all, {1000 * run.driver_cpu_s / run.shards:.2f} ms per shard; "
-        f"per commit {run.commit_cpu_early_ms:.2f} ms at 1,000 finished, {run.commit_cpu_late_ms:.2f} ms at "
-        f"{run.shards:,} ({ratio:.2f}x); sustains {1000 / max(run.commit_cpu_late_ms, 1e-6):,.0f} commits/s",
+        f"per commit {early:.2f} ms at 1,000 finished, {late:.2f} ms at {run.late_at:,} ({late / early:.2f}x), "
+        f"of which recording it {record_early:.2f} ms and {record_late:.2f} ms; "
+        f"sustains {1000 / late:,.0f} commits/s",
         f"  driver memory: +{run.memory_mb_per_1000:.1f} MB per 1,000 shards (peak RSS growth)",
         f"  run: {run.wall_s / 3600:.2f} h virtual, ideal {run.ideal_s / 3600:.2f} h "
         f"({run.wall_s / run.ideal_s:.3f}x); tail {run.tail_s:.0f} s after the last shard started",

@@ -2,16 +2,21 @@
 the summary it prints, on actor records alone: no cluster needed. tests/test_cluster.py runs the
 same driver on a real one."""
 
+from collections import Counter
 from pathlib import Path
 
-from engine.cluster.driver import ActorRecord, ClusterResult, Lease, pick_actor
+from engine.cluster.driver import ActorRecord, ClusterResult, Lease, pick_actor, pick_straggler
 from engine.cluster.passes import format_cluster
 
 
-def actor(index: int, state: str = "ready", leases: int = 0, alone: bool = False) -> ActorRecord:
+def actor(index: int, state: str = "ready", leases: int = 0, alone: bool = False, given_at: float = 0.0) -> ActorRecord:
     record = ActorRecord(index, handle=None, state=state)
-    record.leases = [Lease(object(), Path(f"shard-{index}-{i}"), 1, alone) for i in range(leases)]
+    record.leases = [Lease(object(), Path(f"shard-{index}-{i}"), 1, alone, given_at=given_at + i) for i in range(leases)]
     return record
+
+
+def running(actors: list[ActorRecord]) -> Counter:
+    return Counter(lease.path for a in actors for lease in a.leases)
 
 
 def test_the_next_shard_goes_to_the_ready_actor_holding_the_fewest():
@@ -42,6 +47,28 @@ def test_a_shard_to_run_alone_needs_an_empty_actor_and_an_actor_running_one_take
 def test_starting_lost_and_dead_actors_take_nothing():
     actors = [actor(0, state="starting"), actor(1, state="lost"), actor(2, state="dead")]
     assert pick_actor(actors, alone=False, depth=2, waiting=10) is None
+
+
+def test_an_idle_actor_copies_the_lease_likely_to_finish_last():
+    actors = [actor(0, leases=1, given_at=10.0), actor(1, leases=1, given_at=5.0), actor(2)]
+    assert pick_straggler(actors, running(actors)) is actors[1].leases[0]  # running longest
+    # a lease queued behind another has not started: it ends last whenever it was given
+    actors.append(actor(3, leases=2, given_at=20.0))
+    assert pick_straggler(actors, running(actors)) is actors[3].leases[1]
+
+
+def test_a_shard_already_copied_is_copied_again_only_when_every_other_is():
+    actors = [actor(0, leases=1, given_at=1.0), actor(1, leases=1, given_at=2.0)]
+    copies = running(actors)
+    copies[actors[0].leases[0].path] += 1  # its copy runs on a third actor
+    assert pick_straggler(actors, copies) is actors[1].leases[0]
+    copies[actors[1].leases[0].path] += 1
+    assert pick_straggler(actors, copies) is actors[0].leases[0]  # all copied once: the oldest again
+
+
+def test_no_copy_of_a_shard_to_run_alone_nor_from_an_actor_given_up_on():
+    actors = [actor(0, leases=1, alone=True), actor(1, state="lost", leases=1), actor(2)]
+    assert pick_straggler(actors, running(actors)) is None
 
 
 def test_the_summary_counts_one_of_a_thing_in_the_singular():

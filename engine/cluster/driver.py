@@ -96,9 +96,12 @@ class ActorRecord:
 
 @dataclass
 class ClusterResult:
-    """What one leasing round did: committed markers, failed shards, and the figures."""
+    """What one leasing round did: committed shards and their summed counts (not their markers:
+    a driver of 50,000 shards keeps what it needs for the summary), failed shards, the figures."""
 
-    committed: dict[str, dict[str, Any]] = field(default_factory=dict)
+    committed: list[str] = field(default_factory=list)  # in commit order
+    counts: Counter = field(default_factory=Counter)  # written, rejected: summed over the committed markers
+    by_stage: Counter = field(default_factory=Counter)  # their rejected_by_stage, summed
     failed: dict[str, str] = field(default_factory=dict)  # shard → why its last attempt failed
     retries: int = 0
     copies: int = 0  # stragglers' copies given to idle actors at the run's tail
@@ -276,8 +279,11 @@ def lease_shards(cfg: RunConfig, kind: str, paths: list[Path], on_commit: Callab
         result.copies_first += done.copy
         record.shards += 1
         record.samples += done_shard["marker"].get("samples", 0)
-        result.committed[shard_name(done.path)] = done_shard["marker"]
-        on_commit(shard_name(done.path), done_shard["marker"])
+        marker = done_shard["marker"]
+        result.committed.append(shard_name(done.path))
+        result.counts.update(written=marker.get("written", 0), rejected=marker.get("rejected", 0))
+        result.by_stage.update(marker.get("rejected_by_stage", {}))
+        on_commit(shard_name(done.path), marker)
 
     unfinished: set[Path] = set(paths)  # neither committed nor failed
     for _ in range(executor.actor_count()):

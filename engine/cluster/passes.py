@@ -8,7 +8,6 @@ per-image work leased to actors (engine/cluster/driver.py).
 
 from __future__ import annotations
 
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -40,14 +39,10 @@ def run_pass_on_ray(cfg: RunConfig, spec: Pass, kind: str) -> tuple[RunSummary, 
     metrics.start(spec.name, cfg.to_dict(), OutputTotals.of(sink.manifest))
     result = lease_shards(cfg, kind, [p for p in paths if shard_name(p) not in sink.finished],
                           lambda shard, marker: sink.adopt({shard: marker}))
-    by_stage: Counter = Counter()
-    for marker in result.committed.values():
-        by_stage.update(marker.get("rejected_by_stage", {}))
     summary = RunSummary(
         shards_done=sorted(result.committed), shards_skipped=skipped,
-        written=sum(m.get("written", 0) for m in result.committed.values()),
-        rejected=sum(m.get("rejected", 0) for m in result.committed.values()),
-        rejects_by_stage=dict(by_stage), wall_s=result.wall_s, interrupted=False, stages=result.stages,
+        written=result.counts["written"], rejected=result.counts["rejected"],
+        rejects_by_stage=dict(result.by_stage), wall_s=result.wall_s, interrupted=False, stages=result.stages,
         root=root, outputs=spec.outputs, shards_total=len(paths), totals=OutputTotals.of(sink.manifest),
     )
     metrics.invocations[-1]["cluster"] = result.figures()

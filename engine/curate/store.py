@@ -142,9 +142,9 @@ class EmbeddingStore:
         for folder in (*PARTS, MARKERS_DIR):
             remove_stale_temporaries(self.root / folder)
         marked = self.markers.names()
-        for shard in shards:
+        for shard in (shard for shard in shards if shard not in marked):
             vectors_path, index_path, rejects_path = self.files(shard)
-            if shard in marked or not (index_path.exists() and rejects_path.exists()):
+            if not (index_path.exists() and rejects_path.exists()):
                 continue
             rows = pq.read_metadata(index_path).num_rows
             files = ([vectors_path] if rows else []) + [index_path, rejects_path]

@@ -184,8 +184,10 @@ class DatasetWriter:
 
         marked = self.markers.names()
         for shard in shards:
+            if shard in marked:
+                continue
             files = self.files(shard)
-            if shard not in marked and all(path.exists() for path in files):
+            if all(path.exists() for path in files):
                 self.markers.complete(shard, files, files[2], {"written": pq.read_metadata(files[1]).num_rows,
                                                                "rejected": pq.read_metadata(files[2]).num_rows})
         missing = self.markers.unrecorded(self.manifest.finished)
