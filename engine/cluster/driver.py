@@ -34,8 +34,9 @@ simulator's virtual cluster (engine/cluster/simulator.py).
 from __future__ import annotations
 
 import contextlib
+import heapq
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -127,26 +128,41 @@ class ClusterResult:
         }
 
 
-def pick_actor(actors: list[ActorRecord], *, alone: bool, depth: int, waiting: int) -> ActorRecord | None:
-    """The actor to give the next of ``waiting`` shards: the one holding the fewest, among those
-    that :meth:`ActorRecord.takes` it. A shard to run alone waits for an empty actor, and nothing
-    overtakes it. A second shard goes to a busy actor only while more shards wait than there are
-    live actors (ready or starting): the run's last shards go to whichever actor empties first,
-    so none holds two while another idles (a caption shard can take an hour)."""
-    live = sum(actor.state in ("ready", "starting") for actor in actors)
+def pick_actor(actors: Iterable[ActorRecord], *, alone: bool, depth: int, waiting: int,
+               live: int) -> ActorRecord | None:
+    """The actor to give the next of ``waiting`` shards: the one holding the fewest (the first
+    of them), among ``actors`` that :meth:`ActorRecord.takes` it. A shard to run alone waits for
+    an empty actor, and nothing overtakes it. A second shard goes to a busy actor only while more
+    shards wait than there are ``live`` actors (ready or starting): the run's last shards go to
+    whichever actor empties first, so none holds two while another idles (a caption shard can
+    take an hour). The driver passes only the ready actors with room (a thousand actors, most
+    of them full, are not scanned at every commit)."""
     takers = [actor for actor in actors if actor.takes(alone, depth if waiting > live else 1)]
-    return min(takers, key=lambda actor: len(actor.leases), default=None)
+    return min(takers, key=lambda actor: (len(actor.leases), actor.index), default=None)
 
 
-def pick_straggler(actors: list[ActorRecord], running: Counter) -> Lease | None:
-    """The lease to copy onto an idle actor once no shard waits: the one likely to finish last,
-    among the shards with the fewest copies in flight (``running``: shard → its leases). A lease
-    queued behind another on its actor has not started (it ends a whole shard after its
-    neighbour), so those come first; then the lease given longest ago. Never a shard to run
-    alone: it may kill the actor it runs on."""
-    candidates = ((running[lease.path], -position, lease.given_at, lease) for actor in actors
-                  if actor.state == "ready" for position, lease in enumerate(actor.leases) if not lease.alone)
-    return min(candidates, key=lambda c: c[:3], default=(None, None, None, None))[3]
+def pick_stragglers(actors: Iterable[ActorRecord], running: Counter, n: int) -> list[Lease]:
+    """The leases to copy onto ``n`` idle actors once no shard waits: those likely to finish
+    last, among the shards with the fewest copies in flight (``running``: shard → its leases;
+    each pick adds one). A lease queued behind another on its actor has not started (it ends a
+    whole shard after its neighbour), so those come first; then the lease given longest ago.
+    Never a shard to run alone (it may kill the actor it runs on), nor one on an actor that is
+    not ready."""
+    copies = Counter(running)
+    heap = [(copies[lease.path], -position, lease.given_at, order, lease) for order, (position, lease) in enumerate(
+        (position, lease) for actor in actors if actor.state == "ready"
+        for position, lease in enumerate(actor.leases) if not lease.alone)]
+    heapq.heapify(heap)
+    picked: list[Lease] = []
+    while heap and len(picked) < n:
+        count, position, given_at, order, lease = heapq.heappop(heap)
+        if count != copies[lease.path]:  # copied since this entry was made
+            heapq.heappush(heap, (copies[lease.path], position, given_at, order, lease))
+            continue
+        picked.append(lease)
+        copies[lease.path] += 1
+        heapq.heappush(heap, (count + 1, position, given_at, order, lease))
+    return picked
 
 
 def lease_shards(cfg: RunConfig, kind: str, paths: list[Path], on_commit: Callable[[str, dict[str, Any]], None],
@@ -166,12 +182,32 @@ def lease_shards(cfg: RunConfig, kind: str, paths: list[Path], on_commit: Callab
     starting: dict[Any, ActorRecord] = {}
     busy: dict[Any, ActorRecord] = {}
     given_up: dict[Any, tuple[ActorRecord, Lease]] = {}
+    states: Counter = Counter()  # actors by state
+    with_room: dict[int, ActorRecord] = {}  # ready actors holding fewer than ``depth`` leases, by index
+    empty: dict[int, ActorRecord] = {}  # ready actors holding none
     start_failures = 0
     last_worker = executor.now()
+
+    def set_state(record: ActorRecord, state: str) -> None:
+        states[record.state] -= 1
+        states[state] += 1
+        record.state = state
+        room_changed(record)
+
+    def room_changed(record: ActorRecord) -> None:
+        for actors, has_room in ((with_room, len(record.leases) < depth), (empty, not record.leases)):
+            if record.state == "ready" and has_room:
+                actors[record.index] = record
+            else:
+                actors.pop(record.index, None)
+
+    def live() -> int:
+        return states["ready"] + states["starting"]
 
     def start_actor() -> None:
         record = ActorRecord(len(result.actors), executor.start())
         result.actors.append(record)
+        states[record.state] += 1
         starting[executor.ready(record.handle)] = record
 
     def lease(record: ActorRecord, path: Path, copy: bool = False) -> None:
@@ -184,30 +220,32 @@ def lease_shards(cfg: RunConfig, kind: str, paths: list[Path], on_commit: Callab
         record.leases.append(given)
         busy[given.ref] = record
         running[path] += 1
+        room_changed(record)
 
     def lease_next() -> bool:
         """Give the next shard to :func:`pick_actor`'s choice; False when no actor can take it."""
-        path = queue[0]
-        record = pick_actor(result.actors, alone=path in alone, depth=depth, waiting=len(queue))
+        path, waiting = queue[0], len(queue)
+        # a shard to run alone, or one of the run's last, goes only to an empty actor
+        candidates = empty if path in alone or waiting <= live() else with_room
+        record = pick_actor(candidates.values(), alone=path in alone, depth=depth, waiting=waiting, live=live())
         if record is None:
             return False
         lease(record, queue.popleft())
         return True
 
-    def copy_next() -> bool:
-        """No shard waits: give an idle actor a copy of the lease likely to finish last (the first
+    def copy_stragglers() -> None:
+        """No shard waits: give each idle actor a copy of a lease likely to finish last (the first
         commit of a shard stands; the other copy's commit is a no-op and its answer is ignored)."""
-        idle = pick_actor(result.actors, alone=True, depth=depth, waiting=0)
-        straggler = pick_straggler(result.actors, running) if idle else None
-        if straggler is None:
-            return False
-        result.copies += 1
-        lease(idle, straggler.path, copy=True)
-        return True
+        if not empty:
+            return
+        for record, straggler in zip(list(empty.values()), pick_stragglers(result.actors, running, len(empty))):
+            result.copies += 1
+            lease(record, straggler.path, copy=True)
 
     def take_lease(record: ActorRecord, ref: Any) -> Lease:
         taken = next(lease for lease in record.leases if lease.ref == ref)
         record.leases.remove(taken)
+        room_changed(record)
         del busy[ref]
         running[taken.path] -= 1
         if not running[taken.path]:
@@ -240,7 +278,8 @@ def lease_shards(cfg: RunConfig, kind: str, paths: list[Path], on_commit: Callab
         retire(record, state, reason)
 
     def retire(record: ActorRecord, state: str, reason: str) -> None:
-        record.state, record.reason = state, reason
+        set_state(record, state)
+        record.reason = reason
         if state == "dead":
             executor.kill(record.handle)
         if start_failures < _MAX_START_FAILURES and queue:
@@ -252,12 +291,13 @@ def lease_shards(cfg: RunConfig, kind: str, paths: list[Path], on_commit: Callab
             late = executor.get(lease.ref)["marker"]
         except WorkFailed as exc:
             result.late.append(f"{shard_name(lease.path)} attempt {lease.attempt} on {record.node}: {exc}")
-            record.state = "dead"
+            set_state(record, "dead")
             return
         result.late.append(f"{shard_name(lease.path)} attempt {lease.attempt} on {record.node}: finished late; "
                            f"the marker of attempt {late.get('attempt')} stands")
         if record.state == "lost" and all(other is not record for other, _ in given_up.values()):
-            record.state, record.reason = "ready", ""  # slow, not broken: it takes shards again
+            set_state(record, "ready")  # slow, not broken: it takes shards again
+            record.reason = ""
 
     def shard_failed(path: Path, reason: str, charge: bool) -> None:
         result.retries += 1
@@ -292,9 +332,9 @@ def lease_shards(cfg: RunConfig, kind: str, paths: list[Path], on_commit: Callab
         while unfinished:
             while queue and lease_next():
                 pass
-            while cluster.ray_copy_stragglers and not queue and copy_next():
-                pass
-            if any(r.state == "ready" for r in result.actors):
+            if cluster.ray_copy_stragglers and not queue:
+                copy_stragglers()
+            if states["ready"]:
                 last_worker = executor.now()
             elif executor.now() - last_worker > _NO_WORKER_TIMEOUT_S or (not starting and queue):
                 for path in queue:
@@ -312,7 +352,8 @@ def lease_shards(cfg: RunConfig, kind: str, paths: list[Path], on_commit: Callab
                         retire(record, "dead", f"could not start: {exc}")
                         continue
                     start_failures = 0
-                    record.node, record.pid, record.state = info["node"], info["pid"], "ready"
+                    record.node, record.pid = info["node"], info["pid"]
+                    set_state(record, "ready")
                 elif ref in busy:
                     record = busy[ref]
                     try:

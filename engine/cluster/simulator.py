@@ -19,6 +19,7 @@ are left out of both (``own_cpu_s``).
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import itertools
 import math
@@ -55,7 +56,8 @@ class WorkTimes:
 
 @dataclass(eq=False)
 class _Ref:
-    """A call's answer: ``value``, or ``error`` when its actor died."""
+    """A call's answer: ``value`` (a shard's marker is read back from ``markers/``), or ``error``
+    when its actor died."""
 
     actor: _Actor | None
     at: float  # when the answer reaches the driver (unless the actor dies first)
@@ -91,6 +93,7 @@ class SimulatedCluster:
         self.calls: list[_Ref] = []
         self._events: list[tuple[float, int, str, Any]] = []  # (time, order, kind, ref or actor)
         self._order = itertools.count()
+        self._unread: set[_Ref] = set()  # answered, not yet read by get()
         self._virtual = 0.0
         self._cpu_mark = time.process_time()
         self.own_cpu_s = 0.0
@@ -133,28 +136,29 @@ class SimulatedCluster:
         return self._schedule(ref)
 
     def wait(self, refs: list[_Ref], *, num_returns: int, timeout: float) -> list[_Ref]:
-        self._virtual = self.now()
-        cpu = time.process_time()
-        try:
+        """As ``ray.wait``, for answers not yet read (the driver reads each answer once)."""
+        with self._own_time():
             self._advance(self._virtual)
-            done = [ref for ref in refs if ref.answered]
-            if len(done) >= num_returns or timeout == 0:
-                return done[:num_returns]
-            wanted, deadline = set(refs), self._virtual + timeout
+            wanted = set(refs)
+            done = [ref for ref in self._unread if ref in wanted]
+            deadline = self._virtual + timeout
             while len(done) < num_returns and self._events and self._events[0][0] <= deadline:
                 self._virtual = self._events[0][0]
                 done += [ref for ref in self._advance(self._virtual) if ref in wanted]
             if len(done) < num_returns:
                 self._virtual = deadline
             return done[:num_returns]
-        finally:
-            self.own_cpu_s += time.process_time() - cpu
-            self._cpu_mark = time.process_time()
 
     def get(self, ref: _Ref) -> Any:
-        if ref.error:
-            raise WorkFailed(ref.error)
-        return ref.value
+        """The answer; a shard's is the marker that stands, read back as the worker does (kept
+        nowhere else: the simulator's memory stays apart from the driver's)."""
+        with self._own_time():
+            self._unread.discard(ref)
+            if ref.error:
+                raise WorkFailed(ref.error)
+            if ref.shard:
+                return {"shard": ref.shard, "marker": self.markers.read(ref.shard), "attempt": ref.attempt}
+            return ref.value
 
     def kill(self, actor: _Actor) -> None:
         self._end(actor, self.now(), "killed by the driver")
@@ -163,6 +167,17 @@ class SimulatedCluster:
         return []
 
     # --- the simulated side -----------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _own_time(self):
+        """The clock catches up with the driver's CPU time; what runs inside is not the driver's."""
+        self._virtual = self.now()
+        cpu = time.process_time()
+        try:
+            yield
+        finally:
+            self.own_cpu_s += time.process_time() - cpu
+            self._cpu_mark = time.process_time()
 
     def _push(self, at: float, kind: str, item: Any) -> None:
         heapq.heappush(self._events, (at, next(self._order), kind, item))
@@ -180,6 +195,7 @@ class SimulatedCluster:
                 answered += self._end(item, at, "ActorDiedError: the worker actor's process died")
             elif not item.answered:
                 answered.append(self._answer(item))
+        self._unread.update(answered)
         return answered
 
     def _answer(self, ref: _Ref) -> _Ref:
@@ -195,7 +211,6 @@ class SimulatedCluster:
                                 for folder, ext in (("shards", "tar"), ("shards", "parquet"), ("rejects", "parquet"))}}
             stands = self.markers.write(ref.shard, marker)
             ref.stood = stands.get("attempt") == ref.attempt and stands.get("node") == ref.actor.node
-            ref.value = {"shard": ref.shard, "marker": stands, "attempt": ref.attempt}
         return ref
 
     def _end(self, actor: _Actor, at: float, why: str) -> list[_Ref]:
