@@ -13,8 +13,9 @@ Printed per run:
   manifest) at 1,000 finished shards and at the last shards before the tail (their ratio says
   whether the cost per commit stays flat); the commits/s that CPU time sustains; the driver
   process's peak memory growth per 1,000 shards (the simulator's records included);
-- the share of GPU time idle between shards (before the last shard starts) and at the tail
-  (after it), the tail's length, and the GPU time spent on work that did not stand;
+- the share of GPU time idle between shards (while shards wait to be leased) and at the tail
+  (after the last one is leased), the tail's length, and the GPU time spent on work that did not
+  stand (a dead actor's, a copy that lost);
 - a rerun's start-up over N markers: settle against the markers, skip what is done, the totals.
 """
 
@@ -109,7 +110,7 @@ def simulate(*, shards: int, gpus: int, out: Path, copy_stragglers: bool, shard_
     rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     usage = cluster.usage(result.wall_s)
     work = sum(ref.work[1] - ref.work[0] for ref in cluster.calls if ref.stood)
-    # the tail (after the last shard started) is left out: fewer commits, the same loop
+    # the tail (after the last shard was leased) is left out: fewer commits, the same loop
     steady = bisect.bisect_right(commit_at, result.wall_s - usage.tail_s)
     early = (WINDOW, 2 * WINDOW) if steady >= 3 * WINDOW else (0, steady // 2)
     late = (max(early[1], steady - WINDOW), steady)
@@ -146,7 +147,7 @@ def format_run(run: ScaleRun) -> str:
         f"sustains {1000 / late:,.0f} commits/s",
         f"  driver memory: +{run.memory_mb_per_1000:.1f} MB per 1,000 shards (peak RSS growth)",
         f"  run: {run.wall_s / 3600:.2f} h virtual, ideal {run.ideal_s / 3600:.2f} h "
-        f"({run.wall_s / run.ideal_s:.3f}x); tail {run.tail_s:.0f} s after the last shard started",
+        f"({run.wall_s / run.ideal_s:.3f}x); tail {run.tail_s:.0f} s after the last shard was leased",
         f"  GPU idle: {100 * run.idle_between:.2f}% between shards, {100 * run.idle_tail:.1f}% during the tail, "
         f"{100 * run.idle:.2f}% overall; {100 * run.wasted:.2f}% of busy GPU time on work that did not stand",
         f"  rerun start-up over {run.committed:,} markers: {run.rerun_start_s:.2f} s, {run.rerun_todo} shards left",

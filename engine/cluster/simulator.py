@@ -63,6 +63,7 @@ class _Ref:
     at: float  # when the answer reaches the driver (unless the actor dies first)
     shard: str = ""
     attempt: int = 0
+    given: float = 0.0  # when the driver made the call
     work: tuple[float, float] = (0.0, 0.0)  # when its actor worked on it
     value: Any = None
     error: str = ""
@@ -122,7 +123,7 @@ class SimulatedCluster:
         shard = shard_name(Path(path))
         begin = max(now + self.latency_s, actor.free_at)
         end = begin + self.times.draw(self.rng)
-        ref = _Ref(actor, end + self.latency_s, shard, attempt, (begin, end))
+        ref = _Ref(actor, end + self.latency_s, shard, attempt, now, (begin, end))
         actor.free_at = end
         if shard in self.poison or self.rng.random() < self.death_rate:
             death = begin + (end - begin) * self.rng.random()
@@ -226,13 +227,13 @@ class SimulatedCluster:
     # --- what the run did, for the figures -------------------------------------------------------
 
     def usage(self, end: float) -> Usage:
-        """GPU time up to ``end`` (the driver's return): busy, idle between shards and at the tail
-        (after the last shard first started), and work that was thrown away."""
-        first_start: dict[str, float] = {}
+        """GPU time up to ``end`` (the driver's return): busy, idle between shards (while shards
+        wait) and at the tail (after the last shard was first given out), and work thrown away."""
+        first_given: dict[str, float] = {}
         for ref in self.calls:
             if ref.shard:
-                first_start[ref.shard] = min(first_start.get(ref.shard, math.inf), ref.work[0])
-        tail_from = max(first_start.values(), default=end)
+                first_given[ref.shard] = min(first_given.get(ref.shard, math.inf), ref.given)
+        tail_from = max(first_given.values(), default=end)
         usage = Usage(tail_s=end - tail_from)
         for actor in self.started:
             alive = (min(actor.ready_at, end), min(actor.ended_at, end))
@@ -254,7 +255,7 @@ class SimulatedCluster:
 
 @dataclass
 class Usage:
-    tail_s: float = 0.0  # from the last shard's first start to the run's end
+    tail_s: float = 0.0  # from the last shard's first lease to the run's end
     steady_s: float = 0.0  # actor-seconds alive before the tail
     tail_gpu_s: float = 0.0  # actor-seconds alive during the tail
     busy_steady_s: float = 0.0
