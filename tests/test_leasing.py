@@ -87,3 +87,6 @@ def test_the_summary_counts_one_of_a_thing_in_the_singular():
     assert lines[0] == "ray: 2 worker actors started on 1 node, 1 retry, 0 failed shards"
     assert lines[1] == "  node host/127.0.0.2: 2 actors, 4 shards, 40 images, 8.0 images/s"
     assert lines[2].endswith(": 1 shard, 10 images, 5.0 images/s busy, ready")
+    result.copies, result.copies_first = 3, 1
+    assert format_cluster(result).splitlines()[0].endswith(
+        "0 failed shards, 3 straggler copies at the tail (1 committed first)")

@@ -20,7 +20,7 @@ Faults, and what the driver does about them:
 
 The run's tail: once no shard waits, an actor that empties would idle until the slowest shard
 ends (``python -m bench scale`` measures it). With ``--ray-copy-stragglers`` (default) it is
-given a copy of the lease likely to finish last (:func:`pick_straggler`; a shard may run on
+given a copy of the lease likely to finish last (:func:`pick_stragglers`; a shard may run on
 several actors at the very end, so no GPU idles while one is unfinished); the first commit
 stands, the other copy's publish is a no-op (engine/io/commit.py) and its answer is ignored, and
 the run ends when every shard is committed, stopping the losers.

@@ -72,7 +72,9 @@ def curate(cfg: RunConfig) -> tuple[RunSummary, ClusterResult, dict[str, Any] | 
 def format_cluster(result: ClusterResult) -> str:
     figures = result.figures()
     lines = [f"ray: {_count(len(result.actors), 'worker actor')} started on {_count(len(figures['nodes']), 'node')}, "
-             f"{_count(result.retries, 'retry', 'retries')}, {_count(len(result.failed), 'failed shard')}"]
+             f"{_count(result.retries, 'retry', 'retries')}, {_count(len(result.failed), 'failed shard')}"
+             + (f", {_count(result.copies, 'straggler copy', 'straggler copies')} at the tail "
+                f"({result.copies_first} committed first)" if result.copies else "")]
     for node, counts in figures["nodes"].items():
         lines.append(f"  node {node}: {_count(counts['actors'], 'actor')}, {_count(counts['shards'], 'shard')}, "
                      f"{_count(counts['samples'], 'image')}, {counts['images_per_s'] or 0:.1f} images/s")
