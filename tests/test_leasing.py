@@ -57,24 +57,25 @@ def test_starting_lost_and_dead_actors_take_nothing():
 
 def test_an_idle_actor_copies_the_lease_likely_to_finish_last():
     actors = [actor(0, leases=1, given_at=10.0), actor(1, leases=1, given_at=5.0), actor(2)]
-    assert pick_stragglers(actors, running(actors), 1) == [actors[1].leases[0]]  # running longest
+    assert pick_stragglers(actors, running(actors), 1, set()) == [actors[1].leases[0]]  # running longest
     # a lease queued behind another has not started: it ends last whenever it was given
     actors.append(actor(3, leases=2, given_at=20.0))
-    assert pick_stragglers(actors, running(actors), 1) == [actors[3].leases[1]]
+    assert pick_stragglers(actors, running(actors), 1, set()) == [actors[3].leases[1]]
 
 
 def test_idle_actors_spread_over_the_stragglers_before_a_shard_gets_a_second_copy():
     actors = [actor(0, leases=1, given_at=1.0), actor(1, leases=1, given_at=2.0)]
     first, second = actors[0].leases[0], actors[1].leases[0]
-    assert pick_stragglers(actors, running(actors), 4) == [first, second, first, second]
+    assert pick_stragglers(actors, running(actors), 4, set()) == [first, second, first, second]
     copies = running(actors)
     copies[first.path] += 1  # its copy already runs on a third actor
-    assert pick_stragglers(actors, copies, 2) == [second, first]
+    assert pick_stragglers(actors, copies, 2, set()) == [second, first]
 
 
-def test_no_copy_of_a_shard_to_run_alone_nor_from_an_actor_not_ready():
-    actors = [actor(0, leases=1, alone=True), actor(1, state="lost", leases=1), actor(2)]
-    assert pick_stragglers(actors, running(actors), 3) == []
+def test_no_copy_of_a_shard_that_was_on_an_actor_when_it_died_nor_from_an_actor_not_ready():
+    actors = [actor(0, leases=1), actor(1, state="lost", leases=1), actor(2, leases=1)]
+    suspects = {actors[0].leases[0].path}
+    assert pick_stragglers(actors, running(actors), 3, suspects) == [actors[2].leases[0]] * 3
 
 
 def test_the_summary_counts_one_of_a_thing_in_the_singular():

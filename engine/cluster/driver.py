@@ -141,17 +141,17 @@ def pick_actor(actors: Iterable[ActorRecord], *, alone: bool, depth: int, waitin
     return min(takers, key=lambda actor: (len(actor.leases), actor.index), default=None)
 
 
-def pick_stragglers(actors: Iterable[ActorRecord], running: Counter, n: int) -> list[Lease]:
+def pick_stragglers(actors: Iterable[ActorRecord], running: Counter, n: int, suspects: set[Path]) -> list[Lease]:
     """The leases to copy onto ``n`` idle actors once no shard waits: those likely to finish
     last, among the shards with the fewest copies in flight (``running``: shard → its leases;
     each pick adds one). A lease queued behind another on its actor has not started (it ends a
     whole shard after its neighbour), so those come first; then the lease given longest ago.
-    Never a shard to run alone (it may kill the actor it runs on), nor one on an actor that is
-    not ready."""
+    Never one of the ``suspects`` (shards that were on an actor when it died: a copy might kill
+    another), nor a lease on an actor that is not ready."""
     copies = Counter(running)
     heap = [(copies[lease.path], -position, lease.given_at, order, lease) for order, (position, lease) in enumerate(
         (position, lease) for actor in actors if actor.state == "ready"
-        for position, lease in enumerate(actor.leases) if not lease.alone)]
+        for position, lease in enumerate(actor.leases) if lease.path not in suspects)]
     heapq.heapify(heap)
     picked: list[Lease] = []
     while heap and len(picked) < n:
@@ -178,6 +178,7 @@ def lease_shards(cfg: RunConfig, kind: str, paths: list[Path], on_commit: Callab
     tries: Counter = Counter()  # attempts made (each attempt's number is in its marker)
     charged: Counter = Counter()  # attempts that count against --ray-max-attempts
     alone: set[Path] = set()  # shards that were in flight beside another when an actor failed
+    suspects: set[Path] = set()  # shards that were on an actor when it failed (never copied)
     running: Counter = Counter()  # shard → its leases in flight (more than one once copied)
     starting: dict[Any, ActorRecord] = {}
     busy: dict[Any, ActorRecord] = {}
@@ -238,7 +239,8 @@ def lease_shards(cfg: RunConfig, kind: str, paths: list[Path], on_commit: Callab
         commit of a shard stands; the other copy's commit is a no-op and its answer is ignored)."""
         if not empty:
             return
-        for record, straggler in zip(list(empty.values()), pick_stragglers(result.actors, running, len(empty))):
+        for record, straggler in zip(list(empty.values()),
+                                     pick_stragglers(result.actors, running, len(empty), suspects)):
             result.copies += 1
             lease(record, straggler.path, copy=True)
 
@@ -301,6 +303,7 @@ def lease_shards(cfg: RunConfig, kind: str, paths: list[Path], on_commit: Callab
 
     def shard_failed(path: Path, reason: str, charge: bool) -> None:
         result.retries += 1
+        suspects.add(path)
         charged[path] += charge
         if charged[path] >= cluster.ray_max_attempts:
             result.failed[shard_name(path)] = f"{reason} (attempt {charged[path]} of {cluster.ray_max_attempts})"

@@ -39,6 +39,8 @@ def run_pass_on_ray(cfg: RunConfig, spec: Pass, kind: str) -> tuple[RunSummary, 
     metrics.start(spec.name, cfg.to_dict(), OutputTotals.of(sink.manifest))
     result = lease_shards(cfg, kind, [p for p in paths if shard_name(p) not in sink.finished],
                           lambda shard, marker: sink.adopt({shard: marker}))
+    if result.copies:  # copies still running at the end were stopped half-way: their temporaries go
+        sink.remove_temporaries()
     summary = RunSummary(
         shards_done=sorted(result.committed), shards_skipped=skipped,
         written=result.counts["written"], rejected=result.counts["rejected"],

@@ -31,6 +31,9 @@ class Sink(Protocol):
         """At a run's start: bring the manifest up to the shards' done markers (a writer killed
         between its marker and the manifest, or a Ray worker's commits); see engine/io/commit.py."""
 
+    def remove_temporaries(self) -> None:
+        """Remove the temporaries of writers no longer alive (only where none can be)."""
+
     def write(self, sample: Sample) -> None: ...
 
     def commit(self, end: ShardEnd) -> None: ...

@@ -133,14 +133,18 @@ class EmbeddingStore:
 
     # --- the driver's side -------------------------------------------------------------
 
+    def remove_temporaries(self) -> None:
+        """Parts of writers no longer alive (a killed run, copies stopped at the end of a Ray run)."""
+        for folder in (*PARTS, MARKERS_DIR):
+            remove_stale_temporaries(self.root / folder)
+
     def settle(self, shards: list[str]) -> None:
         """At a run's start: remove killed writers' temporaries, complete the marker of a shard
         whose parts were all published by a writer killed before its marker, and adopt every
         marked shard the manifest lacks."""
         import pyarrow.parquet as pq
 
-        for folder in (*PARTS, MARKERS_DIR):
-            remove_stale_temporaries(self.root / folder)
+        self.remove_temporaries()
         marked = self.markers.names()
         for shard in (shard for shard in shards if shard not in marked):
             vectors_path, index_path, rejects_path = self.files(shard)

@@ -161,13 +161,18 @@ class DatasetWriter:
         for folder in ("shards", "rejects"):
             (out / folder).mkdir(parents=True, exist_ok=True)
         self.markers = ShardMarkers(out / MARKERS_DIR)
-        if clean:  # a killed run's unfinished shards; they are redone from the input
-            for folder in ("shards", "rejects", MARKERS_DIR):
-                remove_stale_temporaries(out / folder)
+        if clean:
+            self.remove_temporaries()
         self._open: dict[str, _OpenShard] = {}
         self.committed: dict[str, dict[str, Any]] = {}  # shard → its marker, for this writer's commits
         self.written = 0
         self.rejected = 0
+
+    def remove_temporaries(self) -> None:
+        """Unfinished shards of writers no longer alive (a killed run, copies stopped at the end
+        of a Ray run); they are redone from the input if they were not committed."""
+        for folder in ("shards", "rejects", MARKERS_DIR):
+            remove_stale_temporaries(self.out / folder)
 
     def files(self, shard: str) -> list[Path]:
         """A shard's published files, in publishing order (the last one carries the shard's facts)."""
