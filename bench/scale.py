@@ -10,8 +10,8 @@ half-way. The run is done with the default leasing, then again with
 Printed per run:
 
 - the driver's CPU time per shard; per commit (its whole loop, and recording the commit in the
-  manifest) at 1,000 finished shards and at the last shards before the tail (their ratio says
-  whether the cost per commit stays flat); the commits/s that CPU time sustains; the driver
+  manifest; medians over 1,000 commits) at 1,000 finished shards and at the last shards before
+  the tail (their ratio says whether the cost per commit stays flat); the commits/s that CPU time sustains; the driver
   process's peak memory growth per 1,000 shards (the simulator's records included);
 - the share of GPU time idle between shards (while shards wait to be leased) and at the tail
   (after the last one is leased), the tail's length, and the GPU time spent on work that did not
@@ -25,6 +25,7 @@ import argparse
 import bisect
 import resource
 import shutil
+import statistics
 import tempfile
 import time
 from dataclasses import dataclass, replace
@@ -42,7 +43,7 @@ class ScaleRun:
     retries: int
     copies: int
     driver_cpu_s: float
-    loop_cpu_ms: tuple[float, float]  # driver CPU per commit, over commits 1,000..2,000 and the last 1,000 before the tail
+    loop_cpu_ms: tuple[float, float]  # driver CPU per commit (median), over commits 1,000..2,000 and the last 1,000 before the tail
     late_at: int  # finished shards at the end of that last window
     record_ms: tuple[float, float]  # of it, recording the commit (the manifest append), over the same windows
     memory_mb_per_1000: float
@@ -115,12 +116,13 @@ def simulate(*, shards: int, gpus: int, out: Path, copy_stragglers: bool, shard_
     early = (WINDOW, 2 * WINDOW) if steady >= 3 * WINDOW else (0, steady // 2)
     late = (max(early[1], steady - WINDOW), steady)
 
+    # medians: a shared machine's hiccups (and the collector's passes) land on a few commits
     def per_commit(window: tuple[int, int]) -> float:
         first, last = window
-        return 1000 * (commit_cpu[last - 1] - commit_cpu[first]) / (last - 1 - first) if last - first > 1 else 0.0
+        return 1000 * statistics.median(b - a for a, b in zip(commit_cpu[first:last - 1], commit_cpu[first + 1:last]))
 
     def recording(window: tuple[int, int]) -> float:
-        return 1000 * sum(record_cpu[window[0]:window[1]]) / max(1, window[1] - window[0])
+        return 1000 * statistics.median(record_cpu[window[0]:window[1]])
 
     rerun_s, todo = rerun_start(out, paths)
     return ScaleRun(
