@@ -43,7 +43,7 @@ class ScaleRun:
     retries: int
     copies: int
     driver_cpu_s: float
-    loop_cpu_ms: tuple[float, float]  # driver CPU per commit (median), over commits 1,000..2,000 and the last 1,000 before the tail
+    loop_cpu_ms: tuple[float, float]  # driver CPU per commit (median): commits 1,000..2,000, the last 1,000 before the tail
     late_at: int  # finished shards at the end of that last window
     record_ms: tuple[float, float]  # of it, recording the commit (the manifest append), over the same windows
     memory_mb_per_1000: float

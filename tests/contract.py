@@ -10,8 +10,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from engine.core.config import InputConfig
-from engine.io.readers import ShardReport, read_shard, shard_name
 from engine.io.manifest import read_manifest
+from engine.io.readers import ShardReport, read_shard, shard_name
 
 
 def input_keys(path: Path) -> list[str]:

@@ -6,9 +6,9 @@ import pytest
 from output_fixture import CAPTIONS, fixture_samples, write_fixture_output
 
 import densefusion_local
+from engine.io.manifest import read_manifest
 from engine.output.dataset_reader import iter_samples
 from engine.output.export import export, main, validate_llava
-from engine.io.manifest import read_manifest
 
 
 @pytest.fixture(scope="module")

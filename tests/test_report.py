@@ -8,6 +8,7 @@ import pytest
 from output_fixture import CAPTIONS, write_fixture_output
 from PIL import Image
 
+from engine.io.manifest import read_manifest
 from engine.output.report import boxes_overlay, build_report, main
 
 CHROMIUM = "/usr/bin/chromium"
@@ -109,7 +110,7 @@ def _output_with_flags_prompt_and_a_broken_shard(out):
     from output_fixture import fixture_samples
 
     from engine.core.record import ShardEnd
-    from engine.io.manifest import Manifest, read_manifest
+    from engine.io.manifest import Manifest
     from engine.io.writers import DatasetWriter
 
     samples = fixture_samples()

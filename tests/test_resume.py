@@ -12,6 +12,7 @@ from pathlib import Path
 from conftest import encode, sample_members, write_tar
 from contract import check_output_contract
 from PIL import Image
+
 from engine.io.manifest import read_manifest
 
 ROOT = Path(__file__).resolve().parent.parent

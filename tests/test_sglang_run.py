@@ -18,8 +18,8 @@ from PIL import Image
 from test_resume import held_back
 
 from engine.evidence.prompt import CAPTION_ENGINE_INSTRUCTION
-from models.caption.sglang_backend import sglang_available
 from engine.io.manifest import read_manifest
+from models.caption.sglang_backend import sglang_available
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.skipif(not sglang_available(), reason="the sglang extra is not installed")

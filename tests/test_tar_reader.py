@@ -14,9 +14,9 @@ from tar_corpus import END, GNU, Archive, gz, header, long_name, member, pad, pa
 
 import densefusion_local
 from engine.core.config import InputConfig
+from engine.io.manifest import read_manifest
 from engine.io.readers import shard_items
 from engine.io.tar import TarReader
-from engine.io.manifest import read_manifest
 
 IMAGE = jpeg(500, 500)
 

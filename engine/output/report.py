@@ -355,6 +355,7 @@ def build_report(out: Path, *, samples: int = 24, to: Path | None = None) -> Pat
     # killed invocation may have committed shards after metrics.json was last written).
     totals = OutputTotals.of(manifest)
     figures = run_figures(totals, read_json(out / "metrics.json"))
+    rejected = stats["rejects"]["total"]
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>densefusion report: {_e(out.name)}</title>
 <style>{CSS}</style></head><body>
@@ -367,7 +368,7 @@ def build_report(out: Path, *, samples: int = 24, to: Path | None = None) -> Pat
 <div class="samples">{"".join(cards)}</div></section>
 <section id="shard-problems"><h2>Shard problems ({len(totals.shard_problems)})</h2>
 {shard_problems_html(totals)}</section>
-<section id="rejects"><h2>Rejects ({stats["rejects"]["total"]})</h2>{rejects_table(iter_rejects(out), stats["rejects"]["total"])}</section>
+<section id="rejects"><h2>Rejects ({rejected})</h2>{rejects_table(iter_rejects(out), rejected)}</section>
 </body></html>
 """
     target = Path(to) if to else out / "report.html"
