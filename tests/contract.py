@@ -10,6 +10,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from engine.core.config import InputConfig
+from engine.io.manifest import read_manifest
 from engine.io.readers import ShardReport, read_shard, shard_name
 
 
@@ -27,7 +28,7 @@ def check_output_contract(out: Path, inputs: list[Path]) -> dict[str, tuple[list
     """Every key the reader gives out lands exactly once: written xor rejected (a repeated input key
     is given out once, its other samples as ``key\\#n``). Tar and parquet agree; the manifest
     counts match."""
-    manifest = json.loads((out / "manifest.json").read_text())["shards"]
+    manifest = read_manifest(out)
     result = {}
     for path in inputs:
         shard = shard_name(path)

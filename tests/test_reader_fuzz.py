@@ -37,9 +37,9 @@ from tar_corpus import END, GNU, header, long_name, member, pad, pax
 from engine.core.config import DecodeConfig, FilterConfig, InputConfig
 from engine.core.record import Sample, ShardEnd, Source
 from engine.core.stage import ImageView
+from engine.io import tar as tar_module
 from engine.io.keys import key_problem, lost_name, parse_member_name, split_member_name
 from engine.io.readers import IMAGE_EXTS, member_samples, shard_items
-from engine.io import tar as tar_module
 from engine.io.tar import TarReader, parse_header
 from engine.stages.decode import Decode
 from engine.stages.probe import ResolutionFilter

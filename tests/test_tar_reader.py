@@ -5,7 +5,6 @@ sample (alive, or rejected with a reason), and lost bytes are shard errors with 
 from __future__ import annotations
 
 import io
-import json
 import time
 
 import pytest
@@ -15,6 +14,7 @@ from tar_corpus import END, GNU, Archive, gz, header, long_name, member, pad, pa
 
 import densefusion_local
 from engine.core.config import InputConfig
+from engine.io.manifest import read_manifest
 from engine.io.readers import shard_items
 from engine.io.tar import TarReader
 
@@ -220,7 +220,7 @@ def test_hostile_corpus_runs_to_the_end_and_writes_valid_utf8(tmp_path):
     assert {r["key"] for r in written} == {"good", "ctl?", "nocaption"}
     assert {r["key"] for r in rejected} == {"caf\\xe9", "ctl\\x01", "bin\\xfe"}
     assert written[0]["meta"]["url"] == "\ufffd"
-    manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))["shards"]
+    manifest = read_manifest(out)
     assert manifest["damaged"]["skipped"] and manifest["damaged"]["written"] == 3
     assert manifest["damaged"]["samples"] == manifest["damaged"]["written"] + manifest["damaged"]["rejected"]
 
