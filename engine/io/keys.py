@@ -1,13 +1,21 @@
 """Sample keys: total (every name gets one) and injective (two names never share one).
 
-A usable key is kept as it is. A name that cannot be a key (not valid UTF-8, a control
+A usable key is kept as it is (but for the dots below). A name that cannot be a key (not valid UTF-8, a control
 character, a backslash, absolute, escaping with ``..``, empty, too long) gets its *escaped*
 form instead and is rejected with the reason: every backslash, control character and
 undecodable byte is written as ``\\xHH`` (ASCII and raw bytes) or ``\\uHHHH`` (C1 controls).
-A backslash is never in a usable key, and the other problems survive escaping, so an escaped
+A backslash is never in a usable name, and the other problems survive escaping, so an escaped
 key can never equal a usable one (``ctl\\x01``, ``ctl\\x02`` and a valid ``ctl?`` stay three
 keys), and escaping is reversible, so two hostile names never merge either. Every key is valid
 UTF-8, whatever bytes the name held.
+
+A written key is read back by splitting its member names (``<key>.jpg``, ``<key>.json``) at the
+first dot of their last path part: our readers (``split_member_name``), webdataset and Hugging
+Face ``datasets`` alike. So a key's last part never holds a dot and is never empty. A tar key
+has neither by construction (webdataset's rule: ``a.b.jpg`` is key ``a`` with extension
+``b.jpg``); a key that comes whole (a folder's ``x.y.jpg`` is ``x.y``, a parquet key ``v1.2``)
+has the dots of its last part written as ``\\x2e`` (``x\\x2ey``; escaping never writes that
+for anything else, so this stays reversible), and dots in folders stay (``a/b.c/d``).
 """
 
 from __future__ import annotations
@@ -53,8 +61,10 @@ def lost_name(raw: bytes, offset: int, problem: str) -> MemberName:
 
 def usable_key(text: str) -> tuple[str, str]:
     """(key, problem) for a key that comes whole (a parquet column, a file path): the same
-    rules and the same escaping as a tar member's key."""
-    return escape(text), key_problem(text)
+    rules and the same escaping as a tar member's key, and the dots of its last part escaped
+    (see the module's docstring) so that the written ``<key>.jpg`` splits back into this key."""
+    folder, slash, base = escape(text).rpartition("/")
+    return folder + slash + base.replace(".", "\\x2e"), key_problem(text)
 
 
 def key_problem(key: str) -> str:
@@ -66,6 +76,8 @@ def key_problem(key: str) -> str:
         return "control character in name"
     if not key or key.startswith("/") or "\\" in key:
         return "absolute or malformed name"
+    if key.endswith("/"):
+        return "empty name (nothing before the extension)"
     if ".." in key.split("/"):
         return "name escapes the shard ('..')"
     if len(key.encode("utf-8")) > MAX_KEY_BYTES:

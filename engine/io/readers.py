@@ -339,7 +339,10 @@ def _tar_sample(parts: _Parts, shard: str, path: Path, cfg: InputConfig) -> Samp
     if parts.name.problem:
         sample.fail(READER, f"{parts.name.problem}: {image_name.shown!r}")
     elif image is None:
-        sample.fail(READER, f"no image member (found: {', '.join(sorted(parts.exts)) or 'nothing'})")
+        dotted = next((ext for ext in parts.exts if "." in ext), "")  # webdataset's rule, said where it bites
+        sample.fail(READER, f"no image member (found: {', '.join(sorted(parts.exts)) or 'nothing'})" + (
+            f"; an extension starts at the name's first dot, so {parts.name.key}.{dotted} is field {dotted!r} of "
+            f"key {parts.name.key!r}" if dotted else ""))
     elif image.problem:
         sample.fail(READER, f"member {image_name.shown!r} {image.problem}")
     elif image.size > cfg.max_member_bytes:

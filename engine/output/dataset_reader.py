@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.core.errors import ConfigError
+from engine.io.keys import split_member_name
 
 
 @dataclass(frozen=True)
@@ -43,13 +44,6 @@ def shard_tars(out: Path) -> list[Path]:
     return sorted(check_output(out).glob("shards/*.tar"))
 
 
-def _member_key(name: str) -> tuple[str, str]:
-    """WebDataset's rule: the key is the name up to the first dot of its last path part."""
-    folder, _, base = name.rpartition("/")
-    stem, _, ext = base.partition(".")
-    return (f"{folder}/{stem}" if folder else stem), ext
-
-
 def iter_samples(out: Path, *, with_images: bool = False) -> Iterator[WrittenSample]:
     """Every written sample, shard by shard, in the order the writer wrote them."""
     for tar_path in shard_tars(out):
@@ -62,7 +56,7 @@ def iter_tar(tar_path: Path, *, with_images: bool = False) -> Iterator[WrittenSa
         for member in tar:
             if not member.isfile():
                 continue
-            key, ext = _member_key(member.name)
+            key, ext = split_member_name(member.name)  # the rule the reader keyed the input with
             entry = pending.setdefault(key, {})
             if ext == "json":
                 entry["json"] = json.loads(tar.extractfile(member).read())
