@@ -7,14 +7,16 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from conftest import jpeg, sample_members, write_tar
+from output_fixture import fixture_samples, write_fixture_output
 
 import densefusion_local
 from engine.io.keys import split_member_name, usable_key
 from engine.output.dataset_reader import iter_rejects, iter_samples
 from engine.output.export import export
 from engine.output.stats import output_stats
-from output_fixture import fixture_samples, write_fixture_output
 
 
 @pytest.mark.parametrize("whole, key", [("x.y", "x\\x2ey"), ("a/b.c/d", "a/b.c/d"), ("a.b/c.d.e", "a.b/c\\x2ed\\x2ee"),
@@ -43,6 +45,17 @@ def test_tar_member_with_two_dots_is_webdatasets_field_of_the_shorter_key(tmp_pa
     (reject,) = iter_rejects(out)
     assert reject["key"] == "a" and "b.jpg" in reject["reason"] and "first dot" in reject["reason"]
     assert list(iter_samples(out)) == []
+
+
+@settings(max_examples=300, deadline=None)
+@given(names=st.lists(st.text(alphabet="ab./\\x2e", max_size=8), min_size=2, max_size=12))
+def test_whole_keys_stay_injective_and_split_back(names):
+    owner: dict[str, str] = {}
+    for name in names:
+        key, problem = usable_key(name)
+        assert owner.setdefault(key, name) == name, f"{name!r} and {owner[key]!r} share {key!r}"
+        if not problem:
+            assert split_member_name(f"{key}.jpg") == (key, "jpg")
 
 
 @pytest.fixture(scope="module")
