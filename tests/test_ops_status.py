@@ -110,8 +110,9 @@ def test_ctrl_c_is_an_interrupted_event_and_status_says_stopped(tmp_path):
                 assert writer.poll() is None and time.monotonic() < deadline, stderr.read_text()
                 time.sleep(0.05)
             writer.send_signal(signal.SIGINT)
-            while "stopping:" not in writer.stdout.readline():  # the run has taken the Ctrl-C
-                assert writer.poll() is None, stderr.read_text()
+            while "stopping after" not in stderr.read_text():  # the run has taken the Ctrl-C
+                assert writer.poll() is None and time.monotonic() < deadline, stderr.read_text()
+                time.sleep(0.05)
             with open(shards[-1], "wb"):  # the reader waits on the pipe: let it through to see the stop
                 pass
             writer.wait(timeout=300)
