@@ -122,10 +122,14 @@ def select_from_store(store: EmbeddingStore, cfg: RunConfig, *, embed_s: float =
 
 
 def format_report(result: dict[str, Any], out: Path) -> str:
+    partitioned = result.get("partitioned")
     return (
         f"curate: {result['n_in']} in, {result['n_after_resolution_filter']} after the resolution "
         f"filter, {result['n_embedded']} embedded, {result['n_after_dedup']} after SemDeDup "
         f"(eps {result['eps']}, keep {result['keep']}), {result['n_selected']} selected "
         f"(top {result['top_n']} of {result['clusters']} clusters)\n"
-        f"curation: {out}/{CURATE_DIR}/selection.parquet  report: {out}/{CURATE_DIR}/report.json"
+        + (f"partitioned by cluster: {partitioned['ranges']} ranges assigned in {partitioned['assign_s']:.1f}s, "
+           f"{partitioned['partitions']} partitions de-duplicated and selected in {partitioned['dedup_select_s']:.1f}s, "
+           f"tasks by node {partitioned['tasks_by_node']}\n" if partitioned else "")
+        + f"curation: {out}/{CURATE_DIR}/selection.parquet  report: {out}/{CURATE_DIR}/report.json"
     )
