@@ -193,6 +193,8 @@ def run_partitioned(path: Path, args) -> dict:
         context = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(1, mp_context=context, max_tasks_per_child=1) as pool:
             done = list(pool.map(_measured, [fn] * len(calls), calls))
+        for args_, (answer, figures) in zip(calls, done):  # the rows each task held
+            figures["rows"] = args_[3] - args_[2] if fn.__name__ == "assign_range" else answer
         tasks.extend(figures for _, figures in done)
         return [answer for answer, _ in done]
 
@@ -239,10 +241,22 @@ def extrapolate(m: dict, *, to_n: int, to_k: int, workers: int, points_per_centr
     range_rows = layout.ranges[0][1] - layout.ranges[0][0]
     partition_rows = -(-to_n // layout.partitions)
     biggest = m["max_cluster"] / (n / k) * (to_n / to_k)  # the same skew as measured
-    assign_gb = baseline_gb + (to_k * dim * 6 + SEARCH_TILE_ROWS * to_k * 2 + 16384 * dim * 6
-                               + ASSIGN_BYTES_PER_ROW * range_rows) / gb
-    select_gb = baseline_gb + (SELECT_BYTES_PER_ROW * partition_rows + max(READ_BATCH_BYTES / (2 * dim), biggest) * dim * 6
-                               + biggest * dim * 6 + 256 * biggest * 4) / gb
+
+    def assign_gb(rows: int, clusters: int) -> float:  # centroids in float32 and bf16, a search tile, a chunk
+        return baseline_gb + (clusters * dim * 6 + min(SEARCH_TILE_ROWS, rows) * clusters * 2 + 16384 * dim * 6
+                              + ASSIGN_BYTES_PER_ROW * rows) / gb
+
+    def select_gb(rows: int, cluster_rows: float) -> float:  # a read batch (float16 + float32), a cluster's SemDeDup
+        return baseline_gb + (SELECT_BYTES_PER_ROW * rows + max(READ_BATCH_BYTES / (2 * dim), cluster_rows) * dim * 6
+                              + cluster_rows * dim * 6 + 256 * cluster_rows * 4) / gb
+
+    # what the model misses at the measured size (allocator slack, temporaries), added as measured
+    missed = {"assign_range": max(t["peak_rss_gb"] - assign_gb(t["rows"], k) for t in m["tasks"] if t["task"] == "assign_range"),
+              "select_partition": max(t["peak_rss_gb"] - select_gb(t["rows"], m["max_cluster"])
+                                      for t in m["tasks"] if t["task"] == "select_partition")}
+    missed = {name: max(0.0, gb_) for name, gb_ in missed.items()}
+    probe_gb = next(t["peak_rss_gb"] for t in m["tasks"] if t["task"] == "_probe_assign")
+    probe_model = assign_gb(probe_rows, to_k) - ASSIGN_BYTES_PER_ROW * probe_rows / gb  # no sort, no shuffle
     fit_gb = (to_sample * dim * 2 * 1.25 + SEARCH_TILE_ROWS * to_k * 2 + to_k * dim * 12) / gb
     hours = 3600
     return [
@@ -253,11 +267,16 @@ def extrapolate(m: dict, *, to_n: int, to_k: int, workers: int, points_per_centr
         f"(sample, its coarse quarter, a {SEARCH_TILE_ROWS} x {to_k:,} tile, centroids)",
         f"  assign (workers):       {to_n * (search_row + rest_row) / workers / hours:9.2f} h   "
         f"{len(layout.ranges):,} ranges of {range_rows:,} rows; {search_row * 1e3:.2f} ms/row search + "
-        f"{rest_row * 1e6:.1f} us/row read+shuffle; memory per worker {assign_gb:6.2f} GB",
+        f"{rest_row * 1e6:.1f} us/row read+shuffle; memory per worker "
+        f"{assign_gb(range_rows, to_k) + missed['assign_range']:.2f} GB "
+        f"(+{missed['assign_range']:.2f} the model missed when measured; at K={to_k:,} it said {probe_model:.2f} GB "
+        f"for the probe, which took {probe_gb:.2f})",
         f"  dedup+select (workers): {to_n * select_row / workers / hours:9.2f} h   "
         f"{layout.partitions:,} partitions of ~{partition_rows:,} rows (<= {PARTITION_BYTES >> 20} MB of embeddings "
         f"when there are enough clusters), biggest cluster ~{biggest:,.0f}; {select_row * 1e6:.1f} us/row at "
-        f"{to_n / to_k:,.0f} rows a cluster; memory per worker {select_gb:6.2f} GB",
+        f"{to_n / to_k:,.0f} rows a cluster; memory per worker "
+        f"{select_gb(partition_rows, biggest) + missed['select_partition']:.2f} GB "
+        f"(+{missed['select_partition']:.2f} the model missed when measured)",
         f"  gather (driver):        {m['figures']['gather_s'] / n * to_n / hours:9.2f} h   "
         f"memory {GATHER_BYTES_PER_ROW * to_n / gb:6.1f} GB for the verdicts (selection.parquet's index columns come on top)",
         f"  shuffle on the output storage: {to_n * (dim * 2 + 16) / 2**40:.2f} TiB written once and read once",

@@ -239,6 +239,7 @@ def test_curation_partitioned_by_cluster_equals_the_single_node_selection_key_fo
               "4", "--curate-clusters", "4", "--curate-top-n", "2", "--curate-eps", "0.001"]
     clustered = run(on_ray([*curate, "--out", str(tmp_path / "ray")], cluster))
     assert clustered.returncode == 0, clustered.stderr + clustered.stdout
+    assert "partitioned by cluster: 1 ranges assigned" in clustered.stdout
     # One node's global step on the same store: a Ray run's store holds shards in commit order,
     # which decides the fit's seeded sample and the row order ties follow.
     shutil.copytree(tmp_path / "ray", tmp_path / "single")
