@@ -36,8 +36,14 @@ def select_on_ray(rows, centroids: np.ndarray, cfg: RunConfig, root: Path) -> Se
     nodes: Counter = Counter()
 
     def run_all(fn, calls: list[tuple]) -> list[Any]:
+        try:
+            done = ray.get([task.remote(fn, args) for args in calls])
+        except ray.exceptions.RayError as exc:
+            first_line = (str(exc).strip().splitlines() or [""])[0][:300]
+            raise RuntimeError(f"curation partitioned by cluster: a {fn.__name__} task failed ({type(exc).__name__}: "
+                               f"{first_line}); rerun with the same --out to redo the step after the fit") from exc
         answers = []
-        for node, answer in ray.get([task.remote(fn, args) for args in calls]):
+        for node, answer in done:
             nodes[node] += 1
             answers.append(answer)
         return answers
