@@ -25,9 +25,15 @@ EPILOG = """\
 stages (pass 2, in order; --stages picks a subset, the probe always runs):
   {stages}
 
-A rerun with the same --out skips finished shards and redoes the rest; Ctrl-C stops after
-committing finished shards. Misconfiguration exits with code 2 before any work starts.
+A rerun with the same --out skips finished shards and redoes the rest; Ctrl-C or SIGTERM
+stops within seconds (exit 130; the shard in flight is redone by the rerun), a second one at
+once. Misconfiguration exits with code 2 before any work starts.
 """
+CURATE_EPILOG = """\
+A rerun with the same --out resumes; Ctrl-C or SIGTERM stops within seconds (exit 130), a
+second one at once. Misconfiguration exits with code 2 before any work starts.
+"""
+MORE_OPTIONS = "\n"  # the short help's last line follows it (--help-all drops that line)
 
 
 def _stage_list() -> str:
@@ -57,13 +63,32 @@ class StrictParser(argparse.ArgumentParser):
 
     def _suggestions(self, extras: list[str]) -> str:
         known = [flag for action in self._actions for flag in action.option_strings]
+        elsewhere = config_module.option_commands()
         hints = []
         for arg in extras:
             flag = arg.split("=", 1)[0]
             close = difflib.get_close_matches(flag, known, n=3, cutoff=0.6) if flag.startswith("--") else []
-            if close:
+            if flag in elsewhere:
+                hints.append(f"{flag} does not apply to {self.prog.split()[-1]} (only to {', '.join(elsewhere[flag])})")
+            elif close:
                 hints.append(f"{flag}: did you mean {' or '.join(close)}?")
         return "".join(f"\n  {hint}" for hint in hints)
+
+
+class HelpAll(argparse.Action):
+    """``--help-all``: the help with every option of the command, not only the basic ones."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, nargs=0,
+                         help="show every option of this command, grouped, and exit")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        for action in parser._actions:
+            if hasattr(action, "full_help"):
+                action.help = action.full_help
+        parser.epilog = parser.epilog.split(MORE_OPTIONS)[0]
+        parser.print_help()
+        parser.exit()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,28 +110,36 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         # the full usage lists every option (over a hundred lines): an error would scroll away
         sub = commands.add_parser(name, help=help_text, description=help_text,
-                                  usage="%(prog)s [--config YAML] [OPTIONS]  (--help lists them)",
-                                  epilog=EPILOG.format(stages=_stage_list()),
+                                  usage="%(prog)s [--config YAML] [OPTIONS]  (--help: the main options, "
+                                        "--help-all: every one)",
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+        sub.add_argument("--help-all", action=HelpAll)
         sub.add_argument("--config", metavar="YAML", help="YAML file with config sections; flags override it")
         if name == "plan":
-            sub.add_argument("--gpus", type=int, default=8, help="GPUs per node (default: 8)")
-            sub.add_argument("--gpu-memory-gb", type=float, default=80.0, help="memory per GPU in GiB (default: 80)")
-        config_module.add_arguments(sub)
+            sub.add_argument("--gpus", type=int, default=8, metavar="N", help="GPUs per node (default: 8)")
+            sub.add_argument("--gpu-memory-gb", type=float, default=80.0, metavar="GIB",
+                             help="memory per GPU in GiB (default: 80)")
+        config_module.add_arguments(sub, command=name)
+        hidden = sum(hasattr(action, "full_help") for action in sub._actions)
+        sub.epilog = (EPILOG.format(stages=_stage_list()) if name != "curate" else CURATE_EPILOG) \
+            + MORE_OPTIONS + f" {hidden} more options of {name}: --help-all lists every one.\n"
     for name, (module, help_text) in OUTPUT_TOOLS.items():
         sub = commands.add_parser(name, help=help_text, description=help_text)
         importlib.import_module(module).add_arguments(sub)
     return parser
 
 
-# Commands that read a finished output folder (train and evaluate: a meta output);
+# Commands that read an output folder (train and evaluate: a meta output; status: one being written too);
 # each module has add_arguments() and command().
 OUTPUT_TOOLS = {
     "stats": ("engine.output.stats", ("the paper's Table 1, length histograms, coverage and categories "
                                "of an output folder (writes OUT/stats.json)")),
-    "export": ("engine.output.export", ("export an output folder as LLaVA pre-training JSON or JSONL, "
-                                 "images included")),
+    "export": ("engine.output.export", ("export an output folder, images included: llava (LLaVA pre-training "
+                                        "JSON), jsonl, or sft (a meta output as the caption engine's fine-tuning "
+                                        "data)")),
     "report": ("engine.output.report", "write a static HTML report of an output folder (OUT/report.html)"),
+    "status": ("engine.ops.status", "progress of an output folder being written or finished: shards done, failed "
+                                    "and in flight, images, rate and time left, the last errors (--json)"),
     "train": ("engine.train.command", "fine-tune the caption engine (LLaVA-NeXT) on a `meta` output: "
                                       "GPT-4V captions as targets, only caption tokens carry loss"),
     "evaluate": ("engine.train.evaluate", "caption a trained engine's held-out meta samples with it and with "
@@ -129,12 +162,30 @@ def caption_pass(cfg: config_module.RunConfig) -> int:
     if cfg.curate.curate:
         from engine.curate.pass2_source import selected_source
 
+        check_both_passes(cfg)
         if not curate(cfg):
             return 130
         source = selected_source(cfg)
     summary = pipeline.run(cfg, source=source)
     print(format_summary(summary))
     return 130 if summary.interrupted else 0
+
+
+def check_both_passes(cfg: config_module.RunConfig) -> None:
+    """Pass 2's stages are built after pass 1 has run: their checks (models resolved) run before
+    it too, with pass 1's, so a missing model fails the run before any work, with every problem."""
+    from engine.core import driver, pipeline
+    from engine.core.errors import Problems
+    from engine.curate.pass1 import curate_stages
+    from engine.io.readers import expand_shards
+
+    expand_shards(cfg.input.shards)  # the inputs' problems first, before any (tiny) model is built
+    problems = Problems()
+    with problems.check():
+        curate_stages(driver.resolved(cfg))
+    with problems.check():
+        pipeline.build_stages(pipeline.resolved(cfg))
+    problems.raise_found()
 
 
 def command_plan(args: argparse.Namespace) -> int:
@@ -171,6 +222,7 @@ def command_demo(args: argparse.Namespace) -> int:
     from engine.io.demo_data import write_demo_shards
 
     out = getattr(args, "runtime.out", None) or "runs/demo"
+    config_module.check_output_folder(Path(out))  # before the sample shards are written into it
     shards = write_demo_shards(Path(out) / "input")
     cfg = config_module.build(args, args.config, **demo_overrides(out, shards))
     print(f"demo: {len(shards)} built-in shards in {out}/input, tiny random-weight models "

@@ -33,6 +33,7 @@ BASE = [
     "matplotlib>=3.8",
     "onnx>=1.16",  # models/export and the ONNX detector backend's tests
     "onnxscript>=0.5",  # torch.onnx's exporter imports it
+    "prometheus_client>=0.20",  # --metrics-port (engine/ops/prometheus.py); small, pure Python
 ]
 
 EXTRAS = {
@@ -43,7 +44,8 @@ EXTRAS = {
     "dali": ["nvidia-dali-cuda130==2.4.0"],
     "train": ["peft>=0.17,<1", "accelerate>=1.10,<2"],
     "ray": ["ray>=2.60,<3"],
-    "test": ["pytest>=8", "hypothesis>=6.100", "webdataset>=1.0", "datasets>=3", "aiohttp>=3.9", "playwright>=1.45"],
+    "test": ["pytest>=8", "hypothesis>=6.100", "webdataset>=1.0", "datasets>=3", "aiohttp>=3.9", "playwright>=1.45",
+             "jsonschema>=4"],
 }
 
 setup(

@@ -35,6 +35,7 @@ class ChatServer:
         self.in_flight = 0
         self.max_in_flight = 0
         self.auth_headers: set[str] = set()
+        self.messages: list[list[dict]] = []  # every request's chat messages, as sent
         self._lock = threading.Lock()
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
         self._httpd.daemon_threads = True
@@ -86,6 +87,7 @@ def _handler(server: ChatServer):
         def do_POST(self) -> None:
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             server.auth_headers.add(self.headers.get("Authorization", ""))
+            server.messages.append(body["messages"])
             content = body["messages"][0]["content"]
             prompt = content[0]["text"]
             assert content[1]["image_url"]["url"].startswith("data:image/jpeg;base64,")

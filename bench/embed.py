@@ -56,7 +56,7 @@ def engine_rate(shard: Path, args, model: str) -> tuple[float, int]:
         runtime={"out": tempfile.mkdtemp(), "device": args.device, "progress": False},
         curate={"embed_model": model, "embed_weights": args.weights, "embed_batch": args.batch},
     ))
-    pipeline = Pipeline(curate_stages(cfg), cfg.runtime.queue_depth)
+    pipeline = Pipeline(curate_stages(cfg), cfg.runtime.queue_depth, max_bytes_in_flight=cfg.runtime.max_bytes_in_flight)
     writer = _CountingWriter()
     started: list[float] = []
 

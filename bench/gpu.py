@@ -234,7 +234,7 @@ def naive_generate_row(engine, samples, tokens: int, batch: int = 4, beams: int 
     """``generate`` on batches of 4 in arrival order with beam search 3 (ShareGPT4V's captioner)."""
     import torch
 
-    from models.caption.transformers_backend import chat_text
+    from models.caption.chat import chat_text
 
     todo = samples[: max(batch, len(samples) // 2)]
 

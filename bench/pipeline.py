@@ -96,7 +96,7 @@ def measure(images: int, rate: float, caption_batch: int, text_every: int, stage
                                              "stages": stages, "device": "cpu"}))
         engine = PacedCaptionEngine(rate, caption_batch)
         built = [s for s in build_stages(cfg) if getattr(s, "name", "") != "caption"] + [engine]
-        pipeline = Pipeline(built, cfg.runtime.queue_depth)
+        pipeline = Pipeline(built, cfg.runtime.queue_depth, max_bytes_in_flight=cfg.runtime.max_bytes_in_flight)
         writer = CountingWriter()
         start = time.perf_counter()
         pipeline.run(shard_source([shard], cfg, set()), writer)

@@ -7,11 +7,11 @@ loaded through the same code as a real checkpoint).
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from engine.core.errors import ConfigError
+from models.hub import hub_problem
 
 TINY = "tiny"
 # How messages name a role's model ("embedding model ...", "RAM++ model ...")
@@ -51,11 +51,9 @@ class ModelRef:
             )
         if self.role in OWN_NAMES:
             return
-        if os.environ.get("HF_HUB_OFFLINE") == "1" and not _in_hub_cache(self.name):
-            raise ConfigError(
-                f"{role} model {self.name!r} is not in the local hub cache and "
-                f"HF_HUB_OFFLINE=1: download it first or pass a local folder"
-            )
+        problem = hub_problem(self.name, f"{role} model")
+        if problem:
+            raise ConfigError(problem)
 
     def resolve(self, cache_dir: Path) -> str:
         """The path or hub id to hand to the library's own loader."""
@@ -70,11 +68,6 @@ class ModelRef:
 
 def _looks_like_path(name: str) -> bool:
     return name.startswith(("/", "./", "../", "~")) or name.count("/") > 1
-
-
-def _in_hub_cache(repo_id: str) -> bool:
-    hub = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "hub"
-    return (hub / ("models--" + repo_id.replace("/", "--"))).exists()
 
 
 def resolve_device(device: str) -> str:

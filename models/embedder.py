@@ -14,8 +14,10 @@ on tensors from the decoded view so that on a GPU it runs there, in fp16, with t
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Sequence
+import logging
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,6 +71,24 @@ def build_tiny(folder: Path, seed: int = 0) -> Path:
     return folder
 
 
+@contextlib.contextmanager
+def random_weights_meant() -> Iterator[None]:
+    """open_clip warns on the root logger whenever it builds a model without weights ("No
+    pretrained weights loaded ... initialized randomly"); around a build meant to be random (a
+    meta-device count, ``--embed-weights random``) that warning is noise and is dropped. Any
+    other build keeps it: there it says the weights are missing."""
+
+    def keep(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No pretrained weights loaded")
+
+    root = logging.getLogger()
+    root.addFilter(keep)
+    try:
+        yield
+    finally:
+        root.removeFilter(keep)
+
+
 @dataclass(frozen=True)
 class Preprocess:
     """The model's own image preprocessing, as numbers we can apply to tensors."""
@@ -91,9 +111,10 @@ class ClipEmbedder:
         self.fp16 = device.startswith("cuda") if fp16 is None else fp16
         precision = "fp16" if self.fp16 else "fp32"
         name, pretrained = _open_clip_name(model, weights)
-        self.model = open_clip.create_model(
-            name, pretrained=pretrained, precision=precision, device=device, load_weights=True
-        ).eval()
+        with random_weights_meant() if weights == RANDOM_WEIGHTS else contextlib.nullcontext():
+            self.model = open_clip.create_model(
+                name, pretrained=pretrained, precision=precision, device=device, load_weights=True
+            ).eval()
         self.tokenizer = open_clip.get_tokenizer(name)
         cfg = self.model.visual.preprocess_cfg
         size = cfg["size"] if isinstance(cfg["size"], int) else cfg["size"][0]
@@ -161,8 +182,41 @@ def _normalise(features) -> np.ndarray:
 
 
 def check_model(model: str, weights: str) -> None:
-    """Fail before any work starts when the embedding model cannot be loaded as named."""
-    _open_clip_name(model, weights)
+    """Fail before any work starts when the embedding model cannot be loaded as named: an unknown
+    name, or weights that are neither here nor on a reachable hub (open_clip would retry for minutes)."""
+    name, pretrained = _open_clip_name(model, weights)
+    problem = _weights_problem(name, pretrained)
+    if problem:
+        raise ConfigError(problem)
+
+
+def _weights_problem(name: str, pretrained: str | None) -> str | None:
+    """Where open_clip would fetch the weights from, checked: an 'hf-hub:' id or a pretrained tag
+    (which names a hub repository, or for a few older tags a URL)."""
+    import open_clip
+    from open_clip.pretrained import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
+
+    from models.hub import hub_problem
+
+    if name.startswith("hf-hub:"):
+        return hub_problem(name.removeprefix("hf-hub:"), "embedding model", (CONFIG_FILE,))
+    if not pretrained or Path(pretrained).is_file():
+        return None
+    source = open_clip.get_pretrained_cfg(name, pretrained)
+    what = f"embedding weights {pretrained!r} of {name}: hub repository"
+    if source.get("hf_hub"):
+        repo, filename = source["hf_hub"].rstrip("/"), ""
+        if not source["hf_hub"].endswith("/"):
+            repo, filename = repo.rsplit("/", 1)
+        files = (filename, str(Path(filename).with_suffix(".safetensors"))) if filename else \
+            (HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME)
+        return hub_problem(repo, what, files, "pass a checkpoint file to --embed-weights")
+    from huggingface_hub import is_offline_mode
+
+    cached = Path("~/.cache/clip").expanduser() / Path(source.get("url", "")).name
+    if is_offline_mode() and not cached.is_file():
+        return f"{what} is not in {cached.parent} and HF_HUB_OFFLINE is set: pass a checkpoint file to --embed-weights"
+    return None
 
 
 def _open_clip_name(model: str, weights: str) -> tuple[str, str | None]:

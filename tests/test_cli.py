@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 from conftest import jpeg, sample_members, write_tar
@@ -145,3 +146,80 @@ def test_run_on_a_parquet_and_a_folder(tmp_path):
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert [s["stage"] for s in metrics["stages"]][:2] == ["probe", "decode"]
     assert metrics["written"] == 2 and metrics["images_per_s"] > 0
+
+
+OUTPUT_FLAGS = {  # every command that writes into a folder it is given, and that flag
+    "run": lambda d, out: ["run", "--shards", str(d / "in.tar"), "--out", out],
+    "curate": lambda d, out: ["curate", "--shards", str(d / "in.tar"), "--out", out],
+    "demo": lambda d, out: ["demo", "--out", out],
+    "meta": lambda d, out: ["meta", "--shards", str(d / "in.tar"), "--out", out,
+                            "--api-base", "http://127.0.0.1:9/v1", "--api-model", "m"],
+    "plan": lambda d, out: ["plan", "--out", out],
+    "train": lambda d, out: ["train", str(d), "--base", "tiny", "--out", out],
+    "export": lambda d, out: ["export", "llava", str(d), "--to", out],
+}
+
+
+@pytest.mark.parametrize("under_a_file", [False, True], ids=["file", "under-a-file"])
+@pytest.mark.parametrize("command", OUTPUT_FLAGS)
+def test_every_output_folder_that_is_a_file_gets_one_message_and_exit_2(tmp_path, capsys, command, under_a_file):
+    write_tar(tmp_path / "in.tar", sample_members("k", jpeg(500, 500)))
+    taken = tmp_path / "taken"
+    taken.write_text("")
+    out = taken / "sub" if under_a_file else taken
+    assert cli(*OUTPUT_FLAGS[command](tmp_path, str(out))) == 2
+    flag = "--to" if command == "export" else "--out"
+    expected = (f"error: {flag} {out} is not writable: {taken} is a file, not a folder\n" if under_a_file else
+                f"error: {flag} {out} is a file, not a folder: pass a folder (it is created if missing)\n")
+    assert capsys.readouterr().err == expected
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.tar", "taken"]  # nothing written
+
+
+COMMANDS = ("run", "curate", "demo", "meta", "plan")
+
+
+def help_of(capsys, *argv) -> str:
+    with pytest.raises(SystemExit) as exit_:
+        cli(*argv)
+    assert exit_.value.code == 0
+    return capsys.readouterr().out
+
+
+def listed_flags(text: str) -> set[str]:
+    return set(re.findall(r"^  (--[a-z0-9-]+)", text, re.MULTILINE))  # option lines, not wrapped help
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_shows_the_commands_own_options_grouped_with_readable_placeholders(capsys, command):
+    short, full = help_of(capsys, command, "--help"), help_of(capsys, command, "--help-all")
+    assert len(short.splitlines()) < 150 and len(short.splitlines()) < len(full.splitlines()) / 2 + 50
+    assert re.search(rf"\d+ more options of {command}: --help-all lists every one", short)
+    assert "more options of" not in full
+    # exactly the options declared to apply to the command (option(commands=) or the section's COMMANDS)
+    applies = {flag for flag, commands in config.option_commands().items() if command in commands}
+    assert listed_flags(full) & set(config.option_commands()) == applies
+    assert listed_flags(short) < listed_flags(full)
+    assert not re.search(r"\b[A-Z]+\.[A-Z_]+\b", full)  # no internal SECTION.FIELD placeholders
+    assert "resolution filter:" in full or command == "plan"  # groups carry readable titles
+
+
+def test_run_help_placeholders_and_one_default_each(capsys):
+    text = help_of(capsys, "run", "--help")
+    assert "--shards PATTERN" in text and "--min-short-edge PX" in text and "--out DIR" in text
+    stages = text[text.index("  --stages"):text.index("  --device")]
+    assert stages.count("default") == 1, stages
+
+
+def test_demo_has_no_shards_option_and_refuses_one(capsys):
+    assert "--shards" not in help_of(capsys, "demo", "--help-all")
+    with pytest.raises(SystemExit) as exit_:
+        cli("demo", "--shards", "x.tar", "--out", "unused")
+    assert exit_.value.code == 2
+    assert "--shards does not apply to demo (only to run, curate, meta)" in capsys.readouterr().err
+
+
+def test_top_level_help_names_every_export_kind(capsys):
+    text = help_of(capsys, "--help")
+    export = text[text.index("    export"):text.index("    report")]
+    for kind in ("llava", "jsonl", "sft"):
+        assert kind in export

@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 
 import pytest
+from prometheus_server import free_port, prometheus_scraping
+from prometheus_server import wait_for as wait_until
 from test_resume import ROOT, command, contents, make_shards
 
 from engine.cluster.loopback import ENV, LoopbackCluster
@@ -294,6 +296,37 @@ def test_meta_with_curate_on_ray_captions_the_selection_of_a_single_node_run(clu
     assert sft[0] == sft[1] == selected(tmp_path / "single")
     for root in (tmp_path / "ray" / "curate", tmp_path / "ray"):  # both passes ran on the actors
         assert sum(a["shards"] for a in cluster_figures(root)["actors"]) == len(shards)
+
+
+def test_the_drivers_metrics_endpoint_counts_each_nodes_commits_while_the_run_goes_on(cluster, tmp_path):
+    shards = make_shards(tmp_path / "in", n_shards=5, per_shard=4)
+    held = shards[-1]  # a named pipe nobody writes: the run holds with four shards committed
+    held.unlink()
+    os.mkfifo(held)
+    out, port = tmp_path / "out", free_port()
+    cmd = on_ray(command(shards, out), cluster, "--metrics-port", str(port), "--metrics-final-scrape-s", "60")
+    with prometheus_scraping(f"127.0.0.1:{port}", tmp_path / "prometheus") as prom:
+        driver = subprocess.Popen(cmd, cwd=ROOT, env=ray_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  text=True)
+        try:
+            alive = lambda: driver.poll() is None  # noqa: E731
+            wait_until(lambda: prom.value("densefusion_run_shards_done") == 4, 300, "four shards committed", alive)
+            during = markers(out)
+            by_node: dict[str, int] = {}
+            for marker in during.values():
+                by_node[marker["node"]] = by_node.get(marker["node"], 0) + marker["written"]
+            assert prom.by("node", "densefusion_images_written_total") == by_node
+            assert all("/127.0.0." in node for node in by_node)  # host/address of the actor's node
+            with open(held, "wb"):  # let the reader through: an empty shard, committed with its error
+                pass
+            output, _ = driver.communicate(timeout=300)
+        finally:
+            driver.kill()
+        assert driver.returncode == 0, output
+        figures = cluster_figures(out)
+        final = prom.by("node", "sum by (node) (last_over_time(densefusion_shards_committed_total[10m]))")
+        assert final == {node: counts["shards"] for node, counts in figures["nodes"].items() if counts["shards"]}
+        assert sum(final.values()) == N_SHARDS
 
 
 def test_lost_node_run_finishes_on_the_remaining_node(cluster, shards, single_node, tmp_path):

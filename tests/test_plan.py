@@ -1,6 +1,8 @@
 """The capacity plan (``densefusion_local.py plan``): the README's real models on 8 GPUs of 40 and
 80 GB, from architectures built on the meta device (no GPU, no weights), and refusals."""
 
+import re
+
 import pytest
 import torch
 
@@ -75,3 +77,50 @@ def test_a_run_that_cannot_fit_is_refused_before_any_work(tmp_path, monkeypatch)
     with pytest.raises(ConfigError, match="do not fit this node's GPUs: cuda:0: .*; cuda:1: "):
         pipeline.run(cfg)
     assert not (tmp_path / "out").exists()
+
+
+LOCAL_EXPERTS = ["--ram-plus-model", "/ckpt/ram_plus/ram_plus_swin_large_14m.pth", "--closed-detector", "/ckpt/eva02_lvis.onnx"]
+
+
+def plan_output(capsys, *flags, experts=LOCAL_EXPERTS) -> tuple[int, str]:
+    code = densefusion_local.main(["plan", *experts, *flags])
+    return code, capsys.readouterr().out
+
+
+def test_tensor_parallel_splits_the_caption_engine_and_a_plan_that_does_not_fit_says_what_would(capsys):
+    code, alone = plan_output(capsys, "--gpus", "8", "--gpu-memory-gb", "24")
+    assert code == 2 and "DOES NOT FIT" in alone
+    suggestions = alone[alone.index("to make room:"):]
+    assert "--sglang-tp-size 2: each caption replica spans 2 GPUs" in suggestions and "enough on its own" in suggestions
+    assert suggestions.count("enough on its own") == 1  # leaving out every expert would not do
+    assert "fewer experts per GPU: --closed-detector '' (frees 1.7 GiB" in suggestions  # the largest first
+    code, split = plan_output(capsys, "--gpus", "8", "--gpu-memory-gb", "24", "--sglang-tp-size", "2")
+    assert code == 0 and split.endswith("fits.\n"), split
+    assert "a 1/2 share of a caption replica" in split and "tensor parallel over 2 GPUs (4 replica(s))" in split
+    weights = re.search(r"weights (\d+\.\d) GiB and KV cache", split).group(1)
+    assert float(weights) == pytest.approx(13.2 / 2, abs=0.1)  # half the 7B engine's weights on each GPU
+    code, odd = plan_output(capsys, "--gpus", "3", "--gpu-memory-gb", "80", "--sglang-tp-size", "2")
+    assert code == 2 and "the node needs a multiple of 2 GPUs, not 3" in odd
+
+
+def test_transformers_backend_is_labelled_as_such_and_fewer_requests_are_suggested(capsys):
+    code, text = plan_output(capsys, "--gpus", "2", "--gpu-memory-gb", "24", "--caption-backend", "transformers", experts=[])
+    assert code == 2
+    assert "(transformers)" in text and "(sglang)" not in text and "SGLang runtime" not in text
+    assert "--caption-batch 2: KV cache for 2 requests at once instead of 8" in text
+    assert "--caption-backend sglang --sglang-tp-size 2" in text  # tensor parallel is SGLang's
+
+
+def test_the_plans_random_builds_do_not_warn_but_other_weightless_builds_still_do(caplog, capsys):
+    import open_clip
+
+    from engine.core.placement import stage_needs
+
+    stage_needs.cache_clear()  # the plan builds the embedder on the meta device (random on purpose) again
+    with caplog.at_level("WARNING"):
+        assert densefusion_local.main(["plan", *LOCAL_EXPERTS]) == 0
+    assert "fits." in capsys.readouterr().out
+    assert not [r for r in caplog.records if "No pretrained weights" in r.getMessage()]
+    with caplog.at_level("WARNING"), torch.device("meta"):
+        open_clip.create_model("EVA02-L-14", pretrained=None, device="meta")
+    assert [r for r in caplog.records if "No pretrained weights" in r.getMessage()]

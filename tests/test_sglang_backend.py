@@ -1,19 +1,14 @@
-import os
-
 import pytest
 
-from engine.core.config import SGLANG_CHAT_TEMPLATES, ApiConfig, CaptionConfig, SglangConfig
+from engine.core.config import ApiConfig, CaptionConfig, SglangConfig
 from engine.core.errors import ConfigError
 from engine.stages.caption import backend_settings
 from models.caption.base import SamplingParams
 from models.caption.sglang_backend import (
-    CHAT_TEMPLATES,
     CPU_KV_TOKENS,
-    IMAGE_TOKEN,
     caption_from_output,
     engine_args,
     generate_request,
-    layout_prompt,
     on_child_failure,
     require_sglang,
     sampling_dict,
@@ -36,25 +31,6 @@ INSTRUCTION = (
 def _fusion(alt: str, box: str) -> str:
     return (f"{INSTRUCTION}\n\n[External Information]:\n\n[World Knowledge]: {alt}\n\n"
             f"[Detection Box]:\n\n{box}\n\n[OCR]:\n\n\n[IMAGE]:")
-
-
-@pytest.mark.parametrize("template", sorted(CHAT_TEMPLATES))
-def test_instruction_is_the_shared_prefix_and_the_image_follows_the_text(template):
-    a = layout_prompt(_fusion("a red bus", "bus: [0.10, 0.20, 0.80, 0.90]"), template)
-    b = layout_prompt(_fusion("two cats", "cat: [0.05, 0.40, 0.30, 0.70]"), template)
-    shared = os.path.commonprefix([a, b])
-    head, tail = CHAT_TEMPLATES[template]
-    assert shared.startswith(head + INSTRUCTION)  # whole instruction is common to both
-    assert IMAGE_TOKEN not in shared
-    for text in (a, b):
-        assert text.count(IMAGE_TOKEN) == 1
-        assert text.index("[IMAGE]:") < text.index(IMAGE_TOKEN)
-        assert text.endswith(IMAGE_TOKEN + tail)
-
-
-def test_image_first_layout_matches_llava_training():
-    text = layout_prompt("describe", "vicuna_v1", image_first=True)
-    assert text.endswith(f"USER: {IMAGE_TOKEN}\ndescribe ASSISTANT:")
 
 
 def test_sampling_params_are_passed_through():
@@ -119,25 +95,25 @@ def test_bad_settings_fail_validation(change):
         SglangConfig(**change).validate()
 
 
-def test_config_offers_exactly_the_templates_the_backend_knows():
-    assert set(SGLANG_CHAT_TEMPLATES) == set(CHAT_TEMPLATES)
-
-
-def test_request_carries_the_laid_out_prompt_the_image_as_png_and_the_sampling_params():
+def test_request_carries_every_backends_chat_text_the_image_as_png_and_the_sampling_params(tiny_cache):
     import io
 
     import numpy as np
     from PIL import Image
+    from transformers import AutoProcessor
 
+    from models import tiny
+    from models.caption.chat import chat_text
+
+    processor = AutoProcessor.from_pretrained(tiny.ensure("caption", tiny_cache / "tiny"))
     image = np.random.default_rng(0).integers(0, 255, (30, 40, 3), dtype=np.uint8)
     sampling = sampling_dict(SamplingParams(max_new_tokens=250, min_new_tokens=250))
-    request = generate_request(_fusion("a bus", "bus: [0.1, 0.2, 0.3, 0.4]"), image, sampling, settings())
+    prompt = _fusion("a bus", "bus: [0.1, 0.2, 0.3, 0.4]")
+    request = generate_request(prompt, image, sampling, processor)
     assert set(request) == {"prompt", "image_data", "sampling_params"}
-    assert request["prompt"] == layout_prompt(_fusion("a bus", "bus: [0.1, 0.2, 0.3, 0.4]"), "vicuna_v1")
+    assert request["prompt"] == chat_text(processor, prompt) == f"USER: <image>\n{prompt} ASSISTANT:"
     # bytes, never a PIL image (SGLang would take it for a video frame and skip AnyRes), lossless
     assert isinstance(request["image_data"], bytes)
     decoded = Image.open(io.BytesIO(request["image_data"]))
     assert decoded.format == "PNG" and np.array_equal(np.asarray(decoded.convert("RGB")), image)
     assert request["sampling_params"] is sampling
-    first = generate_request("p", image, sampling, settings(sglang_image_first=True, sglang_chat_template="chatml"))
-    assert first["prompt"] == layout_prompt("p", "chatml", image_first=True)

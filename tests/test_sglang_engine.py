@@ -7,7 +7,6 @@ its processes runs last.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import signal
 
@@ -21,17 +20,9 @@ from engine.evidence.prompt import CAPTION_ENGINE_INSTRUCTION
 from engine.stages.caption import CaptionStage, backend_settings
 from models import tiny
 from models.caption.base import EngineDead, SamplingParams
+from models.caption.chat import chat_text
 from models.caption.registry import load_engine
-from models.caption.sglang_backend import (
-    CHAT_TEMPLATES,
-    IMAGE_TOKEN,
-    SglangEngine,
-    generate_request,
-    layout_prompt,
-    sampling_dict,
-    sglang_available,
-)
-from models.caption.transformers_backend import chat_text
+from models.caption.sglang_backend import SglangEngine, generate_request, sampling_dict, sglang_available
 
 # not importorskip: importing sglang picks its platform, which the CPU engine must set first
 pytestmark = pytest.mark.skipif(not sglang_available(), reason="the sglang extra is not installed")
@@ -41,12 +32,10 @@ PARAMS = SamplingParams(max_new_tokens=TOKENS)
 TIE_TOLERANCE = 1e-3  # log-probability gap under which two kernels may break a tie either way
 # (height, width): aspect ratios that pick each AnyRes grid of the tiny model, and a square
 SIZES = ((60, 130), (130, 60), (100, 100), (40, 200), (200, 210), (77, 51), (64, 64), (150, 90))
-# What the transformers backend sends the tiny (llava-hf vicuna) model: "USER: <image>\n{p} ASSISTANT:"
-SAME_AS_TRANSFORMERS = SglangConfig(sglang_chat_template="llava_hf_vicuna", sglang_image_first=True,
-                                    sglang_window=4)
+WINDOW = SglangConfig(sglang_window=4)
 
 
-def settings(backend: str, sglang: SglangConfig = SAME_AS_TRANSFORMERS, cache_dir: str = "", **caption):
+def settings(backend: str, sglang: SglangConfig = WINDOW, cache_dir: str = "", **caption):
     """A backend's settings as the caption stage builds them from the run's options."""
     return backend_settings(backend, CaptionConfig(**caption), ApiConfig(), sglang, out="", cache_dir=cache_dir)
 
@@ -84,7 +73,7 @@ def reference(model_folder):
 
 def _sglang_raw(engine: SglangEngine, prompt: str, image: np.ndarray, **extra) -> dict:
     """One request straight to sglang.Engine, with the backend's own request layout."""
-    request = generate_request(prompt, image, sampling_dict(PARAMS, engine.suppress), engine.cfg)
+    request = generate_request(prompt, image, sampling_dict(PARAMS, engine.suppress), engine.processor)
     return engine._window.run(engine._engine.async_generate(**request, **extra))
 
 
@@ -131,34 +120,28 @@ def test_first_token_logprobs_equal_transformers(engine, reference):
             assert logprob == pytest.approx(float(expected[token]), abs=5e-3), (i, token)
 
 
-def test_requests_after_the_first_reuse_the_cached_instruction(engine, reference):
-    """Production layout (instruction first, image last): SGLang's own cached_tokens cover at
-    least the instruction, and the hit rate follows from the token counts."""
-    same = engine.cfg
-    engine.cfg = dataclasses.replace(same, chat_template="vicuna_v1", image_first=False)
-    try:
-        engine._window.run(engine._engine.tokenizer_manager.flush_cache())
-        tokenizer = reference.processor.tokenizer
-        instruction = len(tokenizer(CHAT_TEMPLATES["vicuna_v1"][0] + CAPTION_ENGINE_INSTRUCTION)["input_ids"])
-        prompts, images = [_prompt(i) for i in range(4)], _images()[:4]
-        start = engine.metrics()
-        cached, total = [], []
-        for prompt, image in zip(prompts, images, strict=True):  # one at a time: each sees those before
-            before = engine.metrics()
-            engine.generate([prompt], [image], params=PARAMS)
-            after = engine.metrics()
-            cached.append(after["cached_tokens"] - before.get("cached_tokens", 0))
-            total.append(after["prompt_tokens"] - before.get("prompt_tokens", 0))
-        assert cached[0] == 0 and all(n >= instruction for n in cached[1:]), (cached, instruction)
-        # what is cached: the longest run of tokens before <image> shared with an earlier request
-        ids = [tokenizer(layout_prompt(p, "vicuna_v1").split(IMAGE_TOKEN)[0])["input_ids"] for p in prompts]
-        shared = [0] + [max(len(os.path.commonprefix([ids[i], ids[j]])) for j in range(i)) for i in range(1, 4)]
-        assert all(s - 1 <= c <= s for s, c in zip(shared, cached, strict=True)), (shared, cached)
-        rate = (after["cached_tokens"] - start.get("cached_tokens", 0)) / (after["prompt_tokens"] - start.get("prompt_tokens", 0))
-        assert rate == pytest.approx(sum(shared) / sum(total), abs=4 / sum(total))
-        assert after["prefix_cache_hit_rate"] == after["cached_tokens"] / after["prompt_tokens"] > 0
-    finally:
-        engine.cfg = same
+def test_requests_after_the_first_reuse_the_cached_head_of_the_chat_text(engine, reference):
+    """SGLang's own cached_tokens are the text before the image that an earlier request shared
+    (with the tiny model's llava-hf template, image first: the turn's head), and the hit rate
+    follows from the token counts."""
+    engine._window.run(engine._engine.tokenizer_manager.flush_cache())
+    processor = reference.processor
+    prompts, images = [_prompt(i) for i in range(4)], _images()[:4]
+    start = engine.metrics()
+    cached, total = [], []
+    for prompt, image in zip(prompts, images, strict=True):  # one at a time: each sees those before
+        before = engine.metrics()
+        engine.generate([prompt], [image], params=PARAMS)
+        after = engine.metrics()
+        cached.append(after["cached_tokens"] - before.get("cached_tokens", 0))
+        total.append(after["prompt_tokens"] - before.get("prompt_tokens", 0))
+    # what is cached: the longest run of tokens before <image> shared with an earlier request
+    ids = [processor.tokenizer(chat_text(processor, p).split(processor.image_token)[0])["input_ids"] for p in prompts]
+    shared = [0] + [max(len(os.path.commonprefix([ids[i], ids[j]])) for j in range(i)) for i in range(1, 4)]
+    assert shared[1] > 0 and all(s - 1 <= c <= s for s, c in zip(shared, cached, strict=True)), (shared, cached)
+    rate = (after["cached_tokens"] - start.get("cached_tokens", 0)) / (after["prompt_tokens"] - start.get("prompt_tokens", 0))
+    assert rate == pytest.approx(sum(shared) / sum(total), abs=4 / sum(total))
+    assert after["prefix_cache_hit_rate"] == after["cached_tokens"] / after["prompt_tokens"] > 0
 
 
 def test_the_window_bounds_what_sglang_holds_in_flight(engine):

@@ -55,7 +55,7 @@ def tiny_processor(tiny_cache: Path):
 
 
 def test_only_the_caption_tokens_and_end_of_sequence_carry_loss(meta_out, tiny_cache):
-    from models.caption.transformers_backend import chat_text
+    from models.caption.chat import chat_text
 
     processor = tiny_processor(tiny_cache)
     encoder = SampleEncoder(processor, max_length=4096, max_side=1344)

@@ -38,6 +38,7 @@ from engine.cluster.faults import parse as parse_faults
 from engine.core.config import ClusterConfig, RunConfig
 from engine.core.errors import ConfigError
 from engine.io.readers import shard_name
+from engine.ops import events
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 _NO_WORKER_TIMEOUT_S = 300.0  # no live actor for this long (all nodes gone): the remaining shards fail
@@ -236,6 +237,7 @@ def lease_shards(cfg: RunConfig, kind: str, paths: list[Path],
 
     def retire(record: ActorRecord, state: str, reason: str) -> None:
         record.state, record.reason = state, reason
+        events.emit("actor_retired", actor=record.index, actor_node=record.node, state=state, reason=reason)
         if state == "dead":
             ray.kill(record.handle, no_restart=True)
         if start_failures < _MAX_START_FAILURES and queue:
@@ -259,7 +261,10 @@ def lease_shards(cfg: RunConfig, kind: str, paths: list[Path],
         charged[path] += charge
         if charged[path] >= cluster.ray_max_attempts:
             result.failed[shard_name(path)] = f"{reason} (attempt {charged[path]} of {cluster.ray_max_attempts})"
+            events.emit("shard_failed", shard=shard_name(path), reason=reason, attempt=tries[path], given_up=True)
         else:
+            events.emit("shard_failed", shard=shard_name(path), reason=reason, attempt=tries[path], given_up=False,
+                        charged=bool(charge))
             queue.appendleft(path)  # retried before new work, so a failing shard is decided early
 
     def committed(record: ActorRecord, ref: Any, done_shard: dict[str, Any]) -> None:

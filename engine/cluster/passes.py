@@ -19,6 +19,8 @@ from engine.core.driver import Pass
 from engine.core.errors import ConfigError
 from engine.core.figures import MetricsFile, OutputTotals, RunSummary
 from engine.io.readers import expand_shards, expected_samples, shard_name
+from engine.ops import events, prometheus
+from engine.ops.cluster_watch import ClusterWatch
 
 
 def run_pass_on_ray(cfg: RunConfig, spec: Pass, kind: str) -> tuple[RunSummary, ClusterResult]:
@@ -26,6 +28,8 @@ def run_pass_on_ray(cfg: RunConfig, spec: Pass, kind: str) -> tuple[RunSummary, 
     engine/cluster/worker.py). Checked as on one node before any work; the actors settle
     ``auto`` options (the device) on their own nodes."""
     checked = spec.resolve(cfg)
+    events.configure(cfg.ops.log_format, cfg.ops.log_file)
+    served = prometheus.endpoint(cfg.ops.metrics_port)  # a port in use is refused here, before any work
     paths = expand_shards(cfg.input.shards)
     if not paths:
         raise ConfigError("no input shards: pass --shards (tar, parquet or image folders)")
@@ -39,8 +43,18 @@ def run_pass_on_ray(cfg: RunConfig, spec: Pass, kind: str) -> tuple[RunSummary, 
     skipped = [shard_name(p) for p in paths if shard_name(p) in sink.finished]
     metrics = MetricsFile(root / "metrics.json")
     metrics.start(spec.name, cfg.to_dict(), OutputTotals.of(sink.manifest.data))
-    result = lease_shards(cfg, kind, [p for p in paths if shard_name(p) not in sink.finished],
-                          lambda shard, marker: sink.adopt({shard: marker}))
+    watch = ClusterWatch(spec.name, shards_total=len(paths), shards_before=len(skipped))
+    if served is not None:
+        served.follow(watch)
+
+    def on_commit(shard: str, marker: dict[str, Any]) -> None:
+        sink.adopt({shard: marker})
+        watch.committed(shard, marker)
+
+    try:
+        result = lease_shards(cfg, kind, [p for p in paths if shard_name(p) not in sink.finished], on_commit)
+    finally:
+        watch.running = False
     by_stage: Counter = Counter()
     for marker in result.committed.values():
         by_stage.update(marker.get("rejected_by_stage", {}))
@@ -53,6 +67,7 @@ def run_pass_on_ray(cfg: RunConfig, spec: Pass, kind: str) -> tuple[RunSummary, 
     )
     metrics.invocations[-1]["cluster"] = result.figures()
     metrics.finish(summary, "ray")
+    prometheus.wait_for_final_scrape(cfg.ops.metrics_port, cfg.ops.metrics_final_scrape_s)
     return summary, result
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.cluster.faults import STALL_S, faults_for
-from engine.core.config import RunConfig
+from engine.core.config import RunConfig, RuntimeConfig
 from engine.core.record import Sample, ShardEnd
 from engine.core.runtime import Item, Pipeline
 from engine.io.readers import shard_name
@@ -40,9 +40,9 @@ class ShardWorker:
     """``stages`` run over the shards given to :meth:`process`; ``sink`` (a dataset writer or an
     embedding store in worker mode) commits each; ``shard_items`` reads one shard."""
 
-    def __init__(self, stages: list, sink, shard_items: Callable[[Path], Iterator[Item]], queue_depth: int):
+    def __init__(self, stages: list, sink, shard_items: Callable[[Path], Iterator[Item]], runtime: RuntimeConfig):
         self.sink, self.shard_items = sink, shard_items
-        self.pipeline = Pipeline(stages, queue_depth)
+        self.pipeline = Pipeline(stages, runtime.queue_depth, max_bytes_in_flight=runtime.max_bytes_in_flight)
         self._inbox: queue.Queue[Path] = queue.Queue()
         self._leases: dict[str, _Lease] = {}
         self._started = threading.Event()
@@ -128,7 +128,7 @@ def build_worker(cfg: RunConfig, kind: str) -> ShardWorker:
         from engine.curate.store import EmbeddingStore
 
         return ShardWorker(PASS1.build_stages(cfg), EmbeddingStore(curate_dir(cfg), adopt=False),
-                           lambda path: shard_items(path, cfg.input), cfg.runtime.queue_depth)
+                           lambda path: shard_items(path, cfg.input), cfg.runtime)
     from engine.core.pipeline import PASS2
     from engine.io.writers import DatasetWriter
 
@@ -140,4 +140,4 @@ def build_worker(cfg: RunConfig, kind: str) -> ShardWorker:
         def read(path: Path) -> Iterator[Item]:
             return shard_items(path, cfg.input)
     return ShardWorker(PASS2.build_stages(cfg), DatasetWriter(out, None, clean=False),
-                       lambda path: take_subset(read(path), cfg.subset), cfg.runtime.queue_depth)
+                       lambda path: take_subset(read(path), cfg.subset), cfg.runtime)

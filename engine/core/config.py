@@ -16,37 +16,53 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from engine.core.errors import ConfigError
 
 
 def option(default: Any, help: str, *, choices: tuple | None = None, flag: str | None = None,
-           affects: tuple[str, ...] | None = None, model: str | None = None):
+           affects: tuple[str, ...] | None = None, model: str | None = None,
+           commands: tuple[str, ...] | None = None, basic: bool = False, metavar: str | None = None):
     """A config field with the help text and choices the CLI shows.
+
+    ``commands``: the CLI commands the option applies to (default: its section's ``COMMANDS``);
+    another command refuses it and its help does not list it. ``basic``: listed by ``--help``
+    (the others by ``--help-all``). ``metavar``: its placeholder in the help (``--min-short-edge PX``;
+    default: MODEL, N, X or TEXT by kind).
 
     ``affects``: the expert outputs (``"tags"``, ``"boxes"``) whose values the option changes,
     ``()`` for none (a batch size); the expert cache keys each output on exactly those options
     (``options_affecting``), so an option cannot change tags yet keep serving cached ones.
     ``model``: the option names the model of this role (``--models tiny`` replaces it).
     """
-    meta = {"help": help, "choices": choices, "flag": flag, "affects": affects, "model": model}
+    meta = {"help": help, "choices": choices, "flag": flag, "affects": affects, "model": model,
+            "commands": commands, "basic": basic, "metavar": metavar}
     if isinstance(default, (list, dict, set)):
         raise TypeError("use tuples for sequence defaults: sections are frozen")
     return field(default=default, metadata=meta)
 
 
+# The CLI commands whose options come from these sections (densefusion_local.py): each section
+# says which of them it applies to (COMMANDS), an option may narrow that (option(commands=)).
+RUN, CURATE, DEMO, META, PLAN = "run", "curate", "demo", "meta", "plan"
+ALL_COMMANDS = (RUN, CURATE, DEMO, META, PLAN)
+
+
 @dataclass(frozen=True)
 class InputConfig:
+    TITLE: ClassVar[str] = "input shards"  # its group in --help
+    COMMANDS: ClassVar[tuple[str, ...]] = (RUN, CURATE, META)
+
     shards: tuple[str, ...] = option(
-        (), "input shards: tar/parquet files or image folders; braces {000..009} and globs expand"
+        (), "input shards: tar/parquet files or image folders; braces {000..009} and globs expand", metavar="PATTERN", basic=True,
     )
-    image_column: str = option("", "parquet: column with image bytes (default: auto-detect)")
-    text_column: str = option("", "parquet: column with the alt text (default: auto-detect)")
-    key_column: str = option("", "parquet: column with the sample key (default: key, else row id)")
+    image_column: str = option("", "parquet: column with image bytes (default: auto-detect)", metavar="COLUMN")
+    text_column: str = option("", "parquet: column with the alt text (default: auto-detect)", metavar="COLUMN")
+    key_column: str = option("", "parquet: column with the sample key (default: key, else row id)", metavar="COLUMN")
     max_alt_text_chars: int = option(2000, "alt text longer than this is cut (web alt text can be huge)")
     max_member_bytes: int = option(
-        128 << 20, "images larger than this (bytes) are rejected without being read; bounds memory per sample"
+        128 << 20, "images larger than this (bytes) are rejected without being read; bounds memory per sample", metavar="BYTES",
     )
 
     def validate(self) -> None:
@@ -58,9 +74,12 @@ class InputConfig:
 
 @dataclass(frozen=True)
 class FilterConfig:
-    min_short_edge: int = option(448, "drop images whose shorter side is below this (pixels)")
+    TITLE: ClassVar[str] = "resolution filter"  # its group in --help
+    COMMANDS: ClassVar[tuple[str, ...]] = (RUN, CURATE, DEMO, META)
+
+    min_short_edge: int = option(448, "drop images whose shorter side is below this (pixels)", metavar="PX", basic=True)
     max_pixels: int = option(
-        89_478_485, "reject images with more pixels than this (decompression-bomb guard)"
+        89_478_485, "reject images with more pixels than this (decompression-bomb guard)", metavar="PIXELS",
     )
 
     def validate(self) -> None:
@@ -70,6 +89,9 @@ class FilterConfig:
 
 @dataclass(frozen=True)
 class DecodeConfig:
+    TITLE: ClassVar[str] = "decode"  # its group in --help
+    COMMANDS: ClassVar[tuple[str, ...]] = ALL_COMMANDS
+
     decoder: str = option(
         "auto",
         "image decoder: auto (on a GPU: dali if installed, else torchvision's nvJPEG; on a CPU: pil)",
@@ -91,10 +113,13 @@ OCR_BACKENDS = ("batched", "rapidocr", "paddleocr")  # models/ocr.py
 
 @dataclass(frozen=True)
 class PromptConfig:
+    TITLE: ClassVar[str] = "fusion prompt"  # its group in --help
+    COMMANDS: ClassVar[tuple[str, ...]] = (RUN, DEMO, META)
+
     prompt_template: str = option(
         "caption_engine",
         "fusion prompt: caption_engine (what the DenseFusion engine was trained on) or gpt4v",
-        choices=PROMPT_TEMPLATES,
+        choices=PROMPT_TEMPLATES, basic=True,
     )
     box_decimals: int = option(2, "decimals of the normalised box coordinates in the prompt")
     prompt_alt_text_chars: int = option(600, "alt text longer than this is cut in the prompt")
@@ -112,25 +137,28 @@ class PromptConfig:
 
 @dataclass(frozen=True)
 class OcrConfig:
+    TITLE: ClassVar[str] = "OCR expert"  # its group in --help
+    COMMANDS: ClassVar[tuple[str, ...]] = (RUN, DEMO, META, PLAN)
+
     ocr_backend: str = option(
         "batched",
         "OCR backend: batched (PP-OCR's ONNX models on ONNX Runtime, batched across images, on the "
         "run's device), rapidocr (the rapidocr pipeline, one image per call, CPU), paddleocr "
         "(see models/ocr.py)",
-        choices=OCR_BACKENDS,
+        choices=OCR_BACKENDS, basic=True,
     )
     ocr_model_dir: str = option(
         "",
         "batched, rapidocr: folder with *det*.onnx and *rec*.onnx to use instead of the bundled PP-OCR; "
-        "paddleocr (required): folder with det/ and rec/ PaddleOCR inference models",
+        "paddleocr (required): folder with det/ and rec/ PaddleOCR inference models", metavar="DIR",
     )
     ocr_min_score: float = option(0.5, "drop recognised lines below this confidence")
     ocr_max_lines: int = option(32, "at most this many lines per image, in reading order")
     ocr_max_chars: int = option(1000, "at most this many characters of text per image")
-    ocr_max_side: int = option(960, "longer side of the image the OCR reads (pixels)")
+    ocr_max_side: int = option(960, "longer side of the image the OCR reads (pixels)", metavar="PX")
     ocr_det_side: int = option(
         736, "batched: longer side of the image text detection reads (pixels; rapidocr upscales the "
-        "shorter side to 736 instead, 2-3x the pixels for the same lines on the OCR tests)"
+        "shorter side to 736 instead, 2-3x the pixels for the same lines on the OCR tests)", metavar="PX",
     )
     ocr_det_batch: int = option(
         0, "batched: images per text-detection call, padded to one shape; 0 = 8 on a GPU, 1 on the "
@@ -166,18 +194,21 @@ CAPTION_BACKENDS = ("auto", "openai", "sglang", "transformers")
 
 @dataclass(frozen=True)
 class CaptionConfig:
+    TITLE: ClassVar[str] = "caption engine"  # its group in --help
+    COMMANDS: ClassVar[tuple[str, ...]] = (RUN, DEMO, META, PLAN)
+
     caption_model: str = option(
         "llava-hf/llava-v1.6-vicuna-7b-hf",
         "caption engine: local folder or hub id of a LLaVA-NeXT checkpoint, or 'tiny'. Layouts: "
         "transformers takes llava-hf's (LlavaNextForConditionalGeneration); sglang takes llava-hf's "
         "(converted once into the original LLaVA layout, cached) or the original one "
-        "(LlavaLlamaForCausalLM and kin, e.g. liuhaotian/llava-v1.6-*)", model="caption",
+        "(LlavaLlamaForCausalLM and kin, e.g. liuhaotian/llava-v1.6-*)", model="caption", basic=True,
     )
     caption_backend: str = option(
         "auto",
         "caption backend: auto (sglang on a GPU where installed, else transformers), "
         "transformers, sglang, openai (--api-base, --api-model; key in $OPENAI_API_KEY)",
-        choices=CAPTION_BACKENDS,
+        choices=CAPTION_BACKENDS, basic=True,
     )
     caption_batch: int = option(8, "images per generation batch")
     caption_sort_window: int = option(
@@ -192,7 +223,7 @@ class CaptionConfig:
         "auto = compiled on a GPU, dynamic on the CPU",
         choices=("auto", *CAPTION_DECODE_MODES),
     )
-    caption_max_side: int = option(1344, "longer side of the image handed to the engine (AnyRes)")
+    caption_max_side: int = option(1344, "longer side of the image handed to the engine (AnyRes)", metavar="PX")
     max_new_tokens: int = option(400, "token limit of a caption (the paper's average ~190 words)")
     min_new_tokens: int = option(
         0, "generate at least this many tokens (benchmarks set it to --max-new-tokens)"
@@ -228,21 +259,26 @@ class CaptionConfig:
 
 @dataclass(frozen=True)
 class CurateConfig:
+    TITLE: ClassVar[str] = "curation (pass 1) and the embedding model"  # its group in --help
+    COMMANDS: ClassVar[tuple[str, ...]] = (RUN, CURATE, META)
+
     curate: bool = option(False, "run, meta: curate first (pass 1, into OUT/curate) and caption only the selected "
-                                 "samples (meta: its share of them)")
+                                 "samples (meta: its share of them)", commands=(RUN, META), basic=True)
     embed_model: str = option(
         "EVA02-L-14", "embedding model: open_clip architecture, folder with open_clip_config.json, "
-        "'hf-hub:org/repo', or 'tiny'", affects=("tags",), model="embed",
+        "'hf-hub:org/repo', or 'tiny'", affects=("tags",), model="embed", commands=(RUN, CURATE, META, PLAN), basic=True,
     )
     embed_weights: str = option(
         "merged2b_s4b_b131k", "weights for an architecture name: checkpoint file, open_clip "
-        "pretrained tag, or 'random' (benchmarks only)", affects=("tags",),
+        "pretrained tag, or 'random' (benchmarks only)", affects=("tags",), commands=(RUN, CURATE, META, PLAN),
+        basic=True, metavar="WEIGHTS",
     )
     embed_onnx: str = option(
         "", "run the embedder's image tower from this ONNX file (python -m models.export onnx "
         "--target embed) on ONNX Runtime instead of torch", affects=("tags",),
+        commands=(RUN, CURATE, DEMO, META, PLAN), metavar="FILE",
     )
-    embed_batch: int = option(64, "images per embedding batch")
+    embed_batch: int = option(64, "images per embedding batch", commands=(RUN, CURATE, DEMO, META, PLAN))
     curate_clusters: int = option(0, "k-means clusters (0: N / 10,000 like the paper, at least 1)")
     curate_eps: float = option(0.4, "SemDeDup epsilon: duplicates have cosine similarity > 1 - eps")
     curate_top_n: int = option(20, "keep this many non-duplicates closest to each centroid")
@@ -279,50 +315,64 @@ class CurateConfig:
 
 @dataclass(frozen=True)
 class RuntimeConfig:
-    out: str = option("", "output folder (created; a rerun with the same folder resumes)")
+    TITLE: ClassVar[str] = "run"  # its group in --help
+    COMMANDS: ClassVar[tuple[str, ...]] = ALL_COMMANDS
+
+    out: str = option("", "output folder (created; a rerun with the same folder resumes)", basic=True, metavar="DIR")
     stages: tuple[str, ...] = option(
-        (), "run only these stages, in pipeline order (default: all); see `stages` in --help"
+        (), "run only these stages, in pipeline order (default: all; --help ends with the list)",
+        commands=(RUN, DEMO, META, PLAN), basic=True, metavar="STAGE",
     )
-    device: str = option("auto", "auto, cpu, cuda or cuda:N")
+    device: str = option("auto", "auto, cpu, cuda or cuda:N", basic=True, metavar="DEVICE")
     replica_devices: tuple[str, ...] = option(
         (), "devices that each run one replica of every model-backed expert (category, tag, detect, ocr) "
         "and of a transformers caption engine (default: every visible GPU with --device cuda, else "
-        "--device); e.g. cuda:0 cuda:1, or cpu cpu (tests)"
+        "--device); e.g. cuda:0 cuda:1, or cpu cpu (tests)", basic=True, metavar="DEVICE",
     )
     models: str = option(
         "", "'tiny': random-weight tiny models for every model-backed stage (noise, for tests/demo)", affects=("tags", "boxes"),
+        basic=True, metavar="tiny",
     )
     cache_dir: str = option(
-        str(Path.home() / ".cache" / "densefusion"), "where tiny models and caches are kept"
+        str(Path.home() / ".cache" / "densefusion"), "where tiny models and caches are kept", metavar="DIR",
     )
-    queue_depth: int = option(4, "batches buffered between two stages (back-pressure)")
-    progress: bool = option(True, "show a live progress bar")
+    queue_depth: int = option(4, "batches buffered between two stages (back-pressure)", commands=(RUN, CURATE, DEMO, META))
+    max_bytes_in_flight: int = option(
+        1 << 30, "image bytes held between reading and writing, all stages together: bounds memory "
+        "whatever the member sizes (one image larger than this still runs, alone)", commands=(RUN, CURATE, DEMO, META),
+        metavar="BYTES",
+    )
+    progress: bool = option(True, "show a live progress bar", commands=(RUN, CURATE, DEMO, META))
 
     def validate(self) -> None:
         if not self.out:
             raise ConfigError("--out is required: the folder to write the dataset to")
         if self.queue_depth < 1:
             raise ConfigError("--queue-depth must be >= 1")
+        if self.max_bytes_in_flight < 1:
+            raise ConfigError("--max-bytes-in-flight must be >= 1 (bytes)")
         if self.models not in ("", "tiny"):
             raise ConfigError("--models takes 'tiny' (or nothing, for the per-stage model flags)")
-        _check_writable(Path(self.out))
+        from engine.io.commit import check_links
+
+        reason = check_links(check_output_folder(Path(self.out)))
+        if reason:
+            raise ConfigError(f"output folder {self.out}: {reason}; use a local or NFS-like filesystem")
 
 
-def _check_writable(out: Path) -> None:
+def check_output_folder(out: Path, flag: str = "--out") -> Path:
+    """The one check of a folder that a command writes into (every ``--out``, ``export --to``):
+    a folder, or creatable as one, and writable. Returns the nearest folder that exists."""
     probe_dir = out
     while not probe_dir.exists():
         probe_dir = probe_dir.parent
     if probe_dir == out and not out.is_dir():
-        raise ConfigError(f"--out {out} is a file, not a folder: pass a folder (it is created if missing)")
+        raise ConfigError(f"{flag} {out} is a file, not a folder: pass a folder (it is created if missing)")
     if not probe_dir.is_dir():
-        raise ConfigError(f"output folder {out} is not writable: {probe_dir} is a file, not a folder")
+        raise ConfigError(f"{flag} {out} is not writable: {probe_dir} is a file, not a folder")
     if not os.access(probe_dir, os.W_OK | os.X_OK):
-        raise ConfigError(f"output folder {out} is not writable (checked {probe_dir})")
-    from engine.io.commit import check_links
-
-    reason = check_links(probe_dir)
-    if reason:
-        raise ConfigError(f"output folder {out}: {reason}; use a local or NFS-like filesystem")
+        raise ConfigError(f"{flag} {out} is not writable (checked {probe_dir})")
+    return probe_dir
 
 
 # --- pass 2: vision experts (engine/stages/tag.py, engine/stages/detect.py, engine/evidence/boxes.py) ---
@@ -332,40 +382,45 @@ TAGGERS = ("ram_plus", "clip")
 
 @dataclass(frozen=True)
 class ExpertsConfig:
+    TITLE: ClassVar[str] = "tagging and detection experts"  # its group in --help
+    COMMANDS: ClassVar[tuple[str, ...]] = (RUN, DEMO, META, PLAN)
+
     tagger: str = option("ram_plus", "image tagger: ram_plus, or clip (zero-shot from the pass-1 "
-                         "embedding against the same vocabulary)", choices=TAGGERS, affects=("tags",))
+                         "embedding against the same vocabulary)", choices=TAGGERS, affects=("tags",), basic=True)
     ram_plus_model: str = option(
         "", "RAM++ checkpoint (ram_plus_swin_large_14m.pth) or its folder, or its ONNX export "
         "(python -m models.export onnx --target ram_plus), with ram_tag_list.txt "
-        "(and ram_tag_list_threshold.txt) beside it; 'tiny'", affects=("tags",), model="ram_plus",
+        "(and ram_tag_list_threshold.txt) beside it; 'tiny'", affects=("tags",), model="ram_plus", basic=True,
     )
     tag_batch: int = option(16, "images per tagging batch", affects=())
     max_tags: int = option(30, "keep at most this many tags per image (they are OWLv2's queries)", affects=("tags",))
     tag_vocab: str = option(
         "", "clip tagger: vocabulary file, one tag a line (default: ram_tag_list.txt beside --ram-plus-model)", affects=("tags",),
+        basic=True, metavar="FILE",
     )
-    clip_tag_template: str = option("a photo of a {}.", "clip tagger: text prompt per tag", affects=("tags",))
+    clip_tag_template: str = option("a photo of a {}.", "clip tagger: text prompt per tag", affects=("tags",), metavar="TEMPLATE")
     clip_tag_threshold: float = option(0.2, "clip tagger: minimum cosine similarity of a tag", affects=("tags",))
     clip_tag_top_k: int = option(10, "clip tagger: at most this many tags per image", affects=("tags",))
     owlv2_model: str = option(
         "google/owlv2-base-patch16-ensemble", "open-set detector (transformers OWLv2 folder or hub id; "
-        "'tiny'; '' turns it off)", affects=("boxes",), model="owlv2",
+        "'tiny'; '' turns it off)", affects=("boxes",), model="owlv2", basic=True,
     )
     owlv2_preprocess: str = option("tensor", "OWLv2 preprocessing: tensor (fast) or stock (the processor)",
                                    choices=("tensor", "stock"), affects=("boxes",))
-    owlv2_query_template: str = option("a photo of a {}", "OWLv2 text query per tag", affects=("boxes",))
+    owlv2_query_template: str = option("a photo of a {}", "OWLv2 text query per tag", affects=("boxes",), metavar="TEMPLATE")
     owlv2_nms_iou: float = option(0.5, "OWLv2: per-label non-maximum suppression IoU (1 = off)", affects=("boxes",))
     closed_detector: str = option(
         "", "closed-set detector: transformers object-detection checkpoint (folder or hub id) or an "
         ".onnx file with boxes/scores/labels outputs; 'tiny'; '' = off", affects=("boxes",),
-        model="detector",
+        model="detector", basic=True,
     )
-    closed_label_map: str = option("", "ONNX detector: labels.json / labels.txt (default: beside the .onnx)", affects=("boxes",))
-    closed_input_size: int = option(0, "ONNX detector: input side when the graph's is dynamic", affects=("boxes",))
+    closed_label_map: str = option("", "ONNX detector: labels.json / labels.txt (default: beside the .onnx)", affects=("boxes",),
+                                   metavar="FILE")
+    closed_input_size: int = option(0, "ONNX detector: input side when the graph's is dynamic", affects=("boxes",), metavar="PX")
     detect_batch: int = option(8, "images per detection batch", affects=())
     expert_cache: str = option(
         "", "expert outputs cache (sqlite) keyed by image hash + expert config: '' = "
-        "<cache-dir>/experts.sqlite, 'off' = no cache", affects=(),
+        "<cache-dir>/experts.sqlite, 'off' = no cache", affects=(), metavar="PATH",
     )
 
     def validate(self) -> None:
@@ -382,6 +437,9 @@ class ExpertsConfig:
 @dataclass(frozen=True)
 class FusionConfig:
     """Box fusion rules (engine/evidence/boxes.py); every default is listed in the README."""
+    TITLE: ClassVar[str] = "box fusion"  # its group in --help
+    COMMANDS: ClassVar[tuple[str, ...]] = (RUN, DEMO, META)
+
 
     open_min_score: float = option(0.3, "keep open-set (OWLv2) boxes scoring at least this", affects=("boxes",))
     closed_min_score: float = option(0.5, "keep closed-set detector boxes scoring at least this", affects=("boxes",))
@@ -391,12 +449,14 @@ class FusionConfig:
     min_box_side: float = option(
         4.0, "drop boxes narrower or shorter than this, in pixels of the original image, before the "
         "size quotas (detectors emit boxes of no size that would take the small-object slots)",
-        affects=("boxes",),
+        affects=("boxes",), metavar="PX",
     )
     small_area: float = option(
         0.01, "a box covering less than this share of the image is small (0.01 = 10%% x 10%%)", affects=("boxes",),
+        metavar="SHARE",
     )
-    large_area: float = option(0.1, "a box covering at least this share of the image is large", affects=("boxes",))
+    large_area: float = option(0.1, "a box covering at least this share of the image is large", affects=("boxes",),
+                               metavar="SHARE")
     quota_small: int = option(5, "boxes kept from the small bucket before the others", affects=("boxes",))
     quota_medium: int = option(3, "boxes kept from the medium bucket (plus what small left over)", affects=("boxes",))
     quota_large: int = option(2, "boxes kept from the large bucket (plus what medium left over)", affects=("boxes",))
@@ -404,7 +464,7 @@ class FusionConfig:
     label_synonyms: tuple[str, ...] = option(
         ("person=man,woman,boy,girl,child,people", "car=automobile", "cell phone=mobile phone,phone",
          "tv=television", "sofa=couch", "bicycle=bike", "motorcycle=motorbike", "airplane=aeroplane,plane"),
-        "label groups treated as one when merging: 'canonical=syn1,syn2'", affects=("boxes",),
+        "label groups treated as one when merging: 'canonical=syn1,syn2'", affects=("boxes",), metavar="GROUP",
     )
 
     def validate(self) -> None:
@@ -450,27 +510,30 @@ QC_SCAFFOLDING = (
 
 @dataclass(frozen=True)
 class QcConfig:
+    TITLE: ClassVar[str] = "caption quality control"  # its group in --help
+    COMMANDS: ClassVar[tuple[str, ...]] = (RUN, DEMO, META)
+
     qc_action: str = option(
         "auto",
         "what a failed quality-control rule does: drop the sample (to rejects/) or only flag it; "
         "auto: drop, but flag with --models tiny (whose captions are noise)",
-        choices=("auto", "drop", "flag"),
+        choices=("auto", "drop", "flag"), basic=True,
     )
-    qc_rules: tuple[str, ...] = option(QC_RULES, "quality-control rules to run: " + ", ".join(QC_RULES))
+    qc_rules: tuple[str, ...] = option(QC_RULES, "quality-control rules to run: " + ", ".join(QC_RULES), metavar="RULE")
     qc_flag_rules: tuple[str, ...] = option(
-        (), "rules that only flag, even when --qc-action is drop"
+        (), "rules that only flag, even when --qc-action is drop", metavar="RULE",
     )
     qc_min_words: int = option(20, "rule 'short': captions with fewer words fail")
     qc_ngram: int = option(4, "rule 'repeated_ngrams': n-gram length, in words")
     qc_max_ngram_repeat_share: float = option(
-        0.3, "rule 'repeated_ngrams': largest share of n-grams that may repeat an earlier one"
+        0.3, "rule 'repeated_ngrams': largest share of n-grams that may repeat an earlier one", metavar="SHARE",
     )
     qc_max_sentence_repeats: int = option(
         2, "rule 'repeated_sentences': most times one sentence may occur"
     )
     qc_scaffolding: tuple[str, ...] = option(
         QC_SCAFFOLDING,
-        "rule 'scaffolding': regular expressions (case-insensitive) a caption must not match",
+        "rule 'scaffolding': regular expressions (case-insensitive) a caption must not match", metavar="REGEX",
     )
 
     def validate(self) -> None:
@@ -502,15 +565,18 @@ class QcConfig:
 
 @dataclass(frozen=True)
 class ApiConfig:
+    TITLE: ClassVar[str] = "OpenAI-compatible endpoint (--caption-backend openai)"  # its group in --help
+    COMMANDS: ClassVar[tuple[str, ...]] = (RUN, META)
+
     api_base: str = option(
-        "", "OpenAI-compatible endpoint for --caption-backend openai (e.g. http://host:8000/v1)"
+        "", "OpenAI-compatible endpoint for --caption-backend openai (e.g. http://host:8000/v1)", basic=True, metavar="URL",
     )
-    api_model: str = option("", "model name the endpoint serves (e.g. gpt-4o)")
+    api_model: str = option("", "model name the endpoint serves (e.g. gpt-4o)", basic=True, metavar="NAME")
     api_concurrency: int = option(16, "requests in flight at once")
     api_max_retries: int = option(6, "retries per request before the sample fails")
-    api_timeout: float = option(120.0, "seconds to wait for one response")
-    api_backoff: float = option(1.0, "first retry waits about this long (s), doubling each time")
-    api_max_backoff: float = option(60.0, "longest wait before a retry, Retry-After included (s)")
+    api_timeout: float = option(120.0, "seconds to wait for one response", metavar="SECONDS")
+    api_backoff: float = option(1.0, "first retry waits about this long (s), doubling each time", metavar="SECONDS")
+    api_max_backoff: float = option(60.0, "longest wait before a retry, Retry-After included (s)", metavar="SECONDS")
     api_image_detail: str = option(
         "high", "image detail level sent with each image", choices=("auto", "low", "high")
     )
@@ -530,32 +596,24 @@ class ApiConfig:
             raise ConfigError("--api-jpeg-quality must be within 1..100")
 
 
-SGLANG_CHAT_TEMPLATES = ("vicuna_v1", "llava_hf_vicuna", "mistral_instruct", "chatml")  # see sglang_backend
-
-
 @dataclass(frozen=True)
 class SglangConfig:
-    sglang_dp_size: int = option(0, "SGLang data-parallel replicas (0: one per visible GPU / tp)")
-    sglang_tp_size: int = option(1, "SGLang tensor-parallel GPUs per replica")
+    TITLE: ClassVar[str] = "SGLang (--caption-backend sglang)"  # its group in --help
+    COMMANDS: ClassVar[tuple[str, ...]] = (RUN, META, PLAN)
+
+    sglang_dp_size: int = option(0, "SGLang data-parallel replicas (0: one per visible GPU / tp)", basic=True)
+    sglang_tp_size: int = option(1, "SGLang tensor-parallel GPUs per replica", basic=True)
     sglang_dummy_weights: bool = option(
         False, "load random weights of the checkpoint's shape (benchmarks: same cost as real)"
     )
     sglang_radix_cache: bool = option(True, "reuse the shared prompt prefix's KV cache")
     sglang_mem_fraction: float = option(
         0.0, "share of GPU memory for SGLang's weights and KV cache; 0 = what the experts placed on "
-        "the same GPU leave, after a margin (see `densefusion_local.py plan`)"
+        "the same GPU leave, after a margin (see `densefusion_local.py plan`)", metavar="SHARE",
     )
     sglang_window: int = option(256, "caption requests kept in flight in the engine")
     sglang_max_total_tokens: int = option(
-        0, "KV-cache pool in tokens (0: SGLang sizes it from --sglang-mem-fraction; 16384 on the CPU)"
-    )
-    sglang_chat_template: str = option(
-        "vicuna_v1", "chat template of the caption model", choices=SGLANG_CHAT_TEMPLATES
-    )
-    sglang_image_first: bool = option(
-        False,
-        "put the image before the prompt text (how LLaVA training lays it out) instead of "
-        "after it; image-first gives up sharing the instruction's KV cache across requests",
+        0, "KV-cache pool in tokens (0: SGLang sizes it from --sglang-mem-fraction; 16384 on the CPU)", metavar="TOKENS",
     )
 
     def validate(self) -> None:
@@ -572,8 +630,11 @@ class SglangConfig:
 
 @dataclass(frozen=True)
 class SubsetConfig:
+    TITLE: ClassVar[str] = "seeded subset (meta)"  # its group in --help
+    COMMANDS: ClassVar[tuple[str, ...]] = (RUN, META)
+
     subset_share: float = option(
-        1.0, "caption only this seeded random share of the samples (meta dataset: 0.1 of 1M)"
+        1.0, "caption only this seeded random share of the samples (meta dataset: 0.1 of 1M)", basic=True, metavar="SHARE",
     )
     subset_seed: int = option(0, "seed of the --subset-share draw (same seed, same samples)")
 
@@ -584,9 +645,12 @@ class SubsetConfig:
 
 @dataclass(frozen=True)
 class ScoreConfig:
+    TITLE: ClassVar[str] = "coverage scores"  # its group in --help
+    COMMANDS: ClassVar[tuple[str, ...]] = (RUN, DEMO, META)
+
     pos_tagger: str = option(
         "pattern", "part-of-speech tagger for the coverage scores: pattern (built in, offline) or "
-        "spacy[:model] (an installed spaCy English pipeline)"
+        "spacy[:model] (an installed spaCy English pipeline)", metavar="TAGGER",
     )
 
     def validate(self) -> None:
@@ -598,11 +662,14 @@ class ScoreConfig:
 @dataclass(frozen=True)
 class ClusterConfig:
     """Running on a Ray cluster (engine/cluster/): shards leased to one worker actor per GPU."""
+    TITLE: ClassVar[str] = "Ray cluster (--ray)"  # its group in --help
+    COMMANDS: ClassVar[tuple[str, ...]] = (RUN, CURATE, META)
+
 
     ray: str = option(
         "",
         "run on a Ray cluster: its address (host:port or ray://...), or 'auto' ($RAY_ADDRESS, else a local "
-        "cluster); --shards and --out must be on storage every node sees at the same path",
+        "cluster); --shards and --out must be on storage every node sees at the same path", basic=True, metavar="ADDRESS",
     )
     ray_max_attempts: int = option(
         3, "a shard whose worker died this many times with no other shard beside it is recorded as failed")
@@ -618,7 +685,7 @@ class ClusterConfig:
     ray_lease_timeout: float = option(
         0.0,
         "seconds a shard may take on one worker before it is given to another (0: no limit); the slow "
-        "worker is no longer used, and whatever it commits later cannot replace the first commit",
+        "worker is no longer used, and whatever it commits later cannot replace the first commit", metavar="SECONDS",
     )
 
     def validate(self) -> None:
@@ -633,6 +700,41 @@ class ClusterConfig:
 
             if find_spec("ray") is None:
                 raise ConfigError("--ray needs Ray: pip install 'densefusion[ray]'")
+
+
+LOG_FORMATS = ("text", "json")
+
+
+@dataclass(frozen=True)
+class OpsConfig:
+    """Watching a long run: live Prometheus metrics, machine-readable events, the stall alarm
+    (engine/ops/)."""
+
+    metrics_port: int = option(
+        0, "serve Prometheus metrics on this port of the driver (0: off); see README 'Watching a long run'")
+    metrics_final_scrape_s: float = option(
+        15.0, "with --metrics-port: after the run, keep serving until one scrape has read the final "
+        "figures, at most this many seconds (0: exit at once)")
+    log_format: str = option(
+        "text", "text, or json: one JSON object per event (shard committed or failed, replica retired, stall, "
+        "interrupted) with run id, node and shard", choices=LOG_FORMATS)
+    log_file: str = option("", "--log-format json: append the events to this file (empty: stderr)")
+    stall_seconds: float = option(
+        600.0, "when no sample finishes for this long, log the stage and replica that hold the oldest "
+        "item, and show it in the metrics (0: off)")
+
+    def validate(self) -> None:
+        if not 0 <= self.metrics_port <= 65535:
+            raise ConfigError("--metrics-port must be a TCP port (1-65535), or 0 for no metrics endpoint")
+        if self.metrics_final_scrape_s < 0 or self.stall_seconds < 0:
+            raise ConfigError("--metrics-final-scrape-s and --stall-seconds must be >= 0")
+        if self.log_file and self.log_format != "json":
+            raise ConfigError("--log-file takes the JSON events: add --log-format json")
+        if self.metrics_port:
+            from importlib.util import find_spec
+
+            if find_spec("prometheus_client") is None:
+                raise ConfigError("--metrics-port needs prometheus_client: pip install prometheus_client")
 
 
 @dataclass(frozen=True)
@@ -655,6 +757,7 @@ class RunConfig:
     subset: SubsetConfig = SubsetConfig()
     score: ScoreConfig = ScoreConfig()
     cluster: ClusterConfig = ClusterConfig()
+    ops: OpsConfig = OpsConfig()
 
     def validate(self) -> RunConfig:
         for section in dataclasses.fields(self):
@@ -707,33 +810,60 @@ def _sections(cls=RunConfig):
         yield f.name, hints[f.name]
 
 
-def add_arguments(parser: argparse.ArgumentParser, cls=RunConfig) -> None:
-    """Add one flag per config field, grouped by section; defaults stay in the dataclass."""
+def applies_to(section_cls, f: dataclasses.Field) -> tuple[str, ...] | None:
+    """The commands an option applies to (its own ``commands``, else its section's); None: all."""
+    return f.metadata.get("commands") or getattr(section_cls, "COMMANDS", None)
+
+
+def option_commands(cls=RunConfig) -> dict[str, tuple[str, ...]]:
+    """flag -> the commands it applies to, for every option of ``cls``."""
+    return {flag_name(f): applies_to(section_cls, f) or ALL_COMMANDS
+            for _, section_cls in _sections(cls) for f in dataclasses.fields(section_cls)}
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls=RunConfig, command: str | None = None) -> None:
+    """Add one flag per config field, grouped by section; defaults stay in the dataclass.
+
+    With ``command``: only the options that apply to it, and those not ``basic`` with their help
+    kept aside as ``action.full_help`` (``--help-all`` shows them)."""
     seen: set[str] = set()
     for section_name, section_cls in _sections(cls):
-        group = parser.add_argument_group(section_name)
+        group = parser.add_argument_group(getattr(section_cls, "TITLE", section_name))
         hints = typing.get_type_hints(section_cls)
         for f in dataclasses.fields(section_cls):
             flag = flag_name(f)
             if flag in seen:
                 raise TypeError(f"duplicate config flag {flag}")
             seen.add(flag)
+            if command and command not in (applies_to(section_cls, f) or (command,)):
+                continue
             kind = hints[f.name]
-            kwargs: dict[str, Any] = {
-                "dest": f"{section_name}.{f.name}",
-                "default": argparse.SUPPRESS,
-                "help": f"{f.metadata.get('help', '')} (default: {_show(f.default)})",
-            }
+            help_text = f.metadata.get("help", "")
+            if "default" not in help_text and f.default not in ("", ()):  # the help says it better, or
+                # nothing is the default (an option that is off, or required like --out)
+                help_text += f" (default: {_show(f.default)})"
+            kwargs: dict[str, Any] = {"dest": f"{section_name}.{f.name}", "default": argparse.SUPPRESS,
+                                      "help": help_text}
             if kind is bool:
                 kwargs["action"] = argparse.BooleanOptionalAction
-            elif _is_tuple(kind):
-                kwargs["nargs"] = "+"
-                kwargs["type"] = typing.get_args(kind)[0]
             else:
-                kwargs["type"] = kind
+                item = typing.get_args(kind)[0] if _is_tuple(kind) else kind
+                kwargs["type"] = item
+                if _is_tuple(kind):
+                    kwargs["nargs"] = "+"
                 if f.metadata.get("choices"):
                     kwargs["choices"] = f.metadata["choices"]
-            group.add_argument(flag, **kwargs)
+                else:
+                    kwargs["metavar"] = f.metadata.get("metavar") or _placeholder(f, item)
+            action = group.add_argument(flag, **kwargs)
+            if command and not f.metadata.get("basic"):
+                action.full_help, action.help = action.help, argparse.SUPPRESS
+
+
+def _placeholder(f: dataclasses.Field, kind) -> str:
+    if f.metadata.get("model"):
+        return "MODEL"
+    return {int: "N", float: "X"}.get(kind, "TEXT")
 
 
 def _show(value: Any) -> str:

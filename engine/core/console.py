@@ -97,7 +97,8 @@ def format_summary(summary: RunSummary) -> str:
         lines = [f"nothing left to do: all {summary.shards_total} input shards are already committed "
                  f"in {root} (no model was loaded)"]
     else:
-        lines = [f"done in {summary.wall_s:.1f}s: {summary.written} written, {summary.rejected} rejected "
+        how = "interrupted after" if summary.interrupted else "done in"
+        lines = [f"{how} {summary.wall_s:.1f}s: {summary.written} written, {summary.rejected} rejected "
                  f"({summary.images_per_s:.1f} images/s)"]
     lines.append(f"shards: {len(summary.shards_done)} committed this run, {len(summary.shards_skipped)} "
                  f"already done, {summary.shards_total} in the input")

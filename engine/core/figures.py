@@ -17,12 +17,14 @@ output holds. So ``metrics.json`` keeps both:
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from engine.io.commit import node_name
 from engine.io.manifest import write_json_atomic
 
 EMPTY_SHARD = "no samples in this shard"
@@ -158,7 +160,9 @@ class MetricsFile:
         for entry in self.invocations:
             if entry.get("status") == "running":
                 entry["status"] = "killed"
-        self.invocations.append({"pass": pass_name, "started_at": _now(), "status": "running", "config": config})
+        # who runs it: `status` checks that a "running" invocation's process is still alive
+        self.invocations.append({"pass": pass_name, "started_at": _now(), "status": "running", "node": node_name(),
+                                 "pid": os.getpid(), "config": config})
         self._write(totals)
 
     def finish(self, summary: RunSummary, device: str) -> None:

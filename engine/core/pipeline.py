@@ -19,7 +19,7 @@ from pathlib import Path
 from engine.core import driver
 from engine.core.config import RunConfig
 from engine.core.driver import Pass, Source, run_pass
-from engine.core.errors import ConfigError
+from engine.core.errors import ConfigError, Problems
 from engine.core.figures import RunSummary
 from engine.core.placement import REPLICATED, check_fits, format_plan, node_plan, on_device, replica_devices, sglang_mem_fraction
 from engine.core.stage import Stage
@@ -74,14 +74,20 @@ def replicated_stage_names(cfg: RunConfig) -> set[str]:
 
 
 def build_stages(cfg: RunConfig) -> list[Stage | list[Stage]]:
-    """The selected stages in order; a replicated stage is a list of its replicas."""
+    """The selected stages in order; a replicated stage is a list of its replicas. Every stage's
+    checks run (its models resolved: local, cached, or on a reachable hub) and their problems
+    are reported together."""
     names = selected_stage_names(cfg)
     devices = replica_devices(cfg)
     replicate = replicated_stage_names(cfg) if devices != [cfg.runtime.device] else set()
-    built: dict[str, Stage | list[Stage]] = {
-        name: [STAGES[name](on_device(cfg, d)) for d in devices] if name in replicate else STAGES[name](cfg)
-        for name in names if name != "decode"
-    }
+    built: dict[str, Stage | list[Stage]] = {}
+    problems = Problems()
+    for name in names:
+        if name != "decode":
+            with problems.check():
+                built[name] = [STAGES[name](on_device(cfg, d)) for d in devices] if name in replicate \
+                    else STAGES[name](cfg)
+    problems.raise_found()
     if "decode" in names:
         after = [_first(built[n]) for n in names[names.index("decode") + 1:]]
         built["decode"] = decode.build(cfg, tuple(v for stage in after for v in stage.views()))

@@ -43,6 +43,7 @@ class Need:
     weight_bytes: int
     activation_bytes: int  # estimate
     source: str  # where the parameter count came from
+    leave_out: str = ""  # the flags that run without it (a plan that does not fit suggests them)
 
     @property
     def total(self) -> int:
@@ -61,10 +62,28 @@ class CaptionNeed:
     tokens_per_request: int
     min_requests: int  # the KV cache must hold at least this many requests at once
     source: str
+    tp: int = 1  # GPUs one replica spans (SGLang tensor parallel): weights and KV heads split over them
+    kv_heads: int = 1
+
+    @property
+    def weight_bytes_per_gpu(self) -> int:
+        return math.ceil(self.weight_bytes / self.tp)
+
+    @property
+    def kv_bytes_per_token_per_gpu(self) -> int:
+        return math.ceil(self.kv_bytes_per_token / min(self.tp, self.kv_heads))  # fewer heads than GPUs: copies
+
+    def bytes_per_gpu(self, requests: int) -> int:
+        return self.weight_bytes_per_gpu + self.kv_bytes_per_token_per_gpu * self.tokens_per_request * requests
 
     @property
     def min_bytes(self) -> int:
-        return self.weight_bytes + self.kv_bytes_per_token * self.tokens_per_request * self.min_requests
+        """On each GPU it spans."""
+        return self.bytes_per_gpu(self.min_requests)
+
+    def requests_in(self, room: int) -> int:
+        """How many requests' KV cache fit in ``room`` bytes per GPU beside the weights."""
+        return max(0, room - self.weight_bytes_per_gpu) // (self.kv_bytes_per_token_per_gpu * self.tokens_per_request)
 
 
 @dataclass(frozen=True)
@@ -90,6 +109,7 @@ class Plan:
     caption: CaptionNeed | None
     sglang_mem_fraction: float | None
     problems: tuple[str, ...]
+    suggestions: tuple[str, ...] = ()  # what would make a plan that does not fit fit
 
     @property
     def fits(self) -> bool:
@@ -117,19 +137,58 @@ def make_plan(cfg: RunConfig, stages: list[str], gpus: int, gpu_bytes: int) -> P
         left = gpu_bytes - used - overhead - margin
         budgets.append(GpuBudget(f"cuda:{gpu}", gpu_bytes, experts, overhead, margin, left))
         if caption is not None and left < caption.min_bytes:
+            per_gpu = f" per GPU of its {caption.tp}" if caption.tp > 1 else ""
             problems.setdefault(
-                f"the caption engine needs {_gb(caption.min_bytes)} (weights {_gb(caption.weight_bytes)} + KV "
-                f"cache for {caption.min_requests} requests of ~{caption.tokens_per_request} tokens, estimate) "
+                f"the caption engine needs {_gb(caption.min_bytes)}{per_gpu} (weights {_gb(caption.weight_bytes_per_gpu)} "
+                f"+ KV cache for {caption.min_requests} requests of ~{caption.tokens_per_request} tokens, estimate) "
                 f"but the experts leave {_gb(max(left, 0))}", []).append(f"cuda:{gpu}")
         elif caption is None and left < 0:
             problems.setdefault(f"the experts need {_gb(used + overhead + margin)} of {_gb(gpu_bytes)}",
                                 []).append(f"cuda:{gpu}")
+    found = [f"{' '.join(devices)}: {message}" for message, devices in problems.items()]
+    if caption is not None and caption.tp > 1 and gpus % caption.tp:
+        found.append(f"--sglang-tp-size {caption.tp}: a replica spans {caption.tp} GPUs, so the node needs a multiple "
+                     f"of {caption.tp} GPUs, not {gpus}")
     fraction = None
     if sglang:
         tightest = min(b.caption_bytes for b in budgets)
         fraction = math.floor(100 * max(tightest, 0) / gpu_bytes) / 100
     return Plan(gpus, gpu_bytes, tuple(n for n in stages if n in REPLICATED), tuple(budgets), caption,
-                fraction, tuple(f"{' '.join(devices)}: {message}" for message, devices in problems.items()))
+                fraction, tuple(found), tuple(_suggestions(caption, budgets, gpus)) if found else ())
+
+
+def _suggestions(caption: CaptionNeed | None, budgets: list[GpuBudget], gpus: int) -> list[str]:
+    """The levers that make room on the tightest GPU, each with what it gives (and whether that is
+    enough on its own): tensor parallel, fewer requests at once, fewer experts per GPU."""
+    room = min(b.caption_bytes for b in budgets)  # the tightest GPU's, for the caption engine
+    needed = caption.min_bytes if caption is not None else 0
+    found = []
+
+    def enough(ok: bool) -> str:
+        return " — enough on its own" if ok else ""
+
+    if caption is not None:
+        splits = [dataclasses.replace(caption, tp=tp) for tp in (2, 4, 8) if caption.tp < tp <= gpus and gpus % tp == 0]
+        split = next((c for c in splits if c.min_bytes <= room), splits[-1] if splits else None)
+        if split is not None:
+            how = "" if caption.backend == "sglang" else "--caption-backend sglang "
+            found.append(f"{how}--sglang-tp-size {split.tp}: each caption replica spans {split.tp} GPUs, weights and KV "
+                         f"cache split over them: {_gb(split.min_bytes)} per GPU instead of {_gb(caption.min_bytes)}"
+                         + enough(split.min_bytes <= room))
+        requests = caption.requests_in(room)
+        if 1 <= requests < caption.min_requests:
+            found.append(f"--caption-batch {requests}: KV cache for {requests} requests at once instead of "
+                         f"{caption.min_requests} (fewer captions per second){enough(True)}")
+    freed, left_out = 0, []
+    for need in sorted((n for n in budgets[0].experts if n.leave_out), key=lambda n: n.total, reverse=True):
+        if room + freed >= needed:
+            break
+        freed += need.total  # the largest first, until the tightest GPU has room
+        left_out.append(need)
+    if left_out:
+        found.append("fewer experts per GPU: " + "; ".join(f"{n.leave_out} (frees {_gb(n.total)}, {n.model})"
+                                                           for n in left_out) + enough(room + freed >= needed))
+    return found
 
 
 @functools.lru_cache(maxsize=4)
@@ -201,8 +260,9 @@ def stage_needs(cfg: RunConfig, stage: str) -> tuple[Need, ...]:
     experts = cfg.experts
     if stage == "category":
         return (embedder_need(cfg.curate.embed_model, cfg.curate.embed_batch),)
-    if stage == "tag":
-        return (ram_plus_need(experts.tag_batch),) if experts.tagger == "ram_plus" else ()
+    if stage == "tag":  # the clip tagger loads its own copy of the embedding model (its text tower too)
+        return (ram_plus_need(experts.tag_batch),) if experts.tagger == "ram_plus" else \
+            (dataclasses.replace(embedder_need(cfg.curate.embed_model, experts.tag_batch), stage="tag", leave_out=""),)
     if stage == "detect":
         found = [owlv2_need(experts.owlv2_model, experts.detect_batch)] if experts.owlv2_model else []
         if experts.closed_detector:
@@ -239,7 +299,9 @@ def embedder_need(model: str, batch: int) -> Need:
     if open_clip.get_model_config(name) is None:
         raise ConfigError(f"plan: --embed-model {model} is neither an open_clip architecture nor a folder with "
                           f"open_clip_config.json")
-    with torch.device("meta"):
+    from models.embedder import random_weights_meant
+
+    with torch.device("meta"), random_weights_meant():
         net = open_clip.create_model(name, pretrained=None, device="meta")
     vision = open_clip.get_model_config(name)["vision_cfg"]
     trunk = getattr(net.visual, "trunk", None)
@@ -249,7 +311,8 @@ def embedder_need(model: str, batch: int) -> Need:
         side, patch = vision.get("image_size", 224), vision.get("patch_size", 16)
         tokens, hidden = (side // patch) ** 2 + 1, vision.get("width", 1024)
     return Need("category", f"{model} (open_clip)", _count(net), 2 * _count(net),
-                vit_activations(batch, tokens, hidden), "meta-device architecture")
+                vit_activations(batch, tokens, hidden), "meta-device architecture",
+                "--stages without category")
 
 
 def ram_plus_need(batch: int) -> Need:
@@ -263,7 +326,7 @@ def ram_plus_need(batch: int) -> Need:
     stage1 = (config.image_size // 4) ** 2  # Swin's largest activations: stage 1, windows of 12x12
     return Need("tag", "RAM++ Swin-L 384", _count(net), 2 * _count(net),
                 vit_activations(batch, stage1, config.embed_dim, config.num_heads[0], config.window_size**2),
-                "meta-device architecture")
+                "meta-device architecture")  # the paper's tagger: the clip tagger loads an embedder instead
 
 
 def owlv2_need(model: str, batch: int) -> Need:
@@ -276,7 +339,7 @@ def owlv2_need(model: str, batch: int) -> Need:
     vision = config.vision_config
     tokens = (vision.image_size // vision.patch_size) ** 2 + 1
     return Need("detect", f"OWLv2 {Path(model).name} ({vision.image_size} px)", _count(net), 2 * _count(net),
-                vit_activations(batch, tokens, vision.hidden_size), source)
+                vit_activations(batch, tokens, vision.hidden_size), source, "--owlv2-model ''")
 
 
 def closed_detector_need(model: str, batch: int) -> Need:
@@ -288,7 +351,7 @@ def closed_detector_need(model: str, batch: int) -> Need:
         else:  # the paper's EVA02-L detector: a ViT-L backbone at 1024 px with a detection head
             params, source = 400_000_000, "assumed: ViT-L detector, 0.4B parameters (file not found here)"
         return Need("detect", f"closed-set {path.name}", params, 2 * params,
-                    vit_activations(batch, 64 * 64, 1024, 16, 14 * 14), source)
+                    vit_activations(batch, 64 * 64, 1024, 16, 14 * 14), source, "--closed-detector ''")
     import torch
     from transformers import AutoConfig, AutoModelForObjectDetection
 
@@ -298,7 +361,8 @@ def closed_detector_need(model: str, batch: int) -> Need:
     with torch.device("meta"):
         net = AutoModelForObjectDetection.from_config(config)
     return Need("detect", f"closed-set {path.name}", _count(net), 2 * _count(net),
-                batch * 2 * 1333 * 800 * 256 // 16, "config.json")  # estimate: stride-4 feature maps, 256 ch
+                batch * 2 * 1333 * 800 * 256 // 16,  # estimate: stride-4 feature maps, 256 channels
+                "config.json", "--closed-detector ''")
 
 
 def ocr_need(cfg: RunConfig) -> Need:
@@ -310,7 +374,8 @@ def ocr_need(cfg: RunConfig) -> Need:
     side, batch = cfg.ocr.ocr_det_side, cfg.ocr.ocr_det_batch or 8
     # estimate: DB's largest maps are 64 channels at stride 4... over the padded batch, float32
     activations = batch * 4 * 64 * side * side * 3 // 4 // 16
-    return Need("ocr", "PP-OCR det + rec (ONNX Runtime)", size // 4, size, activations, "ONNX file size")
+    return Need("ocr", "PP-OCR det + rec (ONNX Runtime)", size // 4, size, activations, "ONNX file size",
+                "--stages without ocr")
 
 
 def decode_need(cfg: RunConfig) -> Need:
@@ -373,8 +438,10 @@ def caption_need(cfg: RunConfig) -> CaptionNeed:
     image_tokens = per_tile * (1 + tiles) + int(math.sqrt(per_tile * tiles))  # base + grid + row newlines
     backend = cfg.caption.caption_backend
     backend = "sglang" if backend == "auto" else backend  # the card's engine on a GPU node
+    tp = cfg.sglang.sglang_tp_size if backend == "sglang" else 1  # transformers: one GPU per replica
     return CaptionNeed(f"{model} ({backend})", backend, _count(net), 2 * _count(net), kv_per_token,
-                       image_tokens + TEXT_TOKENS + cfg.caption.max_new_tokens, cfg.caption.caption_batch, source)
+                       image_tokens + TEXT_TOKENS + cfg.caption.max_new_tokens, cfg.caption.caption_batch, source,
+                       tp, kv_heads)
 
 
 # --- printing -------------------------------------------------------------------------------------
@@ -385,9 +452,11 @@ def _gb(n: int) -> str:
 
 
 def format_plan(plan: Plan) -> str:
+    caption = plan.caption
+    share = f", and a 1/{caption.tp} share of a caption replica (tensor parallel)" if caption and caption.tp > 1 \
+        else ", and of the caption engine" if caption else ""
     lines = [f"plan: {plan.gpus} GPU(s) of {_gb(plan.gpu_bytes)}; one replica of each of "
-             f"{', '.join(plan.replicated) or 'no expert'} per GPU"
-             + (", and of the caption engine" if plan.caption else "")]
+             f"{', '.join(plan.replicated) or 'no expert'} per GPU" + share]
     groups: dict[tuple, list[GpuBudget]] = {}
     for budget in plan.budgets:
         groups.setdefault(tuple(n.stage for n in budget.experts), []).append(budget)
@@ -403,14 +472,17 @@ def format_plan(plan: Plan) -> str:
         lines.append(f"    {'':<9} {overhead:<44} {_gb(budget.overhead):>24}")
         lines.append(f"    {'':<9} {'margin (fragmentation, estimate error)':<44} {_gb(budget.margin):>24}")
         lines.append(f"    {'':<9} {'left for the caption engine':<44} {_gb(max(budget.caption_bytes, 0)):>24}")
-    caption = plan.caption
     if caption is not None:
-        kv_tokens = max(0, min(b.caption_bytes for b in plan.budgets) - caption.weight_bytes) // caption.kv_bytes_per_token
+        room = min(b.caption_bytes for b in plan.budgets)
+        kv_tokens = max(0, room - caption.weight_bytes_per_gpu) // caption.kv_bytes_per_token_per_gpu
+        split = (f", tensor parallel over {caption.tp} GPUs ({plan.gpus // caption.tp} replica(s)): weights "
+                 f"{_gb(caption.weight_bytes_per_gpu)} and KV cache {caption.kv_bytes_per_token_per_gpu / 2**20:.2f} "
+                 f"MiB/token per GPU") if caption.tp > 1 else ""
         lines.append(f"  caption  {caption.model}: {caption.params / 1e9:.2f}B params, weights {_gb(caption.weight_bytes)} "
                      f"[{caption.source}]; KV cache {caption.kv_bytes_per_token / 2**20:.2f} MiB/token, "
-                     f"~{caption.tokens_per_request} tokens/request (estimate)")
-        lines.append(f"  KV cache room per GPU: {kv_tokens:,} tokens = ~{kv_tokens // caption.tokens_per_request} "
-                     f"requests at once (estimate; at least {caption.min_requests} needed)")
+                     f"~{caption.tokens_per_request} tokens/request (estimate){split}")
+        lines.append(f"  KV cache room per {'replica' if caption.tp > 1 else 'GPU'}: {kv_tokens:,} tokens = "
+                     f"~{caption.requests_in(room)} requests at once (estimate; at least {caption.min_requests} needed)")
     if plan.sglang_mem_fraction is not None and plan.fits:
         lines.append(f"  --sglang-mem-fraction {plan.sglang_mem_fraction:.2f} (SGLang's weights + KV cache; the rest "
                      f"holds the experts)")
@@ -418,5 +490,7 @@ def format_plan(plan: Plan) -> str:
         lines.append("fits.")
     else:
         lines += ["DOES NOT FIT:", *(f"  {p}" for p in plan.problems)]
+        if plan.suggestions:
+            lines += ["to make room:", *(f"  {s}" for s in plan.suggestions)]
     return "\n".join(lines)
 

@@ -99,7 +99,10 @@ class Sample:
 
     def _end(self, status: Status, stage: str, reason: str) -> None:
         self.status, self.stage, self.reason = status, stage, reason
-        self.views.clear()  # pixels are the bulk of a sample's memory; a dead sample needs none
+        # pixels and image bytes are the bulk of a sample's memory; a dead sample's row in
+        # rejects/ needs neither (a shard of rejected 127 MiB members once stayed in memory whole)
+        self.views.clear()
+        self.image_bytes = b""
 
     def annotations(self) -> dict[str, Any]:
         """Everything the engine learnt about the sample: the ``<key>.json`` of the output."""

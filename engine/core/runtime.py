@@ -7,6 +7,12 @@ Queues carry lists of items (samples and :class:`ShardEnd` markers) and hold at 
 stays bounded. Each stage thread re-batches to its own batch size, flushes a partial batch
 when a shard ends or its input runs dry, and forwards dead samples untouched; FIFO order
 keeps every marker behind its shard's samples, so the writer can commit on it.
+Queues bound the number of samples in flight, not their bytes (a shard of 127 MiB members once
+sat whole in memory, +130 MB per member), so the source also waits while the image bytes
+between it and the writer would pass ``max_bytes_in_flight`` (:class:`ByteBudget`). It hands
+on what it holds first, and stages flush when their input runs dry, so the bytes it waits for
+are on their way to the writer whatever the batch sizes (no deadlock); one sample larger than
+the budget still runs, alone.
 Torch, ONNX Runtime and PIL release the GIL in their kernels, which is what makes threads
 (rather than processes) enough here, and keeps models loaded once per worker. A stage that asks
 for ``workers`` > 1 has that many batches in ``process()`` at once, on helper threads; a shard's
@@ -25,6 +31,7 @@ non-blocking: ``models/preprocess.py``) overlap another's kernels.
 from __future__ import annotations
 
 import contextlib
+import os
 import queue
 import signal
 import sys
@@ -38,6 +45,7 @@ from typing import Any
 
 from engine.core.record import Sample, ShardEnd
 from engine.core.stage import Stage
+from engine.ops import events
 
 Item = Sample | ShardEnd
 _STOP = object()  # end of input, passed down the chain
@@ -56,6 +64,8 @@ class StageMetrics:
     queue_depth_sum: int = 0
     queue_samples: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    # thread → (replica, start) of each batch in process(): where the stall alarm finds the oldest item
+    running: dict[int, tuple[Stage, float]] = field(default_factory=dict, repr=False)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)  # batches on helper threads
 
     def as_dict(self, wall_s: float) -> dict[str, Any]:
@@ -81,23 +91,28 @@ class Pipeline:
     """``stages``: each entry a stage, or the replicas of one stage (same name, one per device)."""
 
     def __init__(self, stages: Sequence[Stage | Sequence[Stage]], queue_depth: int,
-                 progress: Callable[[int, int], None] | None = None):
+                 progress: Callable[[int, int], None] | None = None, *, max_bytes_in_flight: int | None = None):
         self.replicas = [[s] if isinstance(s, Stage) else list(s) for s in stages]
         self.stages = [replicas[0] for replicas in self.replicas]
         self.queue_depth = queue_depth
+        self.budget = ByteBudget(max_bytes_in_flight)
         self.progress = progress
         self.metrics = [StageMetrics(s.name) for s in self.stages]
+        self.queues: list[queue.Queue] = []  # each stage's inbox, then the writer's (live depths for engine/ops)
         self._stop = threading.Event()
         self._errors: list[BaseException] = []
         self.ready_s = 0.0  # time run() spent loading models before the first sample moved
 
     def stop(self) -> None:
-        """Stop reading; finished shards stay committed, the open one is redone next run."""
+        """Stop within a batch: reading stops, and each stage drops what it has not started
+        (a whole list of items at a time, so a shard is either complete or its marker is dropped
+        with it); batches already in ``process()`` finish. Committed shards stay committed; the
+        others are redone by the next run, which is exact."""
         self._stop.set()
 
     def run(self, source: Iterator[Item], writer) -> tuple[Counter, bool]:
         """Drive ``source`` through the stages into ``writer``; returns rejects by stage."""
-        queues = [queue.Queue(self.queue_depth) for _ in range(len(self.stages) + 1)]
+        queues = self.queues = [queue.Queue(self.queue_depth) for _ in range(len(self.stages) + 1)]
         ready = threading.Barrier(len(self.stages) + 1)
         threads = [threading.Thread(target=self._stage_loop, name=f"stage-{r[0].name}",
                                     args=(r, m, queues[i], queues[i + 1], ready), daemon=True)
@@ -127,6 +142,11 @@ class Pipeline:
         try:
             for item in source:
                 if self._stop.is_set():
+                    break
+                if chunk and not self.budget.fits(item):
+                    out.put(chunk)  # the stages can free bytes only for the samples they have
+                    chunk = []
+                if not self.budget.take(item, self._stop):
                     break
                 chunk.append(item)
                 if len(chunk) >= 64 or isinstance(item, ShardEnd):
@@ -168,16 +188,21 @@ class Pipeline:
                 try:
                     items = inbox.get(timeout=_IDLE_FLUSH_S if pending else None)
                 except queue.Empty:
-                    flush()
+                    if not self._stop.is_set():
+                        flush()
                     pending = []
                     continue
                 metrics.queue_depth_sum += inbox.qsize()
                 metrics.queue_samples += 1
                 if items is _STOP:
-                    flush()
+                    if not self._stop.is_set():
+                        flush()
                     batches.drain()
                     outbox.put(_STOP)
                     return
+                if self._stop.is_set():  # stopping: what has not reached process() is redone on resume
+                    pending = []  # its shard's marker comes later and is dropped too: no commit
+                    continue
                 passthrough: list[Item] = []
                 for item in items:
                     if isinstance(item, Sample) and item.alive:
@@ -210,6 +235,7 @@ class Pipeline:
         error = None
         if batch:
             start = time.perf_counter()
+            metrics.running[threading.get_ident()] = (stage, start)
             try:
                 result = stage.process(batch)
                 if len(result) != len(batch):
@@ -225,6 +251,7 @@ class Pipeline:
                 metrics.busy_s += time.perf_counter() - start
                 metrics.items += len(batch)
                 metrics.batches += 1
+                metrics.running.pop(threading.get_ident(), None)
             outbox.put(list(result) + (passthrough or []))
         elif passthrough:
             outbox.put(passthrough)
@@ -241,10 +268,51 @@ class Pipeline:
                     writer.commit(item)
                     continue
                 writer.write(item)
+                self.budget.give(item)
                 if not item.alive:
                     rejects[item.stage] += 1
                 if self.progress:
                     self.progress(1, 0 if item.alive else 1)
+
+
+class ByteBudget:
+    """The image bytes of the samples between the source and the writer, held under ``limit``
+    (``None``: unbounded). A sample is charged when the source hands it on and freed when the
+    writer has it; ``peak`` is the most ever held. An empty budget admits any sample."""
+
+    def __init__(self, limit: int | None):
+        self.limit = limit
+        self.held = self.peak = 0
+        self._charges: dict[int, int] = {}  # id(sample) -> its bytes when charged (a rejected one drops them)
+        self._freed = threading.Condition()
+
+    def fits(self, item: Item) -> bool:
+        size = _image_bytes(item)
+        return self.limit is None or not size or not self.held or self.held + size <= self.limit
+
+    def take(self, item: Item, stop: threading.Event) -> bool:
+        """Charge ``item`` once it fits; False when ``stop`` is set while it waits."""
+        size = _image_bytes(item)
+        if not size:
+            return True
+        with self._freed:
+            while not self.fits(item):
+                if stop.is_set():
+                    return False
+                self._freed.wait(0.1)
+            self.held += size
+            self.peak = max(self.peak, self.held)
+            self._charges[id(item)] = size
+        return True
+
+    def give(self, item: Item) -> None:
+        with self._freed:
+            self.held -= self._charges.pop(id(item), 0)
+            self._freed.notify_all()
+
+
+def _image_bytes(item: Item) -> int:
+    return len(item.image_bytes) if isinstance(item, Sample) else 0
 
 
 class _Replicas:
@@ -340,6 +408,8 @@ class _Replicas:
         if len(self.retired) == len(self.replicas):
             raise StageFailed(message) from error
         self.metrics.extra.setdefault("retired_replicas", []).append(index)
+        events.emit("replica_retired", stage=name, replica=index, device=self.replicas[index].resources().device,
+                    reason=f"{type(error).__name__}: {error}")
         print(f"warning: {message}; its batches go to the other replicas", file=sys.stderr, flush=True)
 
     def drain(self) -> None:
@@ -394,25 +464,37 @@ def _device_stream(device: str):
     stream.synchronize()  # the batch's results are complete before the next stage reads them
 
 
-class SigintStops:
-    """First Ctrl-C: stop after committing finished shards. Second: the default (abort)."""
+class StopOnSignals:
+    """Ctrl-C (SIGINT) or SIGTERM (a scheduler's stop): the pipeline stops within a batch
+    (``Pipeline.stop``), saying so; the same signal again exits at once (``128 + signal``),
+    leaving the shards in flight uncommitted, which a rerun redoes. Only the main thread can
+    take signals; elsewhere (a cluster actor's worker) this does nothing."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self, pipeline: Pipeline):
         self.pipeline = pipeline
-        self._previous = None
+        self._previous: dict[int, Any] = {}
+        self.received: int | None = None  # the signal that stopped the run
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._previous = {signum: signal.signal(signum, self._handle) for signum in self.SIGNALS}
         return self
 
     def _handle(self, signum, frame):
-        print("\nstopping: finished shards are committed; rerun with the same --out to resume "
-              "(Ctrl-C again to abort)", flush=True)
+        name = signal.Signals(signum).name
+        if self.received is not None:
+            print(f"\n{name} again: stopping at once; the shards in flight are redone on resume",
+                  file=sys.stderr, flush=True)
+            os._exit(128 + signum)  # threads in process() cannot be interrupted: don't wait for them
+        self.received = signum
+        print(f"\n{name}: stopping after the batches in progress (seconds); committed shards stay, "
+              f"the shard in flight is redone when you rerun with the same --out "
+              f"({'Ctrl-C' if signum == signal.SIGINT else name} again to stop at once)", file=sys.stderr, flush=True)
         self.pipeline.stop()
-        signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
         return False

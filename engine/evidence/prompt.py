@@ -7,9 +7,11 @@ engine was trained on the first; the second built its GPT-4V meta dataset):
 - ``gpt4v``: the long policy prompt for GPT-4V (or any OpenAI-compatible model).
 
 Layout (the paper's text is a PDF extraction, so whitespace is ours): the fixed instruction comes
-first and never varies, so every request shares one cached prefix (SGLang's radix cache); blocks
-are separated by a blank line, lines inside a section by one newline; the prompt ends with the
-template's ``[IMAGE]:`` label and the caption backend places the image right after it.
+first and never varies, so every prompt's text starts the same; blocks are separated by a blank
+line, lines inside a section by one newline; the prompt ends with the template's ``[IMAGE]:``
+label. The request is this prompt, then the image, in the caption checkpoint's own chat template
+(``models/caption/chat.py``, the same on every backend): where the image lands is that template's
+choice (llava-hf's LLaVA-NeXT templates put it before the text, as LLaVA's training does).
 
 Empty sections keep their label with nothing under it: the template is a fixed scaffold with
 every label always present, and inventing filler ("None") would be text the engine never saw.

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from engine.core.config import check_output_folder
 from engine.output.dataset_reader import WrittenSample, check_output, iter_samples
 from engine.output.meta import caption_engine_prompt
 
@@ -213,6 +214,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def command(args: argparse.Namespace) -> int:
+    check_output_folder(args.to, "--to")
     result = export(args.kind, args.out, args.to, instruction=args.instruction, include_flagged=args.include_flagged)
     if not result.records:
         print(nothing_exported(result, args.out), file=sys.stderr)

@@ -45,7 +45,6 @@ def backend_settings(backend: str, config: CaptionConfig, api: ApiConfig, sglang
         return SglangSettings(dp_size=sglang.sglang_dp_size, tp_size=sglang.sglang_tp_size,
                               dummy_weights=sglang.sglang_dummy_weights, radix_cache=sglang.sglang_radix_cache,
                               mem_fraction=sglang.sglang_mem_fraction, window=sglang.sglang_window,
-                              chat_template=sglang.sglang_chat_template, image_first=sglang.sglang_image_first,
                               max_total_tokens=sglang.sglang_max_total_tokens, cache_dir=cache_dir,
                               dtype=config.caption_dtype)
     from models.caption.openai_backend import ApiSettings
@@ -140,8 +139,13 @@ class CaptionStage(Stage):
             self.engine = None
 
     def metrics(self) -> dict[str, float]:
-        """Tokens/s, images/s, the backend's own figures (retries, prefix-cache hits), GPU."""
-        return {**self.tally.figures(), **self.engine_figures, **self.gpu.figures()}
+        """Tokens/s, images/s, the backend's own figures (retries, prefix-cache hits), GPU. Safe to
+        call while ``process`` runs (the live metrics endpoint does): the engine's figures live,
+        its last ones after teardown."""
+        engine = self.engine  # teardown may clear it meanwhile
+        with self._figures_lock:
+            figures = {**self.tally.figures(), **self.gpu.figures()}
+        return {**figures, **(engine.metrics() if engine else self.engine_figures)}
 
     def progress(self) -> dict[str, str]:
         """Prompt and output tokens/s, the prefix-cache hit rate where the backend reports it,

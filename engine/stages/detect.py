@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from engine.core.config import ExpertsConfig, FusionConfig, RunConfig
+from engine.core.errors import Problems
 from engine.core.models import resolve_model
 from engine.core.record import Box, Sample
 from engine.core.stage import ImageView, Resources, Stage, run_per_sample
@@ -26,8 +27,13 @@ def build(cfg: RunConfig) -> Stage:
     from models import detector, owlv2
 
     experts, cache_dir = cfg.experts, Path(cfg.runtime.cache_dir)
-    open_ref = resolve_model("owlv2", experts.owlv2_model, cfg.runtime)
-    closed_ref = resolve_model("detector", experts.closed_detector, cfg.runtime)
+    problems = Problems()
+    open_ref = closed_ref = None
+    with problems.check():
+        open_ref = resolve_model("owlv2", experts.owlv2_model, cfg.runtime)
+    with problems.check():
+        closed_ref = resolve_model("detector", experts.closed_detector, cfg.runtime)
+    problems.raise_found()
     open_model = open_ref.resolve(cache_dir) if open_ref else ""
     closed_model = closed_ref.resolve(cache_dir) if closed_ref else ""
     stage = Detect(experts, cfg.boxes, owlv2_model=open_model, closed_model=closed_model, device=cfg.runtime.device,

@@ -30,8 +30,9 @@ def build(cfg: RunConfig, *, make_embedder: Callable[[], object] | None = None) 
     ram_plus = resolve_model("ram_plus", experts.ram_plus_model, cfg.runtime)
     if experts.tagger == "ram_plus":
         if ram_plus is None:
-            raise ConfigError("--tagger ram_plus needs --ram-plus-model (the ram_plus_swin_large_14m.pth "
-                              "checkpoint or its folder); or use --tagger clip")
+            raise ConfigError("--tagger ram_plus (the default) needs --ram-plus-model (the "
+                              "ram_plus_swin_large_14m.pth checkpoint or its folder); or use --tagger clip "
+                              "--tag-vocab FILE (one tag a line; zero-shot from the embedding model)")
         stage: Stage = RamPlusTag(experts, model=ram_plus.resolve(Path(cfg.runtime.cache_dir)),
                                   device=cfg.runtime.device)
     else:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from engine.core.config import option
+from engine.core.config import check_output_folder, option
 from engine.core.errors import ConfigError
 
 TRAIN_DTYPES = ("auto", "bfloat16", "float32")
@@ -58,6 +58,7 @@ class TrainConfig:
     def validate(self) -> None:
         if not self.out:
             raise ConfigError("--out is required: the folder to write the fine-tuned engine to")
+        check_output_folder(Path(self.out))
         if self.epochs <= 0 and self.max_steps <= 0:
             raise ConfigError("--epochs must be > 0 (or give --max-steps)")
         if min(self.batch_size, self.global_batch, self.save_every, self.keep_checkpoints, self.log_every) < 1:

@@ -137,7 +137,7 @@ class SampleEncoder:
     def __call__(self, record: MetaRecord) -> dict:
         import torch
 
-        from models.caption.transformers_backend import chat_text
+        from models.caption.chat import chat_text
 
         chat = chat_text(self.processor, record.prompt)
         inputs = self.processor(text=[chat], images=[self.image(record)], return_tensors="pt")

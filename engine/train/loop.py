@@ -41,6 +41,7 @@ from engine.train.data import (
     read_records,
 )
 from engine.train.parts import describe, parameter_groups, select_trainable
+from models.caption.chat import check_chat_template
 
 METRICS = "metrics.jsonl"
 RECORD = "densefusion_train.json"  # written last: its presence means the engine is complete
@@ -86,6 +87,7 @@ def load_base(train: TrainConfig):
 
     path = base_model(train.base, train.cache_dir).resolve(Path(train.cache_dir))
     processor = AutoProcessor.from_pretrained(path)
+    check_chat_template(processor, train.base)  # the samples' text is the inference one (models/caption/chat.py)
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
     return processor, model
 

@@ -40,6 +40,9 @@ class CaptionTally:
             )
         if self.images:
             figures["output_tokens_per_image"] = self.output_tokens / self.images
+            # the counts themselves: a live metrics endpoint serves them as counters
+            figures.update(caption_images=float(self.images), caption_prompt_tokens=float(self.prompt_tokens),
+                           caption_output_tokens=float(self.output_tokens))
         return figures
 
 

@@ -37,6 +37,7 @@ import numpy as np
 from engine.core.errors import ConfigError
 from engine.core.record import Caption
 from models.caption.base import SamplingParams
+from models.caption.chat import user_turn
 from models.caption.journal import CaptionJournal, request_digest
 from models.caption.window import RequestWindow
 
@@ -83,18 +84,11 @@ def jpeg_data_url(image: np.ndarray, quality: int) -> str:
 def chat_request(
     model: str, prompt: str, image_url: str, params: SamplingParams, detail: str
 ) -> dict[str, Any]:
-    """The chat-completions body: the prompt text first, then the image it ends with."""
+    """The chat-completions body: the conversation every backend sends (the prompt, then the
+    image it ends with); the endpoint applies its model's chat template."""
     body: dict[str, Any] = {
         "model": model,
-        "messages": [
-            {
-                "role": "user",
-                "content": [
-                    {"type": "text", "text": prompt},
-                    {"type": "image_url", "image_url": {"url": image_url, "detail": detail}},
-                ],
-            }
-        ],
+        "messages": user_turn(prompt, {"type": "image_url", "image_url": {"url": image_url, "detail": detail}}),
         "max_tokens": params.max_new_tokens,
         "temperature": params.temperature,
         "top_p": params.top_p,

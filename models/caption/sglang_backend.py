@@ -5,8 +5,10 @@ inside each replica), or runs on the CPU (one replica; CI and setup checks). It 
 through SGLang's native classes, so the radix cache is on: a llava-hf LLaVA-NeXT checkpoint is
 converted once into the original LLaVA layout (``models/caption/llava_native.py``), and a
 multimodal checkpoint SGLang would serve through its Transformers fallback (radix cache off)
-is refused before any work. Requests are laid out so that the fixed fusion instruction is the
-shared prefix of every prompt (the radix cache keeps its KV once for all of them), images go
+is refused before any work. A request's text is the one every backend sends
+(``models/caption/chat.py``: the checkpoint's chat template around the prompt and the image);
+the radix cache shares what that template puts before the image (llava-hf's LLaVA-NeXT
+templates put the image first, as LLaVA's training does, so only the turn's head). Images go
 in as PNG bytes (lossless; a PIL image would take SGLang's video branch and skip AnyRes), and
 requests stay in flight continuously: ``generate`` hands its batch to a
 :class:`~models.caption.window.RequestWindow` that admits a new request as soon as one
@@ -41,6 +43,7 @@ import numpy as np
 from engine.core.errors import ConfigError
 from engine.core.record import Caption
 from models.caption.base import EngineDead, SamplingParams
+from models.caption.chat import chat_text, check_chat_template
 from models.caption.window import RequestWindow
 
 log = logging.getLogger(__name__)
@@ -56,35 +59,16 @@ class SglangSettings:
     radix_cache: bool
     mem_fraction: float  # 0: SGLang's own default (or what the placement settled)
     window: int  # requests in flight in the engine
-    chat_template: str  # a key of CHAT_TEMPLATES
-    image_first: bool
     max_total_tokens: int  # KV pool in tokens; 0: from mem_fraction (CPU_KV_TOKENS on the CPU)
     cache_dir: str  # where converted checkpoints and the CPU stub are kept
     dtype: str  # --caption-dtype: SGLang runs LLaVA in DTYPE only
 
 SGLANG_VERSION = "0.5.23"  # the API this module is written against
-IMAGE_TOKEN = "<image>"
 CPU_KV_TOKENS = 16384  # the CPU engine's KV pool when --sglang-max-total-tokens is 0
 # sglang 0.5.23 loads LLaVA's vision tower in float16 whatever it is told (models/llava.py), and
 # its features go straight into the projector: the rest of the model must be float16 too.
 DTYPE = "float16"
 _SUPPRESSED = -1e9  # logit bias of a suppressed token: never chosen (SGLang rejects -inf in JSON)
-
-# (text before the user turn, text after it) of the chat templates LLaVA-1.6 checkpoints use.
-CHAT_TEMPLATES = {
-    "vicuna_v1": (
-        ("A chat between a curious human and an artificial intelligence assistant. The "
-        "assistant gives helpful, detailed, and polite answers to the human's questions. USER: "),
-        " ASSISTANT:",
-    ),
-    # llava-hf's vicuna template (no system prompt): what the transformers backend sends
-    "llava_hf_vicuna": ("USER: ", " ASSISTANT:"),
-    "mistral_instruct": ("[INST] ", " [/INST]"),
-    "chatml": (
-        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n",
-        "<|im_end|>\n<|im_start|>assistant\n",
-    ),
-}
 
 
 def sglang_available() -> bool:
@@ -153,20 +137,6 @@ def prepare(device: str, settings: SglangSettings) -> None:
 # --- request building (pure) --------------------------------------------------------------
 
 
-def layout_prompt(prompt: str, template: str, *, image_first: bool = False) -> str:
-    """The model's full input text: chat template around the fusion prompt and the image.
-
-    The fusion prompt starts with its fixed instruction, and the chat template's head is
-    fixed too, so with the image after the text every request begins with the same
-    instruction tokens: the radix cache's shared prefix. The fusion template ends with
-    ``[IMAGE]:``, which the image then follows.
-    """
-    head, tail = CHAT_TEMPLATES[template]
-    if image_first:
-        return f"{head}{IMAGE_TOKEN}\n{prompt}{tail}"
-    return f"{head}{prompt}\n{IMAGE_TOKEN}{tail}"
-
-
 def sampling_dict(params: SamplingParams, suppress_tokens: tuple[int, ...] = ()) -> dict[str, Any]:
     """SGLang's sampling parameters; ``suppress_tokens`` (the checkpoint's generation config,
     which transformers applies and SGLang does not read) become a logit bias."""
@@ -197,11 +167,11 @@ def png_bytes(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def generate_request(prompt: str, image: np.ndarray, sampling: dict[str, Any], cfg: SglangSettings) -> dict[str, Any]:
-    """Keyword arguments of ``Engine.async_generate`` for one image. The image goes as bytes:
-    sglang 0.5.23 treats a PIL image as a video frame (one tile, no AnyRes), silently."""
-    text = layout_prompt(prompt, cfg.chat_template, image_first=cfg.image_first)
-    return {"prompt": text, "image_data": png_bytes(image), "sampling_params": sampling}
+def generate_request(prompt: str, image: np.ndarray, sampling: dict[str, Any], processor) -> dict[str, Any]:
+    """Keyword arguments of ``Engine.async_generate`` for one image: the text every backend
+    sends (``processor``: the served checkpoint's, for its chat template). The image goes as
+    bytes: sglang 0.5.23 treats a PIL image as a video frame (one tile, no AnyRes), silently."""
+    return {"prompt": chat_text(processor, prompt), "image_data": png_bytes(image), "sampling_params": sampling}
 
 
 def engine_args(cfg: SglangSettings, model_path: str, device: str, n_gpus: int = 0) -> dict[str, Any]:
@@ -292,6 +262,7 @@ class SglangEngine:
                                "before starting SGLang on another thread")
         import psutil
         import sglang
+        from transformers import AutoProcessor
 
         from models.caption import llava_native
 
@@ -303,6 +274,8 @@ class SglangEngine:
         served = llava_native.ensure_native(model_path, cache_dir)
         llava_native.check_native(served, native_architectures())
         self.served = served
+        self.processor = AutoProcessor.from_pretrained(served)  # SGLang reads the same files
+        check_chat_template(self.processor, model_path)
         self.suppress = suppressed_tokens(served)
         n_gpus = 0
         if device != "cpu":
@@ -346,7 +319,7 @@ class SglangEngine:
     async def _caption(self, prompt: str, image: np.ndarray, sampling: dict) -> Caption:
         # PNG encoding off the loop (zlib releases the GIL): the loop only moves requests
         request = await asyncio.get_running_loop().run_in_executor(
-            None, generate_request, prompt, image, sampling, self.cfg)
+            None, generate_request, prompt, image, sampling, self.processor)
         async with self._window.slot():
             start = time.monotonic()
             out = await self._unless_dead(self._engine.async_generate(**request))

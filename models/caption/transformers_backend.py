@@ -31,6 +31,7 @@ import numpy as np
 from engine.core.errors import ConfigError
 from engine.core.record import Caption
 from models.caption.base import SamplingParams
+from models.caption.chat import chat_text, check_chat_template
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +60,7 @@ class TransformersCaptionEngine:
             raise ConfigError(f"decode mode {decode!r}: expected one of {', '.join(DECODE_MODES)}")
         self.model, self.processor, self.net, self.device = model, processor, net, device
         self.batch_size, self.decode = batch_size, decode
-        if not getattr(processor, "chat_template", None):
-            raise ConfigError(f"caption model {model!r} has no chat template in its processor")
+        check_chat_template(processor, model)
         processor.tokenizer.padding_side = "left"
         self.dtype = net.dtype
         eos = net.generation_config.eos_token_id
@@ -175,12 +175,6 @@ class TransformersCaptionEngine:
             import torch
 
             torch.cuda.empty_cache()
-
-
-def chat_text(processor, prompt: str) -> str:
-    """The prompt in the checkpoint's own chat format, one image slot after the text."""
-    message = [{"role": "user", "content": [{"type": "text", "text": prompt}, {"type": "image"}]}]
-    return processor.apply_chat_template(message, add_generation_prompt=True)
 
 
 def prompt_lengths(processor, prompts: list[str], images: list[np.ndarray]) -> list[int]:
