@@ -283,7 +283,7 @@ def command_meta(args: argparse.Namespace) -> int:
 def on_ray(cfg: config_module.RunConfig, *, curate: bool, caption: bool) -> int:
     """The passes on a Ray cluster (--ray); exit code 1 when a shard failed after its attempts."""
     from engine.cluster import passes
-    from engine.cluster.driver import connect, disconnect
+    from engine.cluster.executor import connect, disconnect
     from engine.curate.pass1 import format_report
 
     out = Path(cfg.runtime.out)

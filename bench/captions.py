@@ -107,7 +107,7 @@ def write_output(out: Path, captions: list[str], evidence: list[Evidence]) -> Pa
 
     buffer = io.BytesIO()
     Image.new("RGB", (1, 1)).save(buffer, "JPEG")
-    writer = DatasetWriter(out, Manifest(out / "manifest.json"))
+    writer = DatasetWriter(out, Manifest(out))
     half = len(captions) // 2
     for shard, part in (("a", range(half)), ("b", range(half, len(captions)))):
         for i in part:

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import json
 import os
 import subprocess
 import sys
 import tarfile
 import tempfile
 from pathlib import Path
+
+from engine.io.manifest import read_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 MIB = 1 << 20
@@ -74,7 +75,7 @@ def measure(counts: tuple[int, ...], member_bytes: int, *, repo: Path = ROOT, bu
             shard = write_zero_shard(Path(tmp) / f"zeros{count}.tar.gz", count, member_bytes)
             out = Path(tmp) / f"out{count}"
             peaks[count] = peak_rss(shard, out, repo=repo, budget=budget)
-            entry = json.loads((out / "manifest.json").read_text())["shards"][f"zeros{count}"]
+            entry = read_manifest(out)[f"zeros{count}"]  # the old manifest.json too (--repo)
             if entry["rejected"] != count:
                 raise RuntimeError(f"{count} members: {entry['rejected']} rejected, expected all")
             shard.unlink()

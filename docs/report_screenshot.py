@@ -80,7 +80,7 @@ def main() -> int:
     stage.process([s for s in samples if s.alive])
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "out"
-        writer = DatasetWriter(out, Manifest(out / "manifest.json"))
+        writer = DatasetWriter(out, Manifest(out))
         for s in samples:
             writer.write(s)
         writer.commit(ShardEnd("demo-00000", "demo-00000.tar", len(samples)))

@@ -55,7 +55,7 @@ def fixture_samples(shard: str = "00000") -> list[Sample]:
 
 def write_fixture_output(out: Path, samples: list[Sample] | None = None) -> Path:
     samples = fixture_samples() if samples is None else samples
-    writer = DatasetWriter(out, Manifest(out / "manifest.json"))
+    writer = DatasetWriter(out, Manifest(out))
     for s in samples:
         writer.write(s)
     shard = samples[0].source.shard

@@ -7,6 +7,7 @@ from conftest import jpeg, sample_members, write_tar
 import densefusion_local
 from engine.core import config
 from engine.core.errors import ConfigError
+from engine.io.manifest import read_manifest
 
 
 def cli(*argv) -> int:
@@ -140,7 +141,7 @@ def test_run_on_a_parquet_and_a_folder(tmp_path):
     (folder / "f1.png").write_bytes(jpeg(600, 600))  # wrong extension: the header decides
     assert cli("run", "--shards", str(tmp_path / "pq.parquet"), str(folder), "--out", str(tmp_path / "out"),
                "--no-progress", "--stages", "decode") == 0
-    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())["shards"]
+    manifest = read_manifest(tmp_path / "out")
     assert manifest["pq"]["written"] == 1 and manifest["pq"]["rejected"] == 1
     assert manifest["folder"]["written"] == 1
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())

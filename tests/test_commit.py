@@ -12,7 +12,7 @@ from test_store import samples as embedded_samples
 from engine.core.record import Sample, ShardEnd, Source
 from engine.curate.store import EmbeddingStore
 from engine.io.commit import file_sha256, publish, temp_path
-from engine.io.manifest import Manifest
+from engine.io.manifest import MANIFEST, Manifest, read_manifest
 from engine.io.writers import DatasetWriter
 
 
@@ -48,7 +48,7 @@ def write_shard(writer: DatasetWriter, shard: str, n: int, tag: str) -> None:
 def snapshot(out):
     """Every published file (temporaries of writers still at work left out)."""
     return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()
-            and p.name != "manifest.json" and p.suffix != ".tmp"}
+            and p.name != MANIFEST and p.suffix != ".tmp"}
 
 
 def test_a_late_writer_of_a_finished_shard_changes_nothing(tmp_path):
@@ -57,7 +57,7 @@ def test_a_late_writer_of_a_finished_shard_changes_nothing(tmp_path):
     zombie = DatasetWriter(tmp_path, None, clean=False)
     for sample in shard_samples("s", 4, "zombie"):
         zombie.write(sample)
-    redo = DatasetWriter(tmp_path, Manifest(tmp_path / "manifest.json"), clean=False)
+    redo = DatasetWriter(tmp_path, Manifest(tmp_path), clean=False)
     redo.attempts["s"] = 2
     write_shard(redo, "s", 4, "redo")
     before = snapshot(tmp_path)
@@ -74,16 +74,16 @@ def test_a_late_writer_of_a_finished_shard_changes_nothing(tmp_path):
 
 
 def test_marker_is_completed_from_published_files_without_rewriting_them(tmp_path):
-    writer = DatasetWriter(tmp_path, Manifest(tmp_path / "manifest.json"))
+    writer = DatasetWriter(tmp_path, Manifest(tmp_path))
     write_shard(writer, "s", 3, "x")
     write_shard(writer, "t", 2, "x")
     original = json.loads((tmp_path / "markers" / "s.json").read_text())
     # killed between publishing and marking: files there, no marker, no manifest entry
     (tmp_path / "markers" / "s.json").unlink()
-    (tmp_path / "manifest.json").unlink()
+    Manifest(tmp_path).path.unlink()
     inodes = {p: p.stat().st_ino for p in writer.files("s")}
 
-    rerun = DatasetWriter(tmp_path, Manifest(tmp_path / "manifest.json"))
+    rerun = DatasetWriter(tmp_path, Manifest(tmp_path))
     rerun.settle(["s", "t", "never-started"])
     assert rerun.manifest.finished == {"s", "t"}
     completed = json.loads((tmp_path / "markers" / "s.json").read_text())
@@ -98,15 +98,15 @@ def test_cli_rerun_after_a_crash_between_publish_and_marker_redoes_nothing(tmp_p
     out = tmp_path / "out"
     subprocess.run(command(shards, out), cwd=ROOT, check=True, capture_output=True)
     (out / "markers" / "in-0.json").unlink()
-    manifest = json.loads((out / "manifest.json").read_text())
-    del manifest["shards"]["in-0"]
-    (out / "manifest.json").write_text(json.dumps(manifest))
+    manifest = Manifest(out).path  # the driver killed before it recorded in-0
+    manifest.write_text("".join(line for line in manifest.read_text().splitlines(keepends=True)
+                                if json.loads(line).get("shard") != "in-0"))
     stamps = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (out / "shards").iterdir()}
 
     again = subprocess.run(command(shards, out), cwd=ROOT, check=True, capture_output=True, text=True)
     assert "0 committed this run, 2 already done" in again.stdout
     assert {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (out / "shards").iterdir()} == stamps
-    assert json.loads((out / "manifest.json").read_text())["shards"]["in-0"]["written"] == 1
+    assert read_manifest(out)["in-0"]["written"] == 1
 
 
 def test_worker_stores_publish_parts_and_the_driver_adopts_each_shard_once(tmp_path):

@@ -18,6 +18,7 @@ import densefusion_local
 from engine.core import config as config_module
 from engine.curate.pass2_source import selected_source
 from engine.io.demo_data import write_demo_shards
+from engine.io.manifest import Manifest, read_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 EPS = 0.02  # the random tiny model maps every image close together; a small eps keeps some
@@ -99,15 +100,14 @@ def test_curate_resumes_after_sigkill(shards, cache, clean, tmp_path):
     killed = tmp_path / "killed"
     cmd = [sys.executable, str(ROOT / "densefusion_local.py"), *curate_args(shards, killed, cache)]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    manifest = killed / "curate" / "manifest.json"
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
-        if manifest.exists() and json.loads(manifest.read_text())["shards"]:
+        if Manifest(killed / "curate").finished:
             break
         time.sleep(0.02)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    done_at_kill = len(json.loads(manifest.read_text())["shards"])
+    done_at_kill = len(Manifest(killed / "curate").finished)
     assert 0 < done_at_kill < len(shards), "the kill must land between shards to test a resume"
     assert not (killed / "curate" / "selection.parquet").exists()
     assert densefusion_local.main(curate_args(shards, killed, cache)) == 0
@@ -140,8 +140,7 @@ def test_run_curate_captions_only_the_selection(shards, cache, tmp_path):
             assert by_key[(r["shard"], r["key"])]["reason"] == r["reason"]
             assert by_key[(r["shard"], r["key"])]["stage"] == "curate"
     # every input sample ends in exactly one place
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert sum(s["samples"] for s in manifest["shards"].values()) == len(written) + len(rejects)
+    assert sum(s["samples"] for s in read_manifest(out).values()) == len(written) + len(rejects)
     assert len(set(map(tuple, ((r["shard"], r["key"]) for r in rejects)))) == len(rejects)
 
 
@@ -155,7 +154,7 @@ def test_curate_misconfiguration_fails_before_work(shards, tmp_path, capsys, fla
     args = ["curate", "--shards", str(shards[0]), "--out", str(out), "--no-progress", *flags]
     assert densefusion_local.main(args) == 2
     assert message in capsys.readouterr().err
-    assert not (out / "curate" / "manifest.json").exists()
+    assert not Manifest(out / "curate").path.exists()
 
 
 def test_resuming_with_another_embedding_model_is_refused(shards, clean, capsys):

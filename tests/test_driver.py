@@ -8,6 +8,7 @@ from test_resume import ROOT, command, held_back, make_shards, run_and_kill
 
 import densefusion_local
 from engine.core.console import BAR_FORMAT, ProgressBar
+from engine.core.figures import OutputTotals
 from engine.core.record import ShardEnd
 from engine.core.sink import Sink
 from engine.curate.store import EmbeddingStore
@@ -24,7 +25,7 @@ def metrics(out):
 
 
 def test_both_passes_sinks_implement_the_one_interface(tmp_path):
-    assert isinstance(DatasetWriter(tmp_path / "out", Manifest(tmp_path / "out" / "manifest.json")), Sink)
+    assert isinstance(DatasetWriter(tmp_path / "out", Manifest(tmp_path / "out")), Sink)
     assert isinstance(EmbeddingStore(tmp_path / "curate"), Sink)
 
 
@@ -77,7 +78,7 @@ def test_resume_after_a_kill_keeps_every_invocation_and_the_totals_of_a_clean_ru
     assert [i["status"] for i in b["invocations"]] == ["killed", "finished", "nothing to do"]
     resumed_run = b["invocations"][1]
     assert 0 < resumed_run["written"] < b["written"] and resumed_run["shards_skipped"] >= 1
-    page = run_figures(json.loads((resumed / "manifest.json").read_text()), b)
+    page = run_figures(OutputTotals.of(Manifest(resumed)), b)
     assert f'<td class="l">{b["written"]}</td>' in page and "3 (1 killed)" in page  # the report shows the totals
 
 
@@ -149,5 +150,5 @@ def test_expert_cache_hits_reach_metrics_totals_the_summary_and_the_report(tmp_p
     header = next(line for line in table if line.strip().startswith("stage"))
     assert "expert cache" in header
     assert "3 hits, 0 misses" in next(line for line in table if "tag stage" in line)
-    page = run_figures({"shards": {}}, data)
+    page = run_figures(OutputTotals(), data)
     assert "expert cache: tag" in page and "3 hits, 3 misses" in page and "3 hits, 0 misses" in page

@@ -7,6 +7,7 @@ from conftest import jpeg
 from output_fixture import CAPTIONS, fixture_samples, write_fixture_output
 
 import densefusion_local
+from engine.io.manifest import read_manifest
 from engine.output.dataset_reader import iter_samples
 from engine.output.export import export, export_id, main, validate_llava
 
@@ -69,7 +70,7 @@ def test_demo_output_loads_with_webdataset(demo_out):
 
     tars = sorted(glob.glob(str(demo_out / "shards" / "*.tar")))
     rows = list(wds.WebDataset(tars, shardshuffle=False))
-    written = sum(s["written"] for s in json.loads((demo_out / "manifest.json").read_text())["shards"].values())
+    written = sum(s["written"] for s in read_manifest(demo_out).values())
     assert len(rows) == written > 0
     for row in rows:
         annotations = json.loads(row["json"])

@@ -18,6 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_server import free_port, prometheus_scraping, wait_for
 
 from engine.io.demo_data import write_demo_shards
+from engine.io.manifest import read_manifest
 from engine.ops.prometheus import Endpoint
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -63,7 +64,7 @@ def test_prometheus_scrapes_a_live_run_and_ends_on_metrics_json(tmp_path, tiny_c
         try:
             alive = lambda: run.poll() is None  # noqa: E731
             wait_for(lambda: prom.value("densefusion_run_shards_done") == 2, 600, "two shards committed", alive)
-            manifest = json.loads((out / "manifest.json").read_text())["shards"]
+            manifest = read_manifest(out)
             assert prom.value("densefusion_run_shards") == 3
             assert prom.value("sum(densefusion_images_written_total)") == sum(m["written"] for m in manifest.values())
             # nothing finishes while the reader waits on the held shard: the alarm names it
@@ -115,7 +116,7 @@ def test_prometheus_scrapes_a_live_run_and_ends_on_metrics_json(tmp_path, tiny_c
 
 
 def metrics_shards(out: Path) -> list[str]:
-    return list(json.loads((out / "manifest.json").read_text())["shards"])
+    return list(read_manifest(out))
 
 
 def served_names(port: int) -> set[str]:

@@ -9,7 +9,9 @@ type fields rewritten; zero blocks; huge extended headers; concatenation; gzip).
   exactly its place (its data right after it), under its own name when nothing before it
   could have renamed it (the reader's one stated limit aside: ``hidden_by_two_faults``);
 - keys are total and injective (two names never share a key, an escaped key never equals a
-  usable one); samples have distinct keys (a repeated key is rejected as a duplicate), keys are valid
+  usable one); each run of members with one key is one sample, samples have distinct keys (a
+  key's other runs are rejected as ``key\\#n``), a key's sample is a run with an image member
+  whenever one has one, whatever the order of the members; keys are valid
   UTF-8, only usable keys stay alive, every reject has a reason;
 - probe and decode turn any image bytes into a decoded view or a reason, never an exception.
 """
@@ -18,23 +20,26 @@ from __future__ import annotations
 
 import gzip
 import io
+import itertools
 import tempfile
 import time
 import zlib
 from pathlib import Path
+from unittest import mock
 
 import pytest
 from conftest import encode, jpeg
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
-from tar_corpus import END, GNU, header, long_name, member, pax
+from tar_corpus import END, GNU, header, long_name, member, pad, pax
 
 from engine.core.config import DecodeConfig, FilterConfig, InputConfig
 from engine.core.record import Sample, ShardEnd, Source
 from engine.core.stage import ImageView
-from engine.io.keys import key_problem, parse_member_name, split_member_name
-from engine.io.readers import member_samples, reject_duplicate_keys, shard_items
+from engine.io import tar as tar_module
+from engine.io.keys import key_problem, lost_name, parse_member_name, split_member_name
+from engine.io.readers import IMAGE_EXTS, member_samples, shard_items
 from engine.io.tar import TarReader, parse_header
 from engine.stages.decode import Decode
 from engine.stages.probe import ResolutionFilter
@@ -121,26 +126,32 @@ def stages():
     decode.teardown()
 
 
-def read_members(data: bytes, gzipped: bool = False) -> tuple[list, TarReader, float]:
+# How much of a member the caller keeps: all of it (the reader holds it whole), none (it is
+# skipped, only its last bytes held), or a prefix (a .txt past its kept start)
+KEEP = {"all": lambda name, size: min(size, 1 << 16), "none": lambda name, size: 0,
+        "prefix": lambda name, size: min(size, 100)}
+
+
+def read_members(data: bytes, gzipped: bool = False, keep: str = "all") -> tuple[list, TarReader, float]:
     start = time.perf_counter()
     stream = gzip.GzipFile(fileobj=io.BytesIO(data)) if gzipped else io.BytesIO(data)
-    tar = TarReader(stream, lambda name, size: min(size, 1 << 16))
+    tar = TarReader(stream, KEEP[keep])
     members = list(tar)
     return members, tar, time.perf_counter() - start
 
 
 @settings(FUZZ, max_examples=2000)
 @given(entries=st.lists(st.tuples(names, exts, payloads, st.integers(0, 2)), min_size=1, max_size=8),
-       steps=mutations)
+       steps=mutations, keep=st.sampled_from(sorted(KEEP)))
 # Found by randomized runs of 20,000: a header off the grid behind three zero blocks (was lost),
 # and one behind a lying size field with an extended header right after (the stated limit).
-@example(entries=[(b"0", b"jpg", IMAGES[0], 1), (b"0", b"jpg", b"\0", 1)], steps=[("delete", 1289, 1535, b"")])
+@example(entries=[(b"0", b"jpg", IMAGES[0], 1), (b"0", b"jpg", b"\0", 1)], steps=[("delete", 1289, 1535, b"")], keep="all")
 @example(entries=[(b"0", b"jpg", IMAGES[0], 0)] * 2,
-         steps=[("insert", 0, 0, b""), ("size", 512, 220, b""), ("pax", 3072, 0, b"")])
-def test_every_surviving_header_is_read_at_its_place(entries, steps):
+         steps=[("insert", 0, 0, b""), ("size", 512, 220, b""), ("pax", 3072, 0, b"")], keep="all")
+def test_every_surviving_header_is_read_at_its_place(entries, steps, keep):
     data, headers = build(entries)
     damaged = mutate(data, steps)
-    members, tar, seconds = read_members(damaged)
+    members, tar, seconds = read_members(damaged, keep=keep)
     assert seconds < 10, f"{seconds:.1f}s for {len(damaged)} bytes"  # a hang, not a speed goal
     by_data_offset = {m.data_offset: m for m in members}
     for raw, extended, name in headers:
@@ -163,6 +174,10 @@ def test_every_surviving_header_is_read_at_its_place(entries, steps):
     check_samples(members)
 
 
+def member_name(member):
+    return lost_name(member.name, member.offset, member.problem) if member.name_lost else parse_member_name(member.name)
+
+
 def hidden_by_two_faults(at: int, members, data: bytes) -> bool:
     """The one stated limit of the fast path (engine/io/tar.py): a header off the block grid
     inside a member read whole, with a valid header right after that member's data (bytes
@@ -176,9 +191,19 @@ def hidden_by_two_faults(at: int, members, data: bytes) -> bool:
 
 
 def check_samples(members) -> list[Sample]:
-    samples = list(reject_duplicate_keys(member_samples(members, "s", Path("s.tar"), CFG)))
-    alive = [s.key for s in samples if s.alive]
-    assert len(alive) == len(set(alive)), "a key alive twice"
+    """Each run of members with one key is one sample, under a key of its own; a key's own
+    sample (its plain key) is a run with an image member whenever one has one."""
+    samples = list(member_samples(members, "s", Path("s.tar"), CFG))
+    keys = [s.key for s in samples]
+    assert len(keys) == len(set(keys)), "a key given out twice"
+    runs = [(key, [m for _, m in group]) for key, group in
+            itertools.groupby(((name.key, name) for name in map(member_name, members)), key=lambda x: x[0])]
+    assert len(samples) == len(runs), "a run of members without its own sample"
+    with_image = {key for key, names in runs if any(n.ext in IMAGE_EXTS for n in names)}
+    plain = {s.key: s for s in samples}
+    for key in {key for key, _ in runs}:
+        assert key in plain, f"no sample under {key!r} itself"
+        assert (key in with_image) == (plain[key].source.offset >= 0), f"{key!r} is not its run with an image"
     for sample in samples:
         sample.key.encode("utf-8")
         sample.reason.encode("utf-8")
@@ -207,6 +232,64 @@ def test_gzip_cut_anywhere_reads_what_decompresses(entries, cut):
 
 
 @settings(FUZZ, max_examples=400)
+@given(order=st.lists(st.tuples(st.sampled_from([b"k", b"j", b"dir/k"]), st.sampled_from([b"jpg", b"png", b"txt", b"json"]),
+                                st.integers(0, 2)), min_size=1, max_size=10),
+       steps=mutations)
+def test_members_in_any_order_give_each_key_once(order, steps):
+    """Issue 21, item 5: members of a key apart from each other (``k.jpg, j.jpg, k.txt``;
+    ``k.txt, j.jpg, k.jpg``; a PAX block lost between them). Each run is one sample under a key
+    of its own, and a key's sample is a run with an image whenever one has it."""
+    entries = [(key, ext, IMAGES[0] if ext in (b"jpg", b"png") else b"t", kind) for key, ext, kind in order]
+    members, _, _ = read_members(mutate(build(entries)[0], steps))
+    samples = check_samples(members)
+    if not steps:  # the order alone says what each key's sample is
+        runs = [key for key, _ in itertools.groupby(key for key, _, _ in order)]
+        assert len(samples) == len(runs)
+        by_key = {s.key: s for s in samples}
+        for key in set(runs):
+            has_image = any(k == key and e in (b"jpg", b"png") for k, e, _ in order)
+            assert by_key[key.decode()].alive == has_image
+
+
+# Data that says ``ustar`` every few bytes without holding a header: the units the byte-by-byte
+# search spent a full header test on, and generated ones (the magic, then digits, spaces, NULs)
+hostile_units = st.one_of(st.sampled_from([b"ustar000", b"ustar0", b"ustar" + b"0" * 19, b"ustar\x0000" + b"7" * 8]),
+                          st.tuples(st.binary(max_size=8), st.lists(st.sampled_from(b"0127 \0"), max_size=24))
+                          .map(lambda t: t[0] + b"ustar" + bytes(t[1])))
+
+
+def without_headers(unit: bytes, size: int) -> bytes:
+    """``unit`` repeated to ``size`` bytes, a byte changed wherever a valid header would start."""
+    data = bytearray((unit * (size // len(unit) + 1))[:size])
+    at = data.find(b"ustar")
+    while at >= 0:
+        if at >= 257 and parse_header(bytes(data[at - 257:at + 255]).ljust(512, b"\0")) is not None:
+            data[at - 257 + 148] = ord("9")  # an invalid checksum field
+        at = data.find(b"ustar", at + 1)
+    return bytes(data)
+
+
+@settings(FUZZ, max_examples=60)
+@given(unit=hostile_units, size=st.integers(600, 200_000), keep=st.sampled_from(sorted(KEEP)),
+       place=st.sampled_from(["member", "pax", "resync"]), lie=st.integers(-3, 3))
+def test_lying_data_costs_no_header_test_per_hit(unit, size, keep, place, lie):
+    """Issue 21, item 3: data full of the magic, in a member (kept or skipped, its size field
+    true or lying by whole blocks), in an extended header, or after damage, is passed over with
+    no Python header test per hit (only the archive's own headers are tested), and the member
+    after it is read at its place."""
+    data = without_headers(unit, size)
+    claimed = max(0, size + 512 * lie) if place == "member" else size
+    before = {"member": header(b"fill.bin", claimed) + pad(data), "pax": pax(data),
+              "resync": header(b"lost.bin", size, bad_checksum=True) + pad(data)}[place]
+    after = member(b"after.jpg", IMAGES[0])
+    with mock.patch.object(tar_module, "parse_header", wraps=tar_module.parse_header) as spy:
+        members, tar, _ = read_members(before + after + END, keep=keep)
+    assert members[-1].name == b"after.jpg" and members[-1].data_offset == len(before) + 512
+    assert len(members) <= 2
+    assert spy.call_count <= 8, f"{spy.call_count} header tests for {len(data)} bytes"
+
+
+@settings(FUZZ, max_examples=400)
 @given(entries=st.lists(st.tuples(names, exts, payloads, st.integers(0, 2)), min_size=1, max_size=6),
        steps=mutations, gzipped=st.booleans())
 def test_read_probe_decode_accounts_for_every_key(stages, entries, steps, gzipped):
@@ -225,6 +308,44 @@ def test_read_probe_decode_accounts_for_every_key(stages, entries, steps, gzippe
         assert (sample.alive and sample.views["embed"].ndim == 3) or (not sample.alive and sample.reason)
     alive = [s.key for s in items if s.alive]
     assert len(alive) == len(set(alive))
+
+
+def field_bytes(width: int):
+    """A tar number field as writers and forgers leave it: digits, spaces, NULs, base-256 marks."""
+    return st.lists(st.sampled_from(b"01234567 \0\x80\xff8u"), min_size=width, max_size=width).map(bytes)
+
+
+@st.composite
+def header_like(draw) -> bytes:
+    """A ustar header with its size and checksum fields rewritten; its checksum then true
+    (unsigned or signed, in any layout the parser takes) or not."""
+    block = bytearray(header(draw(st.sampled_from([b"a.jpg", b"\xff\xfe\xfd.jpg"])), 0))
+    block[124:136] = draw(field_bytes(12))
+    block[148:156] = b" " * 8
+    if draw(st.booleans()):
+        signed = draw(st.booleans())
+        total = sum(b - 256 * (signed and b >= 128) for b in block)
+        layout = draw(st.sampled_from([b"%06o\0 ", b"%07o\0", b" %o\0xyz", b"%o  ", b"%08o"]))
+        block[148:156] = (layout % total)[:8].ljust(8, b"\0") if total >= 0 else b"-"
+    else:
+        block[148:156] = draw(field_bytes(8))
+    return bytes(block)
+
+
+@settings(FUZZ, max_examples=300)
+@given(parts=st.lists(st.one_of(header_like(), st.sampled_from([b"ustar000" * 9, b"ustar0", b"\0" * 511, b"x"])),
+                      max_size=12),
+       lo=st.integers(0, 700), hi=st.integers(0, 8000))
+def test_the_vectorised_header_search_finds_what_a_byte_by_byte_one_finds(parts, lo, hi):
+    """The reader tests every offset of a span at once, as 64-bit words; ``parse_header``, one
+    offset at a time, is the reference (issue 21, item 3)."""
+    buf = b"".join(parts)
+    expect = next((h for h in range(lo, min(hi, len(buf) - 511)) if buf[h + 257:h + 262] == b"ustar"
+                   and parse_header(buf[h:h + 512])), -1)
+    assert tar_module._find_header(buf, lo, hi) == expect
+    aligned = next((h for h in range(0, len(buf) - 511, 512) if buf[h + 257:h + 262] == b"ustar"
+                    and parse_header(buf[h:h + 512])), -1)
+    assert tar_module._aligned_header(buf) == aligned
 
 
 image_mutations = st.lists(st.tuples(st.sampled_from(["flip", "cut", "insert", "dims"]),

@@ -63,6 +63,7 @@ def test_tar_groups_members_by_key_and_keeps_metadata_and_offsets(tmp_path):
 def test_member_name_split_follows_webdataset():
     assert split_member_name("dir/000123.seg.png") == ("dir/000123", "seg.png")
     assert split_member_name("abc.JPG") == ("abc", "jpg")
+    assert split_member_name("/abs.jpg") == ("/abs", "jpg")  # the slash stays: an absolute key
 
 
 def test_hostile_names_become_rejected_samples_and_good_ones_survive(tmp_path):
@@ -100,12 +101,47 @@ def test_alt_text_non_utf8_and_huge_is_cleaned_and_capped(tmp_path):
     assert samples[0].alt_text.startswith("caf\ufffd ") and len(samples[0].alt_text) == 100
 
 
-def test_duplicate_key_keeps_the_first(tmp_path):
+def test_duplicate_key_keeps_the_first_and_rejects_the_copy_under_its_own_key(tmp_path):
     path = write_tar(tmp_path / "d.tar", sample_members("k", jpeg(500, 500), "first")
                      + [("x.jpg", jpeg(500, 500))] + sample_members("k", jpeg(500, 500), "second"))
     samples, _ = read(path)
-    assert [(s.key, s.alive) for s in samples] == [("k", True), ("x", True), ("k", False)]
-    assert samples[0].alt_text == "first" and "duplicate key" in samples[2].reason
+    assert [(s.key, s.alive) for s in samples] == [("k", True), ("x", True), ("k\\#2", False)]
+    assert samples[0].alt_text == "first" and "duplicate key 'k'" in samples[2].reason
+
+
+# Item 5 of issue 21: members of one key apart from each other. Each order is a family: the
+# image's run first or last, one or more runs between, sidecars or images apart.
+@pytest.mark.parametrize("order, written, rejected", [
+    (["k.jpg", "j.jpg", "k.txt"], {"k", "j"}, {"k\\#2"}),  # used to write k and reject k
+    (["k.txt", "j.jpg", "k.jpg"], {"k", "j"}, {"k\\#2"}),  # used to reject the intact image
+    (["k.txt", "j.jpg", "k.json", "i.jpg", "k.jpg", "k.txt"], {"k", "j", "i"}, {"k\\#2", "k\\#3"}),
+    (["k.txt", "j.jpg", "k.json"], {"j"}, {"k", "k\\#2"}),  # no run of k has an image
+    (["k.jpg", "j.jpg", "k.jpg", "j.txt", "k.png"], {"k", "j"}, {"k\\#2", "j\\#2", "k\\#3"}),
+])
+def test_members_of_one_key_apart_are_two_samples_each_key_given_out_once(tmp_path, order, written, rejected):
+    members = [(name, jpeg(40, 40) if name.endswith(("jpg", "png")) else b"{}" if name.endswith("json") else b"t")
+               for name in order]
+    samples, report = read(write_tar(tmp_path / "o.tar", members))
+    keys = [s.key for s in samples]
+    assert len(keys) == len(set(keys)) == report.n_samples
+    assert {s.key for s in samples if s.alive} == written
+    dead = {s.key: s.reason for s in samples if not s.alive}
+    assert set(dead) == rejected
+    assert all(reason.startswith("duplicate key") or "no image member" in reason for reason in dead.values())
+    if "k" in written:  # the run with the image is k's sample, whatever came before it
+        (k,) = [s for s in samples if s.key == "k"]
+        assert k.source.member.endswith((".jpg", ".png")) and k.image_bytes
+
+
+def test_absolute_member_names_are_rejected_and_never_merge_with_relative_ones(tmp_path):
+    """Item 2 of issue 21: ``/x.jpg`` used to key as ``x`` and merge with ``x.jpg``."""
+    members = [("/x.jpg", jpeg(40, 40)), ("/x.txt", b"abs"), ("x.jpg", jpeg(40, 40)), ("x.txt", b"rel"),
+               ("/y.jpg", jpeg(40, 40)), ("//z.jpg", jpeg(40, 40)), ("/d/w.jpg", jpeg(40, 40))]
+    samples, _ = read(write_tar(tmp_path / "a.tar", members))
+    by_key = {s.key: s for s in samples}
+    assert set(by_key) == {"/x", "x", "/y", "//z", "/d/w"}
+    assert by_key["x"].alive and by_key["x"].alt_text == "rel"
+    assert all("absolute" in by_key[k].reason for k in ("/x", "/y", "//z", "/d/w"))
 
 
 def test_sample_without_image_is_rejected(tmp_path):

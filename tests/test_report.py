@@ -8,6 +8,7 @@ import pytest
 from output_fixture import CAPTIONS, write_fixture_output
 from PIL import Image
 
+from engine.io.manifest import read_manifest
 from engine.output.report import boxes_overlay, build_report, main
 
 CHROMIUM = "/usr/bin/chromium"
@@ -88,7 +89,7 @@ def test_report_of_the_demo_output(tmp_path, browser):
 
     out = tmp_path / "demo"
     assert densefusion_local.main(["demo", "--out", str(out), "--no-progress"]) == 0
-    manifest = json.loads((out / "manifest.json").read_text())["shards"].values()
+    manifest = read_manifest(out).values()
     written, rejected = sum(s["written"] for s in manifest), sum(s["rejected"] for s in manifest)
     page = browser.new_page(viewport={"width": 1280, "height": 900})
     page.goto(build_report(out, samples=4).resolve().as_uri())
@@ -123,7 +124,7 @@ def _output_with_flags_prompt_and_a_broken_shard(out):
     samples[0].flags = ["unfinished: ends mid-sentence"]
     samples[1].prompt = "[OCR]\nGRAND OPENING\n" + "x" * 600  # one long unbroken word
     write_fixture_output(out, samples)
-    DatasetWriter(out, Manifest(out / "manifest.json")).commit(
+    DatasetWriter(out, Manifest(out)).commit(
         ShardEnd("broken", "/in/broken.tar", 0, ("/in/broken.tar: tar ends early or is corrupt (empty file)",)))
     return out
 

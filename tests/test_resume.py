@@ -1,6 +1,5 @@
 """Exactly-once resume: SIGKILL at several points, rerun, compare with one clean run."""
 
-import json
 import os
 import signal
 import subprocess
@@ -13,6 +12,8 @@ from pathlib import Path
 from conftest import encode, sample_members, write_tar
 from contract import check_output_contract
 from PIL import Image
+
+from engine.io.manifest import read_manifest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -38,7 +39,7 @@ def command(shards: list[Path], out: Path) -> list[str]:
 
 def finished(out: Path) -> int:
     try:
-        return len(json.loads((out / "manifest.json").read_text())["shards"])
+        return len(read_manifest(out))
     except (OSError, ValueError):
         return 0
 
@@ -126,5 +127,5 @@ def test_sigint_commits_finished_shards_and_exits_cleanly(tmp_path):
     else:
         assert done == len(shards)
     check_output_contract(out, [p for p in shards if (out / "shards" / f"{p.stem}.parquet").exists()
-                                and p.stem in json.loads((out / "manifest.json").read_text())["shards"]])
+                                and p.stem in read_manifest(out)])
     assert not list((out / "shards").glob("*.tmp"))

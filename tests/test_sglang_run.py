@@ -17,6 +17,7 @@ from contract import check_output_contract
 from PIL import Image
 from test_resume import held_back
 
+from engine.io.manifest import read_manifest
 from models.caption.sglang_backend import sglang_available
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,7 +39,7 @@ def make_shards(folder: Path, n_shards: int = 4, per_shard: int = 3) -> list[Pat
 
 def finished(out: Path) -> int:
     try:
-        return len(json.loads((out / "manifest.json").read_text())["shards"])
+        return len(read_manifest(out))
     except (OSError, ValueError):
         return 0
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +12,7 @@ from tar_corpus import END, Archive, gz, gzip_of_zeros, header
 
 import densefusion_local
 import engine.io.readers as readers
+from engine.io.manifest import read_manifest
 
 
 def run(shards: list[Path], out: Path) -> int:
@@ -39,7 +39,7 @@ def test_one_poisoned_shard_among_good_ones_commits_every_shard_and_the_rerun_is
     monkeypatch.setattr(readers, "TarReader", RaisesMidShard)
     out = tmp_path / "out"
     code = run(shards, out)
-    manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))["shards"]
+    manifest = read_manifest(out)
     assert set(manifest) == {"a", "corrupt", "b", "poison", "c"}
     good = [s for s in shards if s.stem in "abc"]
     check_output_contract(out, good)
@@ -52,7 +52,7 @@ def test_one_poisoned_shard_among_good_ones_commits_every_shard_and_the_rerun_is
     files = sorted(p for p in out.rglob("*") if p.is_file() and p.name != "metrics.json")
     stamps = {p: p.stat().st_mtime_ns for p in files}
     assert run(shards, out) == code
-    assert json.loads((out / "manifest.json").read_text(encoding="utf-8"))["shards"] == manifest
+    assert read_manifest(out) == manifest
     assert {p: p.stat().st_mtime_ns for p in files} == stamps  # nothing redone, nothing rewritten
 
 

@@ -5,7 +5,6 @@ sample (alive, or rejected with a reason), and lost bytes are shard errors with 
 from __future__ import annotations
 
 import io
-import json
 import time
 
 import pytest
@@ -15,6 +14,7 @@ from tar_corpus import END, GNU, Archive, gz, header, long_name, member, pad, pa
 
 import densefusion_local
 from engine.core.config import InputConfig
+from engine.io.manifest import read_manifest
 from engine.io.readers import shard_items
 from engine.io.tar import TarReader
 
@@ -220,6 +220,99 @@ def test_hostile_corpus_runs_to_the_end_and_writes_valid_utf8(tmp_path):
     assert {r["key"] for r in written} == {"good", "ctl?", "nocaption"}
     assert {r["key"] for r in rejected} == {"caf\\xe9", "ctl\\x01", "bin\\xfe"}
     assert written[0]["meta"]["url"] == "\ufffd"
-    manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))["shards"]
+    manifest = read_manifest(out)
     assert manifest["damaged"]["skipped"] and manifest["damaged"]["written"] == 3
     assert manifest["damaged"]["samples"] == manifest["damaged"]["written"] + manifest["damaged"]["rejected"]
+
+
+# --- issue 21, item 3: data full of the magic is skipped, not searched byte by byte ----------
+
+FILL = (2 << 20) + 300  # past two read chunks, off the block grid at its end
+
+
+def near_header() -> bytes:
+    """A header block with the magic whose checksum is wrong: every test but the last passes."""
+    block = bytearray(header(b"near.jpg", 0))
+    block[148:156] = b"000001\0 "
+    return bytes(block)
+
+
+HOSTILE = {  # data that holds the magic every few bytes and no valid header
+    "ustar000": b"ustar000",
+    "ustar0": b"ustar0",
+    "digits": b"ustar" + b"0" * 19,  # the fields a header test reads first are digits
+    "near headers on the grid": near_header(),
+    "near headers off the grid": b"\x01" * 100 + near_header(),
+}
+
+
+def hostile(fill: str) -> bytes:
+    unit = HOSTILE[fill]
+    return (unit * (FILL // len(unit) + 1))[:FILL]
+
+
+def placed(place: str, data: bytes) -> tuple[bytes, set[str]]:
+    """The hostile data where a reader skips it, then a good sample; the keys to expect."""
+    if place == "over-cap image":
+        return member(b"big.jpg", data), {"big"}
+    if place == "unused member":
+        return member(b"big.bin", data), {"big"}
+    if place == "txt past its kept start":
+        return member(b"t.jpg", IMAGE) + member(b"t.txt", data), {"t"}
+    if place == "extended header over its cap":
+        return pax(data) + member(b"p.jpg", IMAGE), {"p\\@0"}
+    assert place == "resync after a damaged header"
+    return header(b"lost.jpg", len(data), bad_checksum=True) + pad(data), set()
+
+
+@pytest.mark.parametrize("gzipped", [False, True])
+@pytest.mark.parametrize("fill", sorted(HOSTILE))
+@pytest.mark.parametrize("place", ["over-cap image", "unused member", "txt past its kept start",
+                                   "extended header over its cap", "resync after a damaged header"])
+def test_hostile_data_is_skipped_by_its_size_field_and_what_follows_is_read(tmp_path, place, fill, gzipped):
+    data = hostile(fill)
+    before, keys = placed(place, data)
+    tar = before + member(b"after.jpg", IMAGE) + END
+    cfg = InputConfig(max_member_bytes=1 << 20)
+    samples, end = read(write(tmp_path, "h.tar.gz" if gzipped else "h.tar", gz(tar) if gzipped else tar), cfg)
+    assert set(samples) == keys | {"after"}  # nothing in the data was taken for a header
+    assert samples["after"].alive and samples["after"].image_bytes == IMAGE
+    if place == "over-cap image":
+        assert "--max-member-bytes" in samples["big"].reason
+    if place == "txt past its kept start":
+        assert samples["t"].alive and samples["t"].alt_text
+    if place == "extended header over its cap":
+        assert "over the" in samples["p\\@0"].reason and samples["p\\@0"].image_bytes == b""
+    if place == "resync after a damaged header":
+        assert end.skipped == ((0, len(before)),) and end.unread_bytes == 0
+    else:
+        assert not end.errors
+        kept = 4 * cfg.max_alt_text_chars + 1024 if place.startswith("txt") else 0
+        unread = len(data) - kept + (len(IMAGE) if place.startswith("extended") else 0)  # p.jpg: unusable
+        assert end.unread_bytes == unread  # said in the marker: passed over, not read
+
+
+def test_a_header_hidden_off_the_grid_near_the_end_of_a_skipped_member_is_found():
+    """A skipped member holds its last bytes: bytes lost inside it leave the next header off
+    the grid before its claimed end, found when what follows turns out not to be a header."""
+    data = member(b"big.bin", bytes(range(256)) * 9000) + member(b"next.jpg", IMAGE) + END
+    lost = 512 + 2_000_000
+    damaged = data[:lost] + data[lost + 100:]
+    tar = TarReader(io.BytesIO(damaged), lambda name, size: 0)
+    members = list(tar)
+    at = damaged.find(header(b"next.jpg", len(IMAGE)))
+    assert [(m.name, m.offset) for m in members] == [(b"big.bin", 0), (b"next.jpg", at)]
+    assert f"a header starts at byte {at}" in members[0].problem
+
+
+def test_a_lost_pax_block_between_a_keys_members_leaves_the_key_given_out_once(tmp_path):
+    """Issue 21, item 5: an unusable PAX header in the middle of k's members splits them into
+    runs; k used to be written and rejected ("no image member") both."""
+    lost_at = len(member(b"k.jpg", IMAGE))
+    data = (member(b"k.jpg", IMAGE) + pax(b"not records") + member(b"k.txt", b"alt")
+            + member(b"k.json", b"{}") + member(b"j.jpg", IMAGE) + END)
+    samples, end = read(write(tmp_path, "p.tar", data))
+    assert set(samples) == {"k", f"k\\@{lost_at}", "k\\#2", "j"} and end.n_samples == 4
+    assert samples["k"].alive and samples["j"].alive
+    assert "extended header (x) is malformed" in samples[f"k\\@{lost_at}"].reason
+    assert samples["k\\#2"].reason.startswith("duplicate key 'k'")

@@ -9,7 +9,6 @@ per-image work leased to actors (engine/cluster/driver.py).
 
 from __future__ import annotations
 
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +41,7 @@ def run_pass_on_ray(cfg: RunConfig, spec: Pass, kind: str) -> tuple[RunSummary, 
     sink.settle([shard_name(p) for p in paths])
     skipped = [shard_name(p) for p in paths if shard_name(p) in sink.finished]
     metrics = MetricsFile(root / "metrics.json")
-    metrics.start(spec.name, cfg.to_dict(), OutputTotals.of(sink.manifest.data))
+    metrics.start(spec.name, cfg.to_dict(), OutputTotals.of(sink.manifest))
     watch = ClusterWatch(spec.name, shards_total=len(paths), shards_before=len(skipped))
     if served is not None:
         served.follow(watch)
@@ -55,15 +54,13 @@ def run_pass_on_ray(cfg: RunConfig, spec: Pass, kind: str) -> tuple[RunSummary, 
         result = lease_shards(cfg, kind, [p for p in paths if shard_name(p) not in sink.finished], on_commit)
     finally:
         watch.running = False
-    by_stage: Counter = Counter()
-    for marker in result.committed.values():
-        by_stage.update(marker.get("rejected_by_stage", {}))
+    if result.copies:  # copies still running at the end were stopped half-way: their temporaries go
+        sink.remove_temporaries()
     summary = RunSummary(
         shards_done=sorted(result.committed), shards_skipped=skipped,
-        written=sum(m.get("written", 0) for m in result.committed.values()),
-        rejected=sum(m.get("rejected", 0) for m in result.committed.values()),
-        rejects_by_stage=dict(by_stage), wall_s=result.wall_s, interrupted=False, stages=result.stages,
-        root=root, outputs=spec.outputs, shards_total=len(paths), totals=OutputTotals.of(sink.manifest.data),
+        written=result.counts["written"], rejected=result.counts["rejected"],
+        rejects_by_stage=dict(result.by_stage), wall_s=result.wall_s, interrupted=False, stages=result.stages,
+        root=root, outputs=spec.outputs, shards_total=len(paths), totals=OutputTotals.of(sink.manifest),
     )
     metrics.invocations[-1]["cluster"] = result.figures()
     metrics.finish(summary, "ray")
@@ -96,7 +93,9 @@ def curate(cfg: RunConfig) -> tuple[RunSummary, ClusterResult, dict[str, Any] | 
 def format_cluster(result: ClusterResult) -> str:
     figures = result.figures()
     lines = [f"ray: {_count(len(result.actors), 'worker actor')} started on {_count(len(figures['nodes']), 'node')}, "
-             f"{_count(result.retries, 'retry', 'retries')}, {_count(len(result.failed), 'failed shard')}"]
+             f"{_count(result.retries, 'retry', 'retries')}, {_count(len(result.failed), 'failed shard')}"
+             + (f", {_count(result.copies, 'straggler copy', 'straggler copies')} at the tail "
+                f"({result.copies_first} committed first)" if result.copies else "")]
     for node, counts in figures["nodes"].items():
         lines.append(f"  node {node}: {_count(counts['actors'], 'actor')}, {_count(counts['shards'], 'shard')}, "
                      f"{_count(counts['samples'], 'image')}, {counts['images_per_s'] or 0:.1f} images/s")

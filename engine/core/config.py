@@ -687,6 +687,11 @@ class ClusterConfig:
         "seconds a shard may take on one worker before it is given to another (0: no limit); the slow "
         "worker is no longer used, and whatever it commits later cannot replace the first commit", metavar="SECONDS",
     )
+    ray_copy_stragglers: bool = option(
+        True,
+        "once no shard waits, give an idle worker a copy of the shard likely to finish last; the first commit "
+        "stands and the run ends without waiting for the other (duplicated GPU work at the tail, no idle GPUs)",
+    )
 
     def validate(self) -> None:
         if self.ray_max_attempts < 1 or self.ray_shards_in_flight < 1:

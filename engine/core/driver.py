@@ -78,7 +78,7 @@ def run_pass(cfg: RunConfig, spec: Pass, *, paths: list[Path] | None = None,
     skipped = [shard_name(p) for p in paths if shard_name(p) in sink.finished]
     summary = RunSummary(shards_done=[], shards_skipped=skipped, written=0, rejected=0, rejects_by_stage={},
                          wall_s=0.0, interrupted=False, stages=[], root=root, outputs=spec.outputs,
-                         shards_total=len(paths), totals=OutputTotals.of(sink.manifest.data))
+                         shards_total=len(paths), totals=OutputTotals.of(sink.manifest))
     metrics = MetricsFile(root / "metrics.json")
     metrics.start(spec.name, cfg.to_dict(), summary.totals)
     if paths and len(skipped) == len(paths):  # a rerun of a finished output: no model is loaded
@@ -86,7 +86,7 @@ def run_pass(cfg: RunConfig, spec: Pass, *, paths: list[Path] | None = None,
     else:
         summary = _process(cfg, spec.name, sink, stages, summary, paths, source,
                            [n for p, n in zip(paths, expected) if shard_name(p) not in sink.finished])
-        summary.totals = OutputTotals.of(sink.manifest.data)
+        summary.totals = OutputTotals.of(sink.manifest)
     metrics.finish(summary, cfg.runtime.device)
     if summary.interrupted:
         events.emit("interrupted", pass_name=spec.name, shards_committed=len(summary.shards_done),
@@ -139,7 +139,7 @@ class _Reporting:
 
     def commit(self, end: ShardEnd) -> None:
         self.sink.commit(end)
-        marker = self.sink.manifest.data["shards"][end.shard]
+        marker = self.sink.committed.pop(end.shard)
         problems = shard_problems(marker)
         self.progress.shard_committed(end, problems)
         self.watch.shard_committed(end, marker, problems)

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.io.commit import node_name
-from engine.io.manifest import write_json_atomic
+from engine.io.manifest import Manifest, write_json_atomic
 
 EMPTY_SHARD = "no samples in this shard"
 MAX_RANGES_SHOWN = 5
@@ -59,20 +59,20 @@ class OutputTotals:
     shard_problems: dict[str, list[str]] = field(default_factory=dict)
 
     @classmethod
-    def of(cls, manifest: dict[str, Any]) -> OutputTotals:
-        shards = manifest.get("shards", {})
+    def of(cls, manifest: Manifest) -> OutputTotals:
+        """Summed in one pass over the manifest's entries (memory: the shards with problems)."""
+        counts: Counter = Counter()
         by_stage: Counter = Counter()
-        for entry in shards.values():
+        problems = {}
+        for name, entry in manifest.entries():
+            counts.update(shards=1, samples=entry.get("samples", 0), written=entry.get("written", 0),
+                          rejected=entry.get("rejected", 0))
             by_stage.update(entry.get("rejected_by_stage") or {})
-        problems = {name: shard_problems(entry) for name, entry in sorted(shards.items())}
-        return cls(
-            shards=len(shards),
-            samples=sum(e.get("samples", 0) for e in shards.values()),
-            written=sum(e.get("written", 0) for e in shards.values()),
-            rejected=sum(e.get("rejected", 0) for e in shards.values()),
-            rejects_by_stage=dict(sorted(by_stage.items())),
-            shard_problems={name: p for name, p in problems.items() if p},
-        )
+            if found := shard_problems(entry):
+                problems[name] = found
+        return cls(shards=counts["shards"], samples=counts["samples"], written=counts["written"],
+                   rejected=counts["rejected"], rejects_by_stage=dict(sorted(by_stage.items())),
+                   shard_problems=dict(sorted(problems.items())))
 
 
 @dataclass

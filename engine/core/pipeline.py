@@ -116,7 +116,7 @@ def placed_stages(cfg: RunConfig) -> list[Stage | list[Stage]]:
 
 
 def open_writer(cfg: RunConfig, root: Path) -> DatasetWriter:
-    return DatasetWriter(root, Manifest(root / "manifest.json"))
+    return DatasetWriter(root, Manifest(root))
 
 
 PASS2 = Pass("run", "", open_writer, placed_stages, ("shards", "rejects"), resolve=resolved)

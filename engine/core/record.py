@@ -147,3 +147,6 @@ class ShardEnd:
     n_samples: int  # keys read: each one is written or rejected
     errors: tuple[str, ...] = ()  # shard-level problems (e.g. a truncated tar), kept in the manifest
     skipped: tuple[tuple[int, int], ...] = ()  # byte ranges [start, end) of a damaged archive that held no usable header
+    # member data passed over by its size field, not kept (members over the cap or of no use, extended
+    # headers over theirs, a .txt past its kept start)
+    unread_bytes: int = 0

@@ -19,6 +19,7 @@ from engine.io.manifest import Manifest
 @runtime_checkable
 class Sink(Protocol):
     manifest: Manifest  # finished shards with their counts, across every invocation
+    committed: dict  # shard → its marker, for this writer's commits not yet taken by the driver
     written: int  # samples kept by this invocation
     rejected: int  # samples rejected by this invocation
 
@@ -29,6 +30,9 @@ class Sink(Protocol):
     def settle(self, shards: list[str]) -> None:
         """At a run's start: bring the manifest up to the shards' done markers (a writer killed
         between its marker and the manifest, or a Ray worker's commits); see engine/io/commit.py."""
+
+    def remove_temporaries(self) -> None:
+        """Remove the temporaries of writers no longer alive (only where none can be)."""
 
     def write(self, sample: Sample) -> None: ...
 

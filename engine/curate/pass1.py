@@ -44,8 +44,8 @@ def open_store(cfg: RunConfig, root: Path) -> EmbeddingStore:
     store = EmbeddingStore(root)
     # Embeddings of two models do not mix: a resumed store must keep the model it started with.
     _, identity = embedder_model(cfg)
-    if store.manifest.data.setdefault("embed_model", identity) != identity:
-        raise ConfigError(f"{root} holds embeddings of {store.manifest.data['embed_model']}, not {identity}: "
+    if store.manifest.setdefault("embed_model", identity) != identity:
+        raise ConfigError(f"{root} holds embeddings of {store.manifest.properties['embed_model']}, not {identity}: "
                           f"use the same model to resume, or another --out")
     return store
 
@@ -89,8 +89,7 @@ def select_from_store(store: EmbeddingStore, cfg: RunConfig, *, embed_s: float =
         if previous.get("rows") == store.rows and previous.get("settings") == settings:
             return previous
     index = store.consolidate()
-    shards = store.manifest.data["shards"].values()
-    n_in = sum(s["samples"] for s in shards)
+    n_in = sum(entry["samples"] for _, entry in store.manifest.entries())
     rejects = store.rejects()
     rejected_by_stage = Counter(rejects.column("stage").to_pylist())
     n_filtered = rejected_by_stage.get(ResolutionFilter.name, 0)

@@ -41,6 +41,9 @@ def selected_shard_items(cfg: RunConfig) -> Callable[[Path], Iterator[Sample | S
     for position, (row, alt) in enumerate(zip(selection, alt_texts)):
         row["alt_text"], row["row"] = alt, position
         by_shard.setdefault(row["shard"], []).append(row)
+    ends = {name: (entry.get("samples", 0), tuple(entry.get("errors", ())),
+                   tuple(tuple(r) for r in entry.get("skipped", ())), entry.get("unread_bytes", 0))
+            for name, entry in store.manifest.entries()}
     rejects_by_shard: dict[str, list[dict]] = {}
     for row in store.rejects().to_pylist():
         rejects_by_shard.setdefault(row["shard"], []).append(row)
@@ -62,9 +65,7 @@ def selected_shard_items(cfg: RunConfig) -> Callable[[Path], Iterator[Sample | S
             end = sample.filter if r["status"] == "filtered" else sample.fail
             end(r["stage"], r["reason"])
             yield sample
-        info = store.manifest.data["shards"].get(shard, {})
-        yield ShardEnd(shard, str(path), info.get("samples", 0), tuple(info.get("errors", ())),
-                       tuple(tuple(r) for r in info.get("skipped", ())))
+        yield ShardEnd(shard, str(path), *ends.get(shard, (0, (), (), 0)))
 
     return items
 

@@ -5,7 +5,7 @@
     curate/rejects.parts/<shard>.parquet one row per sample pass 1 dropped (key, stage, reason)
     curate/markers/<shard>.json          the shard's done marker (engine/io/commit.py)
     curate/embeddings.zarr               every adopted shard's rows, in adoption order, chunked by rows
-    curate/manifest.json                 adopted shards: their markers plus first row
+    curate/manifest.jsonl                adopted shards: their markers plus first row, a line each
     curate/index.parquet                 all parts, in row order (written by :meth:`consolidate`)
 
 Whoever embeds a shard (this process, or one of many Ray workers on shared storage) publishes
@@ -56,7 +56,8 @@ class EmbeddingStore:
 
         self.root = root
         self.zarr_path = root / "embeddings.zarr"
-        self.manifest = Manifest(root / "manifest.json")
+        self.manifest = Manifest(root)
+        self._rows = sum(entry["rows"] for _, entry in self.manifest.entries())
         self.chunk_rows = chunk_rows
         self.adopting = adopt
         self.attempts: dict[str, int] = {}  # which try of a shard this is (a Ray worker sets it)
@@ -98,7 +99,7 @@ class EmbeddingStore:
     @property
     def rows(self) -> int:
         """Rows committed so far (rows past this belong to a shard that never finished)."""
-        return sum(s["rows"] for s in self.manifest.data["shards"].values())
+        return self._rows
 
     def write(self, sample: Sample) -> None:
         self._pending.setdefault(sample.source.shard, []).append(sample)
@@ -132,23 +133,28 @@ class EmbeddingStore:
 
     # --- the driver's side -------------------------------------------------------------
 
+    def remove_temporaries(self) -> None:
+        """Parts of writers no longer alive (a killed run, copies stopped at the end of a Ray run)."""
+        for folder in (*PARTS, MARKERS_DIR):
+            remove_stale_temporaries(self.root / folder)
+
     def settle(self, shards: list[str]) -> None:
         """At a run's start: remove killed writers' temporaries, complete the marker of a shard
         whose parts were all published by a writer killed before its marker, and adopt every
         marked shard the manifest lacks."""
         import pyarrow.parquet as pq
 
-        for folder in (*PARTS, MARKERS_DIR):
-            remove_stale_temporaries(self.root / folder)
-        for shard in shards:
+        self.remove_temporaries()
+        marked = self.markers.names()
+        for shard in (shard for shard in shards if shard not in marked):
             vectors_path, index_path, rejects_path = self.files(shard)
-            if self.markers.read(shard) is not None or not (index_path.exists() and rejects_path.exists()):
+            if not (index_path.exists() and rejects_path.exists()):
                 continue
             rows = pq.read_metadata(index_path).num_rows
             files = ([vectors_path] if rows else []) + [index_path, rejects_path]
             self.markers.complete(shard, files, rejects_path,
                                   {"rows": rows, "rejected": pq.read_metadata(rejects_path).num_rows})
-        self.adopt({shard: marker for shard, marker in self.markers.all().items() if shard not in self.finished})
+        self.adopt(self.markers.unrecorded(self.finished))
 
     def adopt(self, markers: dict[str, dict[str, Any]]) -> None:
         """Append marked shards' rows to the zarr array and record them in the manifest."""
@@ -161,6 +167,7 @@ class EmbeddingStore:
                     self.array.resize((start + len(vectors), self.array.shape[1]))
                 self.array[start:start + len(vectors)] = vectors
             self.manifest.record({shard: {**marker, "start_row": start}})
+            self._rows += marker["rows"]
 
     # --- reading ---------------------------------------------------------------------
 
@@ -169,11 +176,11 @@ class EmbeddingStore:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        shards = sorted(self.manifest.data["shards"].items(), key=lambda kv: kv[1]["start_row"])
+        shards = sorted((entry["start_row"], name) for name, entry in self.manifest.entries())
         parts = []
-        for name, info in shards:
+        for start_row, name in shards:
             part = pq.read_table(self.files(name)[1])
-            rows = pa.array(np.arange(info["start_row"], info["start_row"] + part.num_rows, dtype=np.int64))
+            rows = pa.array(np.arange(start_row, start_row + part.num_rows, dtype=np.int64))
             parts.append(part.set_column(part.schema.get_field_index("row"), "row", rows))
         table = pa.concat_tables(parts) if parts else _index_table([])
         write_parquet_atomic(table, self.root / "index.parquet")

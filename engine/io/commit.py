@@ -6,7 +6,7 @@ the final name, fsync of the folder. ``link`` never replaces: when the name exis
 (``EEXIST``), another writer published that file first and its bytes stay. Only then is the
 shard's done marker (``markers/<shard>.json``: counts, the SHA-256 of every published file,
 attempt, node) published the same way. The marker is the source of truth for "this shard is
-finished"; ``manifest.json`` is derived from the markers by the one driver.
+finished"; the manifest (engine/io/manifest.py) is derived from the markers by the one driver.
 
 Why not ``os.replace``: a worker that froze (SIGSTOP, a stalled NFS client, a VM pause) while
 its shard was redone elsewhere wakes up and finishes its commit. A rename would overwrite the
@@ -152,8 +152,13 @@ class ShardMarkers:
         except FileNotFoundError:
             return None
 
-    def all(self) -> dict[str, dict[str, Any]]:
-        return {path.stem: json.loads(path.read_text()) for path in sorted(self.folder.glob("*.json"))}
+    def names(self) -> set[str]:
+        """The marked shards (a folder listing; no marker is read)."""
+        return {entry.name[:-5] for entry in os.scandir(self.folder) if entry.name.endswith(".json")}
+
+    def unrecorded(self, recorded: set[str]) -> dict[str, dict[str, Any]]:
+        """The markers of the marked shards not in ``recorded``, in name order."""
+        return {shard: self.read(shard) for shard in sorted(self.names() - recorded)}
 
     def write(self, shard: str, marker: dict[str, Any]) -> dict[str, Any]:
         """Publish ``marker`` unless the shard already has one; returns the one that stands."""

@@ -27,11 +27,12 @@ class MemberName:
 
 
 def split_member_name(name: str) -> tuple[str, str]:
-    """``dir/000123.jpg`` → (``dir/000123``, ``jpg``); webdataset's rule: extension after the first dot of the basename."""
-    directory, _, base = name.rpartition("/")
+    """``dir/000123.jpg`` → (``dir/000123``, ``jpg``); webdataset's rule: extension after the
+    first dot of the basename. Everything before the basename stays, a leading ``/`` too, so
+    ``/x.jpg`` keys as ``/x`` (absolute: rejected), never as ``x``."""
+    directory, slash, base = name.rpartition("/")
     stem, dot, ext = base.partition(".")
-    key = f"{directory}/{stem}" if directory else stem
-    return key, ext.lower() if dot else ""
+    return directory + slash + stem, ext.lower() if dot else ""
 
 
 def parse_member_name(raw: bytes) -> MemberName:

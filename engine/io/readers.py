@@ -5,6 +5,11 @@ the shard's kind; ``shard_items`` is what a driver calls: the samples, then the 
 ``ShardEnd``, and no exception but a ``ConfigError``. Tar shards are streamed by our own
 reader (``engine.io.tar``: open → members → group by key → samples) and never extracted:
 member names only become keys (``engine.io.keys``: total and injective), never paths.
+A sample is one run of consecutive members with one key (webdataset's rule: a new sample
+starts whenever the key changes); each key is given out once (``one_sample_per_key``): a key's
+sample is its first run with an image member (or its first run, when none has one), and any
+other run of it is a duplicate, rejected under its own key ``key\\#n``, so every key lands in
+``shards/`` or ``rejects/`` exactly once.
 Per-sample problems (a hostile name, a damaged or oversized member) become failed samples, so
 the key still reaches ``rejects/``; damage to the archive itself becomes shard-level errors
 with the byte ranges skipped; sidecars that cannot be read become flags.
@@ -148,12 +153,17 @@ class ShardReport:
     n_samples: int = 0  # keys read (each one ends written or rejected)
     errors: list[str] = field(default_factory=list)
     skipped: list[tuple[int, int]] = field(default_factory=list)  # damaged byte ranges [start, end)
+    unread_bytes: int = 0  # member data passed over without being kept
 
 
 def read_shard(path: Path, cfg: InputConfig, report: ShardReport) -> Iterator[Sample]:
-    readers = {"tar": read_tar, "parquet": read_parquet, "folder": read_folder}
-    samples = readers[shard_kind(path)](path, cfg, report)
-    return reject_duplicate_keys(unescape_alt_texts(samples))
+    """A shard's samples, each key once (a tar's runs of members are made so in ``member_samples``),
+    alt text unescaped."""
+    kind = shard_kind(path)
+    if kind == "tar":
+        return unescape_alt_texts(read_tar(path, cfg, report))
+    samples = {"parquet": read_parquet, "folder": read_folder}[kind](path, cfg, report)
+    return unescape_alt_texts(one_sample_per_key((sample, True) for sample in samples))
 
 
 def shard_items(path: Path, cfg: InputConfig) -> Iterator[Sample | ShardEnd]:
@@ -174,7 +184,7 @@ def shard_items(path: Path, cfg: InputConfig) -> Iterator[Sample | ShardEnd]:
 
 def shard_end(path: Path, report: ShardReport) -> ShardEnd:
     return ShardEnd(shard_name(path), valid_text(str(path)), report.n_samples,
-                    tuple(valid_text(e) for e in report.errors), tuple(report.skipped))
+                    tuple(valid_text(e) for e in report.errors), tuple(report.skipped), report.unread_bytes)
 
 
 def unescape_alt_texts(samples: Iterable[Sample]) -> Iterator[Sample]:
@@ -189,14 +199,40 @@ def unescape_alt_texts(samples: Iterable[Sample]) -> Iterator[Sample]:
         yield sample
 
 
-def reject_duplicate_keys(samples: Iterable[Sample]) -> Iterator[Sample]:
-    """The key is the id everywhere: the first sample with a key wins, later ones are rejected."""
-    seen: set[str] = set()
-    for sample in samples:
-        if sample.key in seen and sample.alive:
-            sample.fail(READER, f"duplicate key {sample.key!r} in shard (first occurrence kept)")
-        seen.add(sample.key)
-        yield sample
+def one_sample_per_key(samples: Iterable[tuple[Sample, bool]]) -> Iterator[Sample]:
+    """The key is the id everywhere, so each is given out once and ends in ``shards/`` or
+    ``rejects/`` once. Each sample comes with whether it claims its key (a tar run of members
+    without an image member does not: sidecars apart from their image must not take the key
+    from an image that comes later). A key's sample is the first that claims it, or, when none
+    does, the first that does not (given out at the end). Any other sample with that key is a
+    duplicate: rejected with the reason under ``key\\#n``, the key's n-th sample (escaping never
+    writes ``\\#``, so that key equals no other). Holds each key given out (as the shard's keys
+    always were), and the samples that wait (image-less: small)."""
+    given: set[str] = set()
+    copies: dict[str, int] = {}  # duplicates per key so far
+    waiting: dict[str, Sample] = {}
+    for sample, claims in samples:
+        key = sample.key
+        if key in given or (key in waiting and not claims):
+            yield _duplicate(sample, copies)
+        elif not claims:
+            waiting[key] = sample
+        else:
+            given.add(key)
+            yield sample
+            if key in waiting:
+                yield _duplicate(waiting.pop(key), copies)
+    yield from waiting.values()
+
+
+def _duplicate(sample: Sample, copies: dict[str, int]) -> Sample:
+    key = sample.key
+    copies[key] = copies.get(key, 1) + 1
+    sample.key = f"{key}\\#{copies[key]}"
+    sample.fail(READER, f"duplicate key {key!r} in shard: another sample with it is kept (in a tar, a sample "
+                        f"is one run of consecutive members with one key); this one ({sample.source.member!r}) "
+                        f"is rejected as {sample.key!r}")
+    return sample
 
 
 # --- tar shards ---------------------------------------------------------------------------
@@ -212,6 +248,7 @@ def read_tar(path: Path, cfg: InputConfig, report: ShardReport) -> Iterator[Samp
                 report.n_samples += 1
                 yield sample
         finally:
+            report.unread_bytes = tar.unread_bytes
             if tar.end_problem:
                 report.errors.append(f"{path}: tar {tar.end_problem}; members before it were read")
             for damage in tar.damage:
@@ -239,9 +276,11 @@ def _keep_policy(cfg: InputConfig):
 
 
 def member_samples(members: Iterable[TarMember], shard: str, path: Path, cfg: InputConfig) -> Iterator[Sample]:
-    """Consecutive members with one key form one sample (img2dataset writes them together)."""
-    for _, group in itertools.groupby(_named(members), key=lambda named: named[0].key):
-        yield _tar_sample(_Parts.collect(group), shard, path, cfg)
+    """Consecutive members with one key form one sample (img2dataset writes them together; as
+    webdataset does, a new sample starts whenever the key changes), each key once: a run
+    without an image member waits for a run of its key that has one (see ``one_sample_per_key``)."""
+    runs = (_Parts.collect(group) for _, group in itertools.groupby(_named(members), key=lambda named: named[0].key))
+    return one_sample_per_key((_tar_sample(parts, shard, path, cfg), parts.image is not None) for parts in runs)
 
 
 def _named(members: Iterable[TarMember]) -> Iterator[tuple[MemberName, TarMember]]:

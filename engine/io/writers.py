@@ -4,7 +4,7 @@
     OUT/shards/<shard>.parquet   one row per written sample
     OUT/rejects/<shard>.parquet  one row per sample not written: key, stage, status, reason
     OUT/markers/<shard>.json     the shard's done marker: counts, file hashes, attempt, node
-    OUT/manifest.json            finished shards (derived from the markers): keys read (``samples``),
+    OUT/manifest.jsonl           a line per finished shard (derived from the markers): keys read (``samples``),
                                  written, rejected, shard-level errors, byte ranges a damaged input lost
 
 Files grow under temporary names unique to this writer and are published when the shard's
@@ -161,13 +161,18 @@ class DatasetWriter:
         for folder in ("shards", "rejects"):
             (out / folder).mkdir(parents=True, exist_ok=True)
         self.markers = ShardMarkers(out / MARKERS_DIR)
-        if clean:  # a killed run's unfinished shards; they are redone from the input
-            for folder in ("shards", "rejects", MARKERS_DIR):
-                remove_stale_temporaries(out / folder)
+        if clean:
+            self.remove_temporaries()
         self._open: dict[str, _OpenShard] = {}
         self.committed: dict[str, dict[str, Any]] = {}  # shard → its marker, for this writer's commits
         self.written = 0
         self.rejected = 0
+
+    def remove_temporaries(self) -> None:
+        """Unfinished shards of writers no longer alive (a killed run, copies stopped at the end
+        of a Ray run); they are redone from the input if they were not committed."""
+        for folder in ("shards", "rejects", MARKERS_DIR):
+            remove_stale_temporaries(self.out / folder)
 
     def files(self, shard: str) -> list[Path]:
         """A shard's published files, in publishing order (the last one carries the shard's facts)."""
@@ -177,15 +182,20 @@ class DatasetWriter:
     def settle(self, shards: list[str]) -> None:
         """Bring the manifest up to the markers (the truth): a shard whose files were all
         published by a writer killed before its marker gets its marker from those files,
-        without being redone; a marker the manifest lacks (killed before recording) is recorded."""
+        without being redone; a marker the manifest lacks (killed before recording) is recorded.
+        Reads only the markers' names, and the markers the manifest lacks (a rerun over 50,000
+        finished shards reads none)."""
         import pyarrow.parquet as pq
 
+        marked = self.markers.names()
         for shard in shards:
+            if shard in marked:
+                continue
             files = self.files(shard)
-            if self.markers.read(shard) is None and all(path.exists() for path in files):
+            if all(path.exists() for path in files):
                 self.markers.complete(shard, files, files[2], {"written": pq.read_metadata(files[1]).num_rows,
                                                                "rejected": pq.read_metadata(files[2]).num_rows})
-        missing = {shard: marker for shard, marker in self.markers.all().items() if shard not in self.manifest.finished}
+        missing = self.markers.unrecorded(self.manifest.finished)
         if missing:
             self.manifest.record(missing)
 

@@ -5,7 +5,7 @@ published once (so a reader never sees half of one, and the writer is never wait
 locked): the per-shard done markers (``markers/*.json``: counts, attempt, node, finish time),
 ``metrics.json`` (the invocations: who runs, since when, killed or interrupted, the shards a Ray
 run gave up on) and the writers' temporaries (``<file>.<host>-<pid>-<id>.tmp``: the shards in
-flight, one name per attempt). ``manifest.json`` is not needed: it is derived from the markers.
+flight, one name per attempt). ``manifest.jsonl`` is not needed: it is derived from the markers.
 
 Per pass folder (OUT, and OUT/curate when pass 1 ran): shards done / failed / in flight / left,
 images written and rejected, the rate over the last ``--window`` seconds and the time left at
@@ -85,7 +85,7 @@ def command(args: argparse.Namespace) -> int:
         raise ConfigError("--window must be > 0 seconds")
     report = status(out, window_s=args.window)
     if not report["passes"]:
-        raise ConfigError(f"{out} holds no run: no markers/, manifest.json or metrics.json in it or in {out}/curate")
+        raise ConfigError(f"{out} holds no run: no markers/, manifest or metrics.json in it or in {out}/curate")
     print(json.dumps(report, indent=2) if args.json else format_status(report))
     return 0
 

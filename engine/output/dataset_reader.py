@@ -74,17 +74,16 @@ def iter_tar(tar_path: Path, *, with_images: bool = False) -> Iterator[WrittenSa
                 del pending[key]
 
 
-def read_rejects(out: Path) -> list[dict[str, Any]]:
+def iter_rejects(out: Path) -> Iterator[dict[str, Any]]:
+    """Every reject row, shard by shard (one shard's rows in memory at a time)."""
     import pyarrow.parquet as pq
 
-    rows: list[dict[str, Any]] = []
     for path in sorted(check_output(out).glob("rejects/*.parquet")):
-        rows.extend(pq.read_table(path).to_pylist())
-    return rows
+        yield from pq.read_table(path).to_pylist()
 
 
 def read_json(path: Path) -> dict[str, Any]:
-    """A figures file (manifest.json, metrics.json, stats.json); {} when the run wrote none."""
+    """A figures file (metrics.json, stats.json); {} when the run wrote none."""
     return json.loads(path.read_text()) if path.exists() else {}
 
 

@@ -16,6 +16,8 @@ import argparse
 import base64
 import html
 import io
+import itertools
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +25,13 @@ import numpy as np
 
 from engine.core.figures import OutputTotals, describe_cache, expert_cache_figures
 from engine.evidence.category import SCORE_PREFIX, category_of
+from engine.io.manifest import Manifest
 from engine.output.dataset_reader import (
     WrittenSample,
     check_output,
+    iter_rejects,
     iter_samples,
     read_json,
-    read_rejects,
     tiny_model_runs,
 )
 from engine.output.stats import (
@@ -266,11 +269,8 @@ def _stage_cell(column: str, value: Any) -> str:
     return _number(value) if column in ("items", "items_per_busy_s") else _e(value)
 
 
-def run_figures(manifest: dict[str, Any], metrics: dict[str, Any]) -> str:
-    """The output's totals, every invocation of the run, the latest stage figures."""
-    # The manifest is what the output holds (metrics.json's totals are derived from it too, but a
-    # killed invocation may have committed shards after metrics.json was last written).
-    totals = OutputTotals.of(manifest)
+def run_figures(totals: OutputTotals, metrics: dict[str, Any]) -> str:
+    """The output's totals (from the manifest), every invocation of the run, the latest stage figures."""
     parts = [_figures_table("output", [
         ("shards committed", _number(totals.shards)),
         ("samples read", _number(totals.samples)),
@@ -310,8 +310,8 @@ def run_figures(manifest: dict[str, Any], metrics: dict[str, Any]) -> str:
     return "".join(parts)
 
 
-def shard_problems_html(manifest: dict[str, Any]) -> str:
-    problems = OutputTotals.of(manifest).shard_problems
+def shard_problems_html(totals: OutputTotals) -> str:
+    problems = totals.shard_problems
     if not problems:
         return '<p class="muted">none: every committed shard was read to its end</p>'
     rows = "".join(f'<tr><td class="l">{_e(shard)}</td><td class="l wrap">{_e(message)}</td></tr>'
@@ -340,32 +340,39 @@ def table1_html(stats: dict[str, Any], *, tiny: bool = False) -> str:
     return "".join(parts)
 
 
-def rejects_table(rejects: list[dict[str, Any]]) -> str:
+def rejects_table(rejects: Iterable[dict[str, Any]], total: int) -> str:
+    """The first rejects (``total`` of them in all)."""
+    rejects = list(itertools.islice(rejects, MAX_REJECT_ROWS))
     if not rejects:
         return '<p class="muted">no rejects</p>'
     rows = "".join(
         f'<tr><td class="l">{_e(r.get("key", ""))}</td><td class="l">{_e(r.get("shard", ""))}</td>'
         f'<td class="l">{_e(r.get("stage", ""))}</td><td class="l">{_e(r.get("status", ""))}</td>'
         f'<td class="l">{_e(r.get("reason", ""))}</td></tr>'
-        for r in rejects[:MAX_REJECT_ROWS])
-    more = (f'<p class="muted">{len(rejects) - MAX_REJECT_ROWS} more in rejects/*.parquet</p>'
-            if len(rejects) > MAX_REJECT_ROWS else "")
+        for r in rejects)
+    more = (f'<p class="muted">{total - len(rejects)} more in rejects/*.parquet</p>'
+            if total > len(rejects) else "")
     return ('<table id="rejects-table"><tr><th class="l">key</th><th class="l">shard</th>'
             f'<th class="l">stage</th><th class="l">status</th><th class="l">reason</th></tr>{rows}</table>{more}')
 
 
 def build_report(out: Path, *, samples: int = 24, to: Path | None = None) -> Path:
     out = check_output(Path(out))
-    stats = read_json(out / "stats.json") if _fresh(out / "stats.json", out / "manifest.json") else None
+    manifest = Manifest(out)
+    stats = read_json(out / "stats.json") if _fresh(out / "stats.json", manifest.path) else None
     stats = stats or output_stats(out, workers=default_workers())
     cards = []
     for sample in iter_samples(out, with_images=True):
         if len(cards) >= samples:
             break
         cards.append(sample_card(sample))
-    manifest, metrics = read_json(out / "manifest.json"), read_json(out / "metrics.json")
-    figures = run_figures(manifest, metrics)
+    # The manifest is what the output holds (metrics.json's totals are derived from it too, but a
+    # killed invocation may have committed shards after metrics.json was last written).
+    metrics = read_json(out / "metrics.json")
+    totals = OutputTotals.of(manifest)
+    figures = run_figures(totals, metrics)
     tiny = tiny_model_runs(metrics) > 0  # any run into the folder: its samples are mixed in
+    rejected = stats["rejects"]["total"]
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>densefusion report: {_e(out.name)}</title>
 <style>{CSS}</style></head><body>
@@ -377,9 +384,9 @@ def build_report(out: Path, *, samples: int = 24, to: Path | None = None) -> Pat
 {"".join(f'<div class="chart">{svg}</div>' for svg in charts(stats))}</div></section>
 <section id="samples"><h2>Samples ({len(cards)} of {stats["table1"]["samples"]})</h2>
 <div class="samples">{"".join(cards)}</div></section>
-<section id="shard-problems"><h2>Shard problems ({len(OutputTotals.of(manifest).shard_problems)})</h2>
-{shard_problems_html(manifest)}</section>
-<section id="rejects"><h2>Rejects ({stats["rejects"]["total"]})</h2>{rejects_table(read_rejects(out))}</section>
+<section id="shard-problems"><h2>Shard problems ({len(totals.shard_problems)})</h2>
+{shard_problems_html(totals)}</section>
+<section id="rejects"><h2>Rejects ({rejected})</h2>{rejects_table(iter_rejects(out), rejected)}</section>
 </body></html>
 """
     target = Path(to) if to else out / "report.html"

@@ -23,11 +23,12 @@ from typing import Any
 
 import numpy as np
 
+from engine.core.figures import OutputTotals
 from engine.evidence.category import category_of
 from engine.evidence.coverage import COVERAGE_SCORES
 from engine.evidence.language import POS_CLASSES, PosTagger, check_pos_tagger, pos_tagger, sentences, tagged_words
-from engine.io.manifest import write_json_atomic
-from engine.output.dataset_reader import iter_tar, read_json, read_rejects, shard_tars, tiny_model_runs
+from engine.io.manifest import Manifest, write_json_atomic
+from engine.output.dataset_reader import iter_rejects, iter_tar, read_json, shard_tars, tiny_model_runs
 
 HISTOGRAM_BINS = 20
 CAPTIONS_PER_WORKER = 1000
@@ -114,8 +115,13 @@ class Tally:
         return self
 
 
-def summarise(tally: Tally, rejects: list[dict[str, Any]], tagger_name: str) -> dict[str, Any]:
+def summarise(tally: Tally, rejects: Iterable[dict[str, Any]], tagger_name: str) -> dict[str, Any]:
+    """The statistics; ``rejects`` is read once, as a stream."""
     counts = tally.captions
+    by_stage, by_reason = Counter(), Counter()
+    for reject in rejects:
+        by_stage[reject.get("stage", "")] += 1
+        by_reason[reject.get("reason", "")] += 1
     return {
         "table1": table1(counts, tally.samples),
         "pos_tagger": tagger_name,
@@ -124,13 +130,12 @@ def summarise(tally: Tally, rejects: list[dict[str, Any]], tagger_name: str) -> 
         "coverage": {name: summary(v) for name, v in tally.scores.items() if v},
         "categories": dict(tally.categories.most_common()),
         "finish_reasons": dict(tally.finish.most_common()),
-        "rejects": {"total": len(rejects),
-                    "by_stage": dict(Counter(r.get("stage", "") for r in rejects).most_common()),
-                    "by_reason": dict(Counter(r.get("reason", "") for r in rejects).most_common(20))},
+        "rejects": {"total": by_stage.total(), "by_stage": dict(by_stage.most_common()),
+                    "by_reason": dict(by_reason.most_common(20))},
     }
 
 
-def compute_stats(annotations: Iterable[dict[str, Any]], rejects: list[dict[str, Any]],
+def compute_stats(annotations: Iterable[dict[str, Any]], rejects: Iterable[dict[str, Any]],
                   tagger: PosTagger) -> dict[str, Any]:
     tally = Tally()
     for ann in annotations:
@@ -158,7 +163,7 @@ def output_stats(out: Path, tagger_name: str = "pattern", workers: int = 1) -> d
     tars = shard_tars(out)
     tally = Tally()
     # A worker costs seconds to start (importing TextBlob), the time of ~1,000 captions.
-    written = sum(s.get("written", 0) for s in read_json(out / "manifest.json").get("shards", {}).values())
+    written = OutputTotals.of(Manifest(out)).written
     workers = min(workers, len(tars), max(1, written // CAPTIONS_PER_WORKER))
     if workers > 1:
         import multiprocessing
@@ -170,7 +175,7 @@ def output_stats(out: Path, tagger_name: str = "pattern", workers: int = 1) -> d
     else:
         for tar in tars:
             tally.merge(tally_shard(tar, tagger_name))
-    stats = summarise(tally, read_rejects(out), tagger_name)
+    stats = summarise(tally, iter_rejects(out), tagger_name)
     write_json_atomic(out / "stats.json", stats)
     return stats
 
