@@ -232,6 +232,36 @@ def test_curation_embeds_on_the_actors_selects_once_and_captions_the_selection(c
     assert len(markers(tmp_path / "ray" / "curate")) == len(shards)
 
 
+def test_curation_partitioned_by_cluster_equals_the_single_node_selection_key_for_key(cluster, tmp_path, tiny_cache):
+    import pyarrow.parquet as pq
+
+    shards = make_shards(tmp_path / "in", n_shards=3, per_shard=10)
+    curate = [sys.executable, str(ROOT / "densefusion_local.py"), "curate", "--shards", *map(str, shards),
+              "--no-progress", "--models", "tiny", "--cache-dir", str(tiny_cache), "--device", "cpu", "--embed-batch",
+              "4", "--curate-clusters", "4", "--curate-top-n", "2", "--curate-eps", "0.001"]
+    clustered = run(on_ray([*curate, "--out", str(tmp_path / "ray")], cluster))
+    assert clustered.returncode == 0, clustered.stderr + clustered.stdout
+    assert "partitioned by cluster: 1 ranges assigned" in clustered.stdout
+    # One node's global step on the same store: a Ray run's store holds shards in commit order,
+    # which decides the fit's seeded sample and the row order ties follow.
+    shutil.copytree(tmp_path / "ray", tmp_path / "single")
+    for name in ("selection.parquet", "report.json"):
+        (tmp_path / "single" / "curate" / name).unlink()
+    single = run([*curate, "--out", str(tmp_path / "single")])
+    assert single.returncode == 0, single.stderr + single.stdout
+
+    selections = [pq.read_table(out / "curate" / "selection.parquet") for out in (tmp_path / "ray", tmp_path / "single")]
+    assert selections[0].equals(selections[1])  # keys, clusters, distances, ranks, verdicts and reasons, row for row
+    reports = [json.loads((out / "curate" / "report.json").read_text()) for out in (tmp_path / "ray", tmp_path / "single")]
+    partitioned = reports[0].pop("partitioned")
+    assert partitioned["partitions"] == 4 and "partitioned" not in reports[1]
+    assert sum(partitioned["tasks_by_node"].values()) == partitioned["ranges"] + partitioned["partitions"]
+    for report in reports:
+        del report["embed_s"], report["select_s"]
+    assert reports[0] == reports[1]
+    assert reports[1]["n_embedded"] > reports[1]["n_after_dedup"] > reports[1]["n_selected"]  # both steps decide
+
+
 def test_meta_with_curate_on_ray_captions_the_selection_of_a_single_node_run(cluster, tmp_path, tiny_cache):
     import pyarrow.parquet as pq
 

@@ -3,7 +3,8 @@ per-image work leased to actors (engine/cluster/driver.py).
 
     caption   pass 2 over --shards (run, meta) or over pass 1's selection (run --curate)
     curate    pass 1: embedding on the actors, each publishing its shards' parts of the store;
-              the driver adopts them, then clusters, de-duplicates and selects once, here
+              the driver adopts them and fits k-means; assignment, SemDeDup and top-N run as
+              Ray tasks partitioned by cluster (curate_partitioned.py)
 """
 
 from __future__ import annotations
@@ -75,15 +76,18 @@ def caption(cfg: RunConfig, *, selected: bool = False) -> tuple[RunSummary, Clus
 
 
 def curate(cfg: RunConfig) -> tuple[RunSummary, ClusterResult, dict[str, Any] | None]:
-    """Pass 1 on the cluster, then the global step here; the report is None when a shard failed
-    (the global step needs every shard: a rerun retries the failed ones, then selects)."""
+    """Pass 1 on the cluster, then the k-means fit here and the rest partitioned by cluster on
+    the cluster (curate_partitioned.py); the report is None when a shard failed (the global step
+    needs every shard: a rerun retries the failed ones, then selects)."""
+    from engine.cluster.curate_partitioned import select_on_ray
     from engine.curate.pass1 import PASS1, select_from_store
     from engine.curate.store import EmbeddingStore
 
     summary, result = run_pass_on_ray(cfg, PASS1, "curate")
     if result.failed:
         return summary, result, None
-    return summary, result, select_from_store(EmbeddingStore(summary.root), cfg, embed_s=summary.wall_s)
+    return summary, result, select_from_store(EmbeddingStore(summary.root), cfg, embed_s=summary.wall_s,
+                                              select_rows=select_on_ray)
 
 
 def format_cluster(result: ClusterResult) -> str:

@@ -14,16 +14,19 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from engine.core.config import RunConfig
 from engine.core.driver import Pass, run_pass
 from engine.core.errors import ConfigError
 from engine.core.figures import RunSummary
 from engine.core.stage import Stage
-from engine.curate.kmeans import cluster, default_k
-from engine.curate.selection import Selection, report, select, selection_table
+from engine.curate.kmeans import Clustering, assign, default_k, fit_centroids
+from engine.curate.selection import Selected, Selection, report, select, selection_table
 from engine.curate.store import EmbeddingStore
 from engine.io.manifest import write_json_atomic, write_parquet_atomic
 from engine.stages import decode, embed, probe
@@ -64,8 +67,19 @@ def run_curate(cfg: RunConfig) -> tuple[RunSummary, dict[str, Any] | None]:
     return summary, select_from_store(EmbeddingStore(summary.root), cfg, embed_s=summary.wall_s)
 
 
-def select_from_store(store: EmbeddingStore, cfg: RunConfig, *, embed_s: float = 0.0) -> dict[str, Any]:
-    """The global step; skipped when report.json already describes the store as it is."""
+def select_here(rows, centroids: np.ndarray, cfg: RunConfig, root: Path) -> Selected:
+    """The step after the fit on this node: every row assigned, SemDeDup and top N per cluster."""
+    assignment, similarity = assign(rows, centroids)
+    selection = select(rows, Clustering(centroids, assignment, similarity), eps=cfg.curate.curate_eps,
+                       top_n=cfg.curate.curate_top_n, keep=cfg.curate.curate_keep, scratch=root / "by_cluster.scratch")
+    return Selected(selection, similarity)
+
+
+def select_from_store(store: EmbeddingStore, cfg: RunConfig, *, embed_s: float = 0.0,
+                      select_rows: Callable[..., Selected] = select_here) -> dict[str, Any]:
+    """The global step; skipped when report.json already describes the store as it is.
+    ``select_rows``: the step after the k-means fit, :func:`select_here` or partitioned by
+    cluster on a Ray cluster (engine/cluster/curate_partitioned.py)."""
     import json
 
     report_path = store.root / "report.json"
@@ -83,17 +97,18 @@ def select_from_store(store: EmbeddingStore, cfg: RunConfig, *, embed_s: float =
     if store.rows:
         rows = store.embeddings()
         k = min(cfg.curate.curate_clusters or default_k(store.rows), store.rows)
-        clustering = cluster(rows, k, niter=cfg.curate.kmeans_iterations,
-                             refine_iterations=cfg.curate.kmeans_refine_iterations,
-                             points_per_centroid=cfg.curate.kmeans_points_per_centroid)
-        selection = select(rows, clustering, eps=cfg.curate.curate_eps, top_n=cfg.curate.curate_top_n,
-                           keep=cfg.curate.curate_keep, scratch=store.root / "by_cluster.scratch")
+        # the fit, on a seeded sample, always here: a partitioned step uses the same centroids
+        centroids, iterations = fit_centroids(rows, k, niter=cfg.curate.kmeans_iterations,
+                                              refine_iterations=cfg.curate.kmeans_refine_iterations,
+                                              points_per_centroid=cfg.curate.kmeans_points_per_centroid)
+        selected = select_rows(rows, centroids, cfg, store.root)
+        selection = selected.selection
         write_parquet_atomic(selection_table(index, selection), store.root / "selection.parquet")
         result = report(selection, n_in=n_in, n_after_filter=n_in - n_filtered,
                         n_embedded=store.rows, eps=cfg.curate.curate_eps, k=k)
         # how well k-means fitted: mean cosine similarity of every row to its centroid
-        result.update(kmeans_objective=round(float(clustering.similarity.mean()), 6),
-                      kmeans_iterations=clustering.iterations)
+        result.update(kmeans_objective=round(float(selected.similarity.mean()), 6),
+                      kmeans_iterations=iterations, **selected.figures)
     else:
         nothing = Selection.empty(cfg.curate.curate_top_n, cfg.curate.curate_keep)
         write_parquet_atomic(selection_table(index, nothing), store.root / "selection.parquet")
@@ -106,10 +121,14 @@ def select_from_store(store: EmbeddingStore, cfg: RunConfig, *, embed_s: float =
 
 
 def format_report(result: dict[str, Any], out: Path) -> str:
+    partitioned = result.get("partitioned")
     return (
         f"curate: {result['n_in']} in, {result['n_after_resolution_filter']} after the resolution "
         f"filter, {result['n_embedded']} embedded, {result['n_after_dedup']} after SemDeDup "
         f"(eps {result['eps']}, keep {result['keep']}), {result['n_selected']} selected "
         f"(top {result['top_n']} of {result['clusters']} clusters)\n"
-        f"curation: {out}/{CURATE_DIR}/selection.parquet  report: {out}/{CURATE_DIR}/report.json"
+        + (f"partitioned by cluster: {partitioned['ranges']} ranges assigned in {partitioned['assign_s']:.1f}s, "
+           f"{partitioned['partitions']} partitions de-duplicated and selected in {partitioned['dedup_select_s']:.1f}s, "
+           f"tasks by node {partitioned['tasks_by_node']}\n" if partitioned else "")
+        + f"curation: {out}/{CURATE_DIR}/selection.parquet  report: {out}/{CURATE_DIR}/report.json"
     )

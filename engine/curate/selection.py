@@ -9,7 +9,7 @@ few bytes per row, never the whole array; the scratch file lives in the page cac
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,16 @@ class Selection:
         return ~self.kept & (self.duplicate_of < 0)
 
 
+@dataclass(frozen=True)
+class Selected:
+    """What the step after the k-means fit returns, on one node (pass1.py) or partitioned by
+    cluster on a Ray cluster (partitioned.py)."""
+
+    selection: Selection
+    similarity: np.ndarray  # float32 (N,): cosine similarity of each row to its centroid
+    figures: dict[str, Any] = field(default_factory=dict)  # how a partitioned step ran, for report.json
+
+
 KEEP_ORDERS = ("hard", "easy")
 
 
@@ -75,7 +85,7 @@ def select(rows, clustering: Clustering, *, eps: float = 0.4, top_n: int = 20, k
     by_cluster = np.argsort(clustering.assignment, kind="stable")
     sizes = np.bincount(clustering.assignment, minlength=k)
     starts = np.concatenate([[0], np.cumsum(sizes)])
-    _write_grouped(rows, clustering.assignment, by_cluster, starts, scratch, chunk_rows)
+    write_grouped(rows, clustering.assignment, by_cluster, scratch, chunk_rows)
 
     distance = 1.0 - clustering.similarity
     rank = np.empty(n, np.int32)
@@ -123,8 +133,9 @@ def select(rows, clustering: Clustering, *, eps: float = 0.4, top_n: int = 20, k
                      duplicate_of=duplicate_of, kept=kept, top_n=top_n, keep=keep)
 
 
-def _write_grouped(rows, assignment, by_cluster, starts, scratch: Path, chunk_rows: int) -> None:
-    """Copy rows into ``scratch`` in cluster order: one pwrite per (chunk, cluster)."""
+def write_grouped(rows, assignment, by_cluster, scratch: Path, chunk_rows: int) -> None:
+    """Copy rows into ``scratch`` (raw float16) in cluster order: one pwrite per (chunk, cluster).
+    Also the shuffle of a partitioned curation (partitioned.py)."""
     n, dim = rows.shape
     destination = np.empty(n, np.int64)
     destination[by_cluster] = np.arange(n)
