@@ -7,9 +7,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import jpeg, sample_members, write_tar
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from conftest import jpeg, sample_members, write_tar
 from output_fixture import fixture_samples, write_fixture_output
 
 import densefusion_local
