@@ -370,3 +370,21 @@ def build_qwen2_5_vl(folder: Path) -> None:
     _keep_to_text(model, processor.tokenizer)
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m models.tiny ROLE --root DIR``: build (once) and print the tiny model's folder,
+    e.g. a tiny Qwen2.5-VL for ``run --caption-model``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m models.tiny", description=main.__doc__)
+    parser.add_argument("role", choices=roles())
+    parser.add_argument("--root", type=Path, default=Path.home() / ".cache" / "densefusion" / "tiny",
+                        help="where tiny models are kept (run's --cache-dir/tiny)")
+    args = parser.parse_args(argv)
+    print(ensure(args.role, args.root))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
