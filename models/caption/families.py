@@ -36,6 +36,7 @@ class CaptionFamily:
     instruction_before_image: bool
     sglang_dtype: str  # the dtype SGLang runs it in ("auto": the checkpoint's)
     sglang_conversion: bool  # SGLang serves a converted copy (models/caption/llava_native.py)
+    trainable: bool  # `train` fine-tunes it (engine/train/parts.py and data.py know its modules)
 
 
 LLAVA_1_6 = CaptionFamily(
@@ -48,6 +49,7 @@ LLAVA_1_6 = CaptionFamily(
     # sglang 0.5.23 loads LLaVA's vision tower in float16 whatever it is told (models/llava.py)
     sglang_dtype="float16",
     sglang_conversion=True,
+    trainable=True,
 )
 QWEN2_5_VL = CaptionFamily(
     name="Qwen2.5-VL",
@@ -57,6 +59,7 @@ QWEN2_5_VL = CaptionFamily(
     instruction_before_image=True,  # its template keeps the turn's order: text, then image
     sglang_dtype="auto",
     sglang_conversion=False,
+    trainable=False,  # its vision tower, merger and flat patch batches are not in train's parts yet
 )
 FAMILIES = (LLAVA_1_6, QWEN2_5_VL)
 
