@@ -134,3 +134,19 @@ def test_train_refuses_a_family_it_cannot_fine_tune_yet_before_loading_it(tmp_pa
 
     with pytest.raises(ConfigError, match="Qwen2.5-VL checkpoint: train fine-tunes LLaVA-1.6 only"):
         load_base(TrainConfig(base=str(qwen), out=str(tmp_path / "engine"), cache_dir=str(tiny_cache)))
+
+
+def test_plan_counts_the_qwen_engine_at_its_own_image_budget(tmp_path, qwen):
+    from safetensors.torch import load_file
+
+    from engine.core import config
+    from engine.core.placement import TEXT_TOKENS, caption_need
+
+    cfg = config.build(runtime={"out": str(tmp_path / "out")}, caption={"caption_model": str(qwen)})
+    need = caption_need(cfg)
+    max_image_tokens = tiny.TINY_QWEN_PIXELS[1] // (28 * 28)
+    assert need.tokens_per_request == max_image_tokens + TEXT_TOKENS + cfg.caption.max_new_tokens
+    text = json.loads((qwen / "config.json").read_text())["text_config"]
+    head_dim = text["hidden_size"] // text["num_attention_heads"]
+    assert need.kv_bytes_per_token == 2 * text["num_hidden_layers"] * text["num_key_value_heads"] * head_dim * 2
+    assert need.params == sum(t.numel() for t in load_file(qwen / "model.safetensors").values())

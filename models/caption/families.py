@@ -19,10 +19,33 @@ parity test before it is listed.
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from engine.core.errors import ConfigError
+
+
+def anyres_image_tokens(config, folder: Path | None) -> int:
+    """LLaVA-NeXT's most tokens for one image: the base tile, the largest pinpoint's grid of
+    tiles and a newline token per row of the grid."""
+    vision = config.vision_config
+    per_tile = (vision.image_size // vision.patch_size) ** 2
+    tiles = max(w * h for w, h in config.image_grid_pinpoints) // vision.image_size**2
+    return per_tile * (1 + tiles) + int(math.sqrt(per_tile * tiles))
+
+
+def dynamic_resolution_image_tokens(config, folder: Path | None) -> int:
+    """Qwen-VL's most tokens for one image: its processor's max_pixels over the pixels one token
+    covers (a patch merged merge_size x merge_size)."""
+    from transformers import AutoImageProcessor
+
+    if folder is None:
+        raise ConfigError("the image budget of a Qwen-VL checkpoint is its processor's max_pixels: pass a local "
+                          "folder")
+    processor = AutoImageProcessor.from_pretrained(folder)
+    return processor.size["longest_edge"] // (processor.patch_size * processor.merge_size) ** 2
 
 
 @dataclass(frozen=True)
@@ -37,6 +60,8 @@ class CaptionFamily:
     sglang_dtype: str  # the dtype SGLang runs it in ("auto": the checkpoint's)
     sglang_conversion: bool  # SGLang serves a converted copy (models/caption/llava_native.py)
     trainable: bool  # `train` fine-tunes it (engine/train/parts.py and data.py know its modules)
+    hf_config: str  # its transformers config class (`plan` builds the model from it on the meta device)
+    max_image_tokens: Callable  # (that config, checkpoint folder or None) -> most tokens one image takes
 
 
 LLAVA_1_6 = CaptionFamily(
@@ -50,6 +75,8 @@ LLAVA_1_6 = CaptionFamily(
     sglang_dtype="float16",
     sglang_conversion=True,
     trainable=True,
+    hf_config="LlavaNextConfig",
+    max_image_tokens=anyres_image_tokens,
 )
 QWEN2_5_VL = CaptionFamily(
     name="Qwen2.5-VL",
@@ -60,6 +87,8 @@ QWEN2_5_VL = CaptionFamily(
     sglang_dtype="auto",
     sglang_conversion=False,
     trainable=False,  # its vision tower, merger and flat patch batches are not in train's parts yet
+    hf_config="Qwen2_5_VLConfig",
+    max_image_tokens=dynamic_resolution_image_tokens,
 )
 FAMILIES = (LLAVA_1_6, QWEN2_5_VL)
 
