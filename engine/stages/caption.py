@@ -14,8 +14,8 @@ from engine.core.record import Sample
 from engine.core.runtime import StageFailed
 from engine.core.stage import ImageView, Resources, Stage
 from models.caption.base import CaptionEngine, EngineDead, SamplingParams
-from models.caption.figures import CaptionTally, GpuSampler
 from models.caption.families import family_of_folder
+from models.caption.figures import CaptionTally, GpuSampler
 from models.caption.registry import load_engine, prepare_backend, resolve_backend
 
 JOURNAL = Path("journal") / "openai.jsonl"  # under OUT: captions an endpoint was paid for
