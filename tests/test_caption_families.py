@@ -150,3 +150,24 @@ def test_plan_counts_the_qwen_engine_at_its_own_image_budget(tmp_path, qwen):
     head_dim = text["hidden_size"] // text["num_attention_heads"]
     assert need.kv_bytes_per_token == 2 * text["num_hidden_layers"] * text["num_key_value_heads"] * head_dim * 2
     assert need.params == sum(t.numel() for t in load_file(qwen / "model.safetensors").values())
+
+
+def test_the_cpu_setup_declares_the_placeholder_ops_in_every_interpreter_it_starts():
+    """What SGLang's Qwen-VL processors bind on import (their absence hides every Qwen-VL
+    checkpoint from SGLang's CPU engine); a call says what it is. In another interpreter, so this
+    one keeps its ops as they are."""
+    import os
+    import subprocess
+    import sys
+
+    from models.caption import sglang_cpu
+
+    check = ("import torch; names = __import__('sitecustomize').PLACEHOLDER_OPS\n"
+             "ops = [getattr(torch.ops.sgl_kernel, n) for n in names]\n"
+             "try:\n    ops[0]([torch.zeros(1)])\nexcept NotImplementedError as e:\n    print(len(ops), e)")
+    env = {**os.environ, "SGLANG_USE_CPU_ENGINE": "1", "PYTHONPATH": str(sglang_cpu.SITE)}
+    said = subprocess.run([sys.executable, "-c", check], env=env, capture_output=True, text=True, check=True).stdout
+    assert said.startswith("4 a placeholder sgl_kernel CPU op was called")
+    env["SGLANG_USE_CPU_ENGINE"] = "0"  # anywhere else (a GPU node): nothing declared
+    with pytest.raises(subprocess.CalledProcessError):
+        subprocess.run([sys.executable, "-c", check], env=env, capture_output=True, text=True, check=True)

@@ -16,8 +16,8 @@ machine with no NVIDIA driver, and this module is the one place that handles the
   and, from ``PYTHONPATH``, in every interpreter SGLang starts.
 
 :func:`prepare` does all three, in this process and for the engine's child processes (which
-inherit the environment). Where a real driver loads, no stub is built: the GPU path never loads
-it, nor the placeholder ops (``prepare`` is the CPU engine's only).
+inherit the environment). Where a real driver loads, neither the stub nor the placeholder ops are
+used: the GPU path never loads them.
 """
 
 from __future__ import annotations
@@ -97,7 +97,6 @@ def prepare(cache_dir: Path) -> Path | None:
                           "SGLANG_USE_CPU_ENGINE=1 before importing sglang")
     os.environ["SGLANG_USE_CPU_ENGINE"] = "1"
     if driver_installed():
-        add_placeholder_ops()
         return None
     stub = build_stub(Path(cache_dir) / "sglang-cpu")
     # Loaded by soname, so sgl_kernel's libraries find it in this process; children read the path.
