@@ -54,6 +54,8 @@ setup(
     description="Open, fast, resumable perceptual-fusion caption engine (DenseFusion-1M)",
     python_requires=">=3.10",
     packages=find_packages(include=["engine*", "models*", "kernels*", "bench*"]),
+    # not a package (it must import nothing of ours): SGLang's CPU engine puts its folder on PYTHONPATH
+    package_data={"models.caption": ["sglang_cpu_site/sitecustomize.py"]},
     py_modules=["densefusion_local"],
     install_requires=BASE,
     extras_require=EXTRAS,

@@ -278,3 +278,113 @@ def build_owlv2(folder: Path) -> None:
     from models.owlv2 import build_tiny
 
     build_tiny(folder)
+
+
+# Qwen2.5-VL's template (Qwen/Qwen2.5-VL-7B-Instruct), images only: its default system turn, then
+# the user turn's parts in the order given, each image as <|vision_start|><|image_pad|><|vision_end|>.
+_QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}"
+    "{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+_QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                  "<|image_pad|>", "<|video_pad|>"]
+_QWEN_PATCH = 14  # Qwen2.5-VL's vision patch; 2x2 patches merge into one image token
+# The image budget: 4 to 64 image tokens (real checkpoints: 4 to 16,384, min/max_pixels)
+TINY_QWEN_PIXELS = (4 * 28 * 28, 64 * 28 * 28)
+
+
+def qwen2_5_vl_parts():
+    """``(Qwen2_5_VLConfig, Qwen2_5_VLProcessor)`` of the tiny build, nothing allocated."""
+    from transformers import (
+        PreTrainedTokenizerFast,
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLProcessor,
+        Qwen2VLImageProcessor,
+        Qwen2VLVideoProcessor,
+    )
+
+    bpe = byte_bpe_tokenizer(_corpus(), _QWEN_SPECIALS, vocab_size=512)
+    ids = {token: i for i, token in enumerate(_QWEN_SPECIALS)}
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>", padding_side="left",
+        extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
+                              "vision_bos_token": "<|vision_start|>", "vision_eos_token": "<|vision_end|>"},
+    )
+    tokenizer.chat_template = _QWEN_CHAT_TEMPLATE
+    min_pixels, max_pixels = TINY_QWEN_PIXELS
+    config = Qwen2_5_VLConfig(
+        text_config={"vocab_size": bpe.get_vocab_size(), "hidden_size": 64, "intermediate_size": 128,
+                     "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                     "max_position_embeddings": 4096, "rms_norm_eps": 1e-6,
+                     "bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"],
+                     "pad_token_id": ids["<|endoftext|>"],
+                     # head_dim 16: 8 rotary pairs split over (time, height, width)
+                     "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]}},
+        vision_config={"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2,
+                       "patch_size": _QWEN_PATCH, "spatial_merge_size": 2, "temporal_patch_size": 2,
+                       "window_size": 56, "out_hidden_size": 64, "fullatt_block_indexes": [1]},
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+    )
+    budget = {"min_pixels": min_pixels, "max_pixels": max_pixels, "patch_size": _QWEN_PATCH,
+              "merge_size": 2, "temporal_patch_size": 2}
+    processor = Qwen2_5_VLProcessor(
+        image_processor=Qwen2VLImageProcessor(**budget),
+        tokenizer=tokenizer,
+        video_processor=Qwen2VLVideoProcessor(**budget),
+        chat_template=_QWEN_CHAT_TEMPLATE,
+    )
+    return config, processor
+
+
+def _keep_to_text(model, tokenizer) -> None:
+    """Random weights pick any token: keep generation to printable ASCII pieces (and the end
+    token) so the noise stays text."""
+    generation, text = model.generation_config, model.config.get_text_config()
+    generation.pad_token_id, generation.bos_token_id = text.pad_token_id, text.bos_token_id
+    generation.eos_token_id = text.eos_token_id
+    generation.suppress_tokens = [
+        i
+        for i in range(len(tokenizer))
+        if i != text.eos_token_id
+        and (i in tokenizer.all_special_ids or not _printable(tokenizer.decode([i])))
+    ]
+
+
+@register("caption-qwen2_5_vl")
+def build_qwen2_5_vl(folder: Path) -> None:
+    """Qwen2.5-VL: windowed ViT with 2x2 patch merging + Qwen2 with M-RoPE, dynamic resolution."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    config, processor = qwen2_5_vl_parts()
+    model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    _keep_to_text(model, processor.tokenizer)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m models.tiny ROLE --root DIR``: build (once) and print the tiny model's folder,
+    e.g. a tiny Qwen2.5-VL for ``run --caption-model``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m models.tiny", description=main.__doc__)
+    parser.add_argument("role", choices=roles())
+    parser.add_argument("--root", type=Path, default=Path.home() / ".cache" / "densefusion" / "tiny",
+                        help="where tiny models are kept (run's --cache-dir/tiny)")
+    args = parser.parse_args(argv)
+    print(ensure(args.role, args.root))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -414,28 +414,31 @@ def _hf_config(model: str, config_class, known: dict):
 
 @functools.lru_cache(maxsize=8)
 def caption_need(cfg: RunConfig) -> CaptionNeed:
+    """The caption engine's weights, KV cache per token and longest request, for its family
+    (models/caption/families.py): image tokens at the checkpoint's own image budget."""
     import torch
-    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
+    import transformers
+    from transformers import AutoModelForImageTextToText
 
+    from models.caption.families import LLAVA_1_6, family_of_folder
     from models.tiny import LLAVA_NEXT_7B, llava_next_parts
 
     model = cfg.caption.caption_model
     path = Path(model).expanduser()
     if (path / "config.json").is_file():
-        config, source = LlavaNextConfig.from_pretrained(path), "config.json"
+        family = family_of_folder(path, model)
+        config, source, folder = getattr(transformers, family.hf_config).from_pretrained(path), "config.json", path
     elif model.startswith("llava-hf/llava-v1.6-") and "7b" in model:
-        config, source = llava_next_parts(LLAVA_NEXT_7B)[0], f"known config of {model}"
+        family, config, source, folder = LLAVA_1_6, llava_next_parts(LLAVA_NEXT_7B)[0], f"known config of {model}", None
     else:
         raise ConfigError(f"plan: --caption-model {model}: pass a local folder with config.json")
     with torch.device("meta"):
-        net = LlavaNextForConditionalGeneration(config)
-    text, vision = config.text_config, config.vision_config
+        net = AutoModelForImageTextToText.from_config(config)
+    text = config.get_text_config()
     kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
-    head_dim = text.hidden_size // text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     kv_per_token = 2 * text.num_hidden_layers * kv_heads * head_dim * 2  # K and V, bfloat16
-    per_tile = (vision.image_size // vision.patch_size) ** 2
-    tiles = max(w * h for w, h in config.image_grid_pinpoints) // vision.image_size**2
-    image_tokens = per_tile * (1 + tiles) + int(math.sqrt(per_tile * tiles))  # base + grid + row newlines
+    image_tokens = family.max_image_tokens(config, folder)
     backend = cfg.caption.caption_backend
     backend = "sglang" if backend == "auto" else backend  # the card's engine on a GPU node
     tp = cfg.sglang.sglang_tp_size if backend == "sglang" else 1  # transformers: one GPU per replica

@@ -42,6 +42,7 @@ from engine.train.data import (
 )
 from engine.train.parts import describe, parameter_groups, select_trainable
 from models.caption.chat import check_chat_template
+from models.caption.families import FAMILIES, family_for
 
 METRICS = "metrics.jsonl"
 RECORD = "densefusion_train.json"  # written last: its presence means the engine is complete
@@ -86,6 +87,11 @@ def load_base(train: TrainConfig):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     path = base_model(train.base, train.cache_dir).resolve(Path(train.cache_dir))
+    family = family_for(path, train.base)
+    if not family.trainable:
+        trainable = ", ".join(f.name for f in FAMILIES if f.trainable)
+        raise ConfigError(f"--base {train.base} is a {family.name} checkpoint: train fine-tunes {trainable} "
+                          f"only so far (captioning with {family.name} works: run --caption-model)")
     processor = AutoProcessor.from_pretrained(path)
     check_chat_template(processor, train.base)  # the samples' text is the inference one (models/caption/chat.py)
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")

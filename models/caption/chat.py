@@ -29,7 +29,7 @@ def user_turn(prompt: str, image: dict[str, Any] | None = None) -> list[dict[str
 def chat_text(processor, prompt: str) -> str:
     """The model's input text for ``prompt``: :func:`user_turn` in the checkpoint's chat
     template, ready for generation; its one image placeholder (the processor's ``image_token``)
-    is what each backend expands into the image's AnyRes tokens."""
+    is what each backend expands into the image's tokens (LLaVA's AnyRes tiles, Qwen's dynamic resolution)."""
     return processor.apply_chat_template(user_turn(prompt), add_generation_prompt=True)
 
 
@@ -41,7 +41,7 @@ def check_chat_template(processor, model: str) -> None:
                           f"template it was trained with (chat_template.jinja beside its tokenizer)")
     if not getattr(processor, "image_token", None):
         raise ConfigError(f"caption model {model!r}: its processor names no image token: the folder needs "
-                          f"a LLaVA processor (processor_config.json beside the tokenizer)")
+                          f"its family's processor (processor_config.json beside the tokenizer)")
     placeholders = chat_text(processor, "").count(processor.image_token)
     if placeholders != 1:
         raise ConfigError(f"caption model {model!r}: its chat template renders {placeholders} image "

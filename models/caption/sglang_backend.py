@@ -44,6 +44,7 @@ from engine.core.errors import ConfigError
 from engine.core.record import Caption
 from models.caption.base import EngineDead, SamplingParams
 from models.caption.chat import chat_text, check_chat_template
+from models.caption.families import LLAVA_1_6, CaptionFamily, family_for
 from models.caption.window import RequestWindow
 
 log = logging.getLogger(__name__)
@@ -61,13 +62,10 @@ class SglangSettings:
     window: int  # requests in flight in the engine
     max_total_tokens: int  # KV pool in tokens; 0: from mem_fraction (CPU_KV_TOKENS on the CPU)
     cache_dir: str  # where converted checkpoints and the CPU stub are kept
-    dtype: str  # --caption-dtype: SGLang runs LLaVA in DTYPE only
+    dtype: str  # --caption-dtype: SGLang runs each family in its own dtype only (families.py)
 
 SGLANG_VERSION = "0.5.23"  # the API this module is written against
 CPU_KV_TOKENS = 16384  # the CPU engine's KV pool when --sglang-max-total-tokens is 0
-# sglang 0.5.23 loads LLaVA's vision tower in float16 whatever it is told (models/llava.py), and
-# its features go straight into the projector: the rest of the model must be float16 too.
-DTYPE = "float16"
 _SUPPRESSED = -1e9  # logit bias of a suppressed token: never chosen (SGLang rejects -inf in JSON)
 
 
@@ -174,14 +172,16 @@ def generate_request(prompt: str, image: np.ndarray, sampling: dict[str, Any], p
     return {"prompt": chat_text(processor, prompt), "image_data": png_bytes(image), "sampling_params": sampling}
 
 
-def engine_args(cfg: SglangSettings, model_path: str, device: str, n_gpus: int = 0) -> dict[str, Any]:
+def engine_args(cfg: SglangSettings, model_path: str, device: str, n_gpus: int = 0,
+                family: CaptionFamily = LLAVA_1_6) -> dict[str, Any]:
     """Keyword arguments of ``sglang.Engine`` (they mirror its ``ServerArgs``) on ``device``:
-    ``cpu`` (one replica), ``cuda`` (every visible GPU) or ``cuda:N`` (that GPU)."""
+    ``cpu`` (one replica), ``cuda`` (every visible GPU) or ``cuda:N`` (that GPU), for a checkpoint
+    of ``family``."""
     common = {
         "model_path": model_path,
         "load_format": "dummy" if cfg.dummy_weights else "auto",
         "disable_radix_cache": not cfg.radix_cache,
-        "dtype": DTYPE,
+        "dtype": family.sglang_dtype,
         "random_seed": 0,
         "log_level": "error",
         "custom_sigquit_handler": on_child_failure,
@@ -221,7 +221,7 @@ def caption_from_output(out: dict[str, Any], seconds: float, model: str) -> Capt
         return Caption(f"sglang aborted the request: {message}", int(meta.get("prompt_tokens", 0)),
                        0, "error", seconds, model, "sglang")
     return Caption(
-        out.get("text", ""),
+        out.get("text", "").strip(),  # as the transformers backend: no edge whitespace
         int(meta.get("prompt_tokens", 0)),
         int(meta.get("completion_tokens", 0)),
         "length" if kind == "length" else "stop",
@@ -250,9 +250,10 @@ class SglangEngine:
     def __init__(self, cfg: SglangSettings, model_path: str, device: str):
         """``model_path``: a llava-hf LLaVA-NeXT checkpoint (converted once, under
         ``cfg.cache_dir``) or a folder SGLang serves natively; ``device``: cpu, cuda or cuda:N."""
-        if cfg.dtype not in ("auto", DTYPE):
-            raise ConfigError(f"--caption-dtype {cfg.dtype} with --caption-backend sglang: SGLang "
-                              f"runs LLaVA in {DTYPE} (its vision tower loads in {DTYPE}); use auto")
+        family = family_for(model_path)
+        if cfg.dtype not in ("auto", family.sglang_dtype):
+            raise ConfigError(f"--caption-dtype {cfg.dtype} with --caption-backend sglang: SGLang runs "
+                              f"{family.name} in {family.sglang_dtype} only (families.py says why); use auto")
         cache_dir = Path(cfg.cache_dir)
         prepare(device, cfg)  # a second call is harmless: the CPU environment is set once
         if threading.current_thread() is not threading.main_thread() and \
@@ -282,7 +283,7 @@ class SglangEngine:
             import torch
 
             n_gpus = torch.cuda.device_count()
-        args = engine_args(cfg, served, device, n_gpus)
+        args = engine_args(cfg, served, device, n_gpus, family)
         me = psutil.Process()
         before = {p.pid for p in me.children(recursive=True)}
         log.info("starting sglang.Engine(%s)", args)

@@ -10,9 +10,14 @@ machine with no NVIDIA driver, and this module is the one place that handles the
   devices, sees none.
 * SGLang picks its CPU platform from ``SGLANG_USE_CPU_ENGINE=1``, read when ``sglang.srt`` is
   first imported, so it must be set before then.
+* SGLang's Qwen-VL image processors import a module that binds four ``sgl_kernel`` CPU ops the
+  CUDA build lacks, so without them no Qwen-VL checkpoint is served. ``sglang_cpu_site/
+  sitecustomize.py`` declares them as placeholders (Qwen2.5-VL never calls them) in this process
+  and, from ``PYTHONPATH``, in every interpreter SGLang starts.
 
-:func:`prepare` does both, in this process and for the engine's child processes (which inherit
-the environment). Where a real driver loads, no stub is built: the GPU path never loads it.
+:func:`prepare` does all three, in this process and for the engine's child processes (which
+inherit the environment). Where a real driver loads, neither the stub nor the placeholder ops are
+used: the GPU path never loads them.
 """
 
 from __future__ import annotations
@@ -98,4 +103,20 @@ def prepare(cache_dir: Path) -> Path | None:
     ctypes.CDLL(str(stub), mode=ctypes.RTLD_GLOBAL)
     paths = [str(stub.parent), *filter(None, os.environ.get("LD_LIBRARY_PATH", "").split(os.pathsep))]
     os.environ["LD_LIBRARY_PATH"] = os.pathsep.join(dict.fromkeys(paths))
+    add_placeholder_ops()  # after the stub: declaring them first imports sgl_kernel
     return stub
+
+
+SITE = Path(__file__).with_name("sglang_cpu_site")  # holds the placeholder ops' sitecustomize.py
+
+
+def add_placeholder_ops() -> None:
+    """The placeholder ``sgl_kernel`` CPU ops, declared here and in every interpreter started
+    with this environment (``SITE`` first on ``PYTHONPATH``)."""
+    import importlib.util
+
+    paths = [str(SITE), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+    spec = importlib.util.spec_from_file_location("densefusion_sglang_cpu_site", SITE / "sitecustomize.py")
+    site = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(site)  # registers them here (SGLANG_USE_CPU_ENGINE=1 is set)

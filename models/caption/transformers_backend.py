@@ -1,8 +1,9 @@
-"""LLaVA-NeXT (LLaVA-1.6) on ``transformers``: the portable caption backend.
+"""The portable caption backend on ``transformers``: every caption family (families.py).
 
-AnyRes is the processor's: each image is tiled over the best-fitting grid pinpoint plus a
-low-resolution overview. A batch is generated in one call with left padding (so every
-sequence's last prompt token lines up for decoding); greedy unless a temperature is set.
+The image tokens are the processor's (LLaVA-NeXT's AnyRes: tiles over the best-fitting grid
+pinpoint plus a low-resolution overview; Qwen2.5-VL's dynamic resolution within min/max pixels).
+A batch is generated in one call with left padding (so every sequence's last prompt token lines
+up for decoding); greedy unless a temperature is set.
 bfloat16 weights and SDPA attention on a GPU, float32 on the CPU.
 
 Two things make it fast on a GPU (``python -m bench caption --real-size`` measures them):
@@ -32,6 +33,7 @@ from engine.core.errors import ConfigError
 from engine.core.record import Caption
 from models.caption.base import SamplingParams
 from models.caption.chat import chat_text, check_chat_template
+from models.caption.families import family_for
 
 log = logging.getLogger(__name__)
 
@@ -237,10 +239,12 @@ def torch_dtype(name: str, device: str):
 
 
 def load(model: str, path: str, device: str, settings: TransformersSettings) -> TransformersCaptionEngine:
-    """A llava-hf style checkpoint folder or hub id, read by the libraries' own loaders."""
+    """A checkpoint folder or hub id of a caption family (families.py), read by the libraries'
+    own loaders."""
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    family_for(path, model)  # an unsupported architecture is refused before its weights load
     if Path(path, "config.json").is_file() and "mm_vision_tower" in json.loads(Path(path, "config.json").read_text()):
         raise ConfigError(f"caption model {path} is in the original LLaVA layout, which transformers does not "
                           f"load: use --caption-backend sglang, or a llava-hf LLaVA-NeXT checkpoint")

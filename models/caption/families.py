@@ -1,0 +1,131 @@
+"""Caption engine families: which vision-language models the caption stage serves, and how.
+
+A family is picked from the checkpoint's own ``config.json`` (its ``architectures``, else its
+``model_type``), never from its name: a fine-tuned folder may be called anything. A checkpoint of
+no known family is refused before any work, with the list of the families there are.
+
+What differs between families is data here, not branches in the backends: the prompt itself is
+the same for all (``models/caption/chat.py``: the fusion prompt, then the image, in the
+checkpoint's chat template, which decides where the image placeholder goes), and every backend
+reads the checkpoint's own processor for the image's tokens (LLaVA's AnyRes tiles, Qwen's
+dynamic resolution bounded by the processor's ``min_pixels``/``max_pixels``).
+
+Families still to add (SGLang 0.5.23 and transformers 5.19 both have them): Qwen3-VL
+(``Qwen3VLForConditionalGeneration``) and InternVL 2.5/3 (``InternVLChatModel`` /
+``InternVLForConditionalGeneration``); each needs a tiny build in ``models/tiny.py`` and the
+parity test before it is listed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from engine.core.errors import ConfigError
+
+
+def anyres_image_tokens(config, folder: Path | None) -> int:
+    """LLaVA-NeXT's most tokens for one image: the base tile, the largest pinpoint's grid of
+    tiles and a newline token per row of the grid."""
+    vision = config.vision_config
+    per_tile = (vision.image_size // vision.patch_size) ** 2
+    tiles = max(w * h for w, h in config.image_grid_pinpoints) // vision.image_size**2
+    return per_tile * (1 + tiles) + int(math.sqrt(per_tile * tiles))
+
+
+def dynamic_resolution_image_tokens(config, folder: Path | None) -> int:
+    """Qwen-VL's most tokens for one image: its processor's max_pixels over the pixels one token
+    covers (a patch merged merge_size x merge_size)."""
+    from transformers import AutoImageProcessor
+
+    if folder is None:
+        raise ConfigError("the image budget of a Qwen-VL checkpoint is its processor's max_pixels: pass a local "
+                          "folder")
+    processor = AutoImageProcessor.from_pretrained(folder)
+    return processor.size["longest_edge"] // (processor.patch_size * processor.merge_size) ** 2
+
+
+@dataclass(frozen=True)
+class CaptionFamily:
+    name: str
+    architectures: tuple[str, ...]  # config.json "architectures" of its checkpoints (any layout)
+    model_types: tuple[str, ...]  # config.json "model_type", for a config without architectures
+    image_budget: str  # what bounds one image's tokens (the processor's settings named)
+    # The template puts the image after the fusion prompt's text, so the instruction before it is a
+    # prefix every request shares (SGLang's radix cache reuses it); else only the turn's head is.
+    instruction_before_image: bool
+    sglang_dtype: str  # the dtype SGLang runs it in ("auto": the checkpoint's)
+    sglang_conversion: bool  # SGLang serves a converted copy (models/caption/llava_native.py)
+    trainable: bool  # `train` fine-tunes it (engine/train/parts.py and data.py know its modules)
+    hf_config: str  # its transformers config class (`plan` builds the model from it on the meta device)
+    max_image_tokens: Callable  # (that config, checkpoint folder or None) -> most tokens one image takes
+
+
+LLAVA_1_6 = CaptionFamily(
+    name="LLaVA-1.6",
+    architectures=("LlavaNextForConditionalGeneration", "LlavaLlamaForCausalLM", "LlavaMistralForCausalLM",
+                   "LlavaQwenForCausalLM"),
+    model_types=("llava_next",),
+    image_budget="AnyRes: a grid of base-size tiles from image_grid_pinpoints plus an overview",
+    instruction_before_image=False,  # llava-hf templates put the image first, as LLaVA's training did
+    # sglang 0.5.23 loads LLaVA's vision tower in float16 whatever it is told (models/llava.py)
+    sglang_dtype="float16",
+    sglang_conversion=True,
+    trainable=True,
+    hf_config="LlavaNextConfig",
+    max_image_tokens=anyres_image_tokens,
+)
+QWEN2_5_VL = CaptionFamily(
+    name="Qwen2.5-VL",
+    architectures=("Qwen2_5_VLForConditionalGeneration",),
+    model_types=("qwen2_5_vl",),
+    image_budget="dynamic resolution: min_pixels..max_pixels, one token per 28x28 pixels",
+    instruction_before_image=True,  # its template keeps the turn's order: text, then image
+    sglang_dtype="auto",
+    sglang_conversion=False,
+    trainable=False,  # its vision tower, merger and flat patch batches are not in train's parts yet
+    hf_config="Qwen2_5_VLConfig",
+    max_image_tokens=dynamic_resolution_image_tokens,
+)
+FAMILIES = (LLAVA_1_6, QWEN2_5_VL)
+
+
+def supported() -> str:
+    return "; ".join(f"{f.name} ({', '.join(f.architectures)})" for f in FAMILIES)
+
+
+def family_of(config: dict, model: str) -> CaptionFamily:
+    """The family of a checkpoint whose config.json holds ``config``; ConfigError if none."""
+    architectures = config.get("architectures") or []
+    for family in FAMILIES:
+        if any(a in family.architectures for a in architectures):
+            return family
+    if not architectures:
+        for family in FAMILIES:
+            if config.get("model_type") in family.model_types:
+                return family
+    found = ", ".join(architectures) or f"model_type {config.get('model_type')!r}"
+    raise ConfigError(f"caption model {model!r} is a {found} checkpoint, which no caption engine family "
+                      f"serves. Supported: {supported()}")
+
+
+def family_of_folder(folder: str | Path, model: str | None = None) -> CaptionFamily:
+    """The family of the checkpoint folder ``folder`` (``model``: its name in messages)."""
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"caption model {model or folder}: {path} is missing (a checkpoint folder holds "
+                          f"config.json beside its weights)")
+    return family_of(json.loads(path.read_text()), model or str(folder))
+
+
+def family_for(path: str, model: str | None = None) -> CaptionFamily:
+    """The family of the checkpoint at ``path``: a folder, or a hub id (its config.json only)."""
+    folder = Path(path).expanduser()
+    if folder.is_dir():
+        return family_of_folder(folder, model)
+    from huggingface_hub import hf_hub_download
+
+    return family_of_folder(Path(hf_hub_download(path, "config.json")).parent, model or path)
