@@ -171,7 +171,8 @@ def train_prompt_ids(processor, out: Path, to: Path) -> dict[str, list[int]]:
         sample = encoder(record)
         context = int((sample["labels"] == IGNORE).sum())
         assert (sample["labels"][:context] == IGNORE).all()  # the context comes first, whole
-        ids[record.key] = sample["input_ids"][:context].tolist()
+        ids[record.key.split("/", 1)[1]] = sample["input_ids"][:context].tolist()  # export ids are <shard>/<key>
+    assert len(ids) == len(records)  # the test's keys are unique across its shards
     return ids
 
 
