@@ -93,6 +93,7 @@ def test_qwen_template_puts_the_instruction_before_the_image_and_the_budget_boun
     assert min(counts) >= low and max(counts) == high and len(set(counts)) >= 4
 
 
+@pytest.mark.slow  # starts SGLang's CPU engine
 @pytest.mark.skipif(not sglang_available(), reason="the sglang extra is not installed")
 def test_qwen_captions_are_equal_on_transformers_and_sglang_with_the_instruction_cached(
         tmp_path, shard, tiny_cache, qwen):

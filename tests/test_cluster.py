@@ -24,6 +24,8 @@ from test_resume import ROOT, command, contents, make_shards
 
 from engine.cluster.loopback import ENV, LoopbackCluster
 
+pytestmark = pytest.mark.slow  # starts a two-node Ray cluster on loopback: left out by the quick test command (README)
+
 pytest.importorskip("ray")
 
 N_SHARDS = 5

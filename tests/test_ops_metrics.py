@@ -14,6 +14,7 @@ import urllib.request
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_server import free_port, prometheus_scraping, wait_for
 
@@ -48,6 +49,7 @@ def last(metric: str, by: str = "") -> str:
     return f"sum{grouping}(last_over_time({metric}[10m]))"
 
 
+@pytest.mark.slow  # starts a Prometheus server
 def test_prometheus_scrapes_a_live_run_and_ends_on_metrics_json(tmp_path, tiny_cache):
     shards = write_demo_shards(tmp_path / "in", n_shards=3)
     held = shards[-1]  # read last: the run holds here with two shards committed

@@ -25,6 +25,8 @@ from engine.core.errors import ConfigError
 from models.caption.chat import chat_text, check_chat_template, user_turn
 from models.caption.sglang_backend import sglang_available
 
+pytestmark = pytest.mark.slow  # starts SGLang's CPU engine: left out by the quick test command (README)
+
 # (width, height): square, landscape and portrait photos, panoramas both ways, huge ones (cut to
 # --caption-max-side), tiny ones (under the tiny model's 64 px tile), near-square, odd sizes
 SIZES = ((500, 500), (1352, 900), (900, 1352), (640, 480), (480, 640), (1600, 400), (400, 1600),

@@ -25,7 +25,8 @@ from models.caption.registry import load_engine
 from models.caption.sglang_backend import SglangEngine, generate_request, sampling_dict, sglang_available
 
 # not importorskip: importing sglang picks its platform, which the CPU engine must set first
-pytestmark = pytest.mark.skipif(not sglang_available(), reason="the sglang extra is not installed")
+pytestmark = [pytest.mark.skipif(not sglang_available(), reason="the sglang extra is not installed"),
+              pytest.mark.slow]  # starts SGLang's CPU engine: left out by the quick test command (README)
 
 TOKENS = 12
 PARAMS = SamplingParams(max_new_tokens=TOKENS)

@@ -21,7 +21,8 @@ from engine.io.manifest import read_manifest
 from models.caption.sglang_backend import sglang_available
 
 ROOT = Path(__file__).resolve().parent.parent
-pytestmark = pytest.mark.skipif(not sglang_available(), reason="the sglang extra is not installed")
+pytestmark = [pytest.mark.skipif(not sglang_available(), reason="the sglang extra is not installed"),
+              pytest.mark.slow]  # starts SGLang's CPU engine: left out by the quick test command (README)
 
 
 def make_shards(folder: Path, n_shards: int = 4, per_shard: int = 3) -> list[Path]:

@@ -143,7 +143,7 @@ def test_a_few_dozen_steps_lower_the_training_loss(meta_out, tiny_cache, engine)
     assert any("language model + projector + top 1 of 1 vision layers" in line for line in lines)
 
 
-@pytest.mark.parametrize("backend", ["transformers", "sglang"])
+@pytest.mark.parametrize("backend", ["transformers", pytest.param("sglang", marks=pytest.mark.slow)])
 def test_the_engine_captions_through_run_caption_model(meta_out, engine, tiny_cache, tmp_path, backend):
     """The checkpoint serves unchanged on transformers and, converted to the native LLaVA layout
     by the sglang backend itself, on SGLang's CPU engine (in a child process: its own engine)."""
