@@ -22,7 +22,10 @@ from contract import check_output_contract, output_rows
 
 import densefusion_local
 from engine.io import remote
+from engine.core.config import InputConfig
 from engine.io.manifest import read_manifest
+from engine.io.readers import Selected, ShardReport, read_selected, read_shard
+from engine.io.remote import RemoteShard
 
 SHARDS = ("web-0", "web-1", "web-2")
 BLOCK = 64 << 10  # a small ranged read, so one shard takes several requests and a drop lands mid-shard
@@ -182,6 +185,16 @@ def test_http_body_that_never_completes_is_a_shard_error(http, shard_dir, local_
     check_output_contract(out, [shard_dir / "web-0.tar", shard_dir / "web-2.tar"])
     cut_keys = {r["key"] for rows in got["web-1"] for r in rows}
     assert cut_keys < {r["key"] for rows in local["web-1"] for r in rows}  # what came before the cut, no more
+
+
+def test_pass2_reads_selected_members_by_ranged_reads(http, shard_dir):
+    handler, base = http
+    cfg = InputConfig()
+    kept = list(read_shard(shard_dir / "web-1.tar", cfg, ShardReport()))[1::3]  # members apart: a read each
+    got = list(read_selected(RemoteShard(f"{base}/web-1.tar"), [Selected(s.key, s.source) for s in kept], cfg))
+    assert [(s.key, s.image_bytes) for s in got] == [(s.key, s.image_bytes) for s in kept]
+    starts = [start for _, start, _ in handler.log]
+    assert starts[0] == 0 and starts[1:] == [s.source.offset for s in kept]  # the gzip check, then one range each
 
 
 def test_http_glob_and_missing_url_fail_before_any_work(http, tmp_path, capsys):

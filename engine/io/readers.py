@@ -29,7 +29,7 @@ from typing import Any
 from engine.core.config import InputConfig
 from engine.core.errors import ConfigError
 from engine.core.record import Sample, ShardEnd, Source
-from engine.io.remote import RemoteShard, Shard, expand_url, is_url, open_binary
+from engine.io.remote import RemoteShard, Shard, UrlExpander, is_url, open_binary
 from engine.io.keys import MemberName, escape, lost_name, parse_member_name, split_member_name, usable_key
 from engine.io.sidecars import MAX_JSON_BYTES, parse_json_sidecar, text_bytes_to_read
 from engine.io.tar import TarMember, TarReader, is_gzip, open_stream
@@ -65,10 +65,11 @@ def expand_shards(patterns: Iterable[str]) -> list[Shard]:
     paths: list[Shard] = []
     unmatched: list[str] = []  # glob patterns that match nothing
     missing: list[str] = []  # plain names (a brace range's too) that do not exist
+    urls = UrlExpander()
     for pattern in patterns:
         for expanded in expand_braces(pattern):
             if is_url(expanded):
-                shards, found = expand_url(expanded)
+                shards, found = urls.expand(expanded)
                 paths.extend(shards)
                 if not found:
                     (unmatched if glob.has_magic(expanded) else missing).append(expanded)

@@ -71,22 +71,42 @@ def filesystem(url: str, timeout_s: float = 60.0) -> tuple[Any, str]:
                           f"install densefusion[cloud] (s3fs) or the fsspec package for that store") from exc
 
 
-def expand_url(pattern: str) -> tuple[list[RemoteShard], bool]:
-    """The shards one (brace-expanded) URL names, and whether it matched. A glob lists the store
-    (S3, GCS, hf://; a plain HTTP host cannot list); a plain URL must exist."""
-    fs, path = filesystem(pattern)
-    protocol = pattern.split("://", 1)[0]
-    if glob.has_magic(path):
-        if protocol.lower() in ("http", "https"):
-            raise ConfigError(f"--shards {pattern}: an HTTP host cannot be listed, so a glob cannot expand; "
-                              f"name the shards with a brace range ({{00000..00009}}) instead")
-        matches = sorted(fs.glob(path))
-        return [RemoteShard(fs.unstrip_protocol(m)) for m in matches], bool(matches)
-    try:
-        found = fs.isfile(path)
-    except OSError:
-        found = False
-    return [RemoteShard(pattern)] if found else [], found
+class UrlExpander:
+    """Expands the URLs of one ``--shards`` list. A glob lists the store (S3, GCS, hf://; a plain
+    HTTP host cannot list). A plain URL is looked up in one listing of its folder where the store
+    lists (one request per folder and 1,000 names, not one per shard: a brace range of 50,000
+    shards), else by a HEAD request of its own."""
+
+    def __init__(self) -> None:
+        self._listings: dict[str, set[str]] = {}  # folder URL → the paths in it
+
+    def expand(self, pattern: str) -> tuple[list[RemoteShard], bool]:
+        """The shards one (brace-expanded) URL names, and whether it matched."""
+        fs, path = filesystem(pattern)
+        http = pattern.split("://", 1)[0].lower() in ("http", "https")
+        if glob.has_magic(path):
+            if http:
+                raise ConfigError(f"--shards {pattern}: an HTTP host cannot be listed, so a glob cannot expand; "
+                                  f"name the shards with a brace range ({{00000..00009}}) instead")
+            matches = sorted(fs.glob(path))
+            return [RemoteShard(fs.unstrip_protocol(m)) for m in matches], bool(matches)
+        found = self._exists_http(fs, path) if http else path in self._listing(fs, pattern.rsplit("/", 1)[0])
+        return [RemoteShard(pattern)] if found else [], found
+
+    def _listing(self, fs: Any, folder: str) -> set[str]:
+        if folder not in self._listings:
+            try:
+                self._listings[folder] = set(fs.ls(folder, detail=False))
+            except (FileNotFoundError, NotADirectoryError):
+                self._listings[folder] = set()
+        return self._listings[folder]
+
+    @staticmethod
+    def _exists_http(fs: Any, path: str) -> bool:
+        try:
+            return fs.info(path).get("type") == "file"
+        except (FileNotFoundError, OSError):
+            return False
 
 
 class ResumingReader:
