@@ -24,8 +24,8 @@ import densefusion_local
 from engine.io import remote
 from engine.core.config import InputConfig
 from engine.io.manifest import read_manifest
-from engine.io.readers import Selected, ShardReport, read_selected, read_shard
-from engine.io.remote import RemoteShard
+from engine.io.readers import Selected, ShardReport, read_selected, read_shard, shard_name
+from engine.io.remote import RemoteShard, as_shard
 
 SHARDS = ("web-0", "web-1", "web-2")
 BLOCK = 64 << 10  # a small ranged read, so one shard takes several requests and a drop lands mid-shard
@@ -195,6 +195,12 @@ def test_pass2_reads_selected_members_by_ranged_reads(http, shard_dir):
     assert [(s.key, s.image_bytes) for s in got] == [(s.key, s.image_bytes) for s in kept]
     starts = [start for _, start, _ in handler.log]
     assert starts[0] == 0 and starts[1:] == [s.source.offset for s in kept]  # the gzip check, then one range each
+
+
+def test_a_shard_from_its_text_is_a_url_or_a_path():
+    assert as_shard("s3://bucket/laion/00001.tar") == RemoteShard("s3://bucket/laion/00001.tar")
+    assert shard_name(as_shard("https://host/a/00001.tar?sig=x")) == "00001"
+    assert as_shard("/data/laion/00001.tar") == Path("/data/laion/00001.tar")
 
 
 def test_http_glob_and_missing_url_fail_before_any_work(http, tmp_path, capsys):

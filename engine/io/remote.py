@@ -49,6 +49,11 @@ class RemoteShard:
 Shard = Path | RemoteShard
 
 
+def as_shard(text: str) -> Shard:
+    """A shard from its text (as a Ray lease carries it): a URL, else a local path."""
+    return RemoteShard(text) if is_url(text) else Path(text)
+
+
 def filesystem(url: str, timeout_s: float = 60.0) -> tuple[Any, str]:
     """fsspec's filesystem for ``url`` and the path in it; a read that waits ``timeout_s`` for data
     fails (and is retried) instead of hanging the run. Credentials and endpoints come from the
