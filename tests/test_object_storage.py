@@ -9,6 +9,8 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -139,16 +141,25 @@ class FaultyFiles(BaseHTTPRequestHandler):
             self.close_connection = True
 
 
-@pytest.fixture
-def http(shard_dir, monkeypatch):
-    monkeypatch.setattr(remote, "BLOCK_BYTES", BLOCK)
-    handler = type("Handler", (FaultyFiles,), {"folder": shard_dir, "faults": {}, "log": []})
+@contextmanager
+def serving(folder: Path) -> Iterator[tuple[type[FaultyFiles], str]]:
+    """An HTTP server of ``folder`` on a free loopback port: its handler class (faults, log) and base URL."""
+    handler = type("Handler", (FaultyFiles,), {"folder": folder, "faults": {}, "log": []})
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    yield handler, f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    thread.join()
+    try:
+        yield handler, f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        thread.join()
+
+
+@pytest.fixture
+def http(shard_dir, monkeypatch):
+    monkeypatch.setattr(remote, "BLOCK_BYTES", BLOCK)
+    with serving(shard_dir) as served:
+        yield served
 
 
 def test_http_shards_resume_after_drops_and_stalls_and_equal_local(http, shard_dir, local_out, tmp_path):
