@@ -20,13 +20,15 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 from conftest import encode, jpeg, sample_members, write_tar
+from tar_corpus import END, Archive, gz, header, member, pad
 from contract import check_output_contract, output_rows
 
 import densefusion_local
 from engine.io import remote
 from engine.core.config import InputConfig
+from engine.core.record import ShardEnd
 from engine.io.manifest import read_manifest
-from engine.io.readers import Selected, ShardReport, read_selected, read_shard, shard_name
+from engine.io.readers import Selected, ShardReport, read_selected, read_shard, shard_items, shard_name
 from engine.io.remote import RemoteShard, as_shard
 
 SHARDS = ("web-0", "web-1", "web-2")
@@ -264,6 +266,44 @@ def test_s3_braces_and_globs_equal_local(s3, shard_dir, local_out, tmp_path):
     assert run([f"{s3}/web-*.tar", f"{s3}/*.parquet"], globbed) == 0
     assert same_rows(globbed) == same_rows(local_out)
     assert read_manifest(globbed)["web-1"]["path"] == f"{s3}/web-1.tar"
+
+
+def hostile_tars() -> dict[str, bytes]:
+    """Damaged and hostile archives (tests/tar_corpus.py's families): read from S3 they must give
+    what they give from a disk, member for member, damage for damage."""
+    image = noise(64, 48, seed=1)
+    plain = Archive().sample("a", image).sample("b", image).sample("c", image).data + END
+    bad_header = (Archive().sample("a", image).add(header(b"x.jpg", 700, bad_checksum=True) + pad(bytes(700)))
+                  .sample("c", image).data + END)
+    lying = Archive().sample("a", image).add(header(b"y.jpg", 10, size_field=b"77777777777\x00")).sample("c", image).data
+    names = (member(b"../escape.jpg", image) + member(b"/abs.jpg", image) + member(b"dup.jpg", image)
+             + member(b"other.jpg", image) + member(b"dup.jpg", image) + END)
+    return {"plain.tar": plain, "bad-header.tar": bad_header, "lying-size.tar": lying, "cut.tar": plain[:-1500],
+            "names.tar": names, "zipped.tar.gz": gz(plain), "zipped-cut.tar.gz": gz(plain)[:-40]}
+
+
+def everything_read(shard) -> list:
+    """Each item a shard gives, with where it was read from left out."""
+    items = []
+    for item in shard_items(shard, InputConfig()):
+        if isinstance(item, ShardEnd):
+            items.append((item.n_samples, [e.replace(str(shard), "SHARD") for e in item.errors], item.skipped,
+                          item.unread_bytes))
+        else:
+            items.append({**vars(item), "source": (item.source.member, item.source.offset, item.source.size)})
+    return items
+
+
+def test_s3_hostile_tars_read_as_from_disk(s3, tmp_path):
+    import s3fs
+
+    fs = s3fs.S3FileSystem()
+    for name, data in hostile_tars().items():
+        (tmp_path / name).write_bytes(data)
+        fs.pipe_file(f"{s3.removeprefix('s3://')}/hostile/{name}", data)
+        local = everything_read(tmp_path / name)
+        assert local[-1][1] or name in ("plain.tar", "names.tar", "zipped.tar.gz")  # the damage shows
+        assert everything_read(RemoteShard(f"{s3}/hostile/{name}")) == local, name
 
 
 def test_s3_misses_and_output_url_fail_before_any_work(s3, shard_dir, tmp_path, capsys):
