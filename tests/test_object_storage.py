@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -21,6 +22,7 @@ import pytest
 from PIL import Image
 from conftest import encode, jpeg, sample_members, write_tar
 from tar_corpus import END, Archive, gz, header, member, pad
+from test_resume import ROOT, command, contents, make_shards, run_and_kill
 from contract import check_output_contract, output_rows
 
 import densefusion_local
@@ -198,6 +200,25 @@ def test_http_body_that_never_completes_is_a_shard_error(http, shard_dir, local_
     check_output_contract(out, [shard_dir / "web-0.tar", shard_dir / "web-2.tar"])
     cut_keys = {r["key"] for rows in got["web-1"] for r in rows}
     assert cut_keys < {r["key"] for rows in local["web-1"] for r in rows}  # what came before the cut, no more
+
+
+def test_run_over_urls_killed_then_resumed_equals_a_clean_run(tmp_path):
+    shards = make_shards(tmp_path / "in")
+    clean = tmp_path / "clean"
+    subprocess.run(command(shards, clean), cwd=ROOT, check=True, capture_output=True)
+    resumed = tmp_path / "resumed"
+    with serving(tmp_path / "in") as (handler, base):
+        cmd = command([f"{base}/shard-{{00..05}}.tar"], resumed)
+        handler.stall_s = 20.0  # the last shard is held back until the run is killed
+        handler.faults["shard-05.tar"] = ("stall", 1)
+        assert run_and_kill(cmd, resumed, after_shards=len(shards) - 1) == len(shards) - 1
+        handler.faults.clear()
+        before = len(handler.log)
+        final = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert final.returncode == 0, final.stderr
+    assert contents(resumed, shards) == contents(clean, shards)
+    assert f"{len(shards) - 1} already done" in final.stdout
+    assert {file for file, _, _ in handler.log[before:]} == {"shard-05.tar"}  # finished shards are not fetched again
 
 
 def test_pass2_reads_selected_members_by_ranged_reads(http, shard_dir):
