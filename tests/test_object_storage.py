@@ -237,6 +237,12 @@ def test_a_shard_from_its_text_is_a_url_or_a_path():
     assert as_shard("/data/laion/00001.tar") == Path("/data/laion/00001.tar")
 
 
+def test_a_url_no_filesystem_reads_fails_before_any_work(tmp_path, capsys):
+    assert run(["nosuchstore://bucket/00001.tar"], tmp_path / "out") == 2
+    assert "no filesystem for nosuchstore://" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_http_glob_and_missing_url_fail_before_any_work(http, tmp_path, capsys):
     _, base = http
     assert run([f"{base}/web-*.tar"], tmp_path / "a") == 2
