@@ -19,16 +19,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
 from conftest import encode, jpeg, sample_members, write_tar
+from contract import check_output_contract, output_rows
+from PIL import Image
 from tar_corpus import END, Archive, gz, header, member, pad
 from test_resume import ROOT, command, contents, make_shards, run_and_kill
-from contract import check_output_contract, output_rows
 
 import densefusion_local
-from engine.io import remote
 from engine.core.config import InputConfig
 from engine.core.record import ShardEnd
+from engine.io import remote
 from engine.io.manifest import read_manifest
 from engine.io.readers import Selected, ShardReport, read_selected, read_shard, shard_items, shard_name
 from engine.io.remote import RemoteShard, as_shard
@@ -331,6 +331,22 @@ def test_s3_hostile_tars_read_as_from_disk(s3, tmp_path):
         local = everything_read(tmp_path / name)
         assert local[-1][1] or name in ("plain.tar", "names.tar", "zipped.tar.gz")  # the damage shows
         assert everything_read(RemoteShard(f"{s3}/hostile/{name}")) == local, name
+
+
+def test_a_store_that_cannot_be_reached_fails_before_any_work(s3, tmp_path, capsys, monkeypatch):
+    import s3fs
+
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]  # nothing listens there
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+    s3fs.S3FileSystem.clear_instance_cache()  # one made for the live server would answer
+    try:
+        assert run([f"{s3}/web-{{0..2}}.tar"], tmp_path / "out") == 2
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()
+    assert "the store cannot be read (EndpointConnectionError" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_s3_misses_and_output_url_fail_before_any_work(s3, shard_dir, tmp_path, capsys):

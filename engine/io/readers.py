@@ -2,9 +2,10 @@
 
 ``expand_shards`` turns ``--shards`` patterns into paths and URLs (``engine.io.remote``: read in
 place); ``read_shard`` picks the chain by the shard's kind; ``shard_items`` is what a driver
-calls: the samples, then the shard's ``ShardEnd``, and no exception but a ``ConfigError``. Tar shards are streamed by our own
-reader (``engine.io.tar``: open → members → group by key → samples) and never extracted:
-member names only become keys (``engine.io.keys``: total and injective), never paths.
+calls: the samples, then the shard's ``ShardEnd``, and no exception but a ``ConfigError``. Tar
+shards are streamed by our own reader (``engine.io.tar``: open → members → group by key →
+samples) and never extracted: member names only become keys (``engine.io.keys``: total and
+injective), never paths.
 A sample is one run of consecutive members with one key (webdataset's rule: a new sample
 starts whenever the key changes); each key is given out once (``one_sample_per_key``): a key's
 sample is its first run with an image member (or its first run, when none has one), and any
@@ -29,8 +30,8 @@ from typing import Any
 from engine.core.config import InputConfig
 from engine.core.errors import ConfigError
 from engine.core.record import Sample, ShardEnd, Source
-from engine.io.remote import RemoteShard, Shard, UrlExpander, is_url, open_binary
 from engine.io.keys import MemberName, escape, lost_name, parse_member_name, split_member_name, usable_key
+from engine.io.remote import RemoteShard, Shard, UrlExpander, is_url, open_binary
 from engine.io.sidecars import MAX_JSON_BYTES, parse_json_sidecar, text_bytes_to_read
 from engine.io.tar import TarMember, TarReader, is_gzip, open_stream
 from engine.io.text import decode_text, unescape_entities, valid_text

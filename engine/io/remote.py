@@ -86,7 +86,18 @@ class UrlExpander:
         self._listings: dict[str, set[str]] = {}  # folder URL → the paths in it
 
     def expand(self, pattern: str) -> tuple[list[RemoteShard], bool]:
-        """The shards one (brace-expanded) URL names, and whether it matched."""
+        """The shards one (brace-expanded) URL names, and whether it matched. A store that cannot
+        be read (no credentials, no endpoint, host down) stops the run here, before any work."""
+        try:
+            return self._expand(pattern)
+        except ConfigError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - each store raises its own (aiohttp, botocore) errors
+            raise ConfigError(f"--shards {pattern}: the store cannot be read ({type(exc).__name__}: {str(exc)[:300]}); "
+                              f"check the address, the credentials (S3: AWS_* variables, ~/.aws) and the "
+                              f"endpoint (AWS_ENDPOINT_URL)") from exc
+
+    def _expand(self, pattern: str) -> tuple[list[RemoteShard], bool]:
         fs, path = filesystem(pattern)
         http = pattern.split("://", 1)[0].lower() in ("http", "https")
         if glob.has_magic(path):
@@ -110,7 +121,7 @@ class UrlExpander:
     def _exists_http(fs: Any, path: str) -> bool:
         try:
             return fs.info(path).get("type") == "file"
-        except (FileNotFoundError, OSError):
+        except FileNotFoundError:
             return False
 
 
