@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 from prometheus_server import free_port, prometheus_scraping
 from prometheus_server import wait_for as wait_until
+from test_object_storage import serving
 from test_resume import ROOT, command, contents, make_shards
 
 from engine.cluster.loopback import ENV, LoopbackCluster
@@ -113,6 +114,14 @@ def test_clean_run_equals_a_single_node_run_captions_included(cluster, tmp_path,
     assert figures["retries"] == 0 and figures["failed_shards"] == {}
     assert sum(a["samples"] for a in figures["actors"]) == 15
     assert "ray: " in clustered.stdout and "images/s busy" in clustered.stdout
+
+
+def test_shards_at_urls_are_read_by_the_actors_in_place(cluster, shards, single_node, tmp_path):
+    with serving(shards[0].parent) as (handler, base):
+        result = run(on_ray(command([f"{base}/{s.name}" for s in shards], tmp_path / "ray"), cluster))
+    assert result.returncode == 0, result.stderr + result.stdout
+    assert contents(tmp_path / "ray", shards) == single_node
+    assert {file for file, _, _ in handler.log} == {s.name for s in shards}  # ranged reads of every shard
 
 
 def test_killed_worker_is_redone_elsewhere_and_a_shard_that_always_kills_fails_alone(cluster, shards, single_node,

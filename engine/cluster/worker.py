@@ -24,6 +24,7 @@ from engine.core.config import RunConfig, RuntimeConfig
 from engine.core.record import Sample, ShardEnd
 from engine.core.runtime import Item, Pipeline
 from engine.io.readers import shard_name
+from engine.io.remote import as_shard
 
 PASSES = ("caption", "caption-selected", "curate")  # what a worker runs: pass 2, pass 2 over a selection, pass 1
 
@@ -59,10 +60,10 @@ class ShardWorker:
     def process(self, path: str, attempt: int) -> dict[str, Any]:
         """Run one shard to its commit; returns the shard's marker. Safe to call from several
         threads: shards given while another is in flight queue behind it in the same pipeline."""
-        name = shard_name(Path(path))
+        name = shard_name(as_shard(path))
         lease = self._leases[name] = _Lease(attempt, faults_for(name, attempt))
         self.sink.attempts[name] = attempt
-        self._inbox.put(Path(path))
+        self._inbox.put(as_shard(path))
         while not lease.done.wait(0.2):
             if self._error is not None:
                 raise RuntimeError(f"shard {name}: the worker's pipeline stopped: "

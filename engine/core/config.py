@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from engine.core.errors import ConfigError
+from engine.io.remote import is_url
 
 
 def option(default: Any, help: str, *, choices: tuple | None = None, flag: str | None = None,
@@ -64,12 +65,22 @@ class InputConfig:
     max_member_bytes: int = option(
         128 << 20, "images larger than this (bytes) are rejected without being read; bounds memory per sample", metavar="BYTES",
     )
+    remote_retries: int = option(
+        5, "shards at URLs: after a dropped connection, stall or error, re-open at the byte already read "
+        "(a ranged read) up to this many times in a row; then the shard ends with an error", metavar="N",
+    )
+    remote_timeout: float = option(
+        60.0, "shards at URLs: seconds a read may wait for data before it counts as stalled (and is retried)",
+        metavar="SECONDS",
+    )
 
     def validate(self) -> None:
         if self.max_alt_text_chars < 0:
             raise ConfigError("--max-alt-text-chars must be >= 0")
         if self.max_member_bytes < 1:
             raise ConfigError("--max-member-bytes must be >= 1")
+        if self.remote_retries < 0 or self.remote_timeout <= 0:
+            raise ConfigError("--remote-retries must be >= 0 and --remote-timeout > 0 (seconds)")
 
 
 @dataclass(frozen=True)
@@ -347,6 +358,9 @@ class RuntimeConfig:
     def validate(self) -> None:
         if not self.out:
             raise ConfigError("--out is required: the folder to write the dataset to")
+        if is_url(self.out):
+            raise ConfigError(f"--out {self.out}: output to object storage is not supported yet (only --shards "
+                              f"reads URLs); write to a local or shared folder and copy it up afterwards")
         if self.queue_depth < 1:
             raise ConfigError("--queue-depth must be >= 1")
         if self.max_bytes_in_flight < 1:

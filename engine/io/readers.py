@@ -1,10 +1,11 @@
 """Readers: small generator chains from an input shard to :class:`Sample` records.
 
-``expand_shards`` turns ``--shards`` patterns into paths; ``read_shard`` picks the chain by
-the shard's kind; ``shard_items`` is what a driver calls: the samples, then the shard's
-``ShardEnd``, and no exception but a ``ConfigError``. Tar shards are streamed by our own
-reader (``engine.io.tar``: open → members → group by key → samples) and never extracted:
-member names only become keys (``engine.io.keys``: total and injective), never paths.
+``expand_shards`` turns ``--shards`` patterns into paths and URLs (``engine.io.remote``: read in
+place); ``read_shard`` picks the chain by the shard's kind; ``shard_items`` is what a driver
+calls: the samples, then the shard's ``ShardEnd``, and no exception but a ``ConfigError``. Tar
+shards are streamed by our own reader (``engine.io.tar``: open → members → group by key →
+samples) and never extracted: member names only become keys (``engine.io.keys``: total and
+injective), never paths.
 A sample is one run of consecutive members with one key (webdataset's rule: a new sample
 starts whenever the key changes); each key is given out once (``one_sample_per_key``): a key's
 sample is its first run with an image member (or its first run, when none has one), and any
@@ -30,6 +31,7 @@ from engine.core.config import InputConfig
 from engine.core.errors import ConfigError
 from engine.core.record import Sample, ShardEnd, Source
 from engine.io.keys import MemberName, escape, lost_name, parse_member_name, split_member_name, usable_key
+from engine.io.remote import RemoteShard, Shard, UrlExpander, is_url, open_binary
 from engine.io.sidecars import MAX_JSON_BYTES, parse_json_sidecar, text_bytes_to_read
 from engine.io.tar import TarMember, TarReader, is_gzip, open_stream
 from engine.io.text import decode_text, unescape_entities, valid_text
@@ -57,15 +59,22 @@ def expand_braces(pattern: str) -> list[str]:
     return [s for c in choices for s in expand_braces(head + c + tail)]
 
 
-def expand_shards(patterns: Iterable[str]) -> list[Path]:
+def expand_shards(patterns: Iterable[str]) -> list[Shard]:
     """Every pattern must match something and every image folder hold an image (all the
-    problems are reported at once, before any model loads); output shard names must be unique."""
-    paths: list[Path] = []
+    problems are reported at once, before any model loads); output shard names must be unique.
+    A URL is expanded by its store (a glob lists it) and names a :class:`RemoteShard`."""
+    paths: list[Shard] = []
     unmatched: list[str] = []  # glob patterns that match nothing
     missing: list[str] = []  # plain names (a brace range's too) that do not exist
+    urls = UrlExpander()
     for pattern in patterns:
         for expanded in expand_braces(pattern):
-            if glob.has_magic(expanded):
+            if is_url(expanded):
+                shards, found = urls.expand(expanded)
+                paths.extend(shards)
+                if not found:
+                    (unmatched if glob.has_magic(expanded) else missing).append(expanded)
+            elif glob.has_magic(expanded):
                 matches = sorted(glob.glob(expanded))
                 unmatched += [] if matches else [expanded]
                 paths.extend(Path(m) for m in matches)
@@ -85,7 +94,7 @@ def expand_shards(patterns: Iterable[str]) -> list[Path]:
         problems[-1] += f" ({', '.join(IMAGE_EXTS)}): nothing to caption; leave {them} out of --shards"
     if problems:
         raise ConfigError("; ".join(problems))
-    names: dict[str, Path] = {}
+    names: dict[str, Shard] = {}
     for path in paths:
         name = shard_name(path)
         if name in names:
@@ -108,7 +117,7 @@ def _problem(items: list[str], what: str, verb_one: str, verb_many: str) -> str:
     return f"{len(items)} {what}s {shown} {verb_many}"
 
 
-def shard_name(path: Path) -> str:
+def shard_name(path: Shard) -> str:
     name = path.name
     for suffix in (".tar.gz", ".tgz", ".tar", ".parquet"):
         if name.endswith(suffix):
@@ -116,7 +125,7 @@ def shard_name(path: Path) -> str:
     return name
 
 
-def shard_kind(path: Path) -> str:
+def shard_kind(path: Shard) -> str:
     if path.is_dir():
         return "folder"
     if path.name.endswith(".parquet"):
@@ -126,14 +135,14 @@ def shard_kind(path: Path) -> str:
     raise ConfigError(f"{path}: not a tar, parquet file or image folder")
 
 
-def expected_samples(path: Path) -> int | None:
+def expected_samples(path: Shard) -> int | None:
     """A shard's sample count when it is cheap to know before reading it (the progress bar's
-    time left): a parquet file's row count from its footer, a folder's image files; ``None``
-    for a tar (its members are known only once read) or a file that cannot tell."""
+    time left): a local parquet file's row count from its footer, a folder's image files; ``None``
+    for a tar (its members are known only once read), a URL (a request each) or a file that cannot tell."""
     kind = shard_kind(path)
     if kind == "folder":
         return len(folder_images(path))
-    if kind == "parquet":
+    if kind == "parquet" and not isinstance(path, RemoteShard):
         import pyarrow.parquet as pq
 
         try:
@@ -156,7 +165,7 @@ class ShardReport:
     unread_bytes: int = 0  # member data passed over without being kept
 
 
-def read_shard(path: Path, cfg: InputConfig, report: ShardReport) -> Iterator[Sample]:
+def read_shard(path: Shard, cfg: InputConfig, report: ShardReport) -> Iterator[Sample]:
     """A shard's samples, each key once (a tar's runs of members are made so in ``member_samples``),
     alt text unescaped."""
     kind = shard_kind(path)
@@ -166,7 +175,7 @@ def read_shard(path: Path, cfg: InputConfig, report: ShardReport) -> Iterator[Sa
     return unescape_alt_texts(one_sample_per_key((sample, True) for sample in samples))
 
 
-def shard_items(path: Path, cfg: InputConfig) -> Iterator[Sample | ShardEnd]:
+def shard_items(path: Shard, cfg: InputConfig) -> Iterator[Sample | ShardEnd]:
     """One shard's samples, then its :class:`ShardEnd`, whatever the shard holds: anything the
     reader raises ends the shard with a shard-level error (kept in the manifest, so a rerun
     skips the shard instead of failing on it again) and the run goes on. A ``ConfigError`` is
@@ -182,7 +191,7 @@ def shard_items(path: Path, cfg: InputConfig) -> Iterator[Sample | ShardEnd]:
     yield shard_end(path, report)
 
 
-def shard_end(path: Path, report: ShardReport) -> ShardEnd:
+def shard_end(path: Shard, report: ShardReport) -> ShardEnd:
     return ShardEnd(shard_name(path), valid_text(str(path)), report.n_samples,
                     tuple(valid_text(e) for e in report.errors), tuple(report.skipped), report.unread_bytes)
 
@@ -238,10 +247,10 @@ def _duplicate(sample: Sample, copies: dict[str, int]) -> Sample:
 # --- tar shards ---------------------------------------------------------------------------
 
 
-def read_tar(path: Path, cfg: InputConfig, report: ShardReport) -> Iterator[Sample]:
+def read_tar(path: Shard, cfg: InputConfig, report: ShardReport) -> Iterator[Sample]:
     """Samples of a tar (plain or gzip), streamed by :class:`TarReader`; damage becomes shard
     errors with the byte ranges skipped, every member whose header survived becomes a sample."""
-    with open_stream(path) as stream:
+    with _open(path, cfg) as handle, open_stream(handle) as stream:
         tar = TarReader(stream, _keep_policy(cfg))
         try:
             for sample in member_samples(tar, shard_name(path), path, cfg):
@@ -254,6 +263,11 @@ def read_tar(path: Path, cfg: InputConfig, report: ShardReport) -> Iterator[Samp
             for damage in tar.damage:
                 report.errors.append(f"{path}: bytes {damage.start}-{damage.end} skipped: {damage.what}")
                 report.skipped.append((damage.start, damage.end))
+
+
+def _open(path: Shard, cfg: InputConfig):
+    """A shard's bytes: a local file, or its URL read in place with ranged resume."""
+    return open_binary(path, retries=cfg.remote_retries, timeout_s=cfg.remote_timeout)
 
 
 def _keep_policy(cfg: InputConfig):
@@ -275,7 +289,7 @@ def _keep_policy(cfg: InputConfig):
     return keep
 
 
-def member_samples(members: Iterable[TarMember], shard: str, path: Path, cfg: InputConfig) -> Iterator[Sample]:
+def member_samples(members: Iterable[TarMember], shard: str, path: Shard, cfg: InputConfig) -> Iterator[Sample]:
     """Consecutive members with one key form one sample (img2dataset writes them together; as
     webdataset does, a new sample starts whenever the key changes), each key once: a run
     without an image member waits for a run of its key that has one (see ``one_sample_per_key``)."""
@@ -328,7 +342,7 @@ class _Parts:
         return parts
 
 
-def _tar_sample(parts: _Parts, shard: str, path: Path, cfg: InputConfig) -> Sample:
+def _tar_sample(parts: _Parts, shard: str, path: Shard, cfg: InputConfig) -> Sample:
     image_name, image = parts.image or (parts.name, None)
     sample = Sample(
         key=parts.name.key,
@@ -380,11 +394,18 @@ _IMAGE_COLUMNS = ("image", "jpg", "img", "image_bytes", "bytes")
 _TEXT_COLUMNS = ("caption", "text", "TEXT", "alt_text", "txt")
 
 
-def read_parquet(path: Path, cfg: InputConfig, report: ShardReport) -> Iterator[Sample]:
+def read_parquet(path: Shard, cfg: InputConfig, report: ShardReport) -> Iterator[Sample]:
     import pyarrow.parquet as pq
 
     name = shard_name(path)
-    file = pq.ParquetFile(path)
+    if not isinstance(path, RemoteShard):  # pyarrow's own file reads a local file fastest
+        yield from _parquet_samples(pq.ParquetFile(path), path, name, cfg, report)
+        return
+    with _open(path, cfg) as handle:
+        yield from _parquet_samples(pq.ParquetFile(handle), path, name, cfg, report)
+
+
+def _parquet_samples(file, path: Shard, name: str, cfg: InputConfig, report: ShardReport) -> Iterator[Sample]:
     columns = file.schema_arrow.names
     image_col = cfg.image_column or next((c for c in _IMAGE_COLUMNS if c in columns), "")
     if image_col not in columns:
@@ -474,19 +495,19 @@ class Selected:
     embedding: Any = None  # pass 1's embedding (float32), so pass 2 can reuse it (CLIP zero-shot tags)
 
 
-def read_selected(path: Path, selected: list[Selected], cfg: InputConfig) -> Iterator[Sample]:
+def read_selected(path: Shard, selected: list[Selected], cfg: InputConfig) -> Iterator[Sample]:
     """The selected samples of one shard. Tars are read by member offset (a seek and a read
     per image, no scan of the rest of the tar); gzipped tars (offsets are in the uncompressed
     stream), parquet files and folders are read through their normal chain, keeping only the
     selected keys (the shard's errors were recorded when pass 1 read it)."""
-    if shard_kind(path) != "tar" or is_gzip(path) or any(s.source.offset < 0 for s in selected):
+    if shard_kind(path) != "tar" or any(s.source.offset < 0 for s in selected) or _gzipped(path, cfg):
         wanted = {s.key: s for s in selected}
         for sample in shard_items(path, cfg):
             if isinstance(sample, Sample) and sample.key in wanted:
                 sample.embedding = wanted[sample.key].embedding
                 yield sample
         return
-    with open(path, "rb") as handle:
+    with _open(path, cfg) as handle:
         for item in selected:
             sample = Sample(key=item.key, source=item.source, alt_text=item.alt_text,
                             image_ext=split_member_name(item.source.member)[1] or "jpg",
@@ -500,3 +521,8 @@ def read_selected(path: Path, selected: list[Selected], cfg: InputConfig) -> Ite
                 sample.fail(READER, f"{path} member {item.source.member!r} at offset "
                                     f"{item.source.offset}: {exc}")
             yield sample
+
+
+def _gzipped(path: Shard, cfg: InputConfig) -> bool:
+    with _open(path, cfg) as handle:
+        return is_gzip(handle)

@@ -47,7 +47,6 @@ import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
@@ -111,21 +110,22 @@ GZIP_MAGIC = b"\x1f\x8b"
 
 
 @contextmanager
-def open_stream(path: Path) -> Iterator[BinaryIO]:
-    """The shard's bytes, gunzipped when its first bytes are gzip's magic."""
-    with open(path, "rb") as handle:
-        gzipped = handle.read(2) == GZIP_MAGIC
-        handle.seek(0)
-        if not gzipped:
-            yield handle
-            return
-        with gzip.GzipFile(fileobj=handle, mode="rb") as unzipped:
-            yield unzipped
+def open_stream(handle: BinaryIO) -> Iterator[BinaryIO]:
+    """The bytes of an open shard (a local file, or a URL's reader: ``engine.io.remote``), gunzipped
+    when its first bytes are gzip's magic. The caller closes ``handle``."""
+    gzipped = is_gzip(handle)
+    if not gzipped:
+        yield handle
+        return
+    with gzip.GzipFile(fileobj=handle, mode="rb") as unzipped:
+        yield unzipped
 
 
-def is_gzip(path: Path) -> bool:
-    with open(path, "rb") as handle:
-        return handle.read(2) == GZIP_MAGIC
+def is_gzip(handle: BinaryIO) -> bool:
+    """Whether an open shard is gzip; ``handle`` is left at its start."""
+    gzipped = handle.read(2) == GZIP_MAGIC
+    handle.seek(0)
+    return gzipped
 
 
 class _Input:
@@ -652,7 +652,7 @@ class TarReader:
 
     def _finish(self, start: int, tail: bytes, zeros: int, held: TarMember | None) -> None:
         if self._in.failure:
-            self._note(start, start + len(tail), f"the compressed stream is damaged: {self._in.failure}")
+            self._note(start, start + len(tail), f"the stream broke off (damaged gzip or a failed read): {self._in.failure}")
         if tail:
             self._note(start, start + len(tail), f"the archive ends inside a {BLOCK}-byte block")
         if self._pending.active:

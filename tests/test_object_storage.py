@@ -1,0 +1,359 @@
+"""Shards on object storage, read in place: an S3 server (moto's server mode, as s3fs's own tests use)
+and an HTTP server that drops connections, stalls and serves truncated bodies, both started here.
+A URL run's output equals the local run's over the same bytes; a dropped connection resumes at the
+byte already read; a body that never completes is a shard error with its reason."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import encode, jpeg, sample_members, write_tar
+from contract import check_output_contract, output_rows
+from PIL import Image
+from tar_corpus import END, Archive, gz, header, member, pad
+from test_resume import ROOT, command, contents, make_shards, run_and_kill
+
+import densefusion_local
+from engine.core.config import InputConfig
+from engine.core.record import ShardEnd
+from engine.io import remote
+from engine.io.manifest import read_manifest
+from engine.io.readers import Selected, ShardReport, read_selected, read_shard, shard_items, shard_name
+from engine.io.remote import RemoteShard, as_shard
+
+SHARDS = ("web-0", "web-1", "web-2")
+BLOCK = 64 << 10  # a small ranged read, so one shard takes several requests and a drop lands mid-shard
+
+
+def noise(width: int, height: int, seed: int) -> bytes:
+    """A JPEG that compresses badly: a shard of a few of them takes several ranged reads."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    return encode(Image.fromarray(pixels), "JPEG", quality=90)
+
+
+@pytest.fixture(scope="module")
+def shard_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("shards")
+    for n, name in enumerate(SHARDS):
+        members = []
+        for i in range(6):
+            members += sample_members(f"{name}-{i}", noise(600 + 40 * i, 480 + 20 * n, seed=10 * n + i),
+                                      alt=f"photo {i} of {name}")
+        members += sample_members(f"{name}-small", jpeg(40, 30))  # rejected by probe: rejects/ is compared too
+        write_tar(folder / f"{name}.tar", members)
+    table = pa.table({"key": ["p0", "p1"], "jpg": [jpeg(500, 400), jpeg(20, 20)], "caption": ["a", "b"]})
+    pq.write_table(table, folder / "table.parquet")
+    return folder
+
+
+def run(shards: list[str], out: Path, *extra: str) -> int:
+    return densefusion_local.main(["run", "--models", "tiny", "--stages", "probe", "decode", "--no-progress",
+                                   "--shards", *shards, "--out", str(out), *extra])
+
+
+def same_rows(out: Path) -> dict[str, tuple[list[dict], list[dict]]]:
+    """Each shard's written and rejected rows, without what names where the shard was read from."""
+    def strip(rows: list[dict]) -> list[dict]:
+        return [{k: v for k, v in row.items() if k not in ("source", "shard_path", "path")} for row in rows]
+
+    return {s: tuple(strip(rows) for rows in output_rows(out, s)) for s in read_manifest(out)}
+
+
+@pytest.fixture(scope="module")
+def local_out(shard_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("local") / "out"
+    assert run([str(shard_dir / f"{s}.tar") for s in SHARDS] + [str(shard_dir / "table.parquet")], out) == 0
+    return out
+
+
+# --- HTTP --------------------------------------------------------------------------------
+
+
+class FaultyFiles(BaseHTTPRequestHandler):
+    """Serves a folder with ranged GETs; ``faults[name]`` misbehaves on that file's ranged GETs:
+    ``("drop", n)``: the n-th ranged GET sends half its body and closes the connection (once);
+    ``("stall", n)``: the n-th sends its headers and then nothing for longer than the client waits (once);
+    ``("cut", offset)``: every body that would pass ``offset`` stops there and the connection closes."""
+
+    folder: Path
+    faults: dict[str, tuple[str, int]] = {}
+    log: list[tuple[str, int, str]] = []  # (file, range start, what happened) per ranged GET
+    stall_s = 3.0
+
+    def log_message(self, *args) -> None:  # quiet
+        pass
+
+    def do_HEAD(self) -> None:
+        path = self.folder / self.path.lstrip("/")
+        if not path.is_file():
+            self.send_error(404)
+            return
+        self.send_response(200)
+        self.send_header("Content-Length", str(path.stat().st_size))
+        self.send_header("Accept-Ranges", "bytes")
+        self.end_headers()
+
+    def do_GET(self) -> None:
+        name = self.path.lstrip("/")
+        path = self.folder / name
+        if not path.is_file():
+            self.send_error(404)
+            return
+        data = path.read_bytes()
+        ranged = self.headers.get("Range")
+        start, end = 0, len(data)
+        if ranged:
+            lo, hi = ranged.removeprefix("bytes=").split("-")
+            start, end = int(lo), min(int(hi) + 1, len(data))
+        body, what = data[start:end], "ok"
+        fault, arg = self.faults.get(name, ("", 0)) if ranged else ("", 0)
+        nth = sum(1 for f, _, _ in self.log if f == name) + 1
+        if fault in ("drop", "stall") and nth == arg:
+            what = fault
+        elif fault == "cut" and start <= arg < end:
+            what = "cut"
+        if ranged:
+            self.log.append((name, start, what))
+        self.send_response(206 if ranged else 200)
+        self.send_header("Content-Length", str(len(body)))
+        if ranged:
+            self.send_header("Content-Range", f"bytes {start}-{end - 1}/{len(data)}")
+        self.end_headers()
+        try:
+            if what == "stall":
+                time.sleep(self.stall_s)
+            elif what in ("drop", "cut"):
+                self.wfile.write(body[: (len(body) // 2 if what == "drop" else arg - start)])
+                self.wfile.flush()
+                self.connection.shutdown(socket.SHUT_RDWR)
+                self.close_connection = True
+                return
+            self.wfile.write(body)
+        except OSError:  # the client went away (a stall it gave up on, a GET it only checked)
+            self.close_connection = True
+
+
+@contextmanager
+def serving(folder: Path) -> Iterator[tuple[type[FaultyFiles], str]]:
+    """An HTTP server of ``folder`` on a free loopback port: its handler class (faults, log) and base URL."""
+    handler = type("Handler", (FaultyFiles,), {"folder": folder, "faults": {}, "log": []})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield handler, f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        thread.join()
+
+
+@pytest.fixture
+def http(shard_dir, monkeypatch):
+    monkeypatch.setattr(remote, "BLOCK_BYTES", BLOCK)
+    with serving(shard_dir) as served:
+        yield served
+
+
+def test_http_shards_resume_after_drops_and_stalls_and_equal_local(http, shard_dir, local_out, tmp_path):
+    handler, base = http
+    handler.faults.update({"web-1.tar": ("drop", 2), "web-2.tar": ("stall", 2)})
+    out = tmp_path / "out"
+    assert run([f"{base}/web-{{0..2}}.tar", f"{base}/table.parquet"], out, "--remote-timeout", "1") == 0
+
+    check_output_contract(out, [shard_dir / f"{s}.tar" for s in SHARDS] + [shard_dir / "table.parquet"])
+    assert same_rows(out) == same_rows(local_out)
+    assert all(not entry.get("errors") for entry in read_manifest(out).values())
+    for name, fault in (("web-1.tar", "drop"), ("web-2.tar", "stall")):
+        starts = [(start, what) for file, start, what in handler.log if file == name]
+        failed = next(i for i, (_, what) in enumerate(starts) if what == fault)
+        assert starts[failed][0] > 0  # the failure came mid-shard; the read that met it re-opened at the
+        assert 0 < starts[failed + 1][0] <= starts[failed][0]  # byte it had reached (its own start), not at 0
+        assert all(start > 0 for start, _ in starts[failed + 1:])
+
+
+def test_http_body_that_never_completes_is_a_shard_error(http, shard_dir, local_out, tmp_path):
+    handler, base = http
+    cut = (shard_dir / "web-1.tar").stat().st_size // 2
+    handler.faults["web-1.tar"] = ("cut", cut)
+    out = tmp_path / "out"
+    assert run([f"{base}/web-{{0..2}}.tar"], out, "--remote-retries", "2") == 0
+
+    manifest = read_manifest(out)
+    errors = " ".join(manifest["web-1"]["errors"])  # where the stream broke off, and why
+    assert f"{base}/web-1.tar: bytes" in errors and "failed 3 times in a row" in errors and "ContentLengthError" in errors
+    assert sum(1 for file, _, what in handler.log if file == "web-1.tar" and what == "cut") == 3
+    local = same_rows(local_out)
+    got = same_rows(out)
+    assert {s: got[s] for s in ("web-0", "web-2")} == {s: local[s] for s in ("web-0", "web-2")}
+    check_output_contract(out, [shard_dir / "web-0.tar", shard_dir / "web-2.tar"])
+    cut_keys = {r["key"] for rows in got["web-1"] for r in rows}
+    assert cut_keys < {r["key"] for rows in local["web-1"] for r in rows}  # what came before the cut, no more
+
+
+def test_run_over_urls_killed_then_resumed_equals_a_clean_run(tmp_path):
+    shards = make_shards(tmp_path / "in")
+    clean = tmp_path / "clean"
+    subprocess.run(command(shards, clean), cwd=ROOT, check=True, capture_output=True)
+    resumed = tmp_path / "resumed"
+    with serving(tmp_path / "in") as (handler, base):
+        cmd = command([f"{base}/shard-{{00..05}}.tar"], resumed)
+        handler.stall_s = 20.0  # the last shard is held back until the run is killed
+        handler.faults["shard-05.tar"] = ("stall", 1)
+        assert run_and_kill(cmd, resumed, after_shards=len(shards) - 1) == len(shards) - 1
+        handler.faults.clear()
+        before = len(handler.log)
+        final = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert final.returncode == 0, final.stderr
+    assert contents(resumed, shards) == contents(clean, shards)
+    assert f"{len(shards) - 1} already done" in final.stdout
+    assert {file for file, _, _ in handler.log[before:]} == {"shard-05.tar"}  # finished shards are not fetched again
+
+
+def test_pass2_reads_selected_members_by_ranged_reads(http, shard_dir):
+    handler, base = http
+    cfg = InputConfig()
+    kept = list(read_shard(shard_dir / "web-1.tar", cfg, ShardReport()))[1::3]  # members apart: a read each
+    got = list(read_selected(RemoteShard(f"{base}/web-1.tar"), [Selected(s.key, s.source) for s in kept], cfg))
+    assert [(s.key, s.image_bytes) for s in got] == [(s.key, s.image_bytes) for s in kept]
+    starts = [start for _, start, _ in handler.log]
+    assert starts[0] == 0 and starts[1:] == [s.source.offset for s in kept]  # the gzip check, then one range each
+
+
+def test_a_shard_from_its_text_is_a_url_or_a_path():
+    assert as_shard("s3://bucket/laion/00001.tar") == RemoteShard("s3://bucket/laion/00001.tar")
+    assert shard_name(as_shard("https://host/a/00001.tar?sig=x")) == "00001"
+    assert as_shard("/data/laion/00001.tar") == Path("/data/laion/00001.tar")
+
+
+def test_a_url_no_filesystem_reads_fails_before_any_work(tmp_path, capsys):
+    assert run(["nosuchstore://bucket/00001.tar"], tmp_path / "out") == 2
+    assert "no filesystem for nosuchstore://" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_http_glob_and_missing_url_fail_before_any_work(http, tmp_path, capsys):
+    _, base = http
+    assert run([f"{base}/web-*.tar"], tmp_path / "a") == 2
+    assert "cannot be listed" in capsys.readouterr().err
+    assert run([f"{base}/web-{{0..3}}.tar"], tmp_path / "b") == 2
+    assert f"'{base}/web-3.tar' does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+# --- S3 ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def s3(shard_dir):
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    fs = s3fs.S3FileSystem()
+    fs.mkdir("shards-bucket")
+    for name in [f"{s}.tar" for s in SHARDS] + ["table.parquet"]:
+        fs.put_file(str(shard_dir / name), f"shards-bucket/laion/{name}")
+    fs.pipe_file("shards-bucket/laion/notes.txt", b"not a shard")
+    yield "s3://shards-bucket/laion"
+    s3fs.S3FileSystem.clear_instance_cache()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    server.stop()
+
+
+def test_s3_braces_and_globs_equal_local(s3, shard_dir, local_out, tmp_path):
+    out = tmp_path / "braces"
+    assert run([f"{s3}/web-{{0..2}}.tar", f"{s3}/table.parquet"], out) == 0
+    check_output_contract(out, [shard_dir / f"{s}.tar" for s in SHARDS] + [shard_dir / "table.parquet"])
+    assert same_rows(out) == same_rows(local_out)
+    globbed = tmp_path / "glob"
+    assert run([f"{s3}/web-*.tar", f"{s3}/*.parquet"], globbed) == 0
+    assert same_rows(globbed) == same_rows(local_out)
+    assert read_manifest(globbed)["web-1"]["path"] == f"{s3}/web-1.tar"
+
+
+def hostile_tars() -> dict[str, bytes]:
+    """Damaged and hostile archives (tests/tar_corpus.py's families): read from S3 they must give
+    what they give from a disk, member for member, damage for damage."""
+    image = noise(64, 48, seed=1)
+    plain = Archive().sample("a", image).sample("b", image).sample("c", image).data + END
+    bad_header = (Archive().sample("a", image).add(header(b"x.jpg", 700, bad_checksum=True) + pad(bytes(700)))
+                  .sample("c", image).data + END)
+    lying = Archive().sample("a", image).add(header(b"y.jpg", 10, size_field=b"77777777777\x00")).sample("c", image).data
+    names = (member(b"../escape.jpg", image) + member(b"/abs.jpg", image) + member(b"dup.jpg", image)
+             + member(b"other.jpg", image) + member(b"dup.jpg", image) + END)
+    return {"plain.tar": plain, "bad-header.tar": bad_header, "lying-size.tar": lying, "cut.tar": plain[:-1500],
+            "names.tar": names, "zipped.tar.gz": gz(plain), "zipped-cut.tar.gz": gz(plain)[:-40]}
+
+
+def everything_read(shard) -> list:
+    """Each item a shard gives, with where it was read from left out."""
+    items = []
+    for item in shard_items(shard, InputConfig()):
+        if isinstance(item, ShardEnd):
+            items.append((item.n_samples, [e.replace(str(shard), "SHARD") for e in item.errors], item.skipped,
+                          item.unread_bytes))
+        else:
+            items.append({**vars(item), "source": (item.source.member, item.source.offset, item.source.size)})
+    return items
+
+
+def test_s3_hostile_tars_read_as_from_disk(s3, tmp_path):
+    import s3fs
+
+    fs = s3fs.S3FileSystem()
+    for name, data in hostile_tars().items():
+        (tmp_path / name).write_bytes(data)
+        fs.pipe_file(f"{s3.removeprefix('s3://')}/hostile/{name}", data)
+        local = everything_read(tmp_path / name)
+        assert local[-1][1] or name in ("plain.tar", "names.tar", "zipped.tar.gz")  # the damage shows
+        assert everything_read(RemoteShard(f"{s3}/hostile/{name}")) == local, name
+
+
+def test_a_store_that_cannot_be_reached_fails_before_any_work(s3, tmp_path, capsys, monkeypatch):
+    import s3fs
+
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]  # nothing listens there
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+    s3fs.S3FileSystem.clear_instance_cache()  # one made for the live server would answer
+    try:
+        assert run([f"{s3}/web-{{0..2}}.tar"], tmp_path / "out") == 2
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()
+    assert "the store cannot be read (EndpointConnectionError" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_s3_misses_and_output_url_fail_before_any_work(s3, shard_dir, tmp_path, capsys):
+    assert run([f"{s3}/nothing-*.tar", f"{s3}/web-9.tar"], tmp_path / "a") == 2
+    err = capsys.readouterr().err
+    assert f"'{s3}/nothing-*.tar' matches no file" in err and f"'{s3}/web-9.tar' does not exist" in err
+    assert run([str(shard_dir / "web-0.tar")], "s3://shards-bucket/out") == 2
+    assert "output to object storage is not supported yet" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not Path("s3:").exists()
+    assert os.listdir(tmp_path) == []
