@@ -118,10 +118,10 @@ def caption_stage(engine, batch: int, tokens: int):
     from engine.core.config import CaptionConfig, RuntimeConfig
     from engine.stages.caption import CaptionStage
 
-    config = CaptionConfig(
-        caption_model=engine.model, caption_batch=batch, max_new_tokens=tokens, min_new_tokens=tokens
-    )
-    runtime = RuntimeConfig(out="unused", models="tiny" if engine.model == "tiny" else "", device=engine.device)
+    # The stage only wraps ``engine``: the checkpoint it checks when built (family, hub) is the tiny
+    # twin's, found offline and never loaded, whatever ``engine`` serves (a 7B, an endpoint's model).
+    config = CaptionConfig(caption_model="tiny", caption_batch=batch, max_new_tokens=tokens, min_new_tokens=tokens)
+    runtime = RuntimeConfig(out="unused", models="tiny", device=engine.device)
     stage = CaptionStage(config, runtime)
     stage.engine = engine
     return stage

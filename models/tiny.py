@@ -377,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     e.g. a tiny Qwen2.5-VL for ``run --caption-model``."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m models.tiny", description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m models.tiny", description=main.__doc__, allow_abbrev=False)
     parser.add_argument("role", choices=roles())
     parser.add_argument("--root", type=Path, default=Path.home() / ".cache" / "densefusion" / "tiny",
                         help="where tiny models are kept (run's --cache-dir/tiny)")
