@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -70,7 +71,11 @@ def test_gigabyte_member_in_a_megabyte_targz_stays_under_a_gigabyte_for_the_whol
               "'--no-progress', '--stages', 'probe', '--min-short-edge', '0'])\n"
               "print('peak_kib', re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1))\n"
               "sys.exit(code)\n")
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    # without what an in-process CPU SGLang test left in this process's environment (its placeholder
+    # ops' sitecustomize on PYTHONPATH imports torch into every interpreter started after it)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "SGLANG_USE_CPU_ENGINE")}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env,
+                          cwd=Path(__file__).resolve().parents[1])
     assert done.returncode == 0, done.stderr[-2000:]
     peak_kib = int(done.stdout.split("peak_kib")[1].split()[0])
     assert peak_kib < 1 << 20, f"peak RSS {peak_kib / 1024:.0f} MiB"
