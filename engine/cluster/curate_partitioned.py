@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from engine.cluster.executor import RayExecutor, actor_environment
+from engine.cluster.executor import actor_count, actor_environment
 from engine.core.config import RunConfig
 from engine.curate.partitioned import select_partitioned
 from engine.curate.selection import Selected
@@ -50,7 +50,7 @@ def select_on_ray(rows, centroids: np.ndarray, cfg: RunConfig, root: Path) -> Se
 
     started = time.perf_counter()
     selected = select_partitioned(root, rows, centroids, eps=cfg.curate.curate_eps, top_n=cfg.curate.curate_top_n,
-                                  keep=cfg.curate.curate_keep, workers=RayExecutor(cfg, "curate").actor_count(), run_all=run_all)
+                                  keep=cfg.curate.curate_keep, workers=actor_count(cluster), run_all=run_all)
     selected.figures["partitioned"].update(tasks_by_node=dict(sorted(nodes.items())),
                                            wall_s=round(time.perf_counter() - started, 3))
     return selected

@@ -84,6 +84,21 @@ def actor_environment() -> dict[str, str]:
     return env
 
 
+def actor_count(cluster: ClusterConfig) -> int:
+    """Worker actors a run starts: --ray-actors, else the cluster's GPUs over --ray-gpus-per-actor."""
+    import ray
+
+    if cluster.ray_actors:
+        return cluster.ray_actors
+    gpus = ray.cluster_resources().get("GPU", 0)
+    count = int(gpus // cluster.ray_gpus_per_actor)
+    if count < 1:
+        raise ConfigError(f"the Ray cluster has {gpus:g} GPUs, fewer than --ray-gpus-per-actor "
+                          f"{cluster.ray_gpus_per_actor:g}: add GPU nodes, or run CPU-only workers with "
+                          f"--ray-gpus-per-actor 0 --ray-actors N")
+    return count
+
+
 class RayExecutor:
     """The connected Ray cluster: one ``EngineActor`` (engine/cluster/actor.py) per actor."""
 
@@ -94,18 +109,7 @@ class RayExecutor:
         self.actor_cls = remote_actor(cfg.cluster, actor_environment())
 
     def actor_count(self) -> int:
-        import ray
-
-        cluster = self.cfg.cluster
-        if cluster.ray_actors:
-            return cluster.ray_actors
-        gpus = ray.cluster_resources().get("GPU", 0)
-        count = int(gpus // cluster.ray_gpus_per_actor)
-        if count < 1:
-            raise ConfigError(f"the Ray cluster has {gpus:g} GPUs, fewer than --ray-gpus-per-actor "
-                              f"{cluster.ray_gpus_per_actor:g}: add GPU nodes, or run CPU-only workers with "
-                              f"--ray-gpus-per-actor 0 --ray-actors N")
-        return count
+        return actor_count(self.cfg.cluster)
 
     def start(self) -> Any:
         return self.actor_cls.remote(self.cfg, self.kind)
