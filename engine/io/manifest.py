@@ -55,18 +55,32 @@ def write_parquet_atomic(table, path: Path) -> None:
 
 class Manifest:
     """The manifest of the output folder ``folder``. Holds in memory only the finished shards'
-    names and the properties; :meth:`entries` streams the shards' entries from the file."""
+    names and the properties, read at their first use (``stats`` and ``report`` only stream
+    :meth:`entries` from the file, in memory bounded whatever the number of shards)."""
 
     def __init__(self, folder: Path):
         self.path = Path(folder) / MANIFEST
         self.legacy = Path(folder) / LEGACY_MANIFEST
-        self.finished: set[str] = set()
-        self.properties: dict[str, Any] = {}
-        for line in self._lines():
-            if "shard" in line:
-                self.finished.add(line["shard"])
-            else:
-                self.properties.update(line)
+        self._read: tuple[set[str], dict[str, Any]] | None = None
+
+    @property
+    def finished(self) -> set[str]:
+        return self._names_and_properties()[0]
+
+    @property
+    def properties(self) -> dict[str, Any]:
+        return self._names_and_properties()[1]
+
+    def _names_and_properties(self) -> tuple[set[str], dict[str, Any]]:
+        if self._read is None:
+            finished, properties = set(), {}
+            for line in self._lines():
+                if "shard" in line:
+                    finished.add(line["shard"])
+                else:
+                    properties.update(line)
+            self._read = finished, properties
+        return self._read
 
     def entries(self) -> Iterator[tuple[str, dict[str, Any]]]:
         """Every finished shard's entry (its marker's contents), in commit order."""

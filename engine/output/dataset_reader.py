@@ -7,12 +7,14 @@ and the image bytes sit next to it. Only committed shards are read (temporaries 
 
 from __future__ import annotations
 
+import heapq
 import json
+import os
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from engine.core.errors import ConfigError
 from engine.io.keys import split_member_name
@@ -40,8 +42,37 @@ def check_output(out: Path) -> Path:
     return out
 
 
-def shard_tars(out: Path) -> list[Path]:
-    return sorted(check_output(out).glob("shards/*.tar"))
+# Names held at once while listing a folder of the output in order (~100 bytes each).
+LIST_BATCH = 4096
+
+
+def output_files(out: Path, folder: str, suffix: str) -> Iterator[Path]:
+    """OUT/<folder>/*<suffix> in name order, in memory bounded whatever their number: the folder
+    is listed once per LIST_BATCH names, each pass keeping the next names in order (13 passes
+    over 50,000 shards, under a second; reading the shards takes far longer)."""
+    folder_path = Path(out) / folder
+    after = ""
+    while True:
+        try:
+            with os.scandir(folder_path) as entries:
+                batch = heapq.nsmallest(LIST_BATCH, (e.name for e in entries
+                                                     if e.name.endswith(suffix) and e.name > after
+                                                     and not e.name.startswith(".")))
+        except FileNotFoundError:
+            return
+        yield from (folder_path / name for name in batch)
+        if len(batch) < LIST_BATCH:
+            return
+        after = batch[-1]
+
+
+def open_output_file(path: Path) -> BinaryIO:
+    """A committed file of the output, opened for reading (the one place the readers open one)."""
+    return open(path, "rb")
+
+
+def shard_tars(out: Path) -> Iterator[Path]:
+    return output_files(check_output(out), "shards", ".tar")
 
 
 def iter_samples(out: Path, *, with_images: bool = False) -> Iterator[WrittenSample]:
@@ -52,7 +83,7 @@ def iter_samples(out: Path, *, with_images: bool = False) -> Iterator[WrittenSam
 
 def iter_tar(tar_path: Path, *, with_images: bool = False) -> Iterator[WrittenSample]:
     pending: dict[str, dict[str, Any]] = {}
-    with tarfile.open(tar_path, "r:") as tar:
+    with open_output_file(tar_path) as handle, tarfile.open(fileobj=handle, mode="r:") as tar:
         for member in tar:
             if not member.isfile():
                 continue
@@ -72,8 +103,10 @@ def iter_rejects(out: Path) -> Iterator[dict[str, Any]]:
     """Every reject row, shard by shard (one shard's rows in memory at a time)."""
     import pyarrow.parquet as pq
 
-    for path in sorted(check_output(out).glob("rejects/*.parquet")):
-        yield from pq.read_table(path).to_pylist()
+    for path in output_files(check_output(out), "rejects", ".parquet"):
+        with open_output_file(path) as handle:
+            rows = pq.read_table(handle).to_pylist()
+        yield from rows
 
 
 def read_json(path: Path) -> dict[str, Any]:

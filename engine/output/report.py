@@ -333,11 +333,17 @@ def table1_html(stats: dict[str, Any], *, tiny: bool = False) -> str:
              (f'<p class="muted">{stats["table1"]["captions"]} captions; parts of speech by the '
               f'{_e(stats["pos_tagger"])} tagger, as shares of all caption words; grey rows: the paper</p>')]
     if stats["coverage"]:
-        rows = "".join(f'<tr><th class="l">{_e(name)}</th><td>{s["mean"]:.3f}</td><td>{s["median"]:.3f}</td>'
+        rows = "".join(f'<tr><th class="l">{_e(name)}</th><td>{s["mean"]:.3f}</td><td>{_median(s)}</td>'
                        f'<td>{s["samples"]}</td></tr>' for name, s in stats["coverage"].items())
         parts.append('<h3>evidence coverage</h3><table id="coverage-table"><tr><th class="l">score</th>'
                      f"<th>mean</th><th>median</th><th>samples</th></tr>{rows}</table>")
     return "".join(parts)
+
+
+def _median(summary: dict[str, Any]) -> str:
+    """A coverage median, with how far it may be from the exact one once stats binned the values."""
+    within = summary.get("median_within")
+    return f"{summary['median']:.3f}" + (f" ±{within:.2g}" if within else "")
 
 
 def rejects_table(rejects: Iterable[dict[str, Any]], total: int) -> str:

@@ -15,13 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from collections import Counter
-from collections.abc import Iterable
+from collections import Counter, deque
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from engine.core.figures import OutputTotals
 from engine.evidence.category import category_of
@@ -29,62 +27,56 @@ from engine.evidence.coverage import COVERAGE_SCORES
 from engine.evidence.language import POS_CLASSES, PosTagger, check_pos_tagger, pos_tagger, sentences, tagged_words
 from engine.io.manifest import Manifest, write_json_atomic
 from engine.output.dataset_reader import iter_rejects, iter_tar, read_json, shard_tars, tiny_model_runs
+from engine.output.summaries import Distribution, FrequentCounts
 
-HISTOGRAM_BINS = 20
 CAPTIONS_PER_WORKER = 1000
 POS_COLUMNS = {"noun": "nouns", "adjective": "adjectives", "adverb": "adverbs", "verb": "verbs",
                "numeral": "numerals"}
+REASONS_SHOWN = 20
 
 
 @dataclass
 class CaptionCounts:
-    chars: list[int] = field(default_factory=list)
-    words: list[int] = field(default_factory=list)
-    sentences: list[int] = field(default_factory=list)
+    chars: Distribution = field(default_factory=Distribution)
+    words: Distribution = field(default_factory=Distribution)
+    sentences: Distribution = field(default_factory=Distribution)
     pos: Counter = field(default_factory=Counter)
 
     def add(self, caption: str, tagger: PosTagger) -> None:
         tagged = tagged_words(caption, tagger)
-        self.chars.append(len(caption))
-        self.words.append(len(tagged))
-        self.sentences.append(len(sentences(caption)))
+        self.chars.add(len(caption))
+        self.words.add(len(tagged))
+        self.sentences.add(len(sentences(caption)))
         self.pos.update(cls for _, cls in tagged)
+
+    def merge(self, other: CaptionCounts) -> None:
+        for name in ("chars", "words", "sentences"):
+            getattr(self, name).merge(getattr(other, name))
+        self.pos.update(other.pos)
 
 
 def table1(counts: CaptionCounts, samples: int) -> dict[str, Any]:
-    n, total_words = len(counts.words), sum(counts.words)
+    total_words = counts.words.total
     row: dict[str, Any] = {
         "samples": samples,
-        "captions": n,
-        "chars": float(np.mean(counts.chars)) if n else 0.0,
-        "words": float(np.mean(counts.words)) if n else 0.0,
-        "sentences": float(np.mean(counts.sentences)) if n else 0.0,
+        "captions": counts.words.n,
+        "chars": float(counts.chars.mean),
+        "words": float(counts.words.mean),
+        "sentences": float(counts.sentences.mean),
     }
     for cls in POS_CLASSES:
         row[POS_COLUMNS[cls]] = counts.pos[cls] / total_words if total_words else 0.0
     return row
 
 
-def histogram(values: list[int], bins: int = HISTOGRAM_BINS) -> dict[str, list]:
-    if not values:
-        return {"edges": [], "counts": []}
-    counts, edges = np.histogram(values, bins=min(bins, max(1, len(set(values)))))
-    return {"edges": [round(float(e), 2) for e in edges], "counts": [int(c) for c in counts]}
-
-
-def summary(values: list[float]) -> dict[str, float]:
-    a = np.asarray(values, dtype=float)
-    return {"samples": int(a.size), "mean": float(a.mean()), "median": float(np.median(a)),
-            "min": float(a.min()), "max": float(a.max())}
-
-
 @dataclass
 class Tally:
-    """Everything the statistics count, for any set of samples; tallies of shards merge."""
+    """Everything the statistics count, for any set of samples, in memory bounded whatever their
+    number (engine/output/summaries.py); tallies of shards merge."""
 
     samples: int = 0
     captions: CaptionCounts = field(default_factory=CaptionCounts)
-    scores: dict[str, list[float]] = field(default_factory=lambda: {name: [] for name in COVERAGE_SCORES})
+    scores: dict[str, Distribution] = field(default_factory=lambda: {name: Distribution() for name in COVERAGE_SCORES})
     categories: Counter = field(default_factory=Counter)
     finish: Counter = field(default_factory=Counter)
 
@@ -96,7 +88,7 @@ class Tally:
         scores = ann.get("scores") or {}
         for name, value in scores.items():
             if name in self.scores:
-                self.scores[name].append(value)
+                self.scores[name].add(value)
         category = category_of(scores)
         if category:
             self.categories[category] += 1
@@ -105,33 +97,36 @@ class Tally:
 
     def merge(self, other: Tally) -> Tally:
         self.samples += other.samples
-        for name in ("chars", "words", "sentences"):
-            getattr(self.captions, name).extend(getattr(other.captions, name))
-        self.captions.pos.update(other.captions.pos)
+        self.captions.merge(other.captions)
         for name, values in other.scores.items():
-            self.scores[name].extend(values)
+            self.scores[name].merge(values)
         self.categories.update(other.categories)
         self.finish.update(other.finish)
         return self
 
 
 def summarise(tally: Tally, rejects: Iterable[dict[str, Any]], tagger_name: str) -> dict[str, Any]:
-    """The statistics; ``rejects`` is read once, as a stream."""
+    """The statistics; ``rejects`` is read once, as a stream. Reasons are open-ended (some name a
+    key or a member): ``by_reason`` holds the most frequent, and ``by_reason_undercount`` (only
+    when it is not 0) how much each of those counts may be low."""
     counts = tally.captions
-    by_stage, by_reason = Counter(), Counter()
+    by_stage, by_reason = Counter(), FrequentCounts()
     for reject in rejects:
         by_stage[reject.get("stage", "")] += 1
-        by_reason[reject.get("reason", "")] += 1
+        by_reason.add(reject.get("reason", ""))
+    rejects_figures = {"total": by_stage.total(), "by_stage": dict(by_stage.most_common()),
+                       "by_reason": by_reason.most_common(REASONS_SHOWN)}
+    if by_reason.undercount:
+        rejects_figures["by_reason_undercount"] = by_reason.undercount
     return {
         "table1": table1(counts, tally.samples),
         "pos_tagger": tagger_name,
-        "histograms": {"chars": histogram(counts.chars), "words": histogram(counts.words),
-                       "sentences": histogram(counts.sentences)},
-        "coverage": {name: summary(v) for name, v in tally.scores.items() if v},
+        "histograms": {"chars": counts.chars.histogram(), "words": counts.words.histogram(),
+                       "sentences": counts.sentences.histogram()},
+        "coverage": {name: values.summary() for name, values in tally.scores.items() if values.n},
         "categories": dict(tally.categories.most_common()),
         "finish_reasons": dict(tally.finish.most_common()),
-        "rejects": {"total": by_stage.total(), "by_stage": dict(by_stage.most_common()),
-                    "by_reason": dict(by_reason.most_common(20))},
+        "rejects": rejects_figures,
     }
 
 
@@ -155,26 +150,39 @@ def tally_shard(tar_path: Path, tagger_name: str) -> Tally:
     return tally
 
 
+def shard_tallies(tars: Iterable[Path], tagger_name: str, workers: int) -> Iterator[Tally]:
+    """Each shard's tally, in the shards' order; with ``workers`` processes, at most two shards
+    per worker are handed out ahead of the merge, so memory stays bounded however many shards."""
+    if workers <= 1:
+        yield from (tally_shard(tar, tagger_name) for tar in tars)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        ahead: deque = deque()
+        for tar in tars:
+            ahead.append(pool.submit(tally_shard, tar, tagger_name))
+            if len(ahead) >= 2 * workers:
+                yield ahead.popleft().result()
+        while ahead:
+            yield ahead.popleft().result()
+
+
 def output_stats(out: Path, tagger_name: str = "pattern", workers: int = 1) -> dict[str, Any]:
     """Statistics of an output folder, also written to OUT/stats.json. Part-of-speech tagging is
-    pure Python (~300 captions/s per core), so shards are spread over ``workers`` processes."""
+    pure Python (~300 captions/s per core), so shards are spread over ``workers`` processes.
+    Shards are read one at a time and merged into one :class:`Tally`: memory does not grow with
+    the output."""
     out = Path(out)
     check_pos_tagger(tagger_name)  # a bad tagger name fails here, not in a worker
     tars = shard_tars(out)
-    tally = Tally()
     # A worker costs seconds to start (importing TextBlob), the time of ~1,000 captions.
-    written = OutputTotals.of(Manifest(out)).written
-    workers = min(workers, len(tars), max(1, written // CAPTIONS_PER_WORKER))
-    if workers > 1:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            for part in pool.map(tally_shard, tars, [tagger_name] * len(tars)):
-                tally.merge(part)
-    else:
-        for tar in tars:
-            tally.merge(tally_shard(tar, tagger_name))
+    totals = OutputTotals.of(Manifest(out))
+    workers = min(workers, totals.shards, max(1, totals.written // CAPTIONS_PER_WORKER))
+    tally = Tally()
+    for part in shard_tallies(tars, tagger_name, workers):
+        tally.merge(part)
     stats = summarise(tally, iter_rejects(out), tagger_name)
     write_json_atomic(out / "stats.json", stats)
     return stats
