@@ -56,12 +56,14 @@ def image_path(sample: WrittenSample) -> str:
 
 
 def _write_image(to: Path, relative: str, data: bytes) -> None:
-    target = to / relative
-    if target.exists() and target.stat().st_size == len(data):
+    # strings, not Paths: pathlib would intern each sample's names (see dataset_reader.output_files)
+    target = os.path.join(to, relative)
+    if os.path.exists(target) and os.path.getsize(target) == len(data):
         return  # a rerun of the same export
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(target.name + ".tmp")
-    tmp.write_bytes(data)
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    tmp = target + ".tmp"
+    with open(tmp, "wb") as handle:
+        handle.write(data)
     os.replace(tmp, target)
 
 

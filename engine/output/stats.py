@@ -18,6 +18,7 @@ import os
 from collections import Counter, deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -142,15 +143,21 @@ def default_workers() -> int:
     return max(1, min(8, os.cpu_count() or 1))
 
 
-def tally_shard(tar_path: Path, tagger_name: str) -> Tally:
+@lru_cache(maxsize=1)
+def shard_tagger(name: str) -> PosTagger:
+    """One tagger per process for all its shards (a spaCy pipeline takes a second to load)."""
+    return pos_tagger(name)
+
+
+def tally_shard(tar_path: str, tagger_name: str) -> Tally:
     """One shard's tally; a top-level function so worker processes can run it."""
-    tagger, tally = pos_tagger(tagger_name), Tally()
+    tagger, tally = shard_tagger(tagger_name), Tally()
     for sample in iter_tar(tar_path):
         tally.add(sample.annotations, tagger)
     return tally
 
 
-def shard_tallies(tars: Iterable[Path], tagger_name: str, workers: int) -> Iterator[Tally]:
+def shard_tallies(tars: Iterable[str], tagger_name: str, workers: int) -> Iterator[Tally]:
     """Each shard's tally, in the shards' order; with ``workers`` processes, at most two shards
     per worker are handed out ahead of the merge, so memory stays bounded however many shards."""
     if workers <= 1:
