@@ -6,7 +6,7 @@ with the output.
 The outputs are written directly in the output contract (engine/io/writers.py's layout; no fsync,
 no engine run): per shard a tar of ``--rows`` samples (the annotations JSON with a caption of
 ``--caption-words`` words, a fusion prompt of 300, tags, boxes, OCR, coverage and category scores, and a small JPEG),
-a rejects parquet for one shard in ten, and a manifest line. Each command runs as the CLI runs
+a rejects parquet for one shard in four (the report shows the first 200 rejects), and a manifest line. Each command runs as the CLI runs
 it, in this process (``stats`` with one worker, so all its work is measured here): ``stats``, then
 ``report`` (which finds stats.json fresh and reads the rest: totals, samples, rejects), then
 ``export jsonl`` (every image written). Peak memory is tracemalloc's: the Python heap the command
@@ -59,8 +59,8 @@ def annotations(rng: random.Random, shard: str, key: str, words: int, prompt: st
                             "cov_ocr_lines": rng.choice((0.0, 1.0)), "unseen_nouns": rng.randint(0, 12),
                             "category:photo": round(rng.random(), 3)})
     sample.prompt = prompt
-    sample.caption = Caption(make_caption(rng, words, max(1, round(words / 17))), 900, 260, rng.choice(("stop",) * 9 + ("length",)), 4.2,
-                             "llava-1.6-7b", "sglang")
+    caption = make_caption(rng, words, max(1, round(words / 17)))
+    sample.caption = Caption(caption, 900, 260, rng.choice(("stop",) * 9 + ("length",)), 4.2, "llava-1.6-7b", "sglang")
     return sample.annotations()
 
 
@@ -93,7 +93,7 @@ def write_output(out: Path, shards: int, rows: int, words: int = 190, seed: int 
                     _add(tar, f"{key}.jpg", image)
             # up to the end-of-archive blocks, without the padding to tarfile's 10 KiB record
             (out / "shards" / f"{shard}.tar").write_bytes(buffer.getvalue()[:tar.offset])
-            rejected = int(i % 10 == 0)
+            rejected = int(i % 4 == 0)
             if rejected:
                 reject = {"key": f"{shard}-bad", "shard": shard, "stage": "probe", "status": "filtered",
                           "reason": f"short edge {rng.randint(100, 447)} < 448"}
@@ -182,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", type=int, default=1, help="samples per shard")
     parser.add_argument("--caption-words", type=int, default=20,
                         help="words per caption (the paper's mean is 190: 10x the time of stats, the same memory)")
-    parser.add_argument("--workdir", type=Path, default=None, help="where the outputs are written (default: /dev/shm if there, else the temporary folder)")
+    parser.add_argument("--workdir", type=Path, default=None,
+                        help="where the outputs are written (default: /dev/shm if there, else the temporary folder)")
     args = parser.parse_args(argv)
     workdir = args.workdir or Path("/dev/shm" if Path("/dev/shm").is_dir() else tempfile.gettempdir())
     workdir.mkdir(parents=True, exist_ok=True)

@@ -62,10 +62,12 @@ def output_files(out: Path, folder: str, suffix: str) -> Iterator[str]:
                                                      and not e.name.startswith(".")))
         except FileNotFoundError:
             return
+        last, more = (batch[-1] if batch else ""), len(batch) == LIST_BATCH
         yield from (os.path.join(directory, name) for name in batch)
-        if len(batch) < LIST_BATCH:
+        del batch  # not held while the next pass lists the next names
+        if not more:
             return
-        after = batch[-1]
+        after = last
 
 
 def open_output_file(path: str | Path) -> BinaryIO:
