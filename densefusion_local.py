@@ -15,11 +15,17 @@ import importlib
 import os
 import shlex
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from engine.core import config as config_module
 from engine.core.console import format_summary
 from engine.core.errors import ConfigError
+
+if TYPE_CHECKING:
+    from engine.core.driver import Executor
+    from engine.core.figures import RunSummary
 
 EPILOG = """\
 stages (pass 2, in order; --stages picks a subset, the probe always runs):
@@ -153,22 +159,51 @@ def command_run(args: argparse.Namespace) -> int:
 
 def caption_pass(cfg: config_module.RunConfig) -> int:
     """Pass 2 over --shards, or with --curate over pass 1's selection (pass 1 first, skipped
-    once done); locally or on Ray. The exit code: 0, 1 (a shard failed on Ray), 130."""
-    from engine.core import pipeline
+    once done); in process or on Ray (--ray). The exit code: see :func:`exit_code`."""
+    return on_ray(cfg, lambda: _caption_pass(cfg)) if cfg.cluster.ray else _caption_pass(cfg)
 
-    if cfg.cluster.ray:
-        return on_ray(cfg, curate=cfg.curate.curate, caption=True)
-    source = None
+
+def _caption_pass(cfg: config_module.RunConfig) -> int:
+    from engine.core import pipeline
+    from engine.core.driver import input_shards
+
+    reader = input_shards
     if cfg.curate.curate:
-        from engine.curate.pass2_source import selected_source
+        from engine.curate.pass2_source import selected_shard_items
 
         check_both_passes(cfg)
-        if not curate(cfg):
-            return 130
-        source = selected_source(cfg)
-    summary = pipeline.run(cfg, source=source)
+        code = _curate_pass(cfg)
+        if code:
+            return code
+        reader = selected_shard_items
+    executor = executor_for(cfg)
+    summary = pipeline.run(cfg, executor, reader=reader)
+    print_summary(summary, executor)
+    return exit_code(summary)
+
+
+def executor_for(cfg: config_module.RunConfig) -> Executor:
+    """A pass's executor (engine/core/driver.py): in this process, or the worker actors of the
+    Ray cluster of --ray (connected by :func:`on_ray`)."""
+    if cfg.cluster.ray:
+        from engine.cluster.executor import RayExecutor
+
+        return RayExecutor()
+    from engine.core.driver import InProcess
+
+    return InProcess()
+
+
+def print_summary(summary: RunSummary, executor: Executor) -> None:
     print(format_summary(summary))
-    return 130 if summary.interrupted else 0
+    described = executor.describe()  # on Ray: actors, nodes, retries, failed shards
+    if described:
+        print(described)
+
+
+def exit_code(summary: RunSummary) -> int:
+    """0: every shard committed; 130: interrupted (Ctrl-C, SIGTERM); 1: a shard failed on Ray."""
+    return 130 if summary.interrupted else 1 if summary.shards_left else 0
 
 
 def check_both_passes(cfg: config_module.RunConfig) -> None:
@@ -201,20 +236,24 @@ def command_plan(args: argparse.Namespace) -> int:
 
 def command_curate(args: argparse.Namespace) -> int:
     cfg = config_module.build(args, args.config)
-    if cfg.cluster.ray:
-        return on_ray(cfg, curate=True, caption=False)
-    return 0 if curate(cfg) else 130
+    return on_ray(cfg, lambda: _curate_pass(cfg)) if cfg.cluster.ray else _curate_pass(cfg)
 
 
-def curate(cfg: config_module.RunConfig) -> bool:
-    """Pass 1 with its summary and report printed; False when it was interrupted."""
+def _curate_pass(cfg: config_module.RunConfig) -> int:
+    """Pass 1 with its summary and report printed (no report when a shard is left: interrupted,
+    or failed on Ray); its exit code. On Ray the step after the k-means fit runs as Ray tasks."""
     from engine.curate.pass1 import format_report, run_curate
 
-    summary, report = run_curate(cfg)
-    print(format_summary(summary))
-    if report is not None:
-        print(format_report(report, Path(cfg.runtime.out)))
-    return report is not None
+    select_rows = None
+    if cfg.cluster.ray:
+        from engine.cluster.curate_partitioned import select_on_ray as select_rows
+    executor = executor_for(cfg)
+    summary, report = run_curate(cfg, executor, select_rows)
+    print_summary(summary, executor)
+    if report is None:
+        return exit_code(summary)
+    print(format_report(report, Path(cfg.runtime.out)))
+    return 0
 
 
 def command_demo(args: argparse.Namespace) -> int:
@@ -280,30 +319,15 @@ def command_meta(args: argparse.Namespace) -> int:
     return code
 
 
-def on_ray(cfg: config_module.RunConfig, *, curate: bool, caption: bool) -> int:
-    """The passes on a Ray cluster (--ray); exit code 1 when a shard failed after its attempts."""
-    from engine.cluster import passes
+def on_ray(cfg: config_module.RunConfig, passes: Callable[[], int]) -> int:
+    """``passes`` with the Ray cluster of --ray connected; Ctrl-C stops the actors (exit 130)."""
     from engine.cluster.executor import connect, disconnect
-    from engine.curate.pass1 import format_report
 
-    out = Path(cfg.runtime.out)
     connect(cfg.cluster)
     try:
-        if curate:
-            summary, result, report = passes.curate(cfg)
-            print(format_summary(summary))
-            print(passes.format_cluster(result))
-            if report is None:
-                return 1
-            print(format_report(report, out))
-        if caption:
-            summary, result = passes.caption(cfg, selected=curate)
-            print(format_summary(summary))
-            print(passes.format_cluster(result))
-            return 1 if result.failed else 0
-        return 0
+        return passes()
     except KeyboardInterrupt:  # the actors are stopped; every shard committed so far is recorded
-        print(f"\ninterrupted: rerun with --out {out} to finish the remaining shards")
+        print(f"\ninterrupted: rerun with --out {Path(cfg.runtime.out)} to finish the remaining shards")
         return 130
     finally:
         disconnect()

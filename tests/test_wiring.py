@@ -100,6 +100,16 @@ def test_config_imports_nothing_from_models():
     assert not {m for m in imports if m.startswith("models")}
 
 
+def test_the_core_knows_no_cluster():
+    """One driver, two executors: engine/core/driver.py runs a pass in process or on whatever
+    executor the CLI hands it; the Ray one (engine/cluster/) depends on the core, never back."""
+    known = module_files(*PACKAGES)
+    users = {name for name, path in known.items() if name.startswith("engine.core")
+             and any(m.startswith("engine.cluster") for m in imported_modules(path, known))}
+    assert users == set()
+    assert "engine.core.driver" in imported_modules(known["engine.cluster.worker"], known)  # the walk sees them
+
+
 def test_models_take_no_engine_config():
     known = module_files(*PACKAGES)
     users = {name for name, path in known.items() if name.startswith("models")

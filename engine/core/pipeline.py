@@ -1,5 +1,5 @@
-"""Pass 2 assembled: the stage table and ``run`` (what the CLI calls; a cluster actor builds
-the same ``PASS2``), on the one driver (engine/core/driver.py) with the dataset writer as its sink.
+"""Pass 2 assembled: the stage table and ``run`` (what the CLI calls, in process or on Ray), on
+the one driver (engine/core/driver.py) with the dataset writer as its sink.
 
 ``STAGES`` is the one ordered table of stages, each a stage module's ``build(cfg)``;
 ``--stages`` picks a subset in this order. The probe always runs (it fills width/height that
@@ -18,7 +18,7 @@ from pathlib import Path
 
 from engine.core import driver
 from engine.core.config import RunConfig
-from engine.core.driver import Pass, Source, run_pass
+from engine.core.driver import Executor, Pass, Reader, Source, input_shards, run_pass
 from engine.core.errors import ConfigError, Problems
 from engine.core.figures import RunSummary
 from engine.core.placement import REPLICATED, check_fits, format_plan, node_plan, on_device, replica_devices, sglang_mem_fraction
@@ -115,13 +115,17 @@ def placed_stages(cfg: RunConfig) -> list[Stage | list[Stage]]:
     return stages
 
 
-def open_writer(cfg: RunConfig, root: Path) -> DatasetWriter:
-    return DatasetWriter(root, Manifest(root))
+def open_writer(cfg: RunConfig, root: Path, *, worker: bool = False) -> DatasetWriter:
+    """The driver's writer, or a worker's (engine/core/driver.py ``Pass``): no manifest, and other
+    writers' temporaries left alone."""
+    return DatasetWriter(root, None, clean=False) if worker else DatasetWriter(root, Manifest(root))
 
 
 PASS2 = Pass("run", "", open_writer, placed_stages, ("shards", "rejects"), resolve=resolved)
 
 
-def run(cfg: RunConfig, *, source_paths: list[Path] | None = None, source: Source | None = None) -> RunSummary:
-    """Pass 2 over ``--shards`` (or ``source_paths``), or over ``source``'s items (a curated selection)."""
-    return run_pass(cfg, PASS2, paths=source_paths, source=source)
+def run(cfg: RunConfig, executor: Executor | None = None, *, source_paths: list[Path] | None = None,
+        source: Source | None = None, reader: Reader = input_shards) -> RunSummary:
+    """Pass 2 over ``--shards`` (or ``source_paths``) read by ``reader`` (pass 1's selection
+    with --curate), or over ``source``'s items; in process, or on ``executor``."""
+    return run_pass(cfg, PASS2, executor, paths=source_paths, source=source, reader=reader)
