@@ -246,7 +246,9 @@ def _curate_pass(cfg: config_module.RunConfig) -> int:
 
     select_rows = None
     if cfg.cluster.ray:
-        from engine.cluster.curate_partitioned import select_on_ray as select_rows
+        from engine.cluster.curate_partitioned import select_on_ray
+
+        select_rows = select_on_ray
     executor = executor_for(cfg)
     summary, report = run_curate(cfg, executor, select_rows)
     print_summary(summary, executor)

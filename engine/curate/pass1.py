@@ -37,7 +37,7 @@ CURATE_DIR = "curate"
 
 
 def curate_dir(cfg: RunConfig) -> Path:
-    return Path(cfg.runtime.out) / CURATE_DIR
+    return PASS1.root(cfg)
 
 
 def open_store(cfg: RunConfig, root: Path, *, worker: bool = False) -> EmbeddingStore:
