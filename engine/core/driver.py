@@ -107,6 +107,14 @@ class Executor(Protocol):
         """What the console shows after the pass's summary ("" when nothing)."""
 
 
+def shard_source(paths: list[Path], cfg: RunConfig, skip: set[str], reader: Reader = input_shards) -> Iterator[Item]:
+    """The items of ``paths`` but those named in ``skip``, read by ``reader``."""
+    read = reader(cfg)
+    for path in paths:
+        if shard_name(path) not in skip:
+            yield from read(path)
+
+
 def run_pass(cfg: RunConfig, spec: Pass, executor: Executor | None = None, *, paths: list[Path] | None = None,
              source: Source | None = None, reader: Reader = input_shards) -> RunSummary:
     """Run ``spec`` over ``paths`` (default: ``--shards``), read by ``reader``, or over ``source``
@@ -178,11 +186,8 @@ class InProcess:
     def run(self, work: Work) -> RunSummary:
         cfg, sink, summary = work.cfg, work.sink, work.summary
         before = set(sink.finished)
-        if work.source is not None:
-            items = take_subset(work.source(before), cfg.subset)
-        else:
-            read = subset_reader(cfg, work.reader)
-            items = (item for path in work.todo for item in read(path))
+        items = work.source(before) if work.source else shard_source(work.todo, cfg, before, work.reader)
+        items = take_subset(items, cfg.subset)
         pipeline = Pipeline(work.stages, cfg.runtime.queue_depth, max_bytes_in_flight=cfg.runtime.max_bytes_in_flight)
         progress = ProgressBar(cfg.runtime.progress, pipeline.stages, shards_total=summary.shards_total,
                                shards_before=len(summary.shards_skipped), expected_samples=work.expected)
