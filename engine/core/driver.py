@@ -161,13 +161,9 @@ def open_worker(cfg: RunConfig, spec: Pass, reader: Reader) -> tuple[list[Stage 
     config settled, the stages, the sink and the shard reading of :func:`run_pass`, with a
     worker's sink (its commits are recorded by the driver) and no progress bar."""
     cfg = spec.resolve(dataclasses.replace(cfg, runtime=dataclasses.replace(cfg.runtime, progress=False)))
-    return spec.build_stages(cfg), spec.open_sink(cfg, spec.root(cfg), worker=True), subset_reader(cfg, reader)
-
-
-def subset_reader(cfg: RunConfig, reader: Reader) -> ShardItems:
-    """``reader``'s items of a shard with the seeded subset applied (--subset-share)."""
     read = reader(cfg)
-    return lambda path: take_subset(read(path), cfg.subset)
+    return (spec.build_stages(cfg), spec.open_sink(cfg, spec.root(cfg), worker=True),
+            lambda path: take_subset(read(path), cfg.subset))
 
 
 class InProcess:
