@@ -19,7 +19,7 @@ from pathlib import Path
 
 from engine.core import config as config_module
 from engine.core.console import format_summary
-from engine.core.errors import ConfigError
+from models.errors import ConfigError
 
 EPILOG = """\
 stages (pass 2, in order; --stages picks a subset, the probe always runs):
@@ -175,9 +175,9 @@ def check_both_passes(cfg: config_module.RunConfig) -> None:
     """Pass 2's stages are built after pass 1 has run: their checks (models resolved) run before
     it too, with pass 1's, so a missing model fails the run before any work, with every problem."""
     from engine.core import driver, pipeline
-    from engine.core.errors import Problems
     from engine.curate.pass1 import curate_stages
     from engine.io.readers import expand_shards
+    from models.errors import Problems
 
     expand_shards(cfg.input.shards)  # the inputs' problems first, before any (tiny) model is built
     problems = Problems()

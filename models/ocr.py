@@ -33,9 +33,9 @@ from typing import Protocol
 
 import numpy as np
 
-from engine.core.errors import ConfigError
-from engine.core.record import OcrLine
-from engine.evidence.boxes import normalise_pixels
+from models.errors import ConfigError
+from models.geometry import normalise_pixels
+from models.records import OcrLine
 
 
 @dataclass(frozen=True)

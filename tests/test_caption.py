@@ -7,10 +7,11 @@ import pytest
 import torch
 
 from engine.core.config import ApiConfig, CaptionConfig, RuntimeConfig, SglangConfig
-from engine.core.errors import ConfigError
-from engine.core.record import OcrLine, Sample, Source
+from engine.core.record import Sample, Source
 from engine.evidence.prompt import fusion_prompt
 from engine.stages.caption import CaptionStage, backend_settings
+from models.errors import ConfigError
+from models.records import OcrLine
 from models import tiny
 from models.caption import transformers_backend
 from models.caption.base import SamplingParams

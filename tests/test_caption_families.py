@@ -16,8 +16,8 @@ from conftest import sample_members, write_tar
 from contract import check_output_contract
 from test_prompt_parity import encoded, photo
 
-from engine.core.errors import ConfigError
 from engine.evidence.prompt import CAPTION_ENGINE_INSTRUCTION
+from models.errors import ConfigError
 from models import tiny
 from models.caption.chat import chat_text
 from models.caption.families import FAMILIES, LLAVA_1_6, QWEN2_5_VL, family_of, family_of_folder

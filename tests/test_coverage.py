@@ -1,7 +1,8 @@
 import pytest
 
 from engine.core.config import ScoreConfig
-from engine.core.record import Box, Caption, OcrLine, Sample, Source, Tag
+from engine.core.record import Sample, Source
+from models.records import Box, Caption, OcrLine, Tag
 from engine.evidence.coverage import (
     Evidence,
     coverage_scores,

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine.core.errors import ConfigError
+from models.errors import ConfigError
 from models.detector import (
     TINY_DETECTOR_LABELS,
     OnnxDetector,

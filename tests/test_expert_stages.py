@@ -5,14 +5,15 @@ import pytest
 import torch
 
 from engine.core.config import ExpertsConfig, FusionConfig, RunConfig, RuntimeConfig
-from engine.core.errors import ConfigError
-from engine.core.record import Box, Sample, Source, Tag
+from engine.core.record import Sample, Source
 from engine.core.stage import Stage
 from engine.io.expert_cache import FIELDS, ExpertCache, fingerprint, image_digest
 from engine.stages.detect import Detect
 from engine.stages.expert_cache import CachedExpert
 from engine.stages.tag import ClipTag, RamPlusTag, tag_vocabulary
 from engine.stages.tag import build as build_tag
+from models.errors import ConfigError
+from models.records import Box, Tag
 from models import ram_plus
 from models.detector import build_tiny as build_tiny_detector
 from models.owlv2 import build_tiny as build_tiny_owlv2

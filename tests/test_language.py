@@ -1,6 +1,6 @@
 import pytest
 
-from engine.core.errors import ConfigError
+from models.errors import ConfigError
 from engine.evidence.language import (
     ADJ,
     ADV,

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from engine.core.errors import ConfigError
+from models.errors import ConfigError
 from models import tiny
 from models.caption import llava_native, sglang_cpu
 from models.caption.llava_native import check_native, ensure_native, native_weight_name

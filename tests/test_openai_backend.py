@@ -6,9 +6,9 @@ import pytest
 
 from bench._chat_server import ChatServer
 from engine.core.config import ApiConfig, CaptionConfig, SglangConfig
-from engine.core.errors import ConfigError
 from engine.stages.caption import backend_settings
 from models.caption.base import SamplingParams
+from models.errors import ConfigError
 from models.caption.openai_backend import (
     OpenAIEngine,
     backoff_seconds,

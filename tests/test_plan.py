@@ -8,8 +8,8 @@ import torch
 
 import densefusion_local
 from engine.core import config
-from engine.core.errors import ConfigError
 from engine.core.placement import GIB, REPLICATED, make_plan
+from models.errors import ConfigError
 
 README_MODELS = {  # the "Real checkpoints on a GPU node" command of the README
     "curate": {"embed_model": "EVA02-L-14"},

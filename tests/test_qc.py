@@ -3,10 +3,11 @@ import dataclasses
 import pytest
 
 from engine.core.config import QC_RULES, QcConfig
-from engine.core.errors import ConfigError
-from engine.core.record import Caption, Sample, Source
+from engine.core.record import Sample, Source
 from engine.evidence.qc import check_caption
 from engine.stages.qc import QualityControl
+from models.errors import ConfigError
+from models.records import Caption
 
 GOOD = (
     "A red double-decker bus drives along a wet city street lined with brick buildings. "

@@ -4,7 +4,7 @@ import pytest
 from conftest import jpeg, sample_members, write_tar
 
 from engine.core.config import InputConfig
-from engine.core.errors import ConfigError
+from models.errors import ConfigError
 from engine.io.readers import (
     ShardReport,
     expand_braces,

@@ -1,9 +1,9 @@
 import pytest
 
 from engine.core.config import ApiConfig, CaptionConfig, SglangConfig
-from engine.core.errors import ConfigError
 from engine.stages.caption import backend_settings
 from models.caption.base import SamplingParams
+from models.errors import ConfigError
 from models.caption.sglang_backend import (
     CPU_KV_TOKENS,
     caption_from_output,

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 from engine.cluster.faults import ENV as FAULTS_ENV
 from engine.cluster.faults import parse as parse_faults
 from engine.core.config import ClusterConfig, RunConfig
-from engine.core.errors import ConfigError
+from models.errors import ConfigError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 

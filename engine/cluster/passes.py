@@ -15,11 +15,11 @@ from typing import Any
 from engine.cluster.driver import ClusterResult, lease_shards
 from engine.core.config import RunConfig
 from engine.core.driver import Pass
-from engine.core.errors import ConfigError
 from engine.core.figures import MetricsFile, OutputTotals, RunSummary
 from engine.io.readers import expand_shards, expected_samples, shard_name
 from engine.ops import events, prometheus
 from engine.ops.cluster_watch import ClusterWatch
+from models.errors import ConfigError
 
 
 def run_pass_on_ray(cfg: RunConfig, spec: Pass, kind: str) -> tuple[RunSummary, ClusterResult]:

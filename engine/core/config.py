@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from engine.core.errors import ConfigError
 from engine.io.remote import is_url
+from models.errors import ConfigError
 
 
 def option(default: Any, help: str, *, choices: tuple | None = None, flag: str | None = None,

@@ -19,7 +19,6 @@ from pathlib import Path
 from engine.core import driver
 from engine.core.config import RunConfig
 from engine.core.driver import Pass, Source, run_pass
-from engine.core.errors import ConfigError, Problems
 from engine.core.figures import RunSummary
 from engine.core.placement import REPLICATED, check_fits, format_plan, node_plan, on_device, replica_devices, sglang_mem_fraction
 from engine.core.stage import Stage
@@ -27,6 +26,7 @@ from engine.io.manifest import Manifest
 from engine.io.writers import DatasetWriter
 from engine.stages import caption, category, decode, detect, ocr, probe, prompt, qc, score, tag
 from models.caption.registry import resolve_backend
+from models.errors import ConfigError, Problems
 
 StageFactory = Callable[[RunConfig], Stage]
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine.core.config import RunConfig
-from engine.core.errors import ConfigError
+from models.errors import ConfigError
 
 REPLICATED = ("category", "tag", "detect", "ocr")  # model-backed experts: one replica per device
 GIB = 1024**3

@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 import numpy as np
 
+from models.records import Box, Caption, OcrLine, Tag
+
 Status = Literal["ok", "filtered", "error"]
 
 
@@ -24,42 +26,6 @@ class Source:
     member: str  # tar member name, parquet row index, or file path relative to the folder
     offset: int = -1  # byte offset of the image data inside a tar (-1: not a tar)
     size: int = -1  # byte size of the image data inside a tar
-
-
-@dataclass(frozen=True)
-class Tag:
-    name: str
-    score: float
-
-
-@dataclass(frozen=True)
-class Box:
-    """A detection; ``xyxy`` is normalised to [0, 1] of the original image's width/height."""
-
-    label: str
-    score: float
-    xyxy: tuple[float, float, float, float]
-    source: str  # which detector produced it ("owlv2", "closed", "fused", ...)
-
-
-@dataclass(frozen=True)
-class OcrLine:
-    """One recognised text line; ``xyxy`` normalised like :class:`Box`."""
-
-    text: str
-    score: float
-    xyxy: tuple[float, float, float, float]
-
-
-@dataclass(frozen=True)
-class Caption:
-    text: str
-    prompt_tokens: int
-    output_tokens: int
-    finish_reason: str  # "stop" | "length" | "error"
-    seconds: float
-    model: str
-    backend: str
 
 
 @dataclass

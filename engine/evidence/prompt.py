@@ -28,17 +28,9 @@ import unicodedata
 from collections.abc import Sequence
 
 from engine.core.config import PROMPT_TEMPLATES, PromptConfig
-from engine.core.record import Box, OcrLine, Sample
-
-CAPTION_ENGINE_INSTRUCTION = (
-    "You are a powerful multimodal model and you should generate detailed descriptions of this "
-    "image, using additional external information such as [Caption], [Detection Box], and [OCR]. "
-    "[Caption] might contain rich world knowledge which should be considered in the final "
-    "description but also may not have any relevance to the image. Although this information may "
-    "contain errors or be incomplete, you should disregard any inaccuracies. External details "
-    "like detection boxes are just for reference and should not be included in the final "
-    "description. If external information is not used, do not specify why."
-)
+from engine.core.record import Sample
+from models.caption.instruction import CAPTION_ENGINE_INSTRUCTION
+from models.records import Box, OcrLine
 
 # The paper's list as extracted, typos ("DN NOT", "DD NOT") and numbering gaps included: the
 # meta dataset was written under these exact words.

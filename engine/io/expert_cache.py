@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from engine.core.config import RunConfig, options_affecting
-from engine.core.record import Box, Sample, Tag
+from engine.core.record import Sample
+from models.records import Box, Tag
 
 # Sample fields an expert may fill, and how to rebuild them from JSON.
 FIELDS = {

@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 
 from engine.core.config import ApiConfig, CaptionConfig, RunConfig, RuntimeConfig, SglangConfig
-from engine.core.errors import ConfigError
 from engine.core.models import resolve_model
 from engine.core.record import Sample
 from engine.core.runtime import StageFailed
@@ -17,6 +16,7 @@ from models.caption.base import CaptionEngine, EngineDead, SamplingParams
 from models.caption.families import family_of_folder
 from models.caption.figures import CaptionTally, GpuSampler
 from models.caption.registry import load_engine, prepare_backend, resolve_backend
+from models.errors import ConfigError
 
 JOURNAL = Path("journal") / "openai.jsonl"  # under OUT: captions an endpoint was paid for
 

@@ -12,10 +12,10 @@ import numpy as np
 from PIL import Image
 
 from engine.core.config import DecodeConfig, FilterConfig, RunConfig
-from engine.core.errors import ConfigError
 from engine.core.record import Sample
 from engine.core.stage import ImageView, Resources, Stage
 from engine.image.decode import decode_views
+from models.errors import ConfigError
 
 VERIFY_VIEW = ImageView("_verify", 64)
 

@@ -10,12 +10,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from engine.core.config import ExpertsConfig, FusionConfig, RunConfig
-from engine.core.errors import Problems
 from engine.core.models import resolve_model
-from engine.core.record import Box, Sample
+from engine.core.record import Sample
 from engine.core.stage import ImageView, Resources, Stage, run_per_sample
 from engine.evidence.boxes import fuse_boxes
 from engine.stages.expert_cache import cached
+from models.errors import Problems
+from models.records import Box
 
 OWLV2_VIEW = "owlv2"
 CLOSED_VIEW = "closed"

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 
 from engine.core.config import CurateConfig, RunConfig
-from engine.core.errors import ConfigError
 from engine.core.models import resolve_model
 from engine.core.record import Sample
 from engine.core.stage import ImageView, Resources, Stage
+from models.errors import ConfigError
 
 # EVA02 CLIP models take 224 px crops of the shorter side; a 448 px longer side keeps the
 # shorter side >= 224 for aspect ratios up to 2:1 without decoding more pixels than needed.

@@ -12,13 +12,13 @@ from pathlib import Path
 import numpy as np
 
 from engine.core.config import ExpertsConfig, RunConfig
-from engine.core.errors import ConfigError
 from engine.core.models import resolve_model
 from engine.core.record import Sample
 from engine.core.stage import ImageView, Resources, Stage
 from engine.stages.embed import EMBED_VIEW, embedder_factory, fill_embeddings
 from engine.stages.expert_cache import cached
 from models.base import ModelRef
+from models.errors import ConfigError
 
 RAM_VIEW = ImageView("ram_plus", 384)
 

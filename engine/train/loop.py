@@ -26,10 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine.core.errors import ConfigError
 from engine.io.manifest import write_json_atomic
 from engine.train import checkpoints
 from engine.train.config import TrainConfig, TrainRunConfig
+from models.errors import ConfigError
 from engine.train.data import (
     DataOrder,
     EncodedRecords,
