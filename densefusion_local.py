@@ -37,9 +37,12 @@ MORE_OPTIONS = "\n"  # the short help's last line follows it (--help-all drops t
 
 
 def _stage_list() -> str:
-    from engine.core.pipeline import STAGES
+    from engine.core.registry import stage_specs
 
-    return ", ".join(STAGES)
+    specs = stage_specs().values()
+    plugins = [spec.name for spec in specs if spec.plugin]
+    return ", ".join(spec.name for spec in specs if not spec.plugin) \
+        + (f"\nexpert plugins (--plugins NAME; installed): {', '.join(plugins)}" if plugins else "")
 
 
 class StrictParser(argparse.ArgumentParser):

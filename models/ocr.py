@@ -147,6 +147,13 @@ def _one_onnx(folder: Path, task: str) -> Path:
     return found[0]
 
 
+def model_files(config: OcrSettings) -> list[Path]:
+    """The detection and recognition ONNX files the settings name (their sizes give ``plan`` the
+    OCR's memory)."""
+    folder = _model_folder(config)
+    return [_one_onnx(folder, task) for task in ("det", "rec")]
+
+
 def _model_folder(config: OcrSettings) -> Path:
     """--ocr-model-dir, else the PP-OCR models inside the rapidocr wheel."""
     try:

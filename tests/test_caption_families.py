@@ -141,7 +141,7 @@ def test_plan_counts_the_qwen_engine_at_its_own_image_budget(tmp_path, qwen):
     from safetensors.torch import load_file
 
     from engine.core import config
-    from engine.core.placement import TEXT_TOKENS, caption_need
+    from engine.stages.caption import TEXT_TOKENS, caption_need
 
     cfg = config.build(runtime={"out": str(tmp_path / "out")}, caption={"caption_model": str(qwen)})
     need = caption_need(cfg)

@@ -354,6 +354,11 @@ class RuntimeConfig:
         metavar="BYTES",
     )
     progress: bool = option(True, "show a live progress bar", commands=(RUN, CURATE, DEMO, META))
+    plugins: tuple[str, ...] = option(
+        (), "expert plugins to run besides the stages: installed ones (entry-point group densefusion.experts; "
+        "their options are listed below, each in its own group); --stages may name them too",
+        commands=(RUN, DEMO, META, PLAN), basic=True, metavar="EXPERT",
+    )
 
     def validate(self) -> None:
         if not self.out:
@@ -777,22 +782,44 @@ class RunConfig:
     score: ScoreConfig = ScoreConfig()
     cluster: ClusterConfig = ClusterConfig()
     ops: OpsConfig = OpsConfig()
+    # (name, section) of each expert plugin's own section (engine/core/registry.py), built like the
+    # others from flags and YAML; read with ``section(name)``
+    plugin_sections: tuple[tuple[str, Any], ...] = ()
+
+    def section(self, name: str) -> Any:
+        """A section by name: a plugin's, or a built-in one."""
+        return dict(self.plugin_sections)[name] if name in dict(self.plugin_sections) else getattr(self, name)
+
+    def sections(self) -> list[tuple[str, Any]]:
+        """(name, section) of every section, the plugins' after the built-in ones."""
+        return [(f.name, getattr(self, f.name)) for f in _builtin_fields(RunConfig)] + list(self.plugin_sections)
 
     def validate(self) -> RunConfig:
-        for section in dataclasses.fields(self):
-            getattr(self, section.name).validate()
+        for _, section in self.sections():
+            section.validate()
         for section, f in model_options().values():  # before any pass starts (pass 2 builds after pass 1)
-            check_tiny_swap(f, getattr(getattr(self, section), f.name), self.runtime.models)
+            check_tiny_swap(f, getattr(self.section(section), f.name), self.runtime.models)
         return self
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {name: dataclasses.asdict(section) for name, section in self.sections()}
+
+
+def _builtin_fields(cls) -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(cls) if f.name != "plugin_sections"]
+
+
+def plugin_section_classes() -> list[tuple[str, type]]:
+    """(name, section class) of the expert plugins that own a config section."""
+    from engine.core.registry import plugin_specs
+
+    return [spec.options for spec in plugin_specs() if spec.options is not None]
 
 
 def model_options() -> dict[str, tuple[str, dataclasses.Field]]:
     """role -> (section, field) of the option that names its model (``option(model=role)``)."""
-    return {f.metadata["model"]: (section.name, f) for section in dataclasses.fields(RunConfig)
-            for f in dataclasses.fields(section.default) if f.metadata.get("model")}
+    return {f.metadata["model"]: (name, f) for name, section_cls in _sections()
+            for f in dataclasses.fields(section_cls) if f.metadata.get("model")}
 
 
 def check_tiny_swap(f: dataclasses.Field, name: str, models: str) -> None:
@@ -809,9 +836,9 @@ def options_affecting(cfg: RunConfig, output: str) -> dict[str, Any]:
     """The options whose fields declare that they change ``output`` (``option(affects=...)``),
     as ``section.field: value``: what keys the cached ``output`` of an expert."""
     return {
-        f"{section.name}.{f.name}": getattr(getattr(cfg, section.name), f.name)
-        for section in dataclasses.fields(cfg)
-        for f in dataclasses.fields(getattr(cfg, section.name))
+        f"{name}.{f.name}": getattr(section, f.name)
+        for name, section in cfg.sections()
+        for f in dataclasses.fields(section)
         if output in (f.metadata.get("affects") or ())
     }
 
@@ -824,9 +851,12 @@ def flag_name(f: dataclasses.Field) -> str:
 
 
 def _sections(cls=RunConfig):
+    """(name, section class) of ``cls``'s sections; a RunConfig's plugin sections last."""
     hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
+    for f in _builtin_fields(cls):
         yield f.name, hints[f.name]
+    if cls is RunConfig:
+        yield from plugin_section_classes()
 
 
 def applies_to(section_cls, f: dataclasses.Field) -> tuple[str, ...] | None:
@@ -910,9 +940,10 @@ def build(args: argparse.Namespace | None = None, yaml_path: str | None = None, 
             values[name][key] = value
     for name, section in overrides.items():
         values[name].update(section)
-    sections = {}
-    for name, section_cls in _sections(cls):
-        sections[name] = _make(section_cls, values[name], name)
+    sections = {name: _make(section_cls, values[name], name) for name, section_cls in _sections(cls)}
+    if cls is RunConfig:
+        plugins = tuple((name, sections.pop(name)) for name, _ in plugin_section_classes())
+        return cls(**sections, plugin_sections=plugins).validate()
     return cls(**sections).validate()
 
 
