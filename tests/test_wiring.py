@@ -128,6 +128,50 @@ def test_models_take_no_engine_config():
     assert users == set()
 
 
+# --- engine/core names no stage and no model ----------------------------------------------------
+
+# What engine/core may take from models/: the shared types and the model reference (models/base.py).
+CORE_MAY_IMPORT = {"models.errors", "models.records", "models.base"}
+# config.py declares the built-in experts' options (their sections, by name); record.py is the
+# output's contract (the Sample's fields are the <key>.json's keys).
+CORE_NAMING_ALLOWED = {"engine.core.config", "engine.core.record"}
+
+
+def names_in_core(path: Path, names: set[str]) -> set[str]:
+    """The string constants of ``path`` that are one of ``names``, and the modules it imports from
+    engine.stages or from models/ beyond ``CORE_MAY_IMPORT``."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in names:
+            found.add(node.value)
+        modules = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+            [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level else []
+        found.update(m for m in modules if m.startswith("engine.stages") or
+                     (m.split(".")[0] == "models" and m not in CORE_MAY_IMPORT))
+    return found
+
+
+def stage_and_model_names() -> set[str]:
+    from engine.stages import STAGES
+
+    return {spec.name for spec in STAGES} | set(config.model_options())
+
+
+def test_engine_core_names_no_stage_and_no_model():
+    names = stage_and_model_names()
+    assert {"caption", "detect", "ocr", "owlv2", "ram_plus"} <= names
+    core = {name: path for name, path in module_files("engine/core").items() if name not in CORE_NAMING_ALLOWED}
+    assert len(core) > 10
+    assert {name: found for name, path in core.items() if (found := names_in_core(path, names))} == {}
+
+
+def test_the_core_check_sees_a_planted_name_and_import(tmp_path):
+    planted = tmp_path / "planted.py"
+    planted.write_text('from models.ocr import OcrModel\nfrom models.errors import ConfigError\n'
+                       'def f(stage):\n    from engine.stages import tag\n    return stage == "detect"\n')
+    assert names_in_core(planted, stage_and_model_names()) == {"models.ocr", "engine.stages", "detect"}
+
+
 # --- one decision: tiny or real ------------------------------------------------------------
 
 # what decides "tiny": building a model reference, building a tiny model, comparing with TINY

@@ -113,16 +113,17 @@ def register(expert: Any) -> StageSpec:
     plugin: it runs when ``--plugins`` or ``--stages`` names it. Returns its spec."""
     spec = as_spec(expert)
     _REGISTERED[spec.name] = spec
-    _forget()
+    refresh()
     return spec
 
 
 def unregister(name: str) -> None:
     _REGISTERED.pop(name, None)
-    _forget()
+    refresh()
 
 
-def _forget() -> None:
+def refresh() -> None:
+    """Find the plugins again (after an install into a running process: tests)."""
     plugin_specs.cache_clear()
     stage_specs.cache_clear()
 
