@@ -395,3 +395,8 @@ class PaddleOcrBackend:
 
 
 _BACKENDS = {"batched": BatchedPpOcr, "rapidocr": RapidOcrBackend, "paddleocr": PaddleOcrBackend}
+
+
+def backend_names() -> tuple[str, ...]:
+    """The OCR backends, by name (the config's choices)."""
+    return tuple(_BACKENDS)

@@ -18,8 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from engine.evidence.boxes import LABEL_SYNONYMS
+from engine.evidence.qc import QC_RULES, QC_SCAFFOLDING
 from engine.io.remote import is_url
+from models.caption.registry import backend_names as caption_backend_names
 from models.errors import ConfigError
+from models.ocr import backend_names as ocr_backend_names
 
 
 def option(default: Any, help: str, *, choices: tuple | None = None, flag: str | None = None,
@@ -119,7 +123,7 @@ class DecodeConfig:
 # --- pass 2: OCR expert, fusion prompt, caption engine ---------------------------------
 
 PROMPT_TEMPLATES = ("caption_engine", "gpt4v")  # engine/evidence/prompt.py holds their text
-OCR_BACKENDS = ("batched", "rapidocr", "paddleocr")  # models/ocr.py
+OCR_BACKENDS = ocr_backend_names()
 
 
 @dataclass(frozen=True)
@@ -199,8 +203,7 @@ class OcrConfig:
 # transformers decoding (models/caption/transformers_backend.py's DECODE_MODES): KV cache grown
 # every step, preallocated, or preallocated with a torch.compile'd decoding step
 CAPTION_DECODE_MODES = ("dynamic", "static", "compiled")
-# models/caption/registry.py's backends (a test keeps the two lists equal)
-CAPTION_BACKENDS = ("auto", "openai", "sglang", "transformers")
+CAPTION_BACKENDS = tuple(caption_backend_names())
 
 
 @dataclass(frozen=True)
@@ -481,9 +484,8 @@ class FusionConfig:
     quota_large: int = option(2, "boxes kept from the large bucket (plus what medium left over)", affects=("boxes",))
     max_boxes: int = option(10, "at most this many boxes per image", affects=("boxes",))
     label_synonyms: tuple[str, ...] = option(
-        ("person=man,woman,boy,girl,child,people", "car=automobile", "cell phone=mobile phone,phone",
-         "tv=television", "sofa=couch", "bicycle=bike", "motorcycle=motorbike", "airplane=aeroplane,plane"),
-        "label groups treated as one when merging: 'canonical=syn1,syn2'", affects=("boxes",), metavar="GROUP",
+        LABEL_SYNONYMS, "label groups treated as one when merging: 'canonical=syn1,syn2'", affects=("boxes",),
+        metavar="GROUP",
     )
 
     def validate(self) -> None:
@@ -501,30 +503,7 @@ class FusionConfig:
                 raise ConfigError(f"--label-synonyms entry {group!r} must read 'canonical=syn1,syn2'")
 
 
-# --- caption quality control (engine/evidence/qc.py applies the rules) ----------------------------
-
-
-QC_RULES = (
-    "empty",  # nothing but whitespace
-    "short",  # fewer words than a detailed caption can have
-    "token_limit",  # the engine stopped at max_new_tokens (finish_reason "length")
-    "unfinished",  # no sentence-final punctuation: cut off mid-sentence
-    "repeated_ngrams",  # a decoding loop: a large share of the word n-grams are repeats
-    "repeated_sentences",  # the same sentence written again and again
-    "scaffolding",  # the prompt's structure leaked: coordinates, [OCR], "external information"
-)
-
-# What the fusion prompt shows the engine and a caption must never echo. Coordinates are the
-# prompt's normalised boxes "[0.12, 0.34, ...]"; the bracketed headers and phrases are its
-# section names and instructions (paper appendix C.2).
-QC_SCAFFOLDING = (
-    r"\[\s*[01]?\.\d+\s*,\s*[01]?\.\d+",
-    r"\[\s*(?:ocr|world knowledge|detection box|external information|caption|image)\s*\]",
-    r"external information",
-    r"detection box",
-    r"bounding box",
-    r"world knowledge",
-)
+# --- caption quality control (engine/evidence/qc.py: its rules and patterns) ----------------------
 
 
 @dataclass(frozen=True)

@@ -13,12 +13,19 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
-from engine.core.config import FusionConfig
 from models.geometry import XYXY, clip_unit
 from models.records import Box
 
+if TYPE_CHECKING:  # the config's default synonyms come from here
+    from engine.core.config import FusionConfig
+
 SIZE_BUCKETS = ("small", "medium", "large")
+# Label groups the detectors' vocabularies spell differently (COCO/LVIS names, RAM++ tags):
+# merged as one label ('canonical=syn1,syn2'); --label-synonyms replaces them.
+LABEL_SYNONYMS = ("person=man,woman,boy,girl,child,people", "car=automobile", "cell phone=mobile phone,phone",
+                  "tv=television", "sofa=couch", "bicycle=bike", "motorcycle=motorbike", "airplane=aeroplane,plane")
 
 
 # --- coordinates ---------------------------------------------------------------------
