@@ -42,7 +42,8 @@ def _stage_list() -> str:
     specs = stage_specs().values()
     plugins = [spec.name for spec in specs if spec.plugin]
     return ", ".join(spec.name for spec in specs if not spec.plugin) \
-        + (f"\nexpert plugins (--plugins NAME; installed): {', '.join(plugins)}" if plugins else "")
+        + (f"\noptional experts (--experts NAME; in engine/experts/ or installed): {', '.join(plugins)}"
+           if plugins else "")
 
 
 class StrictParser(argparse.ArgumentParser):

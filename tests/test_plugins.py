@@ -63,7 +63,7 @@ class Brightness(Expert):
     @classmethod
     def memory(cls, cfg):
         return (Need("brightness", "luma net (plugin)", 1_000_000, 2_000_000, 64 << 20, "declared by the plugin",
-                     "--plugins without brightness"),)
+                     "--experts without brightness"),)
 
     def views(self):
         return (ImageView("brightness", 64),)
@@ -119,14 +119,18 @@ from models.errors import ConfigError
 """
 
 
+def expert_source() -> str:
+    """This module's expert as the text of a module of its own."""
+    return INSTALLED_HEADER + "\n\n".join(inspect.getsource(part) for part in (BrightnessOptions, brightness_lines, Brightness))
+
+
 @pytest.fixture
 def installed(tmp_path, monkeypatch):
     """The same expert as a package with a dist-info: what ``pip install`` leaves on sys.path."""
     site = tmp_path / "site"
     package = site / "densefusion_brightness"
     package.mkdir(parents=True)
-    source = "\n\n".join(inspect.getsource(part) for part in (BrightnessOptions, brightness_lines, Brightness))
-    (package / "__init__.py").write_text(INSTALLED_HEADER + source)
+    (package / "__init__.py").write_text(expert_source())
     info = site / "densefusion_brightness-0.1.dist-info"
     info.mkdir()
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: densefusion-brightness\nVersion: 0.1\n")
@@ -158,7 +162,7 @@ def cache_figures(tmp_path, out: str) -> dict[str, tuple[int, int]]:
 
 def check_end_to_end(tmp_path, shard, tiny_cache, capsys, built: list[str]) -> None:
     assert run(tmp_path, shard, tiny_cache, "paper") == 0  # the plugin installed but not asked for: the paper's run
-    assert run(tmp_path, shard, tiny_cache, "with", "--plugins", "brightness", "--brightness-levels", "3") == 0
+    assert run(tmp_path, shard, tiny_cache, "with", "--experts", "brightness", "--brightness-levels", "3") == 0
     assert "brightness x2 (cpu cpu)" in capsys.readouterr().err  # a replica per device
     assert built == ["cpu", "cpu"]
     paper, plugin = rows(tmp_path, "paper"), rows(tmp_path, "with")
@@ -170,15 +174,15 @@ def check_end_to_end(tmp_path, shard, tiny_cache, capsys, built: list[str]) -> N
         head, _, image = paper[key]["prompt"].rpartition("\n\n")
         assert plugin[key]["prompt"] == f"{head}\n\n[Brightness]:\n{plugin[key]['brightness']}\n\n{image}"
     assert cache_figures(tmp_path, "with")["brightness"] == (0, 3)
-    assert run(tmp_path, shard, tiny_cache, "again", "--plugins", "brightness", "--brightness-levels", "3") == 0
+    assert run(tmp_path, shard, tiny_cache, "again", "--experts", "brightness", "--brightness-levels", "3") == 0
     assert cache_figures(tmp_path, "again")["brightness"] == (3, 0)  # the expert cache, keyed on its options
     assert rows(tmp_path, "again")["mid"]["brightness"] == "level 2 of 3"
-    assert run(tmp_path, shard, tiny_cache, "other", "--plugins", "brightness", "--brightness-levels", "2") == 0
+    assert run(tmp_path, shard, tiny_cache, "other", "--experts", "brightness", "--brightness-levels", "2") == 0
     assert cache_figures(tmp_path, "other")["brightness"] == (0, 3)  # an option declared to affect it: a new key
     capsys.readouterr()
 
     assert densefusion_local.main(["plan", "--gpus", "2", "--gpu-memory-gb", "24", "--stages", "decode",
-                                   "--plugins", "brightness", "--out", str(tmp_path / "plan")]) == 0
+                                   "--experts", "brightness", "--out", str(tmp_path / "plan")]) == 0
     plan = capsys.readouterr().out
     assert "one replica of each of brightness per GPU" in plan
     assert plan.count("luma net (plugin)") == 2 and plan.count("nvJPEG / DALI") == 1  # on each GPU; decode on GPU 0
@@ -186,9 +190,9 @@ def check_end_to_end(tmp_path, shard, tiny_cache, capsys, built: list[str]) -> N
         densefusion_local.main(["run", "--help"])
     helped = capsys.readouterr().out
     assert "brightness expert (plugin):" in helped and "--brightness-levels N" in helped
-    assert "expert plugins (--plugins NAME; installed): brightness" in helped
+    assert "optional experts (--experts NAME; in engine/experts/ or installed): brightness" in helped
     assert densefusion_local.main(["run", "--shards", str(shard), "--out", str(tmp_path / "bad"),
-                                   "--plugins", "brightness", "--brightness-levels", "1"]) == 2
+                                   "--experts", "brightness", "--brightness-levels", "1"]) == 2
     assert "--brightness-levels must be >= 2" in capsys.readouterr().err
 
 
@@ -203,12 +207,32 @@ def test_an_installed_expert_is_found_through_the_entry_point(tmp_path, shard, t
     check_end_to_end(tmp_path, shard, tiny_cache, capsys, module.Brightness.built)
 
 
+def test_an_in_tree_expert_is_found_in_engine_experts(tmp_path, monkeypatch, capsys):
+    """A module in engine/experts/ (here one more folder of that package: nothing is written into the
+    source tree) is found without a table to edit."""
+    import engine.experts
+
+    (tmp_path / "brightness_in_tree.py").write_text(expert_source())
+    monkeypatch.setattr(engine.experts, "__path__", [*engine.experts.__path__, str(tmp_path)])
+    registry.refresh()
+    try:
+        assert [(spec.name, spec.build.__self__.__module__) for spec in registry.plugin_specs()] == \
+            [("brightness", "engine.experts.brightness_in_tree")]
+        with pytest.raises(SystemExit):
+            densefusion_local.main(["plan", "--help"])
+        assert "--brightness-levels N" in capsys.readouterr().out
+    finally:
+        monkeypatch.undo()
+        sys.modules.pop("engine.experts.brightness_in_tree", None)
+        registry.refresh()
+
+
 def test_without_plugins_no_plugin_option_or_section_exists(capsys):
     assert registry.plugin_specs() == ()
     with pytest.raises(SystemExit):
         densefusion_local.main(["run", "--help-all"])
     out = capsys.readouterr().out
-    assert "--brightness-levels" not in out and "expert plugins (--plugins NAME" not in out
+    assert "--brightness-levels" not in out and "optional experts (--experts NAME" not in out
 
 
 def test_a_stage_whose_input_no_stage_writes_is_refused_before_any_work(tmp_path, shard, capsys):
@@ -221,8 +245,8 @@ def test_a_stage_whose_input_no_stage_writes_is_refused_before_any_work(tmp_path
 
 def test_an_unknown_plugin_is_named_with_those_installed(tmp_path, shard, capsys, in_this_process):
     assert densefusion_local.main(["run", "--shards", str(shard), "--out", str(tmp_path / "out"),
-                                   "--plugins", "depth", "--no-progress"]) == 2
-    assert "unknown stage(s) ['depth']" in (err := capsys.readouterr().err) and "plugins: brightness" in err
+                                   "--experts", "depth", "--no-progress"]) == 2
+    assert "unknown stage(s) ['depth']" in (err := capsys.readouterr().err) and "optional experts (--experts): brightness" in err
 
 
 def test_a_plugin_may_not_take_a_built_in_stage_name():

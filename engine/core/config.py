@@ -357,9 +357,10 @@ class RuntimeConfig:
         metavar="BYTES",
     )
     progress: bool = option(True, "show a live progress bar", commands=(RUN, CURATE, DEMO, META))
-    plugins: tuple[str, ...] = option(
-        (), "expert plugins to run besides the stages: installed ones (entry-point group densefusion.experts; "
-        "their options are listed below, each in its own group); --stages may name them too",
+    experts: tuple[str, ...] = option(
+        (), "experts to run besides the paper's stages: in-tree ones (engine/experts/) and installed plugins "
+        "(entry-point group densefusion.experts); their options follow, a group each; --help ends with their "
+        "names; --stages may name them too",
         commands=(RUN, DEMO, META, PLAN), basic=True, metavar="EXPERT",
     )
 
@@ -789,7 +790,7 @@ def _builtin_fields(cls) -> list[dataclasses.Field]:
 
 
 def plugin_section_classes() -> list[tuple[str, type]]:
-    """(name, section class) of the expert plugins that own a config section."""
+    """(name, section class) of the optional experts (in-tree and plugins) that own a config section."""
     from engine.core.registry import plugin_specs
 
     return [spec.options for spec in plugin_specs() if spec.options is not None]

@@ -4,7 +4,7 @@ dataset writer as its sink.
 
 The stages are the registry's (engine/core/registry.py: the built-in table, then plugins), in its
 order, except that a stage moves after every selected stage that writes what it reads or uses;
-``--stages`` picks a subset, ``--plugins`` adds plugins. A stage declared ``always`` runs
+``--stages`` picks a subset, ``--experts`` adds optional experts (in-tree or plugins). A stage declared ``always`` runs
 whatever ``--stages`` says; what a selected stage ``reads`` must be written by a stage before it
 (else a configuration error before any work). The decoder is built last, from the views that the
 selected stages after it declare. Stages declared ``replicate`` are built once per replica
@@ -46,12 +46,13 @@ def selected_stages(cfg: RunConfig, provided: tuple[str, ...] = (), *, check: bo
     """The stages of this run in order, checked: every name known, every read written before.
     ``provided``: what the samples carry when they arrive (a source of prepared samples)."""
     specs = stage_specs()
-    named = set(cfg.runtime.stages) | set(cfg.runtime.plugins)
+    named = set(cfg.runtime.stages) | set(cfg.runtime.experts)
     unknown = named - set(specs)
     if unknown:
         plugins = [name for name, spec in specs.items() if spec.plugin]
         raise ConfigError(f"unknown stage(s) {sorted(unknown)}; stages are: {', '.join(n for n in specs if n not in plugins)}"
-                          + (f"; plugins: {', '.join(plugins)}" if plugins else " (no expert plugin is installed)"))
+                          + (f"; optional experts (--experts): {', '.join(plugins)}" if plugins else
+                             " (no optional expert: none in engine/experts/, no plugin installed)"))
     wanted = [spec for spec in specs.values()
               if spec.always or spec.name in named or (not cfg.runtime.stages and not spec.plugin)]
     ordered = in_order(wanted)

@@ -9,10 +9,12 @@ An evidence kind (:class:`Evidence`) is declared once: its parquet type, how it 
 (the output's ``<key>.json``, the expert cache) and, for a plugin's kind, its section of the
 fusion prompt. The writer, the expert cache and the prompt read the declarations.
 
-Where they are found, in pipeline order: the built-in stages (``engine.stages.STAGES``) and
-evidence (``engine.evidence.kinds.KINDS``); experts installed as plugins, through the entry-point
-group ``densefusion.experts`` (each entry an :class:`engine.stages.expert.Expert` subclass or a
-``StageSpec``); and experts registered in this process (:func:`register`).
+Where they are found, in pipeline order: the paper's stages (``engine.stages.STAGES``) and
+evidence (``engine.evidence.kinds.KINDS``); then the optional experts, which run only when
+``--experts`` names them (the paper's prompt stays word for word without them): in-tree ones (every
+:class:`engine.stages.expert.Expert` subclass of a module in ``engine/experts/``), plugins installed
+under the entry-point group ``densefusion.experts`` (each entry an ``Expert`` subclass or a
+``StageSpec``), and experts registered in this process (:func:`register`).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ RunConfig = Need = Any
 ENTRY_POINT_GROUP = "densefusion.experts"
 BUILTIN_STAGES = "engine.stages"  # its STAGES: the built-in stage specs, in pipeline order
 BUILTIN_EVIDENCE = "engine.evidence.kinds"  # its KINDS: the paper's evidence kinds
+IN_TREE_EXPERTS = "engine.experts"  # its modules' Expert subclasses: optional experts in this repository
 
 
 def _identity(value: Any) -> Any:
@@ -77,8 +80,8 @@ class StageSpec:
     ``RunConfig``'s). ``replicate``: one replica per replica device (model-backed);
     ``memory``: each replica's memory needs for ``plan`` and the node's budget.
     ``decoder``: built last, from the views of the stages after it. ``always``: runs whatever
-    ``--stages`` says. ``plugin``: not built in; runs only when ``--plugins`` or ``--stages``
-    names it. ``resolve``: settles the config before any stage is built (given the selected
+    ``--stages`` says. ``plugin``: optional (in-tree or a plugin); runs only when ``--experts`` or
+    ``--stages`` names it. ``resolve``: settles the config before any stage is built (given the selected
     stage names). ``rest``: takes what the replicated experts leave of each GPU: given the config
     and whether the plan is for this node, it returns a :class:`engine.core.placement.CaptionNeed`."""
 
@@ -109,8 +112,8 @@ _REGISTERED: dict[str, StageSpec] = {}
 
 
 def register(expert: Any) -> StageSpec:
-    """Add an expert to this process's stages (an ``Expert`` subclass or a ``StageSpec``), as a
-    plugin: it runs when ``--plugins`` or ``--stages`` names it. Returns its spec."""
+    """Add an expert to this process's stages (an ``Expert`` subclass or a ``StageSpec``), as an
+    optional one: it runs when ``--experts`` or ``--stages`` names it. Returns its spec."""
     spec = as_spec(expert)
     _REGISTERED[spec.name] = spec
     refresh()
@@ -123,7 +126,7 @@ def unregister(name: str) -> None:
 
 
 def refresh() -> None:
-    """Find the plugins again (after an install into a running process: tests)."""
+    """Find the optional experts again (after an install into a running process: tests)."""
     plugin_specs.cache_clear()
     stage_specs.cache_clear()
 
@@ -139,6 +142,19 @@ def _as_plugin(spec: StageSpec) -> StageSpec:
     from dataclasses import replace
 
     return replace(spec, plugin=True)
+
+
+def _in_tree() -> list[StageSpec]:
+    import inspect
+    import pkgutil
+
+    package = importlib.import_module(IN_TREE_EXPERTS)
+    found = []
+    for module_info in sorted(pkgutil.iter_modules(package.__path__), key=lambda m: m.name):
+        module = importlib.import_module(f"{IN_TREE_EXPERTS}.{module_info.name}")
+        found += [as_spec(cls) for _, cls in inspect.getmembers(module, inspect.isclass)
+                  if cls.__module__ == module.__name__ and hasattr(cls, "spec") and getattr(cls, "name", "")]
+    return found
 
 
 def _installed() -> list[StageSpec]:
@@ -158,9 +174,9 @@ def _installed() -> list[StageSpec]:
 
 @functools.lru_cache(maxsize=1)
 def plugin_specs() -> tuple[StageSpec, ...]:
-    """The installed, then the registered plugins (the config's sections come from these: the
-    built-in stages are not imported to find them)."""
-    return tuple({spec.name: spec for spec in [*_installed(), *_REGISTERED.values()]}.values())
+    """The optional experts: in-tree, installed, registered (the config's sections come from these:
+    the paper's stages are not imported to find them)."""
+    return tuple({spec.name: spec for spec in [*_in_tree(), *_installed(), *_REGISTERED.values()]}.values())
 
 
 @functools.lru_cache(maxsize=1)

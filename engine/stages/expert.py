@@ -1,7 +1,7 @@
 """An expert in one class: the stage and its declarations together (what a plugin subclasses).
 
     class Aesthetics(Expert):
-        name = "aesthetics"                        # the stage, its config section, its --plugins name
+        name = "aesthetics"                        # the stage, its config section, its --experts name
         options = AestheticsOptions                # a frozen dataclass of option(...) fields: flags, YAML, --help
         produces = (Evidence("aesthetics", pa.string(), prompt=PromptSection("Aesthetics", lines)),)
         replicate = True                           # one replica per replica device
@@ -11,7 +11,7 @@
 
 ``spec()`` turns the class into the ``StageSpec`` the pipeline reads (engine/core/registry.py);
 installed under the entry-point group ``densefusion.experts`` (or ``registry.register``-ed), it
-runs when ``--plugins`` names it. Nothing under engine/ or models/ changes for it.
+runs when ``--experts`` names it. Nothing under engine/ or models/ changes for it.
 """
 
 from __future__ import annotations
