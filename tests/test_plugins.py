@@ -56,9 +56,9 @@ class Brightness(Expert):
     replicate = True
     built: ClassVar[list[str]] = []  # the device of every replica built (a test's record)
 
-    def __init__(self, options, device):
-        super().__init__(options, device)
-        Brightness.built.append(device)
+    def __init__(self, options, runtime):
+        super().__init__(options, runtime)
+        Brightness.built.append(self.device)
 
     @classmethod
     def memory(cls, cfg):
@@ -257,3 +257,18 @@ def test_a_plugin_may_not_take_a_built_in_stage_name():
         registry.register(Detect)
         registry.stage_specs()
     registry.unregister("detect")
+
+
+def test_the_plugins_cache_key_follows_its_options_and_models_tiny(tmp_path, in_this_process):
+    from engine.core import config
+    from engine.io.expert_cache import output_fingerprint
+
+    def key(**sections) -> str:
+        return output_fingerprint(config.build(runtime={"out": str(tmp_path), **sections.pop("runtime", {})},
+                                               **sections), "brightness")
+
+    base = key()
+    assert key(brightness={"brightness_batch": 2}) == base  # declared affects=()
+    assert key(brightness={"brightness_levels": 3}) != base
+    assert key(runtime={"models": "tiny"}) != base  # --models tiny changes every expert's output
+    assert key(experts={"max_tags": 3}) == base  # another expert's option

@@ -51,6 +51,8 @@ def option(default: Any, help: str, *, choices: tuple | None = None, flag: str |
 # The CLI commands whose options come from these sections (densefusion_local.py): each section
 # says which of them it applies to (COMMANDS), an option may narrow that (option(commands=)).
 RUN, CURATE, DEMO, META, PLAN = "run", "curate", "demo", "meta", "plan"
+# option(affects=(EVERY_OUTPUT,)): the option changes every expert output, an optional expert's too
+EVERY_OUTPUT = "*"
 ALL_COMMANDS = (RUN, CURATE, DEMO, META, PLAN)
 
 
@@ -344,7 +346,7 @@ class RuntimeConfig:
         "--device); e.g. cuda:0 cuda:1, or cpu cpu (tests)", basic=True, metavar="DEVICE",
     )
     models: str = option(
-        "", "'tiny': random-weight tiny models for every model-backed stage (noise, for tests/demo)", affects=("tags", "boxes"),
+        "", "'tiny': random-weight tiny models for every model-backed stage (noise, for tests/demo)", affects=(EVERY_OUTPUT,),
         basic=True, metavar="tiny",
     )
     cache_dir: str = option(
@@ -819,7 +821,7 @@ def options_affecting(cfg: RunConfig, output: str) -> dict[str, Any]:
         f"{name}.{f.name}": getattr(section, f.name)
         for name, section in cfg.sections()
         for f in dataclasses.fields(section)
-        if output in (f.metadata.get("affects") or ())
+        if {output, EVERY_OUTPUT} & set(f.metadata.get("affects") or ())
     }
 
 

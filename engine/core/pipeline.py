@@ -13,8 +13,6 @@ device (``engine/core/placement.py``): the runtime feeds the replicas as they fr
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import sys
 from pathlib import Path
 
@@ -42,9 +40,8 @@ def resolved(cfg: RunConfig) -> RunConfig:
     return cfg
 
 
-def selected_stages(cfg: RunConfig, provided: tuple[str, ...] = (), *, check: bool = True) -> list[StageSpec]:
-    """The stages of this run in order, checked: every name known, every read written before.
-    ``provided``: what the samples carry when they arrive (a source of prepared samples)."""
+def selected_stages(cfg: RunConfig, *, check: bool = True) -> list[StageSpec]:
+    """The stages of this run in order, checked: every name known, every read written before."""
     specs = stage_specs()
     named = set(cfg.runtime.stages) | set(cfg.runtime.experts)
     unknown = named - set(specs)
@@ -57,7 +54,7 @@ def selected_stages(cfg: RunConfig, provided: tuple[str, ...] = (), *, check: bo
               if spec.always or spec.name in named or (not cfg.runtime.stages and not spec.plugin)]
     ordered = in_order(wanted)
     if check:
-        check_reads(ordered, provided)
+        check_reads(ordered)
     return ordered
 
 
@@ -76,8 +73,8 @@ def in_order(stages: list[StageSpec]) -> list[StageSpec]:
     return placed
 
 
-def check_reads(stages: list[StageSpec], provided: tuple[str, ...] = ()) -> None:
-    written, problems = set(provided), []
+def check_reads(stages: list[StageSpec]) -> None:
+    written, problems = set(), []
     for spec in stages:
         for name in spec.reads:
             if name not in written:
@@ -93,11 +90,11 @@ def selected_stage_names(cfg: RunConfig) -> list[str]:
     return [spec.name for spec in selected_stages(cfg)]
 
 
-def build_stages(cfg: RunConfig, provided: tuple[str, ...] = ()) -> list[Stage | list[Stage]]:
+def build_stages(cfg: RunConfig) -> list[Stage | list[Stage]]:
     """The selected stages in order; a replicated stage is a list of its replicas. Every stage's
     checks run (its models resolved: local, cached, or on a reachable hub) and their problems
     are reported together."""
-    specs = selected_stages(cfg, provided)
+    specs = selected_stages(cfg)
     devices = replica_devices(cfg)
     several = devices != [cfg.runtime.device]
     built: dict[str, Stage | list[Stage]] = {}
@@ -126,12 +123,12 @@ def describe_placement(stages: list[Stage | list[Stage]]) -> str:
         else f"{s.name} ({s.resources().device})" for s in stages)
 
 
-def placed_stages(cfg: RunConfig, provided: tuple[str, ...] = ()) -> list[Stage | list[Stage]]:
+def placed_stages(cfg: RunConfig) -> list[Stage | list[Stage]]:
     """The stages, once the node's memory plan says they fit (before any model loads); their
     placement and the plan go to stderr."""
-    plan = node_plan(cfg, tuple(spec.name for spec in selected_stages(cfg, provided)))
+    plan = node_plan(cfg, tuple(selected_stage_names(cfg)))
     check_fits(plan)
-    stages = build_stages(cfg, provided)
+    stages = build_stages(cfg)
     print(describe_placement(stages) + (f"\n{format_plan(plan)}" if plan else ""), file=sys.stderr, flush=True)
     return stages
 
@@ -149,10 +146,6 @@ def open_writer(cfg: RunConfig, root: Path) -> DatasetWriter:
 PASS2 = Pass("run", "", open_writer, placed_stages, ("shards", "rejects"), resolve=resolved)
 
 
-def run(cfg: RunConfig, *, source_paths: list[Path] | None = None, source: Source | None = None,
-        provided: tuple[str, ...] = ()) -> RunSummary:
-    """Pass 2 over ``--shards`` (or ``source_paths``), or over ``source``'s items (a curated selection).
-    ``provided``: what ``source``'s samples already carry (a caption, for a run of quality control alone)."""
-    spec = dataclasses.replace(PASS2, build_stages=functools.partial(placed_stages, provided=provided)) \
-        if provided else PASS2
-    return run_pass(cfg, spec, paths=source_paths, source=source)
+def run(cfg: RunConfig, *, source_paths: list[Path] | None = None, source: Source | None = None) -> RunSummary:
+    """Pass 2 over ``--shards`` (or ``source_paths``), or over ``source``'s items (a curated selection)."""
+    return run_pass(cfg, PASS2, paths=source_paths, source=source)

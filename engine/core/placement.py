@@ -21,7 +21,6 @@ import dataclasses
 import functools
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 from engine.core.config import RunConfig
 from engine.core.registry import StageSpec, stage_specs

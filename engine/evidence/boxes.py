@@ -15,7 +15,6 @@ from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from models.geometry import XYXY, clip_unit
 from models.records import Box
 
 if TYPE_CHECKING:  # the config's default synonyms come from here

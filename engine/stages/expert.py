@@ -7,7 +7,8 @@
         replicate = True                           # one replica per replica device
         cache = True                               # behind the expert cache, keyed on options with affects=
         def memory(cfg): ...                       # each replica's Need for `plan` and the node's budget
-        def __init__(self, options, device): ...   # then setup / process / teardown like any Stage
+        def __init__(self, options, runtime): ...  # resolve models here (checked before any work);
+                                                   # then setup / process / teardown like any Stage
 
 ``spec()`` turns the class into the ``StageSpec`` the pipeline reads (engine/core/registry.py);
 installed under the entry-point group ``densefusion.experts`` (or ``registry.register``-ed), it
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from engine.core.config import RunConfig
+from engine.core.config import RunConfig, RuntimeConfig
 from engine.core.placement import Need
 from engine.core.registry import Evidence, StageSpec
 from engine.core.stage import Stage
@@ -34,12 +35,14 @@ class Expert(Stage):
     replicate: ClassVar[bool] = True
     cache: ClassVar[bool] = True
 
-    def __init__(self, options, device: str):
-        self.options, self.device = options, device
+    def __init__(self, options, runtime: RuntimeConfig):
+        """``options``: its section (None without ``options``); ``runtime``: the run's (``device`` is
+        this replica's; ``models``, ``cache_dir`` for ``resolve_model``)."""
+        self.options, self.runtime, self.device = options, runtime, runtime.device
 
     @classmethod
     def build(cls, cfg: RunConfig) -> Stage:
-        stage = cls(cfg.section(cls.name) if cls.options else None, cfg.runtime.device)
+        stage = cls(cfg.section(cls.name) if cls.options else None, cfg.runtime)
         for kind in cls.produces if cls.cache else ():
             stage = cached(stage, cfg, kind.name)
         return stage
