@@ -1,6 +1,7 @@
 """An expert stage wrapped in the expert cache (engine/io/expert_cache.py): hits skip the expert.
 
-Not a stage of its own: the tag and detect factories wrap their stage with :func:`cached`.
+Not a stage of its own: the tag and detect factories, and ``Expert.build`` (engine/stages/expert.py),
+wrap their stage with :func:`cached`.
 Hits and misses reach ``metrics.json`` (the stage's entry) and the progress bar, so a run
 served from the cache says why its experts ran at thousands of images/s.
 """
