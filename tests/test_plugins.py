@@ -259,6 +259,18 @@ def test_a_plugin_may_not_take_a_built_in_stage_name():
     registry.unregister("detect")
 
 
+def test_a_plugins_evidence_may_not_overwrite_what_every_sample_carries():
+    class Overwriting(Brightness):
+        name = "overwriting"
+        produces = (Evidence("caption", pa.string()),)
+
+    with pytest.raises(ConfigError, match=r"evidence \['caption'\] would overwrite"):
+        registry.register(Overwriting)
+        registry.stage_specs()
+    registry.unregister("overwriting")
+    assert "overwriting" not in registry.stage_specs()
+
+
 def test_the_plugins_cache_key_follows_its_options_and_models_tiny(tmp_path, in_this_process):
     from engine.core import config
     from engine.io.expert_cache import output_fingerprint

@@ -184,11 +184,24 @@ def stage_specs() -> dict[str, StageSpec]:
     """name -> spec: the built-in stages in pipeline order, then the plugins. A plugin may not
     reuse a built-in stage's name."""
     specs = {spec.name: spec for spec in importlib.import_module(BUILTIN_STAGES).STAGES}
+    taken = reserved_names()
     for spec in plugin_specs():
         if spec.name in specs:
             raise ConfigError(f"expert plugin {spec.name!r}: a built-in stage has that name; rename the plugin")
+        clash = sorted({kind.name for kind in spec.evidence} & taken)
+        if clash:
+            raise ConfigError(f"expert plugin {spec.name!r}: evidence {clash} would overwrite what every sample "
+                              f"carries (its <key>.json keys); rename the kind")
         specs[spec.name] = spec
     return specs
+
+
+def reserved_names() -> set[str]:
+    """What an optional expert's evidence may not be called: a sample's fields and output keys."""
+    from engine.core.record import Sample, Source
+
+    sample = Sample("", Source("", "", ""))
+    return set(Sample.__dataclass_fields__) | set(sample.annotations())
 
 
 def evidence_kinds() -> dict[str, Evidence]:
