@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from engine.core import config as config_module
 from engine.core.console import format_summary
-from engine.core.errors import ConfigError
+from models.errors import ConfigError
 
 if TYPE_CHECKING:
     from engine.core.driver import Executor
@@ -43,9 +43,13 @@ MORE_OPTIONS = "\n"  # the short help's last line follows it (--help-all drops t
 
 
 def _stage_list() -> str:
-    from engine.core.pipeline import STAGES
+    from engine.core.registry import stage_specs
 
-    return ", ".join(STAGES)
+    specs = stage_specs().values()
+    plugins = [spec.name for spec in specs if spec.plugin]
+    return ", ".join(spec.name for spec in specs if not spec.plugin) \
+        + (f"\noptional experts (--experts NAME; in engine/experts/ or installed): {', '.join(plugins)}"
+           if plugins else "")
 
 
 class StrictParser(argparse.ArgumentParser):
@@ -210,9 +214,9 @@ def check_both_passes(cfg: config_module.RunConfig) -> None:
     """Pass 2's stages are built after pass 1 has run: their checks (models resolved) run before
     it too, with pass 1's, so a missing model fails the run before any work, with every problem."""
     from engine.core import driver, pipeline
-    from engine.core.errors import Problems
     from engine.curate.pass1 import curate_stages
     from engine.io.readers import expand_shards
+    from models.errors import Problems
 
     expand_shards(cfg.input.shards)  # the inputs' problems first, before any (tiny) model is built
     problems = Problems()

@@ -27,7 +27,7 @@ from engine.cluster.faults import ENV as FAULTS_ENV
 from engine.cluster.faults import parse as parse_faults
 from engine.core.config import ClusterConfig, RunConfig
 from engine.core.driver import Pass, Reader
-from engine.core.errors import ConfigError
+from models.errors import ConfigError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 

@@ -25,7 +25,6 @@ from typing import Any, Protocol
 
 from engine.core.config import RunConfig
 from engine.core.console import ProgressBar
-from engine.core.errors import ConfigError
 from engine.core.figures import MetricsFile, OutputTotals, RunSummary, shard_problems
 from engine.core.record import Sample, ShardEnd
 from engine.core.runtime import Item, Pipeline, StopOnSignals
@@ -36,6 +35,7 @@ from engine.io.readers import expand_shards, expected_samples, shard_items, shar
 from engine.ops import events, prometheus
 from engine.ops.watch import RunWatch
 from models.base import resolve_device
+from models.errors import ConfigError
 
 Source = Callable[[set[str]], Iterator[Sample | ShardEnd]]  # finished shard names → items
 ShardItems = Callable[[Path], Iterator[Item]]  # one shard's items, its ShardEnd last

@@ -22,7 +22,6 @@ import numpy as np
 
 from engine.core.config import RunConfig
 from engine.core.driver import Executor, Pass, run_pass
-from engine.core.errors import ConfigError
 from engine.core.figures import RunSummary
 from engine.core.stage import Stage
 from engine.curate.kmeans import Clustering, assign, default_k, fit_centroids
@@ -32,6 +31,7 @@ from engine.io.manifest import write_json_atomic, write_parquet_atomic
 from engine.stages import decode, embed, probe
 from engine.stages.embed import EMBED_VIEW, embedder_model
 from engine.stages.probe import ResolutionFilter
+from models.errors import ConfigError
 
 CURATE_DIR = "curate"
 

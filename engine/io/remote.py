@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO
 
-from engine.core.errors import ConfigError
+from models.errors import ConfigError
 
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 BLOCK_BYTES = 8 << 20  # one ranged request: few requests per shard, one block of memory per open shard
