@@ -201,6 +201,7 @@ def command_plan(args: argparse.Namespace) -> int:
 
 def command_curate(args: argparse.Namespace) -> int:
     cfg = config_module.build(args, args.config)
+    config_module.check_curate_output(cfg.runtime.out)
     if cfg.cluster.ray:
         return on_ray(cfg, curate=True, caption=False)
     return 0 if curate(cfg) else 130

@@ -9,7 +9,6 @@ per-image work leased to actors (engine/cluster/driver.py).
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from engine.cluster.driver import ClusterResult, lease_shards
@@ -17,6 +16,7 @@ from engine.core.config import RunConfig
 from engine.core.driver import Pass
 from engine.core.errors import ConfigError
 from engine.core.figures import MetricsFile, OutputTotals, RunSummary
+from engine.io.object_output import output_root
 from engine.io.readers import expand_shards, expected_samples, shard_name
 from engine.ops import events, prometheus
 from engine.ops.cluster_watch import ClusterWatch
@@ -35,8 +35,7 @@ def run_pass_on_ray(cfg: RunConfig, spec: Pass, kind: str) -> tuple[RunSummary, 
     for path in paths:
         expected_samples(path)  # refuses what is no shard
     spec.build_stages(checked)  # their checks (models found, options); models load on the actors
-    root = Path(cfg.runtime.out) / spec.folder
-    root.mkdir(parents=True, exist_ok=True)
+    root = output_root(cfg.runtime.out, spec.folder)
     sink = spec.open_sink(checked, root)
     sink.settle([shard_name(p) for p in paths])
     skipped = [shard_name(p) for p in paths if shard_name(p) in sink.finished]

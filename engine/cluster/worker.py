@@ -23,6 +23,7 @@ from engine.cluster.faults import STALL_S, faults_for
 from engine.core.config import RunConfig, RuntimeConfig
 from engine.core.record import Sample, ShardEnd
 from engine.core.runtime import Item, Pipeline
+from engine.io.object_output import output_root
 from engine.io.readers import shard_name
 from engine.io.remote import as_shard
 
@@ -123,7 +124,7 @@ def build_worker(cfg: RunConfig, kind: str) -> ShardWorker:
     if kind not in PASSES:
         raise ValueError(f"unknown pass {kind!r}; passes are {PASSES}")
     cfg = resolved(replace(cfg, runtime=replace(cfg.runtime, progress=False)))
-    out = Path(cfg.runtime.out)
+    out = output_root(cfg.runtime.out)
     if kind == "curate":
         from engine.curate.pass1 import PASS1, curate_dir
         from engine.curate.store import EmbeddingStore

@@ -25,6 +25,7 @@ from engine.core.runtime import Item, Pipeline, StopOnSignals
 from engine.core.sink import Sink
 from engine.core.stage import Stage
 from engine.core.subset import take_subset
+from engine.io.object_output import output_root
 from engine.io.readers import expand_shards, expected_samples, shard_items, shard_name
 from engine.ops import events, prometheus
 from engine.ops.watch import RunWatch
@@ -71,8 +72,7 @@ def run_pass(cfg: RunConfig, spec: Pass, *, paths: list[Path] | None = None,
         raise ConfigError("no input shards: pass --shards (tar, parquet or image folders)")
     expected = [expected_samples(path) for path in paths]  # also refuses what is no shard
     stages = spec.build_stages(cfg)  # their checks, every model resolved at once; models load later, in setup()
-    root = Path(cfg.runtime.out) / spec.folder
-    root.mkdir(parents=True, exist_ok=True)
+    root = output_root(cfg.runtime.out, spec.folder)
     sink = spec.open_sink(cfg, root)
     sink.settle([shard_name(p) for p in paths])
     skipped = [shard_name(p) for p in paths if shard_name(p) in sink.finished]

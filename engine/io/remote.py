@@ -54,14 +54,14 @@ def as_shard(text: str) -> Shard:
     return RemoteShard(text) if is_url(text) else Path(text)
 
 
-def filesystem(url: str, timeout_s: float = 60.0) -> tuple[Any, str]:
+def filesystem(url: str, timeout_s: float = 60.0, flag: str = "--shards", **options: Any) -> tuple[Any, str]:
     """fsspec's filesystem for ``url`` and the path in it; a read that waits ``timeout_s`` for data
     fails (and is retried) instead of hanging the run. Credentials and endpoints come from the
-    store's usual configuration (for S3: ``AWS_*`` variables, ``~/.aws``, ``AWS_ENDPOINT_URL``)."""
+    store's usual configuration (for S3: ``AWS_*`` variables, ``~/.aws``, ``AWS_ENDPOINT_URL``).
+    ``options`` go to the filesystem (an output's: no listings cache)."""
     import fsspec
 
     protocol = url.split("://", 1)[0].lower()
-    options: dict[str, Any] = {}
     if protocol in ("http", "https"):
         import aiohttp
 
@@ -72,7 +72,7 @@ def filesystem(url: str, timeout_s: float = 60.0) -> tuple[Any, str]:
     try:
         return fsspec.core.url_to_fs(url, **options)
     except (ImportError, ValueError) as exc:
-        raise ConfigError(f"--shards {url}: no filesystem for {protocol}:// ({exc}); "
+        raise ConfigError(f"{flag} {url}: no filesystem for {protocol}:// ({exc}); "
                           f"install densefusion[cloud] (s3fs) or the fsspec package for that store") from exc
 
 
