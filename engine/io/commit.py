@@ -209,7 +209,8 @@ class ShardMarkers:
         publish_bytes(json.dumps(marker, indent=2, ensure_ascii=False).encode(), self.path(shard))
         return self.read(shard)
 
-    def complete(self, shard: str, files: list[OutPath], info_file: OutPath, counts: dict[str, int]) -> dict[str, Any] | None:
+    def complete(self, shard: str, files: list[OutPath], info_file: OutPath,
+                 counts: dict[str, int]) -> dict[str, Any] | None:
         """The marker of a shard whose files were all published by a writer that died before
         its marker: written from those files (nothing is redone). None when a file is missing."""
         if not all(path.exists() for path in files):
