@@ -437,6 +437,16 @@ def test_s3_in_and_out_passes_the_output_contract_and_equals_a_local_run(ten_sha
     assert "all 10 input shards are already committed" in capsys.readouterr().out
     assert objects(out, but=("metrics.json",)) == {k: v for k, v in stored.items() if k != "metrics.json"}
 
+    assert densefusion_local.main(["stats", out]) == 2  # the output tools read a folder: copied down, they do
+    assert f"copy it down first (aws s3 sync {out} DIR)" in capsys.readouterr().err
+    import s3fs
+
+    copy = tmp_path / "copy"
+    s3fs.S3FileSystem().get(out.removeprefix("s3://") + "/", str(copy), recursive=True)
+    assert read_manifest(copy) == read_manifest(root)  # the manifest's segments, read from a folder
+    assert densefusion_local.main(["stats", str(copy), "--json"]) == 0
+    assert json.loads((copy / "stats.json").read_text())["table1"]["samples"] == 20
+
 
 def test_s3_output_killed_then_resumed_equals_a_clean_run(s3, tmp_path):
     shards = make_shards(tmp_path / "in")
@@ -507,6 +517,17 @@ def test_s3_output_of_hostile_shards_equals_the_local_output(s3, tmp_path):
                 read_manifest(folder).items()}
     assert damage(root) == damage(local)
     assert any(errors for _, _, errors, _ in damage(root).values())
+
+
+def test_two_drivers_never_write_one_manifest_segment(s3, tmp_path, monkeypatch):
+    monkeypatch.setattr(manifest_module, "SEGMENT_LINES", 2)
+    root = ObjectPath(out_url(tmp_path))
+    first, late = Manifest(root), Manifest(root)
+    first.record({"a": {"written": 1}})
+    late.record({"b": {"written": 2}})  # segment 0 is taken: its create fails, it writes segment 1
+    first.record({"c": {"written": 3}, "d": {"written": 4}})  # fills segment 0, then opens segment 2
+    assert sorted(objects(root.url)) == [f"manifest/{n:08d}.jsonl" for n in range(3)]
+    assert list(Manifest(root).entries()) == [(s, {"written": n}) for s, n in (("a", 1), ("c", 3), ("b", 2), ("d", 4))]
 
 
 def test_output_stores_that_cannot_hold_exactly_once_fail_before_any_work(s3, shard_dir, tmp_path, capsys,

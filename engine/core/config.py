@@ -390,11 +390,15 @@ def check_output_store(out: str) -> None:
         raise ConfigError(f"--out {out}: {reason}")
 
 
-def check_curate_output(out: str) -> None:
-    """Curation keeps its embedding store (zarr, appended chunk by chunk) in a folder."""
+def check_folder_output(out: str, what: str) -> None:
+    """Commands whose output needs a folder (curation's zarr store, appended chunk by chunk; meta's
+    and demo's files beside the dataset) refuse an ``--out`` on object storage."""
     if is_url(out):
-        raise ConfigError(f"--out {out}: curation (curate, run --curate) keeps its embedding store in a folder; "
-                          f"pass a local or shared folder (run without --curate writes to object storage)")
+        raise ConfigError(f"--out {out}: {what} in a folder; pass a local or shared folder "
+                          f"(run without --curate writes to object storage)")
+
+
+CURATION_NEEDS_A_FOLDER = "curation (curate, run --curate) keeps its embedding store"
 
 
 def check_output_folder(out: Path, flag: str = "--out") -> Path:
@@ -805,7 +809,7 @@ class RunConfig:
         for section in dataclasses.fields(self):
             getattr(self, section.name).validate()
         if self.curate.curate:
-            check_curate_output(self.runtime.out)
+            check_folder_output(self.runtime.out, CURATION_NEEDS_A_FOLDER)
         for section, f in model_options().values():  # before any pass starts (pass 2 builds after pass 1)
             check_tiny_swap(f, getattr(getattr(self, section), f.name), self.runtime.models)
         return self

@@ -110,7 +110,8 @@ def _encoded(lines: list[dict[str, Any]]) -> list[bytes]:
 
 
 class LineFile:
-    """The manifest on a filesystem: ``manifest.jsonl``, appended."""
+    """The manifest on a filesystem: ``manifest.jsonl``, appended (an output copied down from
+    object storage has segments instead: read, and converted at the first append)."""
 
     def __init__(self, folder: Path):
         self.path = folder / MANIFEST
@@ -118,6 +119,8 @@ class LineFile:
 
     def lines(self) -> Iterator[dict[str, Any]]:
         if not self.path.exists():
+            for segment in self._segments():  # an output copied down from object storage
+                yield from (json.loads(line) for line in segment.read_text(encoding="utf-8").splitlines() if line)
             if self.legacy.exists():
                 data = json.loads(self.legacy.read_text(encoding="utf-8"))
                 shards = data.pop("shards", {})
@@ -144,14 +147,19 @@ class LineFile:
             os.fsync(handle.fileno())
 
     def _start(self) -> None:
-        """A new manifest, holding an older output's ``manifest.json`` if there is one."""
+        """A new manifest, holding an older output's ``manifest.json`` or segments if there are."""
         tmp = self.path.with_name(self.path.name + ".tmp")
         with open(tmp, "wb") as handle:
             handle.write(b"".join(_encoded(list(self.lines()))))
             os.fsync(handle.fileno())
         os.replace(tmp, self.path)
         self.legacy.unlink(missing_ok=True)
+        for segment in self._segments():
+            segment.unlink()
         fsync_dir(self.path.parent)
+
+    def _segments(self) -> list[Path]:
+        return sorted((self.path.parent / SEGMENTS).glob("*.jsonl"))
 
     @staticmethod
     def _last_newline(handle, end: int) -> int:
