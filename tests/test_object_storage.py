@@ -557,3 +557,15 @@ def test_output_stores_that_cannot_hold_exactly_once_fail_before_any_work(s3, sh
     assert "does not refuse a second create of one key" in capsys.readouterr().err
     assert objects(out_url(tmp_path)) == {}  # the probe was removed; nothing else was written
     assert os.listdir(tmp_path) == []
+
+
+def test_the_caption_api_journal_of_an_output_on_object_storage_is_kept_under_the_cache_dir(tmp_path):
+    from engine.core.config import ApiConfig, CaptionConfig, SglangConfig
+    from engine.stages.caption import backend_settings
+
+    def journal(out: str) -> Path:
+        return Path(backend_settings("openai", CaptionConfig(), ApiConfig(), SglangConfig(), out, str(tmp_path)).journal)
+
+    assert journal("s3://bucket/run").is_relative_to(tmp_path / "object-outputs")
+    assert journal("s3://bucket/run").parent != journal("s3://other/run").parent  # one journal per output
+    assert journal(str(tmp_path / "out")).is_relative_to(tmp_path / "out")

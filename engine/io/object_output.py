@@ -153,6 +153,15 @@ def as_output(text: str) -> OutPath:
     return ObjectPath(text.rstrip("/")) if is_url(text) else Path(text)
 
 
+def local_companion(out: str, cache_dir: str) -> Path:
+    """Where a run keeps a local file of its output (the caption API's journal): the output
+    folder, or for an output on object storage a folder under ``cache_dir`` named after it."""
+    if not is_url(out):
+        return Path(out)
+    digest = hashlib.sha256(out.rstrip("/").encode()).hexdigest()[:16]
+    return Path(cache_dir) / "object-outputs" / f"{ObjectPath(out.rstrip('/')).name}-{digest}"
+
+
 def staging_folder(folder: ObjectPath) -> Path:
     """The local folder of the temporaries of objects being written into ``folder`` (one per
     output folder, so a run's start finds its killed predecessors' temporaries)."""
