@@ -497,6 +497,26 @@ def test_a_late_writer_on_s3_changes_nothing(s3, tmp_path):
     assert not late.exists() and objects(root.url, but=("manifest",)) == before
 
 
+def test_a_multipart_upload_is_a_conditional_create_too(s3, tmp_path, monkeypatch):
+    """Above s3fs's part size a publish is a multipart upload; its completion carries the
+    condition, and a refused one is aborted (no parts left stored)."""
+    import s3fs
+
+    monkeypatch.setattr(s3fs.core, "calculate_chunksize", lambda size, chunksize=None: 5 << 20)
+    final = ObjectPath(out_url(tmp_path)) / "shards" / "big.tar"
+    first, second = temp_path(final), temp_path(final)
+    first.write_bytes(os.urandom(11 << 20))
+    second.write_bytes(os.urandom(11 << 20))
+    digest = hashlib.sha256(first.read_bytes()).hexdigest()
+    assert publish(first, final) == digest
+    assert publish(second, final) == digest  # refused: the hash of what stands
+    assert hashlib.sha256(final.read_bytes()).hexdigest() == digest
+    fs = s3fs.S3FileSystem()
+    assert fs.info(str(final))["ETag"].strip('"').endswith("-3")  # three parts: it was a multipart upload
+    assert not fs.call_s3("list_multipart_uploads", Bucket=OUT_BUCKET).get("Uploads")
+    assert not first.exists() and not second.exists()
+
+
 def test_s3_output_of_hostile_shards_equals_the_local_output(s3, tmp_path):
     import s3fs
 

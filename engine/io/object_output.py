@@ -6,7 +6,7 @@ S3 when PutObject or CompleteMultipartUpload carries ``If-None-Match: *``, GCS w
 carries ``ifGenerationMatch=0``; a second create of the key fails with 412 PreconditionFailed and
 the first object stays. fsspec's ``mode="create"`` sends whichever its store takes (s3fs, gcsfs)
 and turns the 412 into ``FileExistsError``. That is engine/io/commit.py's no-replace publish:
-a shard's files are written to local temporaries (:func:`staging_path`), each uploaded with a
+a shard's files are written to local temporaries (:func:`staging_folder`), each uploaded with a
 conditional create, then the done marker is created the same way. A frozen or late writer's
 creates fail and change nothing. Creates are atomic (an object is whole or absent) and S3 and GCS
 list what was created at once (strong read-after-write and list-after-write consistency), so a
@@ -66,10 +66,6 @@ class ObjectPath:
     def exists(self) -> bool:
         fs, path = self._fs()
         return fs.exists(path)
-
-    def is_dir(self) -> bool:
-        fs, path = self._fs()
-        return fs.isdir(path)
 
     def names(self) -> set[str]:
         """The names in this folder (one listing: a request per 1,000 names)."""
@@ -146,11 +142,6 @@ def output_root(out: str, folder: str = "") -> OutPath:
     root = Path(out) / folder
     root.mkdir(parents=True, exist_ok=True)
     return root
-
-
-def as_output(text: str) -> OutPath:
-    """An output given on the command line (stats, report, export): a URL or a local path."""
-    return ObjectPath(text.rstrip("/")) if is_url(text) else Path(text)
 
 
 def local_companion(out: str, cache_dir: str) -> Path:
