@@ -26,7 +26,9 @@ from conftest import encode, jpeg, sample_members, write_tar
 from contract import check_output_contract, output_rows
 from PIL import Image
 from tar_corpus import END, Archive, gz, header, member, pad
+from test_bad_inputs import GOOD as GOOD_IMAGES
 from test_commit import shard_samples, write_shard
+from test_decode import bomb_png
 from test_resume import ROOT, command, contents, held_back, make_shards, run_and_kill
 
 import densefusion_local
@@ -517,15 +519,30 @@ def test_a_multipart_upload_is_a_conditional_create_too(s3, tmp_path, monkeypatc
     assert not first.exists() and not second.exists()
 
 
+def bad_images_tar(folder: Path) -> bytes:
+    """tests/test_bad_inputs.py's images: good ones in every odd mode beside broken and hostile ones."""
+    members = []
+    for key, data in GOOD_IMAGES.items():
+        members += sample_members(key, data, ext="png" if data[:4] == b"\x89PNG" else "jpg")
+    truncated = jpeg(800, 600, quality=95)
+    members += sample_members("bad-zero", b"") + sample_members("bad-truncated", truncated[: len(truncated) // 2])
+    members += sample_members("bad-html", b"<!doctype html><p>404</p>")
+    members += sample_members("bad-bomb", bomb_png(60_000, 60_000), ext="png")
+    members += [("../escape.jpg", jpeg(600, 600)), ("good-hugealt.jpg", jpeg(600, 600)),
+                ("good-hugealt.txt", b"\xff\xfe" + b"word " * 200_000), ("good-hugealt.json", b"{not json")]
+    return write_tar(folder / "bad-images.tar", members).read_bytes()
+
+
 def test_s3_output_of_hostile_shards_equals_the_local_output(s3, tmp_path):
     import s3fs
 
     fs = s3fs.S3FileSystem()
-    for name, data in hostile_tars().items():
+    shards = {**hostile_tars(), "bad-images.tar": bad_images_tar(tmp_path)}
+    for name, data in shards.items():
         (tmp_path / name).write_bytes(data)
         fs.pipe_file(f"shards-bucket/hostile-run/{name}", data)
     local = tmp_path / "local"
-    assert run([str(tmp_path / name) for name in hostile_tars()], local) == 0
+    assert run([str(tmp_path / name) for name in shards], local) == 0
     out = out_url(tmp_path)
     assert run(["s3://shards-bucket/hostile-run/*.tar*"], out) == 0
 
@@ -537,6 +554,8 @@ def test_s3_output_of_hostile_shards_equals_the_local_output(s3, tmp_path):
                 read_manifest(folder).items()}
     assert damage(root) == damage(local)
     assert any(errors for _, _, errors, _ in damage(root).values())
+    written, rejected = output_rows(root, "bad-images")
+    assert {r["key"] for r in written} == set(GOOD_IMAGES) | {"good-hugealt"} and len(rejected) == 5
 
 
 def test_two_drivers_never_write_one_manifest_segment(s3, tmp_path, monkeypatch):
