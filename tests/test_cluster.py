@@ -254,6 +254,8 @@ def test_killed_and_frozen_workers_on_an_s3_output_keep_exactly_once(cluster, sh
         assert done["shard-02"]["attempt"] == 2 and done["shard-01"]["attempt"] == 1
         assert published(out, "shard-00") == first
         assert contents(out, shards) == single_node
+    for folder in ("shards", "rejects", "markers"):  # this run's local staging folders (on this machine)
+        shutil.rmtree(staging_folder(out / folder, make=False), ignore_errors=True)
 
 
 def test_curation_embeds_on_the_actors_selects_once_and_captions_the_selection(cluster, tmp_path, tiny_cache):

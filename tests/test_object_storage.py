@@ -10,6 +10,7 @@ import json
 import os
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -295,14 +296,24 @@ def s3_server() -> Iterator[Any]:
 
 
 @pytest.fixture(scope="module")
-def s3(shard_dir):
-    with s3_server() as fs:
-        fs.mkdir("shards-bucket")
-        fs.mkdir(OUT_BUCKET)
-        for name in [f"{s}.tar" for s in SHARDS] + ["table.parquet"]:
-            fs.put_file(str(shard_dir / name), f"shards-bucket/laion/{name}")
-        fs.pipe_file("shards-bucket/laion/notes.txt", b"not a shard")
-        yield "s3://shards-bucket/laion"
+def s3(shard_dir, tmp_path_factory):
+    staging = tmp_path_factory.mktemp("tmpdir")  # the local temporaries of S3 outputs, here and in subprocesses
+    saved = os.environ.get("TMPDIR"), tempfile.tempdir
+    os.environ["TMPDIR"], tempfile.tempdir = str(staging), str(staging)
+    try:
+        with s3_server() as fs:
+            fs.mkdir("shards-bucket")
+            fs.mkdir(OUT_BUCKET)
+            for name in [f"{s}.tar" for s in SHARDS] + ["table.parquet"]:
+                fs.put_file(str(shard_dir / name), f"shards-bucket/laion/{name}")
+            fs.pipe_file("shards-bucket/laion/notes.txt", b"not a shard")
+            yield "s3://shards-bucket/laion"
+    finally:
+        tempfile.tempdir = saved[1]
+        if saved[0] is None:
+            os.environ.pop("TMPDIR")
+        else:
+            os.environ["TMPDIR"] = saved[0]
 
 
 def test_s3_braces_and_globs_equal_local(s3, shard_dir, local_out, tmp_path):

@@ -153,12 +153,13 @@ def local_companion(out: str, cache_dir: str) -> Path:
     return Path(cache_dir) / "object-outputs" / f"{ObjectPath(out.rstrip('/')).name}-{digest}"
 
 
-def staging_folder(folder: ObjectPath) -> Path:
+def staging_folder(folder: ObjectPath, *, make: bool = True) -> Path:
     """The local folder of the temporaries of objects being written into ``folder`` (one per
     output folder, so a run's start finds its killed predecessors' temporaries)."""
     digest = hashlib.sha256(folder.url.encode()).hexdigest()[:16]
     staging = Path(tempfile.gettempdir()) / _STAGING / f"{folder.name}-{digest}"
-    staging.mkdir(parents=True, exist_ok=True)
+    if make:
+        staging.mkdir(parents=True, exist_ok=True)
     return staging
 
 
@@ -166,7 +167,8 @@ def remove_dead_staging(folder: ObjectPath) -> None:
     """The local temporaries for ``folder`` of writers on this machine that are no longer alive
     (the store itself holds no temporary; an unfinished multipart upload is aborted by its
     writer, or by a bucket lifecycle rule when the writer was killed: see README)."""
-    for entry in staging_folder(folder).iterdir():
+    staging = staging_folder(folder, make=False)
+    for entry in staging.iterdir() if staging.is_dir() else ():
         found = _TEMPORARY.search(entry.name)
         if found and not _alive(int(found.group(1))):
             entry.unlink(missing_ok=True)
