@@ -194,10 +194,10 @@ class DatasetWriter:
         published = {folder: listed(self.out / folder) for folder in ("shards", "rejects")} if unmarked else {}
         for shard in unmarked:
             files = self.files(shard)
-            if all(path.name in published[path.parent.name] for path in files):
-                self.markers.complete(shard, files, files[2], {"written": parquet_rows(files[1]),
-                                                               "rejected": parquet_rows(files[2])})
-        missing = self.markers.unrecorded(self.manifest.finished)
+            if all(path.name in published[path.parent.name] for path in files) and self.markers.complete(
+                    shard, files, files[2], {"written": parquet_rows(files[1]), "rejected": parquet_rows(files[2])}):
+                marked.add(shard)
+        missing = self.markers.unrecorded(self.manifest.finished, marked)
         if missing:
             self.manifest.record(missing)
 
