@@ -13,6 +13,7 @@ import argparse
 import difflib
 import importlib
 import os
+import re
 import shlex
 import sys
 from collections.abc import Callable
@@ -21,6 +22,7 @@ from typing import TYPE_CHECKING
 
 from engine.core import config as config_module
 from engine.core.console import format_summary
+from engine.io.remote import is_url
 from models.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -240,6 +242,7 @@ def command_plan(args: argparse.Namespace) -> int:
 
 def command_curate(args: argparse.Namespace) -> int:
     cfg = config_module.build(args, args.config)
+    config_module.check_folder_output(cfg.runtime.out, config_module.CURATION_NEEDS_A_FOLDER)
     return on_ray(cfg, lambda: _curate_pass(cfg)) if cfg.cluster.ray else _curate_pass(cfg)
 
 
@@ -267,6 +270,7 @@ def command_demo(args: argparse.Namespace) -> int:
     from engine.io.demo_data import write_demo_shards
 
     out = getattr(args, "runtime.out", None) or "runs/demo"
+    config_module.check_folder_output(out, "demo writes its sample shards (OUT/input)")
     config_module.check_output_folder(Path(out))  # before the sample shards are written into it
     shards = write_demo_shards(Path(out) / "input")
     cfg = config_module.build(args, args.config, **demo_overrides(out, shards))
@@ -312,6 +316,7 @@ def command_meta(args: argparse.Namespace) -> int:
     from engine.output.export import export, left_out_note, nothing_exported
 
     cfg = meta_config(args)
+    config_module.check_folder_output(cfg.runtime.out, "meta exports its fine-tuning data (OUT/sft)")
     out = Path(cfg.runtime.out)
     code = caption_pass(cfg)  # with --curate: the share is drawn from pass 1's selection, as in the paper
     if code == 130:
@@ -343,12 +348,30 @@ COMMANDS = {"run": command_run, "curate": command_curate, "demo": command_demo, 
             "plan": command_plan}
 
 
+_MANGLED_URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):/(?!/)")  # what Path("s3://b/x") prints: s3:/b/x
+FOLDER_READERS = ("stats", "report", "export", "status")
+
+
+def refuse_object_storage(args: argparse.Namespace) -> None:
+    """The output tools read a folder; an output on object storage is copied down first (a URL
+    given where a ``Path`` is parsed arrives with one slash of ``://``)."""
+    out = str(getattr(args, "out", "") or "")
+    if args.command not in FOLDER_READERS or Path(out).exists():
+        return
+    url = out if is_url(out) else _MANGLED_URL.sub(r"\1://", out) if _MANGLED_URL.match(out) else ""
+    if url:
+        copy = "gcloud storage rsync -r" if url.startswith(("gs:", "gcs:")) else "aws s3 sync"
+        raise ConfigError(f"{args.command} reads an output folder, and {url} is on object storage: copy it down "
+                          f"first ({copy} {url} DIR), then run {args.command} DIR")
+
+
 def main(argv: list[str] | None = None) -> int:
     # The run's own bar shows progress; the libraries' model-loading bars would interleave with it.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     args = build_parser().parse_args(argv)
     try:
         if args.command in OUTPUT_TOOLS:
+            refuse_object_storage(args)
             return importlib.import_module(OUTPUT_TOOLS[args.command][0]).command(args)
         return COMMANDS[args.command](args)
     except ConfigError as exc:

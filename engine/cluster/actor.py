@@ -27,6 +27,7 @@ from engine.cluster.faults import ENV as FAULTS_ENV
 from engine.cluster.faults import parse as parse_faults
 from engine.core.config import ClusterConfig, RunConfig
 from engine.core.driver import Pass, Reader
+from engine.io.remote import store_environment
 from models.errors import ConfigError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -107,8 +108,9 @@ def remote_actor(cluster: ClusterConfig, env: dict[str, str]):
 
 def actor_environment() -> dict[str, str]:
     """The engine's code at the driver's path on every node (shared storage or the same install),
-    and the test-only fault switch when it is set."""
-    env = {"PYTHONPATH": os.pathsep.join(filter(None, (str(PROJECT_ROOT), os.environ.get("PYTHONPATH"))))}
+    the object store's settings (engine/io/remote.py), and the test-only fault switch when it is set."""
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, (str(PROJECT_ROOT), os.environ.get("PYTHONPATH")))),
+           **store_environment()}
     if os.environ.get(FAULTS_ENV):
         try:
             parse_faults(os.environ[FAULTS_ENV])

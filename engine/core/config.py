@@ -369,20 +369,47 @@ class RuntimeConfig:
     def validate(self) -> None:
         if not self.out:
             raise ConfigError("--out is required: the folder to write the dataset to")
-        if is_url(self.out):
-            raise ConfigError(f"--out {self.out}: output to object storage is not supported yet (only --shards "
-                              f"reads URLs); write to a local or shared folder and copy it up afterwards")
         if self.queue_depth < 1:
             raise ConfigError("--queue-depth must be >= 1")
         if self.max_bytes_in_flight < 1:
             raise ConfigError("--max-bytes-in-flight must be >= 1 (bytes)")
         if self.models not in ("", "tiny"):
             raise ConfigError("--models takes 'tiny' (or nothing, for the per-stage model flags)")
+        if is_url(self.out):
+            check_output_store(self.out)
+            return
         from engine.io.commit import check_links
 
         reason = check_links(check_output_folder(Path(self.out)))
         if reason:
             raise ConfigError(f"output folder {self.out}: {reason}; use a local or NFS-like filesystem")
+
+
+def check_output_store(out: str) -> None:
+    """The check of an ``--out`` on object storage: a store fsspec can write with a conditional
+    create that refuses a second create of a key (engine/io/object_output.py)."""
+    from engine.io.object_output import OUTPUT_PROTOCOLS, ObjectPath, check_conditional_create
+
+    protocol = out.split("://", 1)[0].lower()
+    if protocol not in OUTPUT_PROTOCOLS:
+        raise ConfigError(f"--out {out}: {protocol}:// cannot hold an output (no conditional create); "
+                          f"pass a local or shared folder, s3://bucket/prefix or gs://bucket/prefix")
+    if not out.split("://", 1)[1].strip("/"):
+        raise ConfigError(f"--out {out}: name a bucket (s3://bucket/prefix)")
+    reason = check_conditional_create(ObjectPath(out.rstrip("/")))
+    if reason:
+        raise ConfigError(f"--out {out}: {reason}")
+
+
+def check_folder_output(out: str, what: str) -> None:
+    """Commands whose output needs a folder (curation's zarr store, appended chunk by chunk; meta's
+    and demo's files beside the dataset) refuse an ``--out`` on object storage."""
+    if is_url(out):
+        raise ConfigError(f"--out {out}: {what} in a folder; pass a local or shared folder "
+                          f"(run without --curate writes to object storage)")
+
+
+CURATION_NEEDS_A_FOLDER = "curation (curate, run --curate) keeps its embedding store"
 
 
 def check_output_folder(out: Path, flag: str = "--out") -> Path:
@@ -779,6 +806,8 @@ class RunConfig:
     def validate(self) -> RunConfig:
         for _, section in self.sections():
             section.validate()
+        if self.curate.curate:
+            check_folder_output(self.runtime.out, CURATION_NEEDS_A_FOLDER)
         for section, f in model_options().values():  # before any pass starts (pass 2 builds after pass 1)
             check_tiny_swap(f, getattr(self.section(section), f.name), self.runtime.models)
         return self

@@ -31,6 +31,7 @@ from engine.core.runtime import Item, Pipeline, StopOnSignals
 from engine.core.sink import Sink
 from engine.core.stage import Stage
 from engine.core.subset import take_subset
+from engine.io.object_output import OutPath, output_root
 from engine.io.readers import expand_shards, expected_samples, shard_items, shard_name
 from engine.ops import events, prometheus
 from engine.ops.watch import RunWatch
@@ -70,9 +71,10 @@ class Pass:
     outputs: tuple[str, ...]  # folders under the pass's root that the summary points to
     resolve: Callable[[RunConfig], RunConfig] = resolved  # the config with ``auto`` settled
 
-    def root(self, cfg: RunConfig) -> Path:
-        """The pass's output folder: its sink, manifest and metrics.json."""
-        return Path(cfg.runtime.out) / self.folder
+    def root(self, cfg: RunConfig) -> OutPath:
+        """The pass's output folder (created) or prefix on object storage: its sink, manifest and
+        metrics.json."""
+        return output_root(cfg.runtime.out, self.folder)
 
 
 @dataclass(frozen=True)
@@ -131,7 +133,6 @@ def run_pass(cfg: RunConfig, spec: Pass, executor: Executor | None = None, *, pa
     expected = [expected_samples(path) for path in paths]  # also refuses what is no shard
     stages = spec.build_stages(cfg)  # their checks, every model resolved at once; models load later, in setup()
     root = spec.root(cfg)
-    root.mkdir(parents=True, exist_ok=True)
     sink = spec.open_sink(cfg, root)
     sink.settle([shard_name(p) for p in paths])
     skipped = [shard_name(p) for p in paths if shard_name(p) in sink.finished]

@@ -8,10 +8,11 @@
                                  written, rejected, shard-level errors, byte ranges a damaged input lost
 
 Files grow under temporary names unique to this writer and are published when the shard's
-:class:`ShardEnd` arrives, each with a no-replace link, then the shard's done marker
-(engine/io/commit.py: the one protocol of the single-node run and of Ray workers). A crash
-before the marker leaves the shard unfinished: a rerun completes the marker from the published
-files if they are all there, and otherwise redoes the shard, keeping any file already published.
+:class:`ShardEnd` arrives, each with a no-replace link (a conditional create on object storage),
+then the shard's done marker (engine/io/commit.py: the one protocol of the single-node run and
+of Ray workers). A crash before the marker leaves the shard unfinished: a rerun completes the
+marker from the published files if they are all there, and otherwise redoes the shard, keeping
+any file already published.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ from engine.io.commit import (
     MARKERS_DIR,
     ShardMarkers,
     file_label,
+    listed,
+    parquet_rows,
     publish,
     publish_parquet,
     remove_stale_temporaries,
@@ -42,6 +45,7 @@ from engine.io.commit import (
     temp_path,
 )
 from engine.io.manifest import Manifest
+from engine.io.object_output import OutPath
 from engine.io.text import valid_utf8
 
 # Every image member is named <key>.jpg whatever its format (the bytes are the original file's,
@@ -158,7 +162,8 @@ class DatasetWriter:
     of a shard this is, recorded in its marker; 1 when unset). ``evidence``: the plugins' evidence
     kinds of the run, a parquet column each."""
 
-    def __init__(self, out: Path, manifest: Manifest | None, *, clean: bool = True, evidence: tuple[str, ...] = ()):
+    def __init__(self, out: OutPath, manifest: Manifest | None, *, clean: bool = True,
+                 evidence: tuple[str, ...] = ()):
         self.out, self.manifest, self.evidence = out, manifest, evidence
         self.attempts: dict[str, int] = {}
         self.node = ""  # recorded in markers (default: the host name; a Ray worker adds its node address)
@@ -178,7 +183,7 @@ class DatasetWriter:
         for folder in ("shards", "rejects", MARKERS_DIR):
             remove_stale_temporaries(self.out / folder)
 
-    def files(self, shard: str) -> list[Path]:
+    def files(self, shard: str) -> list[OutPath]:
         """A shard's published files, in publishing order (the last one carries the shard's facts)."""
         return [self.out / "shards" / f"{shard}.tar", self.out / "shards" / f"{shard}.parquet",
                 self.out / "rejects" / f"{shard}.parquet"]
@@ -188,18 +193,16 @@ class DatasetWriter:
         published by a writer killed before its marker gets its marker from those files,
         without being redone; a marker the manifest lacks (killed before recording) is recorded.
         Reads only the markers' names, and the markers the manifest lacks (a rerun over 50,000
-        finished shards reads none)."""
-        import pyarrow.parquet as pq
-
+        finished shards reads none); with shards unmarked, one listing of the published files."""
         marked = self.markers.names()
-        for shard in shards:
-            if shard in marked:
-                continue
+        unmarked = [shard for shard in shards if shard not in marked]
+        published = {folder: listed(self.out / folder) for folder in ("shards", "rejects")} if unmarked else {}
+        for shard in unmarked:
             files = self.files(shard)
-            if all(path.exists() for path in files):
-                self.markers.complete(shard, files, files[2], {"written": pq.read_metadata(files[1]).num_rows,
-                                                               "rejected": pq.read_metadata(files[2]).num_rows})
-        missing = self.markers.unrecorded(self.manifest.finished)
+            if all(path.name in published[path.parent.name] for path in files) and self.markers.complete(
+                    shard, files, files[2], {"written": parquet_rows(files[1]), "rejected": parquet_rows(files[2])}):
+                marked.add(shard)
+        missing = self.markers.unrecorded(self.manifest.finished, marked)
         if missing:
             self.manifest.record(missing)
 

@@ -14,6 +14,7 @@ from engine.core.placement import CaptionNeed, count_params, rest_fraction
 from engine.core.record import Sample
 from engine.core.runtime import StageFailed
 from engine.core.stage import ImageView, Resources, Stage
+from engine.io.object_output import local_companion
 from models.caption.base import CaptionEngine, EngineDead, SamplingParams
 from models.caption.families import family_of_folder
 from models.caption.figures import CaptionTally, GpuSampler
@@ -56,7 +57,7 @@ def backend_settings(backend: str, config: CaptionConfig, api: ApiConfig, sglang
                        max_retries=api.api_max_retries, timeout=api.api_timeout, backoff=api.api_backoff,
                        max_backoff=api.api_max_backoff, image_detail=api.api_image_detail,
                        jpeg_quality=api.api_jpeg_quality,
-                       journal=str(Path(out) / JOURNAL) if api.api_journal and out else "")
+                       journal=str(local_companion(out, cache_dir) / JOURNAL) if api.api_journal and out else "")
 
 
 class CaptionStage(Stage):
