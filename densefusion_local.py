@@ -13,13 +13,21 @@ import argparse
 import difflib
 import importlib
 import os
+import re
 import shlex
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from engine.core import config as config_module
 from engine.core.console import format_summary
-from engine.core.errors import ConfigError
+from engine.io.remote import is_url
+from models.errors import ConfigError
+
+if TYPE_CHECKING:
+    from engine.core.driver import Executor
+    from engine.core.figures import RunSummary
 
 EPILOG = """\
 stages (pass 2, in order; --stages picks a subset, the probe always runs):
@@ -37,9 +45,13 @@ MORE_OPTIONS = "\n"  # the short help's last line follows it (--help-all drops t
 
 
 def _stage_list() -> str:
-    from engine.core.pipeline import STAGES
+    from engine.core.registry import stage_specs
 
-    return ", ".join(STAGES)
+    specs = stage_specs().values()
+    plugins = [spec.name for spec in specs if spec.plugin]
+    return ", ".join(spec.name for spec in specs if not spec.plugin) \
+        + (f"\noptional experts (--experts NAME; in engine/experts/ or installed): {', '.join(plugins)}"
+           if plugins else "")
 
 
 class StrictParser(argparse.ArgumentParser):
@@ -153,31 +165,60 @@ def command_run(args: argparse.Namespace) -> int:
 
 def caption_pass(cfg: config_module.RunConfig) -> int:
     """Pass 2 over --shards, or with --curate over pass 1's selection (pass 1 first, skipped
-    once done); locally or on Ray. The exit code: 0, 1 (a shard failed on Ray), 130."""
-    from engine.core import pipeline
+    once done); in process or on Ray (--ray). The exit code: see :func:`exit_code`."""
+    return on_ray(cfg, lambda: _caption_pass(cfg)) if cfg.cluster.ray else _caption_pass(cfg)
 
-    if cfg.cluster.ray:
-        return on_ray(cfg, curate=cfg.curate.curate, caption=True)
-    source = None
+
+def _caption_pass(cfg: config_module.RunConfig) -> int:
+    from engine.core import pipeline
+    from engine.core.driver import input_shards
+
+    reader = input_shards
     if cfg.curate.curate:
-        from engine.curate.pass2_source import selected_source
+        from engine.curate.pass2_source import selected_shard_items
 
         check_both_passes(cfg)
-        if not curate(cfg):
-            return 130
-        source = selected_source(cfg)
-    summary = pipeline.run(cfg, source=source)
+        code = _curate_pass(cfg)
+        if code:
+            return code
+        reader = selected_shard_items
+    executor = executor_for(cfg)
+    summary = pipeline.run(cfg, executor, reader=reader)
+    print_summary(summary, executor)
+    return exit_code(summary)
+
+
+def executor_for(cfg: config_module.RunConfig) -> Executor:
+    """A pass's executor (engine/core/driver.py): in this process, or the worker actors of the
+    Ray cluster of --ray (connected by :func:`on_ray`)."""
+    if cfg.cluster.ray:
+        from engine.cluster.executor import RayExecutor
+
+        return RayExecutor()
+    from engine.core.driver import InProcess
+
+    return InProcess()
+
+
+def print_summary(summary: RunSummary, executor: Executor) -> None:
     print(format_summary(summary))
-    return 130 if summary.interrupted else 0
+    described = executor.describe()  # on Ray: actors, nodes, retries, failed shards
+    if described:
+        print(described)
+
+
+def exit_code(summary: RunSummary) -> int:
+    """0: every shard committed; 130: interrupted (Ctrl-C, SIGTERM); 1: a shard failed on Ray."""
+    return 130 if summary.interrupted else 1 if summary.shards_left else 0
 
 
 def check_both_passes(cfg: config_module.RunConfig) -> None:
     """Pass 2's stages are built after pass 1 has run: their checks (models resolved) run before
     it too, with pass 1's, so a missing model fails the run before any work, with every problem."""
     from engine.core import driver, pipeline
-    from engine.core.errors import Problems
     from engine.curate.pass1 import curate_stages
     from engine.io.readers import expand_shards
+    from models.errors import Problems
 
     expand_shards(cfg.input.shards)  # the inputs' problems first, before any (tiny) model is built
     problems = Problems()
@@ -201,20 +242,27 @@ def command_plan(args: argparse.Namespace) -> int:
 
 def command_curate(args: argparse.Namespace) -> int:
     cfg = config_module.build(args, args.config)
-    if cfg.cluster.ray:
-        return on_ray(cfg, curate=True, caption=False)
-    return 0 if curate(cfg) else 130
+    config_module.check_folder_output(cfg.runtime.out, config_module.CURATION_NEEDS_A_FOLDER)
+    return on_ray(cfg, lambda: _curate_pass(cfg)) if cfg.cluster.ray else _curate_pass(cfg)
 
 
-def curate(cfg: config_module.RunConfig) -> bool:
-    """Pass 1 with its summary and report printed; False when it was interrupted."""
+def _curate_pass(cfg: config_module.RunConfig) -> int:
+    """Pass 1 with its summary and report printed (no report when a shard is left: interrupted,
+    or failed on Ray); its exit code. On Ray the step after the k-means fit runs as Ray tasks."""
     from engine.curate.pass1 import format_report, run_curate
 
-    summary, report = run_curate(cfg)
-    print(format_summary(summary))
-    if report is not None:
-        print(format_report(report, Path(cfg.runtime.out)))
-    return report is not None
+    select_rows = None
+    if cfg.cluster.ray:
+        from engine.cluster.curate_partitioned import select_on_ray
+
+        select_rows = select_on_ray
+    executor = executor_for(cfg)
+    summary, report = run_curate(cfg, executor, select_rows)
+    print_summary(summary, executor)
+    if report is None:
+        return exit_code(summary)
+    print(format_report(report, Path(cfg.runtime.out)))
+    return 0
 
 
 def command_demo(args: argparse.Namespace) -> int:
@@ -222,6 +270,7 @@ def command_demo(args: argparse.Namespace) -> int:
     from engine.io.demo_data import write_demo_shards
 
     out = getattr(args, "runtime.out", None) or "runs/demo"
+    config_module.check_folder_output(out, "demo writes its sample shards (OUT/input)")
     config_module.check_output_folder(Path(out))  # before the sample shards are written into it
     shards = write_demo_shards(Path(out) / "input")
     cfg = config_module.build(args, args.config, **demo_overrides(out, shards))
@@ -267,6 +316,7 @@ def command_meta(args: argparse.Namespace) -> int:
     from engine.output.export import export, left_out_note, nothing_exported
 
     cfg = meta_config(args)
+    config_module.check_folder_output(cfg.runtime.out, "meta exports its fine-tuning data (OUT/sft)")
     out = Path(cfg.runtime.out)
     code = caption_pass(cfg)  # with --curate: the share is drawn from pass 1's selection, as in the paper
     if code == 130:
@@ -280,30 +330,15 @@ def command_meta(args: argparse.Namespace) -> int:
     return code
 
 
-def on_ray(cfg: config_module.RunConfig, *, curate: bool, caption: bool) -> int:
-    """The passes on a Ray cluster (--ray); exit code 1 when a shard failed after its attempts."""
-    from engine.cluster import passes
+def on_ray(cfg: config_module.RunConfig, passes: Callable[[], int]) -> int:
+    """``passes`` with the Ray cluster of --ray connected; Ctrl-C stops the actors (exit 130)."""
     from engine.cluster.executor import connect, disconnect
-    from engine.curate.pass1 import format_report
 
-    out = Path(cfg.runtime.out)
     connect(cfg.cluster)
     try:
-        if curate:
-            summary, result, report = passes.curate(cfg)
-            print(format_summary(summary))
-            print(passes.format_cluster(result))
-            if report is None:
-                return 1
-            print(format_report(report, out))
-        if caption:
-            summary, result = passes.caption(cfg, selected=curate)
-            print(format_summary(summary))
-            print(passes.format_cluster(result))
-            return 1 if result.failed else 0
-        return 0
+        return passes()
     except KeyboardInterrupt:  # the actors are stopped; every shard committed so far is recorded
-        print(f"\ninterrupted: rerun with --out {out} to finish the remaining shards")
+        print(f"\ninterrupted: rerun with --out {Path(cfg.runtime.out)} to finish the remaining shards")
         return 130
     finally:
         disconnect()
@@ -313,12 +348,30 @@ COMMANDS = {"run": command_run, "curate": command_curate, "demo": command_demo, 
             "plan": command_plan}
 
 
+_MANGLED_URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):/(?!/)")  # what Path("s3://b/x") prints: s3:/b/x
+FOLDER_READERS = ("stats", "report", "export", "status")
+
+
+def refuse_object_storage(args: argparse.Namespace) -> None:
+    """The output tools read a folder; an output on object storage is copied down first (a URL
+    given where a ``Path`` is parsed arrives with one slash of ``://``)."""
+    out = str(getattr(args, "out", "") or "")
+    if args.command not in FOLDER_READERS or Path(out).exists():
+        return
+    url = out if is_url(out) else _MANGLED_URL.sub(r"\1://", out) if _MANGLED_URL.match(out) else ""
+    if url:
+        copy = "gcloud storage rsync -r" if url.startswith(("gs:", "gcs:")) else "aws s3 sync"
+        raise ConfigError(f"{args.command} reads an output folder, and {url} is on object storage: copy it down "
+                          f"first ({copy} {url} DIR), then run {args.command} DIR")
+
+
 def main(argv: list[str] | None = None) -> int:
     # The run's own bar shows progress; the libraries' model-loading bars would interleave with it.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     args = build_parser().parse_args(argv)
     try:
         if args.command in OUTPUT_TOOLS:
+            refuse_object_storage(args)
             return importlib.import_module(OUTPUT_TOOLS[args.command][0]).command(args)
         return COMMANDS[args.command](args)
     except ConfigError as exc:

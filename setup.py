@@ -8,7 +8,7 @@ Extras (see README "Installing" for which combine):
   dali      NVIDIA DALI decode (CUDA 13 build; no torch pin)
   train     peft + accelerate: fine-tuning the caption engine (`train`, `evaluate`)
   ray       Ray: run, curate and meta on a cluster (--ray); the single-node path never imports it
-  cloud     shards on object storage (--shards s3://..., http(s)://...) through fsspec; moto's S3 server for the tests
+  cloud     shards and output on object storage (--shards, --out s3://...; http(s):// in) through fsspec; moto's S3 server for the tests
   test      pytest and the dataset loaders the output-compatibility tests use
 """
 
@@ -46,7 +46,7 @@ EXTRAS = {
     "train": ["peft>=0.17,<1", "accelerate>=1.10,<2"],
     "ray": ["ray>=2.60,<3"],
     # fsspec's HTTP filesystem needs aiohttp; s3fs brings aiobotocore; moto[server] is the local S3 the tests start
-    "cloud": ["fsspec>=2024.6", "aiohttp>=3.9", "s3fs>=2024.6", "moto[server]>=5.1"],
+    "cloud": ["fsspec>=2024.12", "aiohttp>=3.9", "s3fs>=2024.12", "moto[server]>=5.1"],  # s3fs 2024.12: mode="create"
     "test": ["pytest>=8", "hypothesis>=6.100", "webdataset>=1.0", "datasets>=3", "aiohttp>=3.9", "playwright>=1.45",
              "jsonschema>=4"],
 }

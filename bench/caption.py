@@ -61,8 +61,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
 def make_samples(n: int):
     """``n`` samples whose prompts vary the way web data does: 0-11 boxes, 0-3 OCR lines,
     short or long alt text, images of several aspect ratios."""
-    from engine.core.record import Box, OcrLine, Sample, Source
+    from engine.core.record import Sample, Source
     from engine.evidence.prompt import fusion_prompt
+    from models.records import Box, OcrLine
 
     rng = np.random.default_rng(0)
     boxes = [Box(f"object {i}", 0.9, (0.05 * i, 0.1, 0.05 * i + 0.2, 0.5), "owlv2") for i in range(12)]

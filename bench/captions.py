@@ -101,9 +101,10 @@ def write_output(out: Path, captions: list[str], evidence: list[Evidence]) -> Pa
 
     from PIL import Image
 
-    from engine.core.record import Caption, Sample, ShardEnd, Source, Tag
+    from engine.core.record import Sample, ShardEnd, Source
     from engine.io.manifest import Manifest
     from engine.io.writers import DatasetWriter
+    from models.records import Caption, Tag
 
     buffer = io.BytesIO()
     Image.new("RGB", (1, 1)).save(buffer, "JPEG")

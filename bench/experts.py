@@ -169,10 +169,10 @@ def build_experts(tmp: Path, *, real: bool, device: str) -> dict:
     import torch
 
     from engine.core.config import FusionConfig
-    from engine.core.record import Box
     from engine.evidence.boxes import fuse_boxes
     from models import detector, owlv2, ram_plus
     from models.clip_tagger import ClipZeroShotTagger
+    from models.records import Box
 
     if real:
         ram_dir = tmp / "ram"

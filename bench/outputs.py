@@ -46,7 +46,8 @@ def _jpeg() -> bytes:
 
 def annotations(rng: random.Random, shard: str, key: str, words: int, prompt: str) -> dict:
     """A written sample's ``<key>.json``, as engine/core/record.py's Sample writes it."""
-    from engine.core.record import Box, Caption, OcrLine, Sample, Source, Tag
+    from engine.core.record import Sample, Source
+    from models.records import Box, Caption, OcrLine, Tag
 
     tags = rng.sample(NOUNS, 8)
     sample = Sample(key=key, source=Source(shard, f"/in/{shard}.tar", f"{key}.jpg"), width=640, height=480,

@@ -68,7 +68,7 @@ def _cfg(copy_stragglers: bool, max_attempts: int):
 
 
 def rerun_start(out: Path, paths: list[Path]) -> tuple[float, int]:
-    """What a rerun does before leasing anything (engine/cluster/passes.py): settle the sink
+    """What a rerun does before leasing anything (engine/core/driver.py): settle the sink
     against the markers, skip the finished shards, sum the output's totals."""
     from engine.core.figures import OutputTotals
     from engine.core.pipeline import PASS2
@@ -108,7 +108,7 @@ def simulate(*, shards: int, gpus: int, out: Path, copy_stragglers: bool, shard_
 
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     cpu_before = time.process_time()
-    result = lease_shards(cfg, "caption", paths, on_commit, cluster)
+    result = lease_shards(cfg, paths, on_commit, cluster)
     driver_cpu = time.process_time() - cpu_before - cluster.own_cpu_s
     rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     usage = cluster.usage(result.wall_s)

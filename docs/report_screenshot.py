@@ -21,13 +21,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from engine.core.config import ScoreConfig  # noqa: E402
-from engine.core.record import Box, Caption, OcrLine, Sample, ShardEnd, Source, Tag  # noqa: E402
+from engine.core.record import Sample, ShardEnd, Source
 from engine.evidence.category import as_scores  # noqa: E402
 from engine.io.demo_data import demo_members  # noqa: E402
 from engine.io.manifest import Manifest  # noqa: E402
 from engine.io.writers import DatasetWriter  # noqa: E402
 from engine.output.report import build_report  # noqa: E402
 from engine.stages.score import ScoreStage  # noqa: E402
+from models.records import Box, Caption, OcrLine, Tag
 
 CAPTIONS = {
     "scene": "The image shows several colorful shapes on a pale background. A large red circle sits near "

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from engine.core.errors import ConfigError
+from models.errors import ConfigError
 from models.hub import hub_problem
 
 TINY = "tiny"

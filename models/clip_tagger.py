@@ -17,7 +17,7 @@ from typing import Protocol
 
 import numpy as np
 
-from engine.core.record import Tag
+from models.records import Tag
 
 
 class TextEmbedder(Protocol):

@@ -23,11 +23,11 @@ from typing import Protocol
 
 import numpy as np
 
-from engine.core.errors import ConfigError
-from engine.core.record import Box
-from engine.evidence.boxes import normalise_pixels
+from models.errors import ConfigError
+from models.geometry import normalise_pixels
 from models.onnx_session import open_session
 from models.preprocess import to_device
+from models.records import Box
 
 SOURCE = "closed"
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.core.errors import ConfigError
+from models.errors import ConfigError
 from models.onnx_session import open_session
 
 RANDOM_WEIGHTS = "random"

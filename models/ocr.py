@@ -33,9 +33,9 @@ from typing import Protocol
 
 import numpy as np
 
-from engine.core.errors import ConfigError
-from engine.core.record import OcrLine
-from engine.evidence.boxes import normalise_pixels
+from models.errors import ConfigError
+from models.geometry import normalise_pixels
+from models.records import OcrLine
 
 
 @dataclass(frozen=True)
@@ -145,6 +145,13 @@ def _one_onnx(folder: Path, task: str) -> Path:
             f"{[p.name for p in found] or 'none'}: pass --ocr-model-dir with one det and one rec model"
         )
     return found[0]
+
+
+def model_files(config: OcrSettings) -> list[Path]:
+    """The detection and recognition ONNX files the settings name (their sizes give ``plan`` the
+    OCR's memory)."""
+    folder = _model_folder(config)
+    return [_one_onnx(folder, task) for task in ("det", "rec")]
 
 
 def _model_folder(config: OcrSettings) -> Path:
@@ -388,3 +395,8 @@ class PaddleOcrBackend:
 
 
 _BACKENDS = {"batched": BatchedPpOcr, "rapidocr": RapidOcrBackend, "paddleocr": PaddleOcrBackend}
+
+
+def backend_names() -> tuple[str, ...]:
+    """The OCR backends, by name (the config's choices)."""
+    return tuple(_BACKENDS)

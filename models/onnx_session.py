@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from engine.core.errors import ConfigError
+from models.errors import ConfigError
 
 
 def providers(device: str, model_path: str | Path) -> list:

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.core.record import Box
-from engine.evidence.boxes import unpad_square
+from models.geometry import unpad_square
+from models.records import Box
 
 PREPROCESS_MODES = ("tensor", "stock")
 

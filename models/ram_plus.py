@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.core.record import Tag
+from models.records import Tag
 
 CHECKPOINT_NAME = "ram_plus_swin_large_14m.pth"
 TAG_LIST_NAME = "ram_tag_list.txt"

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from engine.core.errors import ConfigError
+from models.errors import ConfigError
 
 # Bump when a builder changes, so cached folders from an older build are not reused.
 BUILD_VERSION = 3
@@ -94,7 +94,7 @@ def _printable(piece: str) -> bool:
 
 
 def _corpus() -> list[str]:
-    from engine.evidence.prompt import CAPTION_ENGINE_INSTRUCTION
+    from models.caption.instruction import CAPTION_ENGINE_INSTRUCTION
 
     words = (
         "The image shows a dog, a cat, a person, a car and a red ball on a wooden table. "

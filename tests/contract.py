@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 
 from engine.core.config import InputConfig
 from engine.io.manifest import read_manifest
+from engine.io.object_output import OutPath
 from engine.io.readers import ShardReport, read_shard, shard_name
 
 
@@ -18,13 +19,16 @@ def input_keys(path: Path) -> list[str]:
     return [s.key for s in read_shard(path, InputConfig(), ShardReport())]
 
 
-def output_rows(out: Path, shard: str) -> tuple[list[dict], list[dict]]:
-    written = pq.read_table(out / "shards" / f"{shard}.parquet").to_pylist()
-    rejected = pq.read_table(out / "rejects" / f"{shard}.parquet").to_pylist()
-    return written, rejected
+def output_rows(out: OutPath, shard: str) -> tuple[list[dict], list[dict]]:
+    """``out``: a local folder or an output on object storage (opened the same way)."""
+    def rows(path: OutPath) -> list[dict]:
+        with path.open("rb") as handle:
+            return pq.read_table(handle).to_pylist()
+
+    return rows(out / "shards" / f"{shard}.parquet"), rows(out / "rejects" / f"{shard}.parquet")
 
 
-def check_output_contract(out: Path, inputs: list[Path]) -> dict[str, tuple[list[dict], list[dict]]]:
+def check_output_contract(out: OutPath, inputs: list[Path]) -> dict[str, tuple[list[dict], list[dict]]]:
     """Every key the reader gives out lands exactly once: written xor rejected (a repeated input key
     is given out once, its other samples as ``key\\#n``). Tar and parquet agree; the manifest
     counts match."""
@@ -41,7 +45,7 @@ def check_output_contract(out: Path, inputs: list[Path]) -> dict[str, tuple[list
         assert Counter(written_keys) + Counter(rejected_keys) == Counter(keys_in), "keys lost or invented"
         assert not set(written_keys) & set(rejected_keys), "a key both written and rejected"
         assert all(r["stage"] and r["reason"] for r in rejected), "a reject without stage or reason"
-        with tarfile.open(out / "shards" / f"{shard}.tar") as tar:
+        with (out / "shards" / f"{shard}.tar").open("rb") as handle, tarfile.open(fileobj=handle) as tar:
             names = tar.getnames()
             for key in written_keys:
                 assert f"{key}.json" in names

@@ -8,9 +8,10 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from engine.core.record import Box, Caption, OcrLine, Sample, ShardEnd, Source, Tag
+from engine.core.record import Sample, ShardEnd, Source
 from engine.io.manifest import Manifest
 from engine.io.writers import DatasetWriter
+from models.records import Box, Caption, OcrLine, Tag
 
 CAPTIONS = {
     "s0": "A red car is parked on the street. Two people walk past it quickly.",

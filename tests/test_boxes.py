@@ -1,8 +1,6 @@
 import pytest
 
 from engine.core.config import FusionConfig
-from engine.core.errors import ConfigError
-from engine.core.record import Box
 from engine.evidence.boxes import (
     balanced_sample,
     canonical_label,
@@ -11,10 +9,11 @@ from engine.evidence.boxes import (
     keep_confident,
     keep_sized,
     merge_detectors,
-    normalise_pixels,
     synonym_map,
-    unpad_square,
 )
+from models.errors import ConfigError
+from models.geometry import normalise_pixels, unpad_square
+from models.records import Box
 
 
 def box(label, score, xyxy, source="owlv2"):

@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from engine.core.config import ApiConfig, CaptionConfig, RuntimeConfig, SglangConfig
-from engine.core.errors import ConfigError
-from engine.core.record import OcrLine, Sample, Source
+from engine.core.record import Sample, Source
 from engine.evidence.prompt import fusion_prompt
 from engine.stages.caption import CaptionStage, backend_settings
 from models import tiny
@@ -16,6 +15,8 @@ from models.caption import transformers_backend
 from models.caption.base import SamplingParams
 from models.caption.registry import load_engine
 from models.caption.transformers_backend import TransformersCaptionEngine
+from models.errors import ConfigError
+from models.records import OcrLine
 
 SIZES = [(300, 100), (200, 480), (64, 64), (1000, 333), (129, 131)]  # (height, width)
 

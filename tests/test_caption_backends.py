@@ -7,10 +7,10 @@ import pytest
 
 from bench._chat_server import ChatServer
 from engine.core.config import ApiConfig, CaptionConfig, RuntimeConfig
-from engine.core.errors import ConfigError
 from engine.core.record import Sample, ShardEnd, Source
 from engine.stages.caption import CaptionStage
 from models.caption.registry import resolve_backend
+from models.errors import ConfigError
 
 
 def _no_sglang(monkeypatch):

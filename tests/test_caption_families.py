@@ -16,12 +16,12 @@ from conftest import sample_members, write_tar
 from contract import check_output_contract
 from test_prompt_parity import encoded, photo
 
-from engine.core.errors import ConfigError
 from engine.evidence.prompt import CAPTION_ENGINE_INSTRUCTION
 from models import tiny
 from models.caption.chat import chat_text
 from models.caption.families import FAMILIES, LLAVA_1_6, QWEN2_5_VL, family_of, family_of_folder
 from models.caption.sglang_backend import sglang_available
+from models.errors import ConfigError
 
 # (width, height): square, landscape, portrait, panoramas, tiny (under min_pixels), odd sizes
 SIZES = ((500, 500), (1352, 900), (900, 1352), (1600, 400), (400, 1600), (72, 48), (33, 200), (449, 1201),
@@ -141,7 +141,7 @@ def test_plan_counts_the_qwen_engine_at_its_own_image_budget(tmp_path, qwen):
     from safetensors.torch import load_file
 
     from engine.core import config
-    from engine.core.placement import TEXT_TOKENS, caption_need
+    from engine.stages.caption import TEXT_TOKENS, caption_need
 
     cfg = config.build(runtime={"out": str(tmp_path / "out")}, caption={"caption_model": str(qwen)})
     need = caption_need(cfg)

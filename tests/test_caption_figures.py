@@ -1,8 +1,8 @@
 import sys
 import types
 
-from engine.core.record import Caption
 from models.caption.figures import CaptionTally, GpuSampler, gpu_figures
+from models.records import Caption
 
 
 def _caption(prompt: int, output: int, finish: str = "stop") -> Caption:

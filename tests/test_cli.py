@@ -6,8 +6,8 @@ from conftest import jpeg, sample_members, write_tar
 
 import densefusion_local
 from engine.core import config
-from engine.core.errors import ConfigError
 from engine.io.manifest import read_manifest
+from models.errors import ConfigError
 
 
 def cli(*argv) -> int:

@@ -1,7 +1,7 @@
 import pytest
 
 from engine.core.config import ScoreConfig
-from engine.core.record import Box, Caption, OcrLine, Sample, Source, Tag
+from engine.core.record import Sample, Source
 from engine.evidence.coverage import (
     Evidence,
     coverage_scores,
@@ -12,6 +12,7 @@ from engine.evidence.coverage import (
 )
 from engine.evidence.language import pos_tagger
 from engine.stages.score import ScoreStage
+from models.records import Box, Caption, OcrLine, Tag
 
 
 def test_ocr_lines_count_when_reproduced_whole_ignoring_case_and_punctuation():

@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 import torch
 
-from engine.core.errors import ConfigError
 from models.detector import (
     TINY_DETECTOR_LABELS,
     OnnxDetector,
@@ -13,6 +12,7 @@ from models.detector import (
     read_label_map,
 )
 from models.detector import build_tiny as build_tiny_detector
+from models.errors import ConfigError
 
 
 def image(h, w, value=255):

@@ -35,6 +35,62 @@ def test_pass1_reaches_the_driver_without_pass2s_module():
     assert subprocess.run(["python", "-c", code], cwd=ROOT).returncode == 0
 
 
+class WorkerExecutor:
+    """An executor of the test's own, outside engine/core: one worker built as a Ray actor builds
+    it (engine/cluster/worker.py), fed here shard by shard; the driver's sink records its markers,
+    as the Ray executor's does."""
+
+    def __init__(self):
+        self.handed = None
+
+    def device(self, cfg):
+        return "worker"
+
+    def figures(self):
+        return {"worker": {"shards": len(self.handed.todo)}}
+
+    def describe(self):
+        return ""
+
+    def run(self, work):
+        from dataclasses import replace
+
+        from engine.cluster.worker import build_worker
+
+        self.handed = work
+        worker = build_worker(work.given, work.spec, work.reader)
+        worker.ready()
+        markers = [worker.process(str(path), 1)["marker"] for path in work.todo]
+        for path, marker in zip(work.todo, markers):
+            work.sink.adopt({path.stem: marker})
+        return replace(work.summary, shards_done=[p.stem for p in work.todo], written=sum(m["written"] for m in markers),
+                       rejected=sum(m["rejected"] for m in markers), wall_s=1.0)
+
+
+def test_another_executor_gets_the_shards_left_and_its_workers_write_what_a_local_run_writes(tmp_path):
+    from test_resume import contents
+
+    from engine.core import config, pipeline
+    from engine.io.manifest import read_manifest
+
+    shards = make_shards(tmp_path / "in", n_shards=3, per_shard=6)
+    local, other = tmp_path / "local", tmp_path / "other"
+    subprocess.run(command(shards, local), cwd=ROOT, check=True, capture_output=True)
+    subprocess.run(command(shards[:1], other), cwd=ROOT, check=True, capture_output=True)  # one done already
+
+    cfg = config.build(input={"shards": tuple(map(str, shards))}, runtime={"out": str(other), "progress": False,
+                                                                          "stages": ("decode",)})
+    executor = WorkerExecutor()
+    summary = pipeline.run(cfg, executor)
+    assert [p.stem for p in executor.handed.todo] == [p.stem for p in shards[1:]]  # only the shards left
+    assert executor.handed.given.runtime.device == "auto" != executor.handed.cfg.runtime.device  # settled where it runs
+    assert summary.shards_skipped == [shards[0].stem] and summary.shards_left == 0
+    assert contents(other, shards) == contents(local, shards)
+    assert set(read_manifest(other)) == {p.stem for p in shards}
+    entry = metrics(other)["invocations"][-1]
+    assert entry["device"] == "worker" and entry["worker"] == {"shards": 2} and entry["status"] == "finished"
+
+
 def test_rerun_of_a_finished_output_loads_no_model_and_keeps_its_totals(tmp_path, monkeypatch, capsys):
     shards = [write_tar(tmp_path / f"in{i}.tar", sample_members(f"k{i}", jpeg(500, 500))
                         + sample_members(f"small{i}", jpeg(100, 100))) for i in range(2)]

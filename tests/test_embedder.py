@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from engine.core.config import CurateConfig
-from engine.core.errors import ConfigError
 from engine.core.record import Sample, Source
 from engine.stages.embed import EMBED_VIEW, Embed
 from models.embedder import CONFIG_FILE, ClipEmbedder, check_model
+from models.errors import ConfigError
 from models.tiny import ensure
 
 

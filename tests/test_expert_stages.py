@@ -5,17 +5,19 @@ import pytest
 import torch
 
 from engine.core.config import ExpertsConfig, FusionConfig, RunConfig, RuntimeConfig
-from engine.core.errors import ConfigError
-from engine.core.record import Box, Sample, Source, Tag
+from engine.core.record import Sample, Source
 from engine.core.stage import Stage
-from engine.io.expert_cache import FIELDS, ExpertCache, fingerprint, image_digest
+from engine.evidence.kinds import BOXES
+from engine.io.expert_cache import ExpertCache, fingerprint, image_digest
 from engine.stages.detect import Detect
 from engine.stages.expert_cache import CachedExpert
 from engine.stages.tag import ClipTag, RamPlusTag, tag_vocabulary
 from engine.stages.tag import build as build_tag
 from models import ram_plus
 from models.detector import build_tiny as build_tiny_detector
+from models.errors import ConfigError
 from models.owlv2 import build_tiny as build_tiny_owlv2
+from models.records import Box, Tag
 
 
 def sample(key, h=48, w=80, seed=0, **views):
@@ -136,7 +138,7 @@ def test_cache_roundtrips_boxes(tmp_path):
     box = Box("dog", 0.5, (0.1, 0.2, 0.3, 0.4), "fused")
     cache.put_many({"h1": {"boxes": [dataclasses.asdict(box)]}}, "detect:x")
     found = cache.get_many(["h1", "h2"], "detect:x")
-    assert set(found) == {"h1"} and FIELDS["boxes"](found["h1"]["boxes"]) == [box]
+    assert set(found) == {"h1"} and BOXES.decode(found["h1"]["boxes"]) == [box]
     assert cache.get_many(["h1"], "detect:y") == {}
     assert image_digest(sample("a", seed=1)) == image_digest(sample("other", seed=1))
 

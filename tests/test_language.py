@@ -1,6 +1,5 @@
 import pytest
 
-from engine.core.errors import ConfigError
 from engine.evidence.language import (
     ADJ,
     ADV,
@@ -15,6 +14,7 @@ from engine.evidence.language import (
     tokens,
     words,
 )
+from models.errors import ConfigError
 
 
 def test_tokens_split_clitics_and_keep_numbers_and_abbreviations_whole():

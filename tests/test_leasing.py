@@ -6,7 +6,7 @@ from collections import Counter
 from pathlib import Path
 
 from engine.cluster.driver import ActorRecord, ClusterResult, Lease, pick_actor, pick_stragglers
-from engine.cluster.passes import format_cluster
+from engine.cluster.executor import format_cluster
 
 
 def actor(index: int, state: str = "ready", leases: int = 0, alone: bool = False, given_at: float = 0.0) -> ActorRecord:

@@ -8,10 +8,10 @@ import json
 
 import pytest
 
-from engine.core.errors import ConfigError
 from models import tiny
 from models.caption import llava_native, sglang_cpu
 from models.caption.llava_native import check_native, ensure_native, native_weight_name
+from models.errors import ConfigError
 from models.export.__main__ import main as export_main
 
 

@@ -3,7 +3,7 @@ left by a kill skipped and cut off, an older output's manifest.json read and con
 
 import json
 
-from engine.io.manifest import LEGACY_MANIFEST, Manifest, read_manifest
+from engine.io.manifest import LEGACY_MANIFEST, SEGMENTS, Manifest, read_manifest
 
 
 def test_shards_are_appended_and_read_back_in_commit_order(tmp_path):
@@ -43,3 +43,14 @@ def test_an_older_outputs_manifest_json_is_read_and_converted_at_the_first_appen
     assert not (tmp_path / LEGACY_MANIFEST).exists()
     assert read_manifest(tmp_path) == {"a": {"written": 1}, "b": {"written": 2}}
     assert Manifest(tmp_path).properties == {"embed_model": "m"}
+
+
+def test_an_output_copied_down_from_object_storage_reads_its_segments_and_converts_them(tmp_path):
+    (tmp_path / SEGMENTS).mkdir()
+    (tmp_path / SEGMENTS / "00000000.jsonl").write_text('{"shard": "a", "written": 1}\n{"embed_model": "x"}\n')
+    (tmp_path / SEGMENTS / "00000001.jsonl").write_text('{"shard": "b", "written": 2}\n')
+    assert read_manifest(tmp_path) == {"a": {"written": 1}, "b": {"written": 2}}
+    Manifest(tmp_path).record({"c": {"written": 3}})
+    assert list(Manifest(tmp_path).entries()) == [("a", {"written": 1}), ("b", {"written": 2}), ("c", {"written": 3})]
+    assert Manifest(tmp_path).properties == {"embed_model": "x"}
+    assert list((tmp_path / SEGMENTS).iterdir()) == []

@@ -57,8 +57,8 @@ def test_exported_embedder_tower_serves_the_engine(tmp_path, tiny_cache):
     """The ONNX image tower gives the torch embeddings, and the pipeline uses it when asked."""
     import densefusion_local
     from engine.core import config as config_module
-    from engine.core.errors import ConfigError
     from models.embedder import ClipEmbedder
+    from models.errors import ConfigError
     from models.tiny import ensure
 
     out = tmp_path / "embed"

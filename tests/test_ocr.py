@@ -9,9 +9,9 @@ import pytest
 from PIL import Image, ImageDraw, ImageFont
 
 from engine.core.config import OcrConfig
-from engine.core.errors import ConfigError
 from engine.core.record import Sample, ShardEnd, Source
 from engine.stages.ocr import Ocr, ocr_settings
+from models.errors import ConfigError
 from models.ocr import OcrModel, RawText, reading_order
 
 FONT = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"

@@ -2,7 +2,7 @@
 
 import pytest
 
-from engine.core.errors import ConfigError
+from models.errors import ConfigError
 from models.onnx_session import open_session, providers
 
 ALL = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]

@@ -6,7 +6,6 @@ import pytest
 
 from bench._chat_server import ChatServer
 from engine.core.config import ApiConfig, CaptionConfig, SglangConfig
-from engine.core.errors import ConfigError
 from engine.stages.caption import backend_settings
 from models.caption.base import SamplingParams
 from models.caption.openai_backend import (
@@ -16,6 +15,7 @@ from models.caption.openai_backend import (
     parse_completion,
     retry_after_seconds,
 )
+from models.errors import ConfigError
 
 SECRET = "sk-test-not-a-real-key-8c1f"
 

@@ -8,8 +8,8 @@ import torch
 
 import densefusion_local
 from engine.core import config
-from engine.core.errors import ConfigError
-from engine.core.placement import GIB, REPLICATED, make_plan
+from engine.core.placement import GIB, make_plan
+from models.errors import ConfigError
 
 README_MODELS = {  # the "Real checkpoints on a GPU node" command of the README
     "curate": {"embed_model": "EVA02-L-14"},
@@ -18,6 +18,7 @@ README_MODELS = {  # the "Real checkpoints on a GPU node" command of the README
     "caption": {"caption_model": "llava-hf/llava-v1.6-vicuna-7b-hf", "caption_backend": "auto"},
 }
 ALL_STAGES = ["probe", "decode", "category", "tag", "detect", "ocr", "prompt", "caption", "qc", "score"]
+EXPERTS = {"category", "tag", "detect", "ocr"}  # the stages that declare replicate and memory
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +32,9 @@ def test_readme_models_fit_8_gpus_with_experts_and_a_caption_replica_each(readme
     assert plan.fits, plan.problems
     assert len(plan.budgets) == 8
     for budget in plan.budgets:
-        assert {n.stage for n in budget.experts} >= set(REPLICATED)  # every expert on every GPU
+        assert {n.stage for n in budget.experts} >= EXPERTS  # every expert on every GPU
         assert budget.caption_bytes >= plan.caption.min_bytes  # and room for a caption replica
+    assert set(plan.replicated) == EXPERTS
     # SGLang's static share holds its weights and KV cache, and leaves the experts' budget
     tightest = max(plan.budgets, key=lambda b: b.experts_bytes)
     sglang_bytes = plan.sglang_mem_fraction * plan.gpu_bytes
@@ -114,9 +116,9 @@ def test_transformers_backend_is_labelled_as_such_and_fewer_requests_are_suggest
 def test_the_plans_random_builds_do_not_warn_but_other_weightless_builds_still_do(caplog, capsys):
     import open_clip
 
-    from engine.core.placement import stage_needs
+    from engine.stages.embed import embedder_need
 
-    stage_needs.cache_clear()  # the plan builds the embedder on the meta device (random on purpose) again
+    embedder_need.cache_clear()  # the plan builds the embedder on the meta device (random on purpose) again
     with caplog.at_level("WARNING"):
         assert densefusion_local.main(["plan", *LOCAL_EXPERTS]) == 0
     assert "fits." in capsys.readouterr().out

@@ -2,10 +2,11 @@
 
 import pytest
 
-from engine.core.errors import ConfigError
-from engine.core.record import Box, OcrLine, Sample, Source
+from engine.core.record import Sample, Source
 from engine.evidence.prompt import PromptConfig, fusion_prompt, gpt4v_prompt, sanitize
 from engine.stages.prompt import FusionPrompt
+from models.errors import ConfigError
+from models.records import Box, OcrLine
 
 # Appendix C.2 of the paper, typed out independently of engine/evidence/prompt.py.
 INSTRUCTION = (

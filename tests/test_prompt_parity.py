@@ -21,9 +21,9 @@ import pytest
 from conftest import sample_members, write_tar
 from PIL import Image
 
-from engine.core.errors import ConfigError
 from models.caption.chat import chat_text, check_chat_template, user_turn
 from models.caption.sglang_backend import sglang_available
+from models.errors import ConfigError
 
 pytestmark = pytest.mark.slow  # starts SGLang's CPU engine: left out by the quick test command (README)
 

@@ -2,11 +2,12 @@ import dataclasses
 
 import pytest
 
-from engine.core.config import QC_RULES, QcConfig
-from engine.core.errors import ConfigError
-from engine.core.record import Caption, Sample, Source
-from engine.evidence.qc import check_caption
+from engine.core.config import QcConfig
+from engine.core.record import Sample, Source
+from engine.evidence.qc import QC_RULES, check_caption
 from engine.stages.qc import QualityControl
+from models.errors import ConfigError
+from models.records import Caption
 
 GOOD = (
     "A red double-decker bus drives along a wet city street lined with brick buildings. "

@@ -4,7 +4,6 @@ import pytest
 from conftest import jpeg, sample_members, write_tar
 
 from engine.core.config import InputConfig
-from engine.core.errors import ConfigError
 from engine.io.readers import (
     ShardReport,
     expand_braces,
@@ -12,6 +11,7 @@ from engine.io.readers import (
     read_shard,
     split_member_name,
 )
+from models.errors import ConfigError
 
 
 def read(path, cfg=InputConfig()):

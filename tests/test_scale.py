@@ -26,7 +26,7 @@ def config(copy_stragglers: bool = True) -> RunConfig:
 
 
 def run(out: Path, paths: list[Path], cluster: SimulatedCluster, cfg: RunConfig, stop_after: int = 0):
-    """What engine/cluster/passes.py does around the driver: settle the sink, skip what is
+    """What the Ray executor (engine/cluster/executor.py) does around the leasing: settle the sink, skip what is
     done, record each commit. ``stop_after``: the driver is stopped after that many commits."""
     sink = PASS2.open_sink(cfg, out)
     sink.settle([shard_name(p) for p in paths])
@@ -39,7 +39,7 @@ def run(out: Path, paths: list[Path], cluster: SimulatedCluster, cfg: RunConfig,
         if len(commits) == stop_after:
             raise KeyboardInterrupt
 
-    return todo, commits, lease_shards(cfg, "caption", todo, on_commit, cluster)
+    return todo, commits, lease_shards(cfg, todo, on_commit, cluster)
 
 
 def cluster(out: Path, **kwargs) -> SimulatedCluster:

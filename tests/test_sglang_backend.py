@@ -1,7 +1,6 @@
 import pytest
 
 from engine.core.config import ApiConfig, CaptionConfig, SglangConfig
-from engine.core.errors import ConfigError
 from engine.stages.caption import backend_settings
 from models.caption.base import SamplingParams
 from models.caption.sglang_backend import (
@@ -14,6 +13,7 @@ from models.caption.sglang_backend import (
     sampling_dict,
     sglang_available,
 )
+from models.errors import ConfigError
 
 
 def settings(**options):

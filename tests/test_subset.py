@@ -1,9 +1,9 @@
 import pytest
 
 from engine.core.config import SubsetConfig
-from engine.core.errors import ConfigError
 from engine.core.record import Sample, ShardEnd, Source
 from engine.core.subset import in_subset, take_subset
+from models.errors import ConfigError
 
 
 def _items(keys):

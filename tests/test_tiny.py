@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from engine.core.errors import ConfigError
 from models import tiny
 from models.base import ModelRef
+from models.errors import ConfigError
 
 
 def test_roles_registered():

@@ -232,9 +232,9 @@ def test_a_run_killed_mid_training_and_resumed_ends_with_the_uninterrupted_weigh
     import torch
 
     import densefusion_local
-    from engine.core.errors import ConfigError
     from engine.train import checkpoints
     from engine.train.loop import RECORD, train
+    from models.errors import ConfigError
 
     steps = ["--max-steps", "10", "--save-every", "2"]
     threads = torch.get_num_threads()

@@ -16,9 +16,11 @@ from conftest import jpeg, sample_members, write_tar
 import densefusion_local
 from engine.core import config
 from engine.core.config import ExpertsConfig, FusionConfig, RunConfig, RuntimeConfig, options_affecting
-from engine.core.errors import ConfigError
 from engine.core.models import resolve_model
-from engine.io.expert_cache import FIELDS, fingerprint, output_fingerprint
+from engine.io.expert_cache import fingerprint, output_fingerprint
+from models.errors import ConfigError
+
+FIELDS = ("tags", "boxes")  # the cached evidence kinds (the tag and detect stages' outputs)
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("engine", "models", "kernels")
@@ -41,12 +43,19 @@ def imported_modules(path: Path, known: dict[str, Path]) -> set[str]:
         return name or None
 
     found = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+    for node in ast.walk(without_type_checking(ast.parse(path.read_text(encoding="utf-8")))):
         if isinstance(node, ast.Import):
             found.update(owner(alias.name) for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
             found.update(owner(f"{node.module}.{alias.name}") for alias in node.names)
     return found - {None}
+
+
+def without_type_checking(tree: ast.Module) -> ast.Module:
+    """``tree`` without its ``if TYPE_CHECKING:`` blocks: annotations only, nothing runs them."""
+    tree.body = [node for node in tree.body if not (isinstance(node, ast.If) and
+                                                    getattr(node.test, "id", "") == "TYPE_CHECKING")]
+    return tree
 
 
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -94,10 +103,39 @@ def test_no_import_cycle_in_engine_models_kernels():
     assert cycles(graph) == []
 
 
-def test_config_imports_nothing_from_models():
+def test_config_imports_from_models_only_the_shared_errors_and_the_registries_of_its_choices():
     known = module_files(*PACKAGES)
     imports = imported_modules(known["engine.core.config"], known)
-    assert not {m for m in imports if m.startswith("models")}
+    assert {m for m in imports if m.startswith("models")} <= {"models.errors", "models.caption.registry", "models.ocr"}
+
+
+def engine_imports_from(package: str) -> dict[str, set[str]]:
+    """module of ``package`` -> the engine modules it imports (at the top or inside a function)."""
+    known = module_files(*PACKAGES)
+    return {name: found for name, path in known.items() if name.startswith(f"{package}.") or name == package
+            if (found := {m for m in imported_modules(path, known) if m.split(".")[0] == "engine"})}
+
+
+def test_dependencies_point_one_way_models_never_import_the_engine():
+    assert engine_imports_from("models") == {}
+    assert engine_imports_from("kernels") == {}
+    assert engine_imports_from("engine")  # the walk sees engine's own imports: it would see models' too
+
+
+def test_the_one_way_check_sees_a_planted_import(tmp_path):
+    planted = tmp_path / "planted.py"
+    planted.write_text("def f():\n    from engine.core.record import Sample\n")
+    assert imported_modules(planted, module_files(*PACKAGES)) == {"engine.core.record"}
+
+
+def test_the_core_knows_no_cluster():
+    """One driver, two executors: engine/core/driver.py runs a pass in process or on whatever
+    executor the CLI hands it; the Ray one (engine/cluster/) depends on the core, never back."""
+    known = module_files(*PACKAGES)
+    users = {name for name, path in known.items() if name.startswith("engine.core")
+             and any(m.startswith("engine.cluster") for m in imported_modules(path, known))}
+    assert users == set()
+    assert "engine.core.driver" in imported_modules(known["engine.cluster.worker"], known)  # the walk sees them
 
 
 def test_models_take_no_engine_config():
@@ -105,6 +143,50 @@ def test_models_take_no_engine_config():
     users = {name for name, path in known.items() if name.startswith("models")
              and "engine.core.config" in imported_modules(path, known)}
     assert users == set()
+
+
+# --- engine/core names no stage and no model ----------------------------------------------------
+
+# What engine/core may take from models/: the shared types and the model reference (models/base.py).
+CORE_MAY_IMPORT = {"models.errors", "models.records", "models.base"}
+# config.py declares the built-in experts' options (their sections, by name); record.py is the
+# output's contract (the Sample's fields are the <key>.json's keys).
+CORE_NAMING_ALLOWED = {"engine.core.config", "engine.core.record"}
+
+
+def names_in_core(path: Path, names: set[str]) -> set[str]:
+    """The string constants of ``path`` that are one of ``names``, and the modules it imports from
+    engine.stages or from models/ beyond ``CORE_MAY_IMPORT``."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in names:
+            found.add(node.value)
+        modules = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+            [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level else []
+        found.update(m for m in modules if m.startswith("engine.stages") or
+                     (m.split(".")[0] == "models" and m not in CORE_MAY_IMPORT))
+    return found
+
+
+def stage_and_model_names() -> set[str]:
+    from engine.stages import STAGES
+
+    return {spec.name for spec in STAGES} | set(config.model_options())
+
+
+def test_engine_core_names_no_stage_and_no_model():
+    names = stage_and_model_names()
+    assert {"caption", "detect", "ocr", "owlv2", "ram_plus"} <= names
+    core = {name: path for name, path in module_files("engine/core").items() if name not in CORE_NAMING_ALLOWED}
+    assert len(core) > 10
+    assert {name: found for name, path in core.items() if (found := names_in_core(path, names))} == {}
+
+
+def test_the_core_check_sees_a_planted_name_and_import(tmp_path):
+    planted = tmp_path / "planted.py"
+    planted.write_text('from models.ocr import OcrModel\nfrom models.errors import ConfigError\n'
+                       'def f(stage):\n    from engine.stages import tag\n    return stage == "detect"\n')
+    assert names_in_core(planted, stage_and_model_names()) == {"models.ocr", "engine.stages", "detect"}
 
 
 # --- one decision: tiny or real ------------------------------------------------------------
@@ -168,8 +250,8 @@ def runtime(models=""):
 
 
 def test_a_default_model_follows_models_tiny():
-    roles = config.model_options()
-    assert set(roles) == {"caption", "embed", "ram_plus", "owlv2", "detector"}
+    roles = config.model_options()  # an optional expert's model option (model=ROLE) adds its role
+    assert set(roles) >= {"caption", "embed", "ram_plus", "owlv2", "detector"}
     for role, (_, option) in roles.items():
         ref = resolve_model(role, option.default, runtime("tiny"))
         assert ref is not None and ref.is_tiny and ref.role == role
@@ -209,16 +291,17 @@ def test_the_cli_refuses_an_explicit_model_with_models_tiny(tmp_path, capsys):
 # --- stages built by their modules -----------------------------------------------------------
 
 def test_every_stage_module_builds_its_stage_and_the_table_lists_them():
-    from engine.core.pipeline import STAGES
+    from engine.stages import STAGES
 
     stage_modules = {name for name in module_files("engine/stages") if not name.endswith("__init__")
                      and name.count(".") == 2} - {"engine.stages"}
     without = {name for name in stage_modules
                if "build" not in {n.name for n in ast.parse(module_files("engine/stages")[name].read_text()).body
                                   if isinstance(n, ast.FunctionDef)}}
-    assert without == {"engine.stages.expert_cache"}  # a wrapper the tag and detect factories apply
-    assert {f"{build.__module__}" for build in STAGES.values()} <= stage_modules
-    assert all(build.__name__ == "build" for build in STAGES.values())
+    # a wrapper the tag and detect factories apply; the plugins' base class (its build is a classmethod)
+    assert without == {"engine.stages.expert_cache", "engine.stages.expert"}
+    assert {f"{spec.build.__module__}" for spec in STAGES} <= stage_modules
+    assert all(spec.build.__name__ == "build" for spec in STAGES)
 
 
 # --- expert-cache keys from the options --------------------------------------------------------
@@ -228,9 +311,9 @@ def test_every_experts_and_fusion_option_declares_what_it_affects():
         undeclared = [f.name for f in dataclasses.fields(section) if f.metadata.get("affects") is None]
         assert undeclared == [], f"{section.__name__} options without affects=: {undeclared}"
     cfg = RunConfig()
-    declared = {a for section in dataclasses.fields(cfg) for f in dataclasses.fields(getattr(cfg, section.name))
+    declared = {a for _, section in cfg.sections() for f in dataclasses.fields(section)
                 for a in f.metadata.get("affects") or ()}
-    assert declared == set(FIELDS)  # only outputs the cache stores
+    assert declared == {*FIELDS, config.EVERY_OUTPUT}  # only outputs the cache stores (--models: all of them)
 
 
 @pytest.mark.parametrize("section, change, changes", [
@@ -298,13 +381,11 @@ def test_a_second_run_over_the_same_images_reports_cache_hits_in_metrics(tmp_pat
 # --- lists kept equal across the engine/models boundary ---------------------------------------
 
 def test_config_choices_match_what_the_models_offer():
-    from models.caption.registry import backend_names
+    """The caption and OCR backends are the registries' own; the decode modes live in the transformers
+    backend, which imports torch, so the config keeps their names and this test keeps them equal."""
     from models.caption.transformers_backend import DECODE_MODES
-    from models.ocr import _BACKENDS
 
-    assert set(config.CAPTION_BACKENDS) == set(backend_names())
     assert config.CAPTION_DECODE_MODES == DECODE_MODES
-    assert set(config.OCR_BACKENDS) == set(_BACKENDS)
 
 
 # --- the CLI: unknown and abbreviated flags -----------------------------------------------------

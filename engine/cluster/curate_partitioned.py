@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from engine.cluster.executor import actor_count, actor_environment
+from engine.cluster.actor import actor_count, actor_environment
 from engine.core.config import RunConfig
 from engine.curate.partitioned import select_partitioned
 from engine.curate.selection import Selected

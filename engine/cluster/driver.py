@@ -1,5 +1,5 @@
-"""The driver of a Ray run: lists the shards, leases them to worker actors a few at a time, and
-records what they commit. It is the one process that writes the manifest (or adopts
+"""The leasing of a Ray run: the shards left, leased to worker actors a few at a time, and what
+they commit handed to the driver, the one process that writes the manifest (or adopts
 embeddings into the store); workers only publish files and markers on shared storage.
 
 Faults, and what the driver does about them:
@@ -27,8 +27,9 @@ the run ends when every shard is committed, stopping the losers.
 
 Leasing is done here, not by Ray: actors are created with ``max_restarts=0`` and calls with no
 retries, and ``ray.util.ActorPool`` is not used (it drops the work of an actor that died). Every
-cluster call goes through an :class:`Executor` (engine/cluster/executor.py): Ray's, or the
-simulator's virtual cluster (engine/cluster/simulator.py).
+cluster call goes through a :class:`Cluster` (engine/cluster/actor.py): Ray's, or the
+simulator's virtual cluster (engine/cluster/simulator.py). The pass around the leasing (checks,
+sink, summary) is the one driver's (engine/core/driver.py; engine/cluster/executor.py).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.cluster.executor import Executor, RayExecutor, WorkFailed
+from engine.cluster.actor import Cluster, WorkFailed
 from engine.core.config import RunConfig
 from engine.io.readers import shard_name
 from engine.ops import events
@@ -166,15 +167,14 @@ def pick_stragglers(actors: Iterable[ActorRecord], running: Counter, n: int, sus
     return picked
 
 
-def lease_shards(cfg: RunConfig, kind: str, paths: list[Path], on_commit: Callable[[str, dict[str, Any]], None],
-                 executor: Executor | None = None) -> ClusterResult:
-    """Run the ``kind`` pass (engine/cluster/worker.py) over ``paths`` on the connected cluster
-    (or on ``executor``: engine/cluster/simulator.py's virtual one)."""
-    cluster = cfg.cluster
-    executor = executor or RayExecutor(cfg, kind)
-    depth = cluster.ray_shards_in_flight
+def lease_shards(cfg: RunConfig, paths: list[Path], on_commit: Callable[[str, dict[str, Any]], None],
+                 cluster: Cluster) -> ClusterResult:
+    """``paths`` leased to ``cluster``'s worker actors (Ray's, or engine/cluster/simulator.py's
+    virtual ones) under ``cfg.cluster``'s settings; ``on_commit`` records each commit."""
+    settings = cfg.cluster
+    depth = settings.ray_shards_in_flight
     result = ClusterResult()
-    start = executor.now()
+    start = cluster.now()
     queue: deque[Path] = deque(paths)
     tries: Counter = Counter()  # attempts made (each attempt's number is in its marker)
     charged: Counter = Counter()  # attempts that count against --ray-max-attempts
@@ -188,7 +188,7 @@ def lease_shards(cfg: RunConfig, kind: str, paths: list[Path], on_commit: Callab
     with_room: dict[int, ActorRecord] = {}  # ready actors holding fewer than ``depth`` leases, by index
     empty: dict[int, ActorRecord] = {}  # ready actors holding none
     start_failures = 0
-    last_worker = executor.now()
+    last_worker = cluster.now()
 
     def set_state(record: ActorRecord, state: str) -> None:
         states[record.state] -= 1
@@ -207,17 +207,17 @@ def lease_shards(cfg: RunConfig, kind: str, paths: list[Path], on_commit: Callab
         return states["ready"] + states["starting"]
 
     def start_actor() -> None:
-        record = ActorRecord(len(result.actors), executor.start())
+        record = ActorRecord(len(result.actors), cluster.start())
         result.actors.append(record)
         states[record.state] += 1
-        starting[executor.ready(record.handle)] = record
+        starting[cluster.ready(record.handle)] = record
 
     def lease(record: ActorRecord, path: Path, copy: bool = False) -> None:
         tries[path] += 1
-        now = executor.now()
+        now = cluster.now()
         if not record.leases:
             record.busy_since = record.progress_at = now
-        given = Lease(executor.process(record.handle, str(path), tries[path]), path, tries[path], path in alone,
+        given = Lease(cluster.process(record.handle, str(path), tries[path]), path, tries[path], path in alone,
                       given_at=now, copy=copy)
         record.leases.append(given)
         busy[given.ref] = record
@@ -256,7 +256,7 @@ def lease_shards(cfg: RunConfig, kind: str, paths: list[Path], on_commit: Callab
         return taken
 
     def end_busy_spell(record: ActorRecord) -> None:
-        record.busy_s += executor.now() - record.busy_since
+        record.busy_s += cluster.now() - record.busy_since
 
     def actor_failed(record: ActorRecord, state: str, reason: str, why: str) -> None:
         """Its shards go back to the front of the queue. Alone on it, the shard is charged an
@@ -264,10 +264,10 @@ def lease_shards(cfg: RunConfig, kind: str, paths: list[Path], on_commit: Callab
         retried alone, where a failure is charged: a shard that always kills its actor costs its
         neighbours one retry, never their attempts. A shard committed meanwhile, or whose copy
         still runs elsewhere, needs nothing."""
-        finished = executor.wait([lease.ref for lease in record.leases], num_returns=len(record.leases), timeout=0)
+        finished = cluster.wait([lease.ref for lease in record.leases], num_returns=len(record.leases), timeout=0)
         for ref in finished:  # committed before the actor failed: not a victim
             with contextlib.suppress(WorkFailed):
-                committed(record, ref, executor.get(ref))
+                committed(record, ref, cluster.get(ref))
         leases = [take_lease(record, lease.ref) for lease in list(record.leases)]
         if leases:
             end_busy_spell(record)
@@ -285,14 +285,14 @@ def lease_shards(cfg: RunConfig, kind: str, paths: list[Path], on_commit: Callab
         record.reason = reason
         events.emit("actor_retired", actor=record.index, actor_node=record.node, state=state, reason=reason)
         if state == "dead":
-            executor.kill(record.handle)
+            cluster.kill(record.handle)
         if start_failures < _MAX_START_FAILURES and queue:
             start_actor()
 
     def late_result(record: ActorRecord, lease: Lease) -> None:
         """``lease``, given up on and already taken out of ``given_up``, has answered."""
         try:
-            late = executor.get(lease.ref)["marker"]
+            late = cluster.get(lease.ref)["marker"]
         except WorkFailed as exc:
             result.late.append(f"{shard_name(lease.path)} attempt {lease.attempt} on {record.node}: {exc}")
             set_state(record, "dead")
@@ -307,8 +307,8 @@ def lease_shards(cfg: RunConfig, kind: str, paths: list[Path], on_commit: Callab
         result.retries += 1
         suspects.add(path)
         charged[path] += charge
-        if charged[path] >= cluster.ray_max_attempts:
-            result.failed[shard_name(path)] = f"{reason} (attempt {charged[path]} of {cluster.ray_max_attempts})"
+        if charged[path] >= settings.ray_max_attempts:
+            result.failed[shard_name(path)] = f"{reason} (attempt {charged[path]} of {settings.ray_max_attempts})"
             events.emit("shard_failed", shard=shard_name(path), reason=reason, attempt=tries[path], given_up=True)
             unfinished.discard(path)
         else:
@@ -318,7 +318,7 @@ def lease_shards(cfg: RunConfig, kind: str, paths: list[Path], on_commit: Callab
 
     def committed(record: ActorRecord, ref: Any, done_shard: dict[str, Any]) -> None:
         done = take_lease(record, ref)
-        record.progress_at = executor.now()
+        record.progress_at = cluster.now()
         if not record.leases:
             end_busy_spell(record)
         if done.path not in unfinished:
@@ -334,27 +334,27 @@ def lease_shards(cfg: RunConfig, kind: str, paths: list[Path], on_commit: Callab
         on_commit(shard_name(done.path), marker)
 
     unfinished: set[Path] = set(paths)  # neither committed nor failed
-    for _ in range(executor.actor_count()):
+    for _ in range(cluster.actor_count()):
         start_actor()
     try:
         while unfinished:
             while queue and lease_next():
                 pass
-            if cluster.ray_copy_stragglers and not queue:
+            if settings.ray_copy_stragglers and not queue:
                 copy_stragglers()
             if states["ready"]:
-                last_worker = executor.now()
-            elif executor.now() - last_worker > _NO_WORKER_TIMEOUT_S or (not starting and queue):
+                last_worker = cluster.now()
+            elif cluster.now() - last_worker > _NO_WORKER_TIMEOUT_S or (not starting and queue):
                 for path in queue:
                     result.failed[shard_name(path)] = "no worker actor could be started to run it"
                 queue.clear()
                 break
-            done = executor.wait([*starting, *busy, *given_up], num_returns=1, timeout=0.5)
+            done = cluster.wait([*starting, *busy, *given_up], num_returns=1, timeout=0.5)
             for ref in done:
                 if ref in starting:
                     record = starting.pop(ref)
                     try:
-                        info = executor.get(ref)
+                        info = cluster.get(ref)
                     except WorkFailed as exc:
                         start_failures += 1
                         retire(record, "dead", f"could not start: {exc}")
@@ -365,30 +365,30 @@ def lease_shards(cfg: RunConfig, kind: str, paths: list[Path], on_commit: Callab
                 elif ref in busy:
                     record = busy[ref]
                     try:
-                        committed(record, ref, executor.get(ref))
+                        committed(record, ref, cluster.get(ref))
                     except WorkFailed as exc:
                         actor_failed(record, "dead", str(exc),
                                      f"worker actor {record.index} on {record.node or '?'} died: {exc}")
                 else:
                     late_result(*given_up.pop(ref))
-            if cluster.ray_lease_timeout:
-                now = executor.now()
+            if settings.ray_lease_timeout:
+                now = cluster.now()
                 for record in result.actors:
-                    if record.leases and now - record.progress_at > cluster.ray_lease_timeout:
+                    if record.leases and now - record.progress_at > settings.ray_lease_timeout:
                         actor_failed(record, "lost", "lease timed out",
                                      f"worker actor {record.index} on {record.node} committed nothing for "
-                                     f"--ray-lease-timeout {cluster.ray_lease_timeout:g}s")
+                                     f"--ray-lease-timeout {settings.ray_lease_timeout:g}s")
         # A worker given up on may only have been slow: a short wait lets it report (its commit
         # was refused if the shard was committed meanwhile) before it is stopped.
-        deadline = executor.now() + _LATE_GRACE_S
-        while given_up and executor.now() < deadline:
-            for ref in executor.wait(list(given_up), num_returns=1, timeout=0.5):
+        deadline = cluster.now() + _LATE_GRACE_S
+        while given_up and cluster.now() < deadline:
+            for ref in cluster.wait(list(given_up), num_returns=1, timeout=0.5):
                 late_result(*given_up.pop(ref))
-        result.stages = _stage_figures(executor.stage_figures([r.handle for r in result.actors if r.state == "ready"]))
+        result.stages = _stage_figures(cluster.stage_figures([r.handle for r in result.actors if r.state == "ready"]))
     finally:
         for record in result.actors:
-            executor.kill(record.handle)
-        result.wall_s = executor.now() - start
+            cluster.kill(record.handle)
+        result.wall_s = cluster.now() - start
     return result
 
 

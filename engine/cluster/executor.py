@@ -1,60 +1,28 @@
-"""What the cluster driver asks of a cluster: start worker actors, give one a shard, wait for
-answers, stop them. engine/cluster/driver.py leases through :class:`Executor` alone, so the one
-leasing code runs on Ray (:class:`RayExecutor`) and on the virtual clock of
-engine/cluster/simulator.py (``python -m bench scale`` and its test: a thousand actors and
-50,000 shards without a Ray process).
+"""The driver's executor on a Ray cluster (engine/core/driver.py ``Executor``): the same checks,
+output and summary as on one node, with the shards left leased to worker actors
+(engine/cluster/driver.py), each running the pass as engine/core/driver.py's ``open_worker``
+assembles it. This process records what they commit (the manifest, or the embeddings adopted
+into the store); the actors publish files and markers on shared storage.
 
-A call's answer is a reference (Ray's ``ObjectRef``, or the simulator's); :meth:`Executor.get`
-raises :class:`WorkFailed` when the actor behind it died or could not start, whatever the
-executor's own exception for it.
+    caption   pass 2 over --shards (run, meta) or over pass 1's selection (run --curate)
+    curate    pass 1: embedding on the actors, each publishing its shards' parts of the store;
+              the driver adopts them and fits k-means; assignment, SemDeDup and top-N run as
+              Ray tasks partitioned by cluster (curate_partitioned.py)
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
-import time
-from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-from engine.cluster.faults import ENV as FAULTS_ENV
-from engine.cluster.faults import parse as parse_faults
+from engine.cluster.actor import RayCluster
+from engine.cluster.driver import ClusterResult, lease_shards
 from engine.core.config import ClusterConfig, RunConfig
-from engine.core.errors import ConfigError
-
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
-
-
-class WorkFailed(Exception):
-    """The actor that was to answer a call died, or could not start; the message says why."""
-
-
-class Executor(Protocol):
-    def actor_count(self) -> int:
-        """How many worker actors the run starts."""
-
-    def start(self) -> Any:
-        """Start one worker actor; returns its handle at once (it loads its models meanwhile)."""
-
-    def ready(self, handle: Any) -> Any:
-        """A reference answered with ``{"node", "pid"}`` once the actor's models are loaded."""
-
-    def process(self, handle: Any, path: str, attempt: int) -> Any:
-        """A reference answered with the shard's done marker (``{"shard", "marker", "attempt"}``)."""
-
-    def wait(self, refs: list[Any], *, num_returns: int, timeout: float) -> list[Any]:
-        """Up to ``num_returns`` of ``refs`` that are answered, waiting at most ``timeout`` s for one."""
-
-    def get(self, ref: Any) -> Any:
-        """An answered reference's value; :class:`WorkFailed` when its actor died."""
-
-    def kill(self, handle: Any) -> None:
-        """Stop an actor (never restarted)."""
-
-    def now(self) -> float:
-        """Seconds on the executor's clock (monotonic; the simulator's is virtual)."""
-
-    def stage_figures(self, handles: list[Any]) -> list[list[dict[str, Any]]]:
-        """Each live actor's per-stage figures ([] when they cannot be had)."""
+from engine.core.driver import Work
+from engine.core.figures import RunSummary
+from engine.ops import prometheus
+from engine.ops.cluster_watch import ClusterWatch
 
 
 def connect(cluster: ClusterConfig) -> None:
@@ -71,86 +39,72 @@ def disconnect() -> None:
     ray.shutdown()
 
 
-def actor_environment() -> dict[str, str]:
-    """The engine's code at the driver's path on every node (shared storage or the same install),
-    and the test-only fault switch when it is set."""
-    env = {"PYTHONPATH": os.pathsep.join(filter(None, (str(PROJECT_ROOT), os.environ.get("PYTHONPATH"))))}
-    if os.environ.get(FAULTS_ENV):
-        try:
-            parse_faults(os.environ[FAULTS_ENV])
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
-        env[FAULTS_ENV] = os.environ[FAULTS_ENV]
-    return env
-
-
-def actor_count(cluster: ClusterConfig) -> int:
-    """Worker actors a run starts: --ray-actors, else the cluster's GPUs over --ray-gpus-per-actor."""
-    import ray
-
-    if cluster.ray_actors:
-        return cluster.ray_actors
-    gpus = ray.cluster_resources().get("GPU", 0)
-    count = int(gpus // cluster.ray_gpus_per_actor)
-    if count < 1:
-        raise ConfigError(f"the Ray cluster has {gpus:g} GPUs, fewer than --ray-gpus-per-actor "
-                          f"{cluster.ray_gpus_per_actor:g}: add GPU nodes, or run CPU-only workers with "
-                          f"--ray-gpus-per-actor 0 --ray-actors N")
-    return count
-
-
 class RayExecutor:
-    """The connected Ray cluster: one ``EngineActor`` (engine/cluster/actor.py) per actor."""
+    """The connected cluster's worker actors run one pass's shards; ``result`` is its leasing
+    (failed shards, actors, nodes: the cluster summary). The actors settle ``auto`` options (the
+    device) on their own nodes."""
 
-    def __init__(self, cfg: RunConfig, kind: str):
-        from engine.cluster.actor import remote_actor
+    def __init__(self) -> None:
+        self.result = ClusterResult()
 
-        self.cfg, self.kind = cfg, kind
-        self.actor_cls = remote_actor(cfg.cluster, actor_environment())
+    def device(self, cfg: RunConfig) -> str:
+        return "ray"
 
-    def actor_count(self) -> int:
-        return actor_count(self.cfg.cluster)
+    def figures(self) -> dict[str, Any]:
+        return {"cluster": self.result.figures()}
 
-    def start(self) -> Any:
-        return self.actor_cls.remote(self.cfg, self.kind)
+    def describe(self) -> str:
+        return format_cluster(self.result)
 
-    def ready(self, handle: Any) -> Any:
-        return handle.ready.remote()
+    def run(self, work: Work) -> RunSummary:
+        if work.source is not None:
+            raise ValueError("a Ray run reads its shards on the actors: a source of items runs in process only")
+        sink, summary = work.sink, work.summary
+        watch = ClusterWatch(work.spec.name, shards_total=summary.shards_total, shards_before=len(summary.shards_skipped))
+        served = prometheus.endpoint(work.cfg.ops.metrics_port)
+        if served is not None:
+            served.follow(watch)
 
-    def process(self, handle: Any, path: str, attempt: int) -> Any:
-        return handle.process.remote(path, attempt)
-
-    def wait(self, refs: list[Any], *, num_returns: int, timeout: float) -> list[Any]:
-        import ray
-
-        done, _ = ray.wait(refs, num_returns=num_returns, timeout=timeout)
-        return done
-
-    def get(self, ref: Any) -> Any:
-        import ray
-
-        try:
-            return ray.get(ref)
-        except ray.exceptions.RayError as exc:
-            raise WorkFailed(_reason(exc)) from exc
-
-    def kill(self, handle: Any) -> None:
-        import ray
-
-        ray.kill(handle, no_restart=True)
-
-    def now(self) -> float:
-        return time.monotonic()
-
-    def stage_figures(self, handles: list[Any]) -> list[list[dict[str, Any]]]:
-        import ray
+        def on_commit(shard: str, marker: dict[str, Any]) -> None:
+            sink.adopt({shard: marker})
+            watch.committed(shard, marker)
 
         try:
-            return ray.get([handle.figures.remote() for handle in handles], timeout=30)
-        except ray.exceptions.RayError:
-            return []
+            self.result = result = lease_shards(work.cfg, work.todo, on_commit,
+                                                RayCluster(work.given, work.spec, work.reader))
+        finally:
+            watch.running = False
+        if result.copies:  # copies still running at the end were stopped half-way: their temporaries go
+            sink.remove_temporaries()
+        return dataclasses.replace(
+            summary, shards_done=sorted(result.committed), written=result.counts["written"],
+            rejected=result.counts["rejected"], rejects_by_stage=dict(result.by_stage), wall_s=result.wall_s,
+            stages=result.stages)
 
 
-def _reason(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
+def format_cluster(result: ClusterResult) -> str:
+    figures = result.figures()
+    lines = [f"ray: {_count(len(result.actors), 'worker actor')} started on {_count(len(figures['nodes']), 'node')}, "
+             f"{_count(result.retries, 'retry', 'retries')}, {_count(len(result.failed), 'failed shard')}"
+             + (f", {_count(result.copies, 'straggler copy', 'straggler copies')} at the tail "
+                f"({result.copies_first} committed first)" if result.copies else "")]
+    for node, counts in figures["nodes"].items():
+        lines.append(f"  node {node}: {_count(counts['actors'], 'actor')}, {_count(counts['shards'], 'shard')}, "
+                     f"{_count(counts['samples'], 'image')}, {counts['images_per_s'] or 0:.1f} images/s")
+    for actor in figures["actors"]:
+        rate = actor["images_per_busy_s"]
+        lines.append(f"  actor {actor['actor']} ({actor['node'] or 'never started'}, pid {actor['pid']}): "
+                     f"{_count(actor['shards'], 'shard')}, {_count(actor['samples'], 'image')}, "
+                     f"{f'{rate:.1f} images/s busy' if rate else '-'}, {actor['state']}"
+                     + (f" ({actor['reason']})" if actor.get("reason") else ""))
+    for shard, reason in sorted(result.failed.items()):
+        lines.append(f"  FAILED {shard}: {reason}")
+    for late in result.late:
+        lines.append(f"  late: {late}")
+    if result.failed:
+        lines.append("failed shards are not in the output; a rerun with the same --out retries them")
+    return "\n".join(lines)
+
+
+def _count(n: int, noun: str, plural: str = "") -> str:
+    return f"{n} {noun if n == 1 else plural or noun + 's'}"

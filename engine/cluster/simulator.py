@@ -1,4 +1,4 @@
-"""A cluster on a virtual clock (an :class:`engine.cluster.executor.Executor`): the real driver
+"""A cluster on a virtual clock (an :class:`engine.cluster.actor.Cluster`): the real driver
 of engine/cluster/driver.py (leasing, attempts, commits, markers, manifest, resume) runs against
 a thousand simulated actors without a Ray process or an image. ``python -m bench scale`` and
 tests/test_scale.py use it.
@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.cluster.executor import WorkFailed
+from engine.cluster.actor import WorkFailed
 from engine.core.record import ShardEnd
 from engine.io.commit import MARKERS_DIR, ShardMarkers, shard_info
 from engine.io.readers import shard_name
@@ -99,7 +99,7 @@ class SimulatedCluster:
         self._cpu_mark = time.process_time()
         self.own_cpu_s = 0.0
 
-    # --- the Executor interface ------------------------------------------------------------
+    # --- the Cluster interface ------------------------------------------------------------
 
     def actor_count(self) -> int:
         return self.actors

@@ -15,18 +15,17 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from engine.cluster.faults import STALL_S, faults_for
 from engine.core.config import RunConfig, RuntimeConfig
+from engine.core.driver import Pass, Reader, open_worker
 from engine.core.record import Sample, ShardEnd
 from engine.core.runtime import Item, Pipeline
 from engine.io.readers import shard_name
 from engine.io.remote import as_shard
-
-PASSES = ("caption", "caption-selected", "curate")  # what a worker runs: pass 2, pass 2 over a selection, pass 1
 
 
 @dataclass
@@ -114,31 +113,8 @@ def _killed_half_way(items: Iterator[Item]) -> Iterator[Item]:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def build_worker(cfg: RunConfig, kind: str) -> ShardWorker:
-    """The worker of one pass (:data:`PASSES`): its stages, its sink, how it reads a shard."""
-    from engine.core.driver import resolved
-    from engine.core.subset import take_subset
-    from engine.io.readers import shard_items
-
-    if kind not in PASSES:
-        raise ValueError(f"unknown pass {kind!r}; passes are {PASSES}")
-    cfg = resolved(replace(cfg, runtime=replace(cfg.runtime, progress=False)))
-    out = Path(cfg.runtime.out)
-    if kind == "curate":
-        from engine.curate.pass1 import PASS1, curate_dir
-        from engine.curate.store import EmbeddingStore
-
-        return ShardWorker(PASS1.build_stages(cfg), EmbeddingStore(curate_dir(cfg), adopt=False),
-                           lambda path: shard_items(path, cfg.input), cfg.runtime)
-    from engine.core.pipeline import PASS2
-    from engine.io.writers import DatasetWriter
-
-    if kind == "caption-selected":
-        from engine.curate.pass2_source import selected_shard_items
-
-        read = selected_shard_items(cfg)
-    else:
-        def read(path: Path) -> Iterator[Item]:
-            return shard_items(path, cfg.input)
-    return ShardWorker(PASS2.build_stages(cfg), DatasetWriter(out, None, clean=False),
-                       lambda path: take_subset(read(path), cfg.subset), cfg.runtime)
+def build_worker(cfg: RunConfig, spec: Pass, reader: Reader) -> ShardWorker:
+    """The worker of one pass: its stages, its sink and how it reads a shard, as the one driver
+    assembles them (engine/core/driver.py)."""
+    stages, sink, shard_items = open_worker(cfg, spec, reader)
+    return ShardWorker(stages, sink, shard_items, cfg.runtime)  # queue depth and bytes in flight: not resolved

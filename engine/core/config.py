@@ -18,8 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from engine.core.errors import ConfigError
+from engine.evidence.boxes import LABEL_SYNONYMS
+from engine.evidence.qc import QC_RULES, QC_SCAFFOLDING
 from engine.io.remote import is_url
+from models.caption.registry import backend_names as caption_backend_names
+from models.errors import ConfigError
+from models.ocr import backend_names as ocr_backend_names
 
 
 def option(default: Any, help: str, *, choices: tuple | None = None, flag: str | None = None,
@@ -47,6 +51,8 @@ def option(default: Any, help: str, *, choices: tuple | None = None, flag: str |
 # The CLI commands whose options come from these sections (densefusion_local.py): each section
 # says which of them it applies to (COMMANDS), an option may narrow that (option(commands=)).
 RUN, CURATE, DEMO, META, PLAN = "run", "curate", "demo", "meta", "plan"
+# option(affects=(EVERY_OUTPUT,)): the option changes every expert output, an optional expert's too
+EVERY_OUTPUT = "*"
 ALL_COMMANDS = (RUN, CURATE, DEMO, META, PLAN)
 
 
@@ -119,7 +125,7 @@ class DecodeConfig:
 # --- pass 2: OCR expert, fusion prompt, caption engine ---------------------------------
 
 PROMPT_TEMPLATES = ("caption_engine", "gpt4v")  # engine/evidence/prompt.py holds their text
-OCR_BACKENDS = ("batched", "rapidocr", "paddleocr")  # models/ocr.py
+OCR_BACKENDS = ocr_backend_names()
 
 
 @dataclass(frozen=True)
@@ -199,8 +205,7 @@ class OcrConfig:
 # transformers decoding (models/caption/transformers_backend.py's DECODE_MODES): KV cache grown
 # every step, preallocated, or preallocated with a torch.compile'd decoding step
 CAPTION_DECODE_MODES = ("dynamic", "static", "compiled")
-# models/caption/registry.py's backends (a test keeps the two lists equal)
-CAPTION_BACKENDS = ("auto", "openai", "sglang", "transformers")
+CAPTION_BACKENDS = tuple(caption_backend_names())
 
 
 @dataclass(frozen=True)
@@ -341,7 +346,7 @@ class RuntimeConfig:
         "--device); e.g. cuda:0 cuda:1, or cpu cpu (tests)", basic=True, metavar="DEVICE",
     )
     models: str = option(
-        "", "'tiny': random-weight tiny models for every model-backed stage (noise, for tests/demo)", affects=("tags", "boxes"),
+        "", "'tiny': random-weight tiny models for every model-backed stage (noise, for tests/demo)", affects=(EVERY_OUTPUT,),
         basic=True, metavar="tiny",
     )
     cache_dir: str = option(
@@ -354,24 +359,57 @@ class RuntimeConfig:
         metavar="BYTES",
     )
     progress: bool = option(True, "show a live progress bar", commands=(RUN, CURATE, DEMO, META))
+    experts: tuple[str, ...] = option(
+        (), "experts to run besides the paper's stages: in-tree ones (engine/experts/) and installed plugins "
+        "(entry-point group densefusion.experts); their options follow, a group each; --help ends with their "
+        "names; --stages may name them too",
+        commands=(RUN, DEMO, META, PLAN), basic=True, metavar="EXPERT",
+    )
 
     def validate(self) -> None:
         if not self.out:
             raise ConfigError("--out is required: the folder to write the dataset to")
-        if is_url(self.out):
-            raise ConfigError(f"--out {self.out}: output to object storage is not supported yet (only --shards "
-                              f"reads URLs); write to a local or shared folder and copy it up afterwards")
         if self.queue_depth < 1:
             raise ConfigError("--queue-depth must be >= 1")
         if self.max_bytes_in_flight < 1:
             raise ConfigError("--max-bytes-in-flight must be >= 1 (bytes)")
         if self.models not in ("", "tiny"):
             raise ConfigError("--models takes 'tiny' (or nothing, for the per-stage model flags)")
+        if is_url(self.out):
+            check_output_store(self.out)
+            return
         from engine.io.commit import check_links
 
         reason = check_links(check_output_folder(Path(self.out)))
         if reason:
             raise ConfigError(f"output folder {self.out}: {reason}; use a local or NFS-like filesystem")
+
+
+def check_output_store(out: str) -> None:
+    """The check of an ``--out`` on object storage: a store fsspec can write with a conditional
+    create that refuses a second create of a key (engine/io/object_output.py)."""
+    from engine.io.object_output import OUTPUT_PROTOCOLS, ObjectPath, check_conditional_create
+
+    protocol = out.split("://", 1)[0].lower()
+    if protocol not in OUTPUT_PROTOCOLS:
+        raise ConfigError(f"--out {out}: {protocol}:// cannot hold an output (no conditional create); "
+                          f"pass a local or shared folder, s3://bucket/prefix or gs://bucket/prefix")
+    if not out.split("://", 1)[1].strip("/"):
+        raise ConfigError(f"--out {out}: name a bucket (s3://bucket/prefix)")
+    reason = check_conditional_create(ObjectPath(out.rstrip("/")))
+    if reason:
+        raise ConfigError(f"--out {out}: {reason}")
+
+
+def check_folder_output(out: str, what: str) -> None:
+    """Commands whose output needs a folder (curation's zarr store, appended chunk by chunk; meta's
+    and demo's files beside the dataset) refuse an ``--out`` on object storage."""
+    if is_url(out):
+        raise ConfigError(f"--out {out}: {what} in a folder; pass a local or shared folder "
+                          f"(run without --curate writes to object storage)")
+
+
+CURATION_NEEDS_A_FOLDER = "curation (curate, run --curate) keeps its embedding store"
 
 
 def check_output_folder(out: Path, flag: str = "--out") -> Path:
@@ -476,9 +514,8 @@ class FusionConfig:
     quota_large: int = option(2, "boxes kept from the large bucket (plus what medium left over)", affects=("boxes",))
     max_boxes: int = option(10, "at most this many boxes per image", affects=("boxes",))
     label_synonyms: tuple[str, ...] = option(
-        ("person=man,woman,boy,girl,child,people", "car=automobile", "cell phone=mobile phone,phone",
-         "tv=television", "sofa=couch", "bicycle=bike", "motorcycle=motorbike", "airplane=aeroplane,plane"),
-        "label groups treated as one when merging: 'canonical=syn1,syn2'", affects=("boxes",), metavar="GROUP",
+        LABEL_SYNONYMS, "label groups treated as one when merging: 'canonical=syn1,syn2'", affects=("boxes",),
+        metavar="GROUP",
     )
 
     def validate(self) -> None:
@@ -496,30 +533,7 @@ class FusionConfig:
                 raise ConfigError(f"--label-synonyms entry {group!r} must read 'canonical=syn1,syn2'")
 
 
-# --- caption quality control (engine/evidence/qc.py applies the rules) ----------------------------
-
-
-QC_RULES = (
-    "empty",  # nothing but whitespace
-    "short",  # fewer words than a detailed caption can have
-    "token_limit",  # the engine stopped at max_new_tokens (finish_reason "length")
-    "unfinished",  # no sentence-final punctuation: cut off mid-sentence
-    "repeated_ngrams",  # a decoding loop: a large share of the word n-grams are repeats
-    "repeated_sentences",  # the same sentence written again and again
-    "scaffolding",  # the prompt's structure leaked: coordinates, [OCR], "external information"
-)
-
-# What the fusion prompt shows the engine and a caption must never echo. Coordinates are the
-# prompt's normalised boxes "[0.12, 0.34, ...]"; the bracketed headers and phrases are its
-# section names and instructions (paper appendix C.2).
-QC_SCAFFOLDING = (
-    r"\[\s*[01]?\.\d+\s*,\s*[01]?\.\d+",
-    r"\[\s*(?:ocr|world knowledge|detection box|external information|caption|image)\s*\]",
-    r"external information",
-    r"detection box",
-    r"bounding box",
-    r"world knowledge",
-)
+# --- caption quality control (engine/evidence/qc.py: its rules and patterns) ----------------------
 
 
 @dataclass(frozen=True)
@@ -777,22 +791,46 @@ class RunConfig:
     score: ScoreConfig = ScoreConfig()
     cluster: ClusterConfig = ClusterConfig()
     ops: OpsConfig = OpsConfig()
+    # (name, section) of each expert plugin's own section (engine/core/registry.py), built like the
+    # others from flags and YAML; read with ``section(name)``
+    plugin_sections: tuple[tuple[str, Any], ...] = ()
+
+    def section(self, name: str) -> Any:
+        """A section by name: a plugin's, or a built-in one."""
+        return dict(self.plugin_sections)[name] if name in dict(self.plugin_sections) else getattr(self, name)
+
+    def sections(self) -> list[tuple[str, Any]]:
+        """(name, section) of every section, the plugins' after the built-in ones."""
+        return [(f.name, getattr(self, f.name)) for f in _builtin_fields(RunConfig)] + list(self.plugin_sections)
 
     def validate(self) -> RunConfig:
-        for section in dataclasses.fields(self):
-            getattr(self, section.name).validate()
+        for _, section in self.sections():
+            section.validate()
+        if self.curate.curate:
+            check_folder_output(self.runtime.out, CURATION_NEEDS_A_FOLDER)
         for section, f in model_options().values():  # before any pass starts (pass 2 builds after pass 1)
-            check_tiny_swap(f, getattr(getattr(self, section), f.name), self.runtime.models)
+            check_tiny_swap(f, getattr(self.section(section), f.name), self.runtime.models)
         return self
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {name: dataclasses.asdict(section) for name, section in self.sections()}
+
+
+def _builtin_fields(cls) -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(cls) if f.name != "plugin_sections"]
+
+
+def plugin_section_classes() -> list[tuple[str, type]]:
+    """(name, section class) of the optional experts (in-tree and plugins) that own a config section."""
+    from engine.core.registry import plugin_specs
+
+    return [spec.options for spec in plugin_specs() if spec.options is not None]
 
 
 def model_options() -> dict[str, tuple[str, dataclasses.Field]]:
     """role -> (section, field) of the option that names its model (``option(model=role)``)."""
-    return {f.metadata["model"]: (section.name, f) for section in dataclasses.fields(RunConfig)
-            for f in dataclasses.fields(section.default) if f.metadata.get("model")}
+    return {f.metadata["model"]: (name, f) for name, section_cls in _sections()
+            for f in dataclasses.fields(section_cls) if f.metadata.get("model")}
 
 
 def check_tiny_swap(f: dataclasses.Field, name: str, models: str) -> None:
@@ -809,10 +847,10 @@ def options_affecting(cfg: RunConfig, output: str) -> dict[str, Any]:
     """The options whose fields declare that they change ``output`` (``option(affects=...)``),
     as ``section.field: value``: what keys the cached ``output`` of an expert."""
     return {
-        f"{section.name}.{f.name}": getattr(getattr(cfg, section.name), f.name)
-        for section in dataclasses.fields(cfg)
-        for f in dataclasses.fields(getattr(cfg, section.name))
-        if output in (f.metadata.get("affects") or ())
+        f"{name}.{f.name}": getattr(section, f.name)
+        for name, section in cfg.sections()
+        for f in dataclasses.fields(section)
+        if {output, EVERY_OUTPUT} & set(f.metadata.get("affects") or ())
     }
 
 
@@ -824,9 +862,12 @@ def flag_name(f: dataclasses.Field) -> str:
 
 
 def _sections(cls=RunConfig):
+    """(name, section class) of ``cls``'s sections; a RunConfig's plugin sections last."""
     hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
+    for f in _builtin_fields(cls):
         yield f.name, hints[f.name]
+    if cls is RunConfig:
+        yield from plugin_section_classes()
 
 
 def applies_to(section_cls, f: dataclasses.Field) -> tuple[str, ...] | None:
@@ -910,9 +951,10 @@ def build(args: argparse.Namespace | None = None, yaml_path: str | None = None, 
             values[name][key] = value
     for name, section in overrides.items():
         values[name].update(section)
-    sections = {}
-    for name, section_cls in _sections(cls):
-        sections[name] = _make(section_cls, values[name], name)
+    sections = {name: _make(section_cls, values[name], name) for name, section_cls in _sections(cls)}
+    if cls is RunConfig:
+        plugins = tuple((name, sections.pop(name)) for name, _ in plugin_section_classes())
+        return cls(**sections, plugin_sections=plugins).validate()
     return cls(**sections).validate()
 
 

@@ -98,6 +98,11 @@ class RunSummary:
         return (self.written + self.rejected) / self.wall_s if self.wall_s else 0.0
 
     @property
+    def shards_left(self) -> int:
+        """Shards neither committed by now nor before (interrupted, or failed on Ray)."""
+        return self.shards_total - len(self.shards_done) - len(self.shards_skipped)
+
+    @property
     def nothing_to_do(self) -> bool:
         return not self.shards_done and self.shards_total == len(self.shards_skipped) and not self.interrupted
 

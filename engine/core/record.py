@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 import numpy as np
 
+from models.records import Box, Caption, OcrLine, Tag
+
 Status = Literal["ok", "filtered", "error"]
 
 
@@ -24,42 +26,6 @@ class Source:
     member: str  # tar member name, parquet row index, or file path relative to the folder
     offset: int = -1  # byte offset of the image data inside a tar (-1: not a tar)
     size: int = -1  # byte size of the image data inside a tar
-
-
-@dataclass(frozen=True)
-class Tag:
-    name: str
-    score: float
-
-
-@dataclass(frozen=True)
-class Box:
-    """A detection; ``xyxy`` is normalised to [0, 1] of the original image's width/height."""
-
-    label: str
-    score: float
-    xyxy: tuple[float, float, float, float]
-    source: str  # which detector produced it ("owlv2", "closed", "fused", ...)
-
-
-@dataclass(frozen=True)
-class OcrLine:
-    """One recognised text line; ``xyxy`` normalised like :class:`Box`."""
-
-    text: str
-    score: float
-    xyxy: tuple[float, float, float, float]
-
-
-@dataclass(frozen=True)
-class Caption:
-    text: str
-    prompt_tokens: int
-    output_tokens: int
-    finish_reason: str  # "stop" | "length" | "error"
-    seconds: float
-    model: str
-    backend: str
 
 
 @dataclass
@@ -79,6 +45,9 @@ class Sample:
     tags: list[Tag] = field(default_factory=list)
     boxes: list[Box] = field(default_factory=list)
     ocr: list[OcrLine] = field(default_factory=list)
+    # the plugins' evidence kinds (engine/core/registry.py), by name: plain JSON values; the
+    # paper's kinds are the fields above
+    evidence: dict[str, Any] = field(default_factory=dict)
     prompt: str = ""
     caption: Caption | None = None
     scores: dict[str, float] = field(default_factory=dict)
@@ -104,6 +73,16 @@ class Sample:
         self.views.clear()
         self.image_bytes = b""
 
+    def get(self, kind: str) -> Any:
+        """An evidence kind's value: the paper's kinds are fields, a plugin's in ``evidence``."""
+        return getattr(self, kind) if kind in _FIELDS else self.evidence.get(kind)
+
+    def put(self, kind: str, value: Any) -> None:
+        if kind in _FIELDS:
+            setattr(self, kind, value)
+        else:
+            self.evidence[kind] = value
+
     def annotations(self) -> dict[str, Any]:
         """Everything the engine learnt about the sample: the ``<key>.json`` of the output."""
         return {
@@ -122,6 +101,7 @@ class Sample:
             "engine": _engine(self.caption),
             "scores": self.scores,
             "flags": self.flags,
+            **self.evidence,  # a plugin's kinds, only when it ran
         }
 
 
@@ -136,6 +116,9 @@ def _engine(caption: Caption | None) -> dict[str, Any]:
         "finish_reason": caption.finish_reason,
         "seconds": round(caption.seconds, 4),
     }
+
+
+_FIELDS = frozenset(Sample.__dataclass_fields__)
 
 
 @dataclass(frozen=True)

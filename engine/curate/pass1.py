@@ -21,8 +21,7 @@ from typing import Any
 import numpy as np
 
 from engine.core.config import RunConfig
-from engine.core.driver import Pass, run_pass
-from engine.core.errors import ConfigError
+from engine.core.driver import Executor, Pass, run_pass
 from engine.core.figures import RunSummary
 from engine.core.stage import Stage
 from engine.curate.kmeans import Clustering, assign, default_k, fit_centroids
@@ -32,15 +31,20 @@ from engine.io.manifest import write_json_atomic, write_parquet_atomic
 from engine.stages import decode, embed, probe
 from engine.stages.embed import EMBED_VIEW, embedder_model
 from engine.stages.probe import ResolutionFilter
+from models.errors import ConfigError
 
 CURATE_DIR = "curate"
 
 
 def curate_dir(cfg: RunConfig) -> Path:
-    return Path(cfg.runtime.out) / CURATE_DIR
+    return PASS1.root(cfg)
 
 
-def open_store(cfg: RunConfig, root: Path) -> EmbeddingStore:
+def open_store(cfg: RunConfig, root: Path, *, worker: bool = False) -> EmbeddingStore:
+    """The driver's store, or a worker's (engine/core/driver.py ``Pass``): it publishes its
+    shards' parts and leaves the array and the manifest to the driver, which checked the model."""
+    if worker:
+        return EmbeddingStore(root, adopt=False)
     store = EmbeddingStore(root)
     # Embeddings of two models do not mix: a resumed store must keep the model it started with.
     _, identity = embedder_model(cfg)
@@ -58,13 +62,16 @@ def curate_stages(cfg: RunConfig) -> list[Stage]:
 PASS1 = Pass("curate", CURATE_DIR, open_store, curate_stages, ("embeddings.zarr", "index.parts"))
 
 
-def run_curate(cfg: RunConfig) -> tuple[RunSummary, dict[str, Any] | None]:
-    """Run pass 1 into OUT/curate: the embedding run's summary, and the report (None when
-    interrupted: the global step waits for every shard)."""
-    summary = run_pass(cfg, PASS1)
-    if summary.interrupted:
+def run_curate(cfg: RunConfig, executor: Executor | None = None,
+               select_rows: Callable[..., Selected] | None = None) -> tuple[RunSummary, dict[str, Any] | None]:
+    """Run pass 1 into OUT/curate (in process, or on ``executor``): the embedding run's summary,
+    and the report (None when a shard is left, interrupted or failed: the global step needs every
+    shard). ``select_rows``: see :func:`select_from_store`."""
+    summary = run_pass(cfg, PASS1, executor)
+    if summary.shards_left:
         return summary, None
-    return summary, select_from_store(EmbeddingStore(summary.root), cfg, embed_s=summary.wall_s)
+    return summary, select_from_store(EmbeddingStore(summary.root), cfg, embed_s=summary.wall_s,
+                                      select_rows=select_rows or select_here)
 
 
 def select_here(rows, centroids: np.ndarray, cfg: RunConfig, root: Path) -> Selected:

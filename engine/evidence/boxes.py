@@ -1,6 +1,6 @@
 """Box fusion: the detectors' raw boxes → the few boxes the fusion prompt shows.
 
-Pure functions over :class:`engine.core.record.Box` (coordinates normalised to [0, 1] of the
+Pure functions over :class:`models.records.Box` (coordinates normalised to [0, 1] of the
 original image). The order of the rules is the paper's (§3.2.1): keep confident detections
 (a threshold per detector) that have a size (both sides at least ``min_box_side`` pixels of
 the original image: detectors emit degenerate boxes, and the small-first quotas would prefer
@@ -13,39 +13,21 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
-from engine.core.config import FusionConfig
-from engine.core.record import Box
+from models.records import Box
 
-XYXY = tuple[float, float, float, float]
+if TYPE_CHECKING:  # the config's default synonyms come from here
+    from engine.core.config import FusionConfig
+
 SIZE_BUCKETS = ("small", "medium", "large")
+# Label groups the detectors' vocabularies spell differently (COCO/LVIS names, RAM++ tags):
+# merged as one label ('canonical=syn1,syn2'); --label-synonyms replaces them.
+LABEL_SYNONYMS = ("person=man,woman,boy,girl,child,people", "car=automobile", "cell phone=mobile phone,phone",
+                  "tv=television", "sofa=couch", "bicycle=bike", "motorcycle=motorbike", "airplane=aeroplane,plane")
 
 
 # --- coordinates ---------------------------------------------------------------------
-
-
-def normalise_pixels(xyxy: Sequence[float], width: int, height: int) -> XYXY:
-    """Pixel box on a ``width`` × ``height`` image → [0, 1] coordinates, clipped."""
-    x1, y1, x2, y2 = xyxy
-    return clip_unit((x1 / width, y1 / height, x2 / width, y2 / height))
-
-
-def unpad_square(xyxy: Sequence[float], width: int, height: int) -> XYXY:
-    """Box normalised to OWLv2's padded square → [0, 1] of the original image.
-
-    OWLv2 pads the image at the bottom/right to a square of side ``max(width, height)``, so
-    a coordinate ``u`` of the square is ``u * side`` pixels, i.e. ``u * side / width`` of
-    the original width. Boxes on the padding are clipped away.
-    """
-    side = max(width, height)
-    sx, sy = side / width, side / height
-    x1, y1, x2, y2 = xyxy
-    return clip_unit((x1 * sx, y1 * sy, x2 * sx, y2 * sy))
-
-
-def clip_unit(xyxy: Sequence[float]) -> XYXY:
-    x1, y1, x2, y2 = (min(1.0, max(0.0, float(v))) for v in xyxy)
-    return (x1, y1, x2, y2)
 
 
 def area(xyxy: Sequence[float]) -> float:

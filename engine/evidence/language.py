@@ -23,7 +23,7 @@ import re
 from functools import lru_cache
 from typing import Protocol
 
-from engine.core.errors import ConfigError
+from models.errors import ConfigError
 
 NOUN, ADJ, ADV, VERB, NUM, OTHER = "noun", "adjective", "adverb", "verb", "numeral", "other"
 POS_CLASSES = (NOUN, ADJ, ADV, VERB, NUM)

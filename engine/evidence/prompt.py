@@ -28,17 +28,10 @@ import unicodedata
 from collections.abc import Sequence
 
 from engine.core.config import PROMPT_TEMPLATES, PromptConfig
-from engine.core.record import Box, OcrLine, Sample
-
-CAPTION_ENGINE_INSTRUCTION = (
-    "You are a powerful multimodal model and you should generate detailed descriptions of this "
-    "image, using additional external information such as [Caption], [Detection Box], and [OCR]. "
-    "[Caption] might contain rich world knowledge which should be considered in the final "
-    "description but also may not have any relevance to the image. Although this information may "
-    "contain errors or be incomplete, you should disregard any inaccuracies. External details "
-    "like detection boxes are just for reference and should not be included in the final "
-    "description. If external information is not used, do not specify why."
-)
+from engine.core.record import Sample
+from engine.core.registry import evidence_kinds
+from models.caption.instruction import CAPTION_ENGINE_INSTRUCTION
+from models.records import Box, OcrLine
 
 # The paper's list as extracted, typos ("DN NOT", "DD NOT") and numbering gaps included: the
 # meta dataset was written under these exact words.
@@ -155,8 +148,10 @@ def fusion_prompt(
     /,
     *,
     config: PromptConfig = DEFAULT_CONFIG,
+    plugins: Sequence[tuple[str, Sequence[str]]] = (),
 ) -> str:
-    """The prompt for one image in the configured template."""
+    """The prompt for one image in the configured template. ``plugins``: (label, lines) of the
+    plugins' evidence, each a section after the paper's (none without plugins: the paper's text)."""
     world = sanitize(alt_text, config.prompt_alt_text_chars)
     box_lines = [format_box(b, config.box_decimals, config.prompt_label_chars) for b in boxes]
     box_lines = [line for line in box_lines if not line.startswith(":")]  # label was all markup
@@ -174,6 +169,8 @@ def fusion_prompt(
         f"[World Knowledge]: {world}".rstrip(),
         "\n".join(["[Detection Box]:", *box_lines]),
         "\n".join(["[OCR]:", *ocr_lines]),
+        *("\n".join([f"[{label}]:", *(text for line in lines if (text := sanitize(line, config.prompt_alt_text_chars)))])
+          for label, lines in plugins),
         "[IMAGE]:",
     ]
     return "\n\n".join(sections)
@@ -186,4 +183,12 @@ def gpt4v_prompt(alt_text: str, boxes: Sequence[Box], ocr: Sequence[OcrLine], /,
 
 
 def sample_prompt(sample: Sample, config: PromptConfig) -> str:
-    return fusion_prompt(sample.alt_text, sample.boxes, sample.ocr, config=config)
+    return fusion_prompt(sample.alt_text, sample.boxes, sample.ocr, config=config, plugins=plugin_sections(sample))
+
+
+def plugin_sections(sample: Sample) -> list[tuple[str, list[str]]]:
+    """The sections of the plugins' evidence the sample carries, in stage order (engine/core/registry.py)."""
+    if not sample.evidence:
+        return []
+    return [(kind.prompt.label, kind.prompt.lines(sample.evidence[kind.name])) for kind in evidence_kinds().values()
+            if kind.prompt is not None and kind.name in sample.evidence]

@@ -12,9 +12,34 @@ from __future__ import annotations
 import re
 from collections import Counter
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from engine.core.config import QcConfig
 from engine.evidence import language
+
+if TYPE_CHECKING:  # the config's defaults come from here (QC_RULES, QC_SCAFFOLDING)
+    from engine.core.config import QcConfig
+
+QC_RULES = (
+    "empty",  # nothing but whitespace
+    "short",  # fewer words than a detailed caption can have
+    "token_limit",  # the engine stopped at max_new_tokens (finish_reason "length")
+    "unfinished",  # no sentence-final punctuation: cut off mid-sentence
+    "repeated_ngrams",  # a decoding loop: a large share of the word n-grams are repeats
+    "repeated_sentences",  # the same sentence written again and again
+    "scaffolding",  # the prompt's structure leaked: coordinates, [OCR], "external information"
+)
+
+# What the fusion prompt shows the engine and a caption must never echo. Coordinates are the
+# prompt's normalised boxes "[0.12, 0.34, ...]"; the bracketed headers and phrases are its
+# section names and instructions (paper appendix C.2).
+QC_SCAFFOLDING = (
+    r"\[\s*[01]?\.\d+\s*,\s*[01]?\.\d+",
+    r"\[\s*(?:ocr|world knowledge|detection box|external information|caption|image)\s*\]",
+    r"external information",
+    r"detection box",
+    r"bounding box",
+    r"world knowledge",
+)
 
 _SENTENCE_END = re.compile(r"[.!?。！？…][\"'”’)\]」』]*\s*$")
 

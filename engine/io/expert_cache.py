@@ -23,17 +23,15 @@ from pathlib import Path
 from typing import Any
 
 from engine.core.config import RunConfig, options_affecting
-from engine.core.record import Box, Sample, Tag
-
-# Sample fields an expert may fill, and how to rebuild them from JSON.
-FIELDS = {
-    "tags": lambda rows: [Tag(**r) for r in rows],
-    "boxes": lambda rows: [Box(r["label"], r["score"], tuple(r["xyxy"]), r["source"]) for r in rows],
-}
+from engine.core.record import Sample
+from engine.core.registry import evidence_kinds, producers
 
 
-# Outputs computed from other outputs: boxes come from OWLv2 queried with the image's tags.
-INPUTS = {"boxes": ("tags",)}
+def inputs_of(output: str) -> tuple[str, ...]:
+    """The evidence kinds ``output`` is computed from: what its producers read or use (boxes come
+    from OWLv2 queried with the image's tags)."""
+    kinds = evidence_kinds()
+    return tuple(dict.fromkeys(name for spec in producers(output) for name in spec.inputs() if name in kinds))
 
 
 def image_digest(sample: Sample) -> str:
@@ -50,11 +48,11 @@ def fingerprint(*parts: Any) -> str:
 
 
 def output_fingerprint(cfg: RunConfig, output: str) -> str:
-    """What keys ``output`` (a key of FIELDS): the options declared to affect it, the files on
+    """What keys ``output`` (an evidence kind): the options declared to affect it, the files on
     disk those options name (:func:`files_on_disk`), and the fingerprints of the outputs it is
     computed from."""
     options = options_affecting(cfg, output)
-    upstream = [output_fingerprint(cfg, name) for name in INPUTS.get(output, ())]
+    upstream = [output_fingerprint(cfg, name) for name in inputs_of(output)]
     on_disk = {name: files_on_disk(value) for name, value in options.items() if isinstance(value, str)}
     on_disk = {name: files for name, files in on_disk.items() if files}
     # Options naming nothing on disk (hub ids, 'tiny', numbers) keep the keys they always had.

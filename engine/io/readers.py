@@ -28,13 +28,13 @@ from pathlib import Path
 from typing import Any
 
 from engine.core.config import InputConfig
-from engine.core.errors import ConfigError
 from engine.core.record import Sample, ShardEnd, Source
 from engine.io.keys import MemberName, escape, lost_name, parse_member_name, split_member_name, usable_key
 from engine.io.remote import RemoteShard, Shard, UrlExpander, is_url, open_binary
 from engine.io.sidecars import MAX_JSON_BYTES, parse_json_sidecar, text_bytes_to_read
 from engine.io.tar import TarMember, TarReader, is_gzip, open_stream
 from engine.io.text import decode_text, unescape_entities, valid_text
+from models.errors import ConfigError
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 READER = "read"

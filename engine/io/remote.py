@@ -12,13 +12,14 @@ consumed (never from the start), a bounded number of times in a row; then the re
 from __future__ import annotations
 
 import glob
+import os
 import re
 import time
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO
 
-from engine.core.errors import ConfigError
+from models.errors import ConfigError
 
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 BLOCK_BYTES = 8 << 20  # one ranged request: few requests per shard, one block of memory per open shard
@@ -54,14 +55,14 @@ def as_shard(text: str) -> Shard:
     return RemoteShard(text) if is_url(text) else Path(text)
 
 
-def filesystem(url: str, timeout_s: float = 60.0) -> tuple[Any, str]:
+def filesystem(url: str, timeout_s: float = 60.0, flag: str = "--shards", **options: Any) -> tuple[Any, str]:
     """fsspec's filesystem for ``url`` and the path in it; a read that waits ``timeout_s`` for data
     fails (and is retried) instead of hanging the run. Credentials and endpoints come from the
-    store's usual configuration (for S3: ``AWS_*`` variables, ``~/.aws``, ``AWS_ENDPOINT_URL``)."""
+    store's usual configuration (for S3: ``AWS_*`` variables, ``~/.aws``, ``AWS_ENDPOINT_URL``).
+    ``options`` go to the filesystem (an output's: no listings cache)."""
     import fsspec
 
     protocol = url.split("://", 1)[0].lower()
-    options: dict[str, Any] = {}
     if protocol in ("http", "https"):
         import aiohttp
 
@@ -72,8 +73,20 @@ def filesystem(url: str, timeout_s: float = 60.0) -> tuple[Any, str]:
     try:
         return fsspec.core.url_to_fs(url, **options)
     except (ImportError, ValueError) as exc:
-        raise ConfigError(f"--shards {url}: no filesystem for {protocol}:// ({exc}); "
+        raise ConfigError(f"{flag} {url}: no filesystem for {protocol}:// ({exc}); "
                           f"install densefusion[cloud] (s3fs) or the fsspec package for that store") from exc
+
+
+# A store's settings (endpoint, region, profile, credentials) as a driver's environment holds them:
+# the Ray actors get them too, so they read and write the store the driver checked.
+STORE_ENVIRONMENT = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE",
+                     "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+                     "GOOGLE_APPLICATION_CREDENTIALS", "GOOGLE_CLOUD_PROJECT", "STORAGE_EMULATOR_HOST")
+
+
+def store_environment() -> dict[str, str]:
+    """The store settings of :data:`STORE_ENVIRONMENT` that are set here."""
+    return {name: os.environ[name] for name in STORE_ENVIRONMENT if name in os.environ}
 
 
 class UrlExpander:

@@ -8,10 +8,11 @@
                                  written, rejected, shard-level errors, byte ranges a damaged input lost
 
 Files grow under temporary names unique to this writer and are published when the shard's
-:class:`ShardEnd` arrives, each with a no-replace link, then the shard's done marker
-(engine/io/commit.py: the one protocol of the single-node run and of Ray workers). A crash
-before the marker leaves the shard unfinished: a rerun completes the marker from the published
-files if they are all there, and otherwise redoes the shard, keeping any file already published.
+:class:`ShardEnd` arrives, each with a no-replace link (a conditional create on object storage),
+then the shard's done marker (engine/io/commit.py: the one protocol of the single-node run and
+of Ray workers). A crash before the marker leaves the shard unfinished: a rerun completes the
+marker from the published files if they are all there, and otherwise redoes the shard, keeping
+any file already published.
 """
 
 from __future__ import annotations
@@ -27,12 +28,16 @@ from typing import Any
 import pyarrow as pa
 
 from engine.core.record import Sample, ShardEnd
+from engine.core.registry import evidence_kinds
 from engine.evidence.category import category_score_names
 from engine.evidence.coverage import COVERAGE_SCORES
+from engine.evidence.kinds import BOXES, OCR, TAGS
 from engine.io.commit import (
     MARKERS_DIR,
     ShardMarkers,
     file_label,
+    listed,
+    parquet_rows,
     publish,
     publish_parquet,
     remove_stale_temporaries,
@@ -40,6 +45,7 @@ from engine.io.commit import (
     temp_path,
 )
 from engine.io.manifest import Manifest
+from engine.io.object_output import OutPath
 from engine.io.text import valid_utf8
 
 # Every image member is named <key>.jpg whatever its format (the bytes are the original file's,
@@ -47,8 +53,6 @@ from engine.io.text import valid_utf8
 # of fields from the first samples and drop images stored under any other extension. Decoders
 # (PIL, webdataset's "pil" decoder, LLaVA's loaders) read the format from the bytes.
 IMAGE_MEMBER_EXT = "jpg"
-
-_XYXY = pa.list_(pa.float64())
 
 # ``meta`` and ``scores`` are structs with fixed fields, so every shard has the same schema
 # whatever it held, and datasets/pandas users filter on them (``r["scores"]["cov_tags"]``).
@@ -75,10 +79,7 @@ SCHEMA_FIELDS = {
     "alt_text": pa.string(),
     "url": pa.string(),
     "image_format": pa.string(),
-    "tags": pa.list_(pa.struct([("name", pa.string()), ("score", pa.float64())])),
-    "boxes": pa.list_(pa.struct([("label", pa.string()), ("score", pa.float64()),
-                                 ("xyxy", _XYXY), ("source", pa.string())])),
-    "ocr": pa.list_(pa.struct([("text", pa.string()), ("score", pa.float64()), ("xyxy", _XYXY)])),
+    **{kind.name: kind.parquet_type for kind in (TAGS, BOXES, OCR)},
     "prompt": pa.string(),
     "caption": pa.string(),
     "engine": pa.struct([("model", pa.string()), ("backend", pa.string()),
@@ -93,17 +94,19 @@ REJECT_SCHEMA = pa.schema([("key", pa.string()), ("shard", pa.string()), ("membe
 
 
 def parquet_row(annotations: dict[str, Any]) -> dict[str, Any]:
-    """Typed columns for the known fields; anything else (fields later stages add) as a JSON
-    string, so the schema never depends on what one shard happened to hold."""
+    """Typed columns for the known fields and the plugins' evidence kinds (their declared parquet
+    type); anything else (fields later stages add) as a JSON string, so the schema never depends
+    on what one shard happened to hold."""
     row = {name: annotations.get(name) for name in SCHEMA_FIELDS}
     meta = annotations.get("meta") or {}
     row["url"] = str(meta.get("url") or "")
     row["engine"] = annotations.get("engine") or None
     row["meta"] = struct_row(meta, META_FIELDS)
     row["scores"] = struct_row(annotations.get("scores") or {}, SCORE_FIELDS)
+    kinds = evidence_kinds()
     for name, value in annotations.items():
         if name not in SCHEMA_FIELDS:
-            row[name] = json.dumps(value, ensure_ascii=False)
+            row[name] = value if name in kinds else json.dumps(value, ensure_ascii=False)
     return row
 
 
@@ -131,9 +134,13 @@ def struct_row(values: dict[str, Any], fields: dict[str, pa.DataType]) -> dict[s
     return row
 
 
-def rows_to_table(rows: list[dict[str, Any]]) -> pa.Table:
-    extra = sorted({k for row in rows for k in row} - set(SCHEMA_FIELDS))
-    schema = pa.schema(list(SCHEMA_FIELDS.items()) + [(name, pa.string()) for name in extra])
+def rows_to_table(rows: list[dict[str, Any]], evidence: tuple[str, ...] = ()) -> pa.Table:
+    """``evidence``: the plugins' kinds of this run, a column in every shard (even one with no
+    row); a kind's column has its declared type."""
+    kinds = evidence_kinds()
+    extra = sorted(({k for row in rows for k in row} | set(evidence)) - set(SCHEMA_FIELDS))
+    schema = pa.schema(list(SCHEMA_FIELDS.items())
+                       + [(name, kinds[name].parquet_type if name in kinds else pa.string()) for name in extra])
     return pa.Table.from_pylist(rows, schema=schema)
 
 
@@ -152,10 +159,12 @@ class DatasetWriter:
     ``manifest`` is the driver's: given, each commit is recorded there too (one process runs
     everything). A Ray worker passes none and returns its markers to the driver instead; it also
     leaves other writers' temporaries alone (``clean=False``) and sets ``attempts`` (which try
-    of a shard this is, recorded in its marker; 1 when unset)."""
+    of a shard this is, recorded in its marker; 1 when unset). ``evidence``: the plugins' evidence
+    kinds of the run, a parquet column each."""
 
-    def __init__(self, out: Path, manifest: Manifest | None, *, clean: bool = True):
-        self.out, self.manifest = out, manifest
+    def __init__(self, out: OutPath, manifest: Manifest | None, *, clean: bool = True,
+                 evidence: tuple[str, ...] = ()):
+        self.out, self.manifest, self.evidence = out, manifest, evidence
         self.attempts: dict[str, int] = {}
         self.node = ""  # recorded in markers (default: the host name; a Ray worker adds its node address)
         for folder in ("shards", "rejects"):
@@ -174,7 +183,7 @@ class DatasetWriter:
         for folder in ("shards", "rejects", MARKERS_DIR):
             remove_stale_temporaries(self.out / folder)
 
-    def files(self, shard: str) -> list[Path]:
+    def files(self, shard: str) -> list[OutPath]:
         """A shard's published files, in publishing order (the last one carries the shard's facts)."""
         return [self.out / "shards" / f"{shard}.tar", self.out / "shards" / f"{shard}.parquet",
                 self.out / "rejects" / f"{shard}.parquet"]
@@ -184,18 +193,16 @@ class DatasetWriter:
         published by a writer killed before its marker gets its marker from those files,
         without being redone; a marker the manifest lacks (killed before recording) is recorded.
         Reads only the markers' names, and the markers the manifest lacks (a rerun over 50,000
-        finished shards reads none)."""
-        import pyarrow.parquet as pq
-
+        finished shards reads none); with shards unmarked, one listing of the published files."""
         marked = self.markers.names()
-        for shard in shards:
-            if shard in marked:
-                continue
+        unmarked = [shard for shard in shards if shard not in marked]
+        published = {folder: listed(self.out / folder) for folder in ("shards", "rejects")} if unmarked else {}
+        for shard in unmarked:
             files = self.files(shard)
-            if all(path.exists() for path in files):
-                self.markers.complete(shard, files, files[2], {"written": pq.read_metadata(files[1]).num_rows,
-                                                               "rejected": pq.read_metadata(files[2]).num_rows})
-        missing = self.markers.unrecorded(self.manifest.finished)
+            if all(path.name in published[path.parent.name] for path in files) and self.markers.complete(
+                    shard, files, files[2], {"written": parquet_rows(files[1]), "rejected": parquet_rows(files[2])}):
+                marked.add(shard)
+        missing = self.markers.unrecorded(self.manifest.finished, marked)
         if missing:
             self.manifest.record(missing)
 
@@ -229,7 +236,7 @@ class DatasetWriter:
         shard.tar.close()
         tar, rows, rejects = self.files(end.shard)
         hashes = {file_label(tar): publish(shard.tar_path, tar),
-                  file_label(rows): publish_parquet(rows_to_table(shard.rows), rows)}
+                  file_label(rows): publish_parquet(rows_to_table(shard.rows, self.evidence), rows)}
         info = {**shard_info(end, self.attempts.get(end.shard, 1), self.node),
                 "written": len(shard.rows), "rejected": len(shard.rejects),
                 "rejected_by_stage": dict(Counter(r["stage"] or "?" for r in shard.rejects))}

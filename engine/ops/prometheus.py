@@ -19,11 +19,11 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from engine.core.errors import ConfigError
 from engine.io.commit import node_name
 from engine.ops import events
 from engine.ops.cluster_watch import ClusterWatch
 from engine.ops.watch import RunWatch
+from models.errors import ConfigError
 
 # name: (type, labels besides node, help); which stage figures feed which family: STAGE_COUNTERS, STAGE_GAUGES
 FAMILIES: dict[str, tuple[str, tuple[str, ...], str]] = {

@@ -76,7 +76,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def command(args: argparse.Namespace) -> int:
-    from engine.core.errors import ConfigError
+    from models.errors import ConfigError
 
     out = Path(args.out)
     if not out.is_dir():

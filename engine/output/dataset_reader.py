@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from engine.core.errors import ConfigError
 from engine.io.keys import split_member_name
+from models.errors import ConfigError
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from engine.core.record import Box, OcrLine
 from engine.evidence.prompt import PromptConfig, fusion_prompt
+from models.records import Box, OcrLine
 
 
 def caption_engine_prompt(annotations: dict[str, Any], config: PromptConfig | None = None) -> str:

@@ -3,20 +3,23 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import threading
 import time
 from pathlib import Path
 
 from engine.core.config import ApiConfig, CaptionConfig, RunConfig, RuntimeConfig, SglangConfig
-from engine.core.errors import ConfigError
 from engine.core.models import resolve_model
+from engine.core.placement import CaptionNeed, count_params, rest_fraction
 from engine.core.record import Sample
 from engine.core.runtime import StageFailed
 from engine.core.stage import ImageView, Resources, Stage
+from engine.io.object_output import local_companion
 from models.caption.base import CaptionEngine, EngineDead, SamplingParams
 from models.caption.families import family_of_folder
 from models.caption.figures import CaptionTally, GpuSampler
 from models.caption.registry import load_engine, prepare_backend, resolve_backend
+from models.errors import ConfigError
 
 JOURNAL = Path("journal") / "openai.jsonl"  # under OUT: captions an endpoint was paid for
 
@@ -54,7 +57,7 @@ def backend_settings(backend: str, config: CaptionConfig, api: ApiConfig, sglang
                        max_retries=api.api_max_retries, timeout=api.api_timeout, backoff=api.api_backoff,
                        max_backoff=api.api_max_backoff, image_detail=api.api_image_detail,
                        jpeg_quality=api.api_jpeg_quality,
-                       journal=str(Path(out) / JOURNAL) if api.api_journal and out else "")
+                       journal=str(local_companion(out, cache_dir) / JOURNAL) if api.api_journal and out else "")
 
 
 class CaptionStage(Stage):
@@ -172,3 +175,57 @@ class CaptionStage(Stage):
     def describe(self) -> str:
         backend = self.engine.backend if self.engine else self.config.caption_backend
         return f"{self.name} ({self.model_name}, {backend}, {self.device})"
+
+
+TEXT_TOKENS = 400  # fusion prompt text (instruction, alt text, boxes, OCR) in LLaVA tokens (estimate)
+
+
+def replicated(cfg: RunConfig) -> bool:
+    """A runtime replica per device when the engine runs in this process on one device (SGLang
+    spans the GPUs itself; an endpoint is remote)."""
+    return resolve_backend(cfg.caption.caption_backend, cfg.runtime.device) == "transformers"
+
+
+def settled(cfg: RunConfig, stages: tuple[str, ...]) -> RunConfig:
+    """``--sglang-mem-fraction`` settled for SGLang: the option when set, else what the experts on
+    the tightest GPU leave (engine/core/placement.py)."""
+    if resolve_backend(cfg.caption.caption_backend, cfg.runtime.device) != "sglang" or cfg.sglang.sglang_mem_fraction:
+        return cfg
+    fraction = rest_fraction(cfg, stages)
+    return dataclasses.replace(cfg, sglang=dataclasses.replace(cfg.sglang, sglang_mem_fraction=fraction))
+
+
+@functools.lru_cache(maxsize=8)
+def caption_need(cfg: RunConfig, node: bool = False) -> CaptionNeed:
+    """The caption engine's weights, KV cache per token and longest request, for its family
+    (models/caption/families.py): image tokens at the checkpoint's own image budget. ``node``:
+    for this node, whose backend ``auto`` settles (else the card's engine on a GPU node: SGLang)."""
+    import torch
+    import transformers
+    from transformers import AutoModelForImageTextToText
+
+    from models.caption.families import LLAVA_1_6, family_of_folder
+    from models.tiny import LLAVA_NEXT_7B, llava_next_parts
+
+    model = cfg.caption.caption_model
+    path = Path(model).expanduser()
+    if (path / "config.json").is_file():
+        family = family_of_folder(path, model)
+        config, source, folder = getattr(transformers, family.hf_config).from_pretrained(path), "config.json", path
+    elif model.startswith("llava-hf/llava-v1.6-") and "7b" in model:
+        family, config, source, folder = LLAVA_1_6, llava_next_parts(LLAVA_NEXT_7B)[0], f"known config of {model}", None
+    else:
+        raise ConfigError(f"plan: --caption-model {model}: pass a local folder with config.json")
+    with torch.device("meta"):
+        net = AutoModelForImageTextToText.from_config(config)
+    text = config.get_text_config()
+    kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    kv_per_token = 2 * text.num_hidden_layers * kv_heads * head_dim * 2  # K and V, bfloat16
+    image_tokens = family.max_image_tokens(config, folder)
+    backend = resolve_backend(cfg.caption.caption_backend, cfg.runtime.device) if node else cfg.caption.caption_backend
+    backend = "sglang" if backend == "auto" else backend  # the card's engine on a GPU node
+    tp = cfg.sglang.sglang_tp_size if backend == "sglang" else 1  # transformers: one GPU per replica
+    return CaptionNeed(f"{model} ({backend})", backend, count_params(net), 2 * count_params(net), kv_per_token,
+                       image_tokens + TEXT_TOKENS + cfg.caption.max_new_tokens, cfg.caption.caption_batch, source,
+                       tp, kv_heads, own_processes=backend == "sglang")

@@ -12,10 +12,11 @@ from typing import Protocol
 import numpy as np
 
 from engine.core.config import RunConfig
+from engine.core.placement import Need
 from engine.core.record import Sample
 from engine.core.stage import ImageView, Resources, Stage
 from engine.evidence.category import as_scores, category_probabilities, category_prototypes
-from engine.stages.embed import EMBED_VIEW, embedder_factory, fill_embeddings
+from engine.stages.embed import EMBED_VIEW, embedder_factory, embedder_need, fill_embeddings
 
 
 class ImageTextEmbedder(Protocol):
@@ -29,6 +30,10 @@ class ImageTextEmbedder(Protocol):
 def build(cfg: RunConfig) -> Categorize:
     # pass 1's embedder: the embedding it leaves on the sample is the CLIP tagger's input too
     return Categorize(embedder_factory(cfg), batch_size=cfg.curate.embed_batch, device=cfg.runtime.device)
+
+
+def category_need(cfg: RunConfig) -> tuple[Need, ...]:
+    return (embedder_need(cfg.curate.embed_model, cfg.curate.embed_batch),)
 
 
 class Categorize(Stage):

@@ -12,10 +12,11 @@ import numpy as np
 from PIL import Image
 
 from engine.core.config import DecodeConfig, FilterConfig, RunConfig
-from engine.core.errors import ConfigError
+from engine.core.placement import Need
 from engine.core.record import Sample
 from engine.core.stage import ImageView, Resources, Stage
 from engine.image.decode import decode_views
+from models.errors import ConfigError
 
 VERIFY_VIEW = ImageView("_verify", 64)
 
@@ -114,3 +115,9 @@ def _pick_backend(decoder: str, device: str) -> str:
     if decoder == "dali" and not dali:
         raise ConfigError("--decoder dali needs NVIDIA DALI: pip install -e '.[dali]' (or use --decoder auto)")
     return decoder
+
+
+def decode_need(cfg: RunConfig) -> tuple[Need, ...]:
+    """GPU JPEG decode (DALI or nvJPEG) on GPU 0: a batch of decoded originals (~4 MP) and its views."""
+    batch = cfg.decode.decode_batch
+    return (Need("decode", "nvJPEG / DALI", 0, 0, batch * 4_000_000 * 3 * 2, "none: no weights"),)

@@ -10,12 +10,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from engine.core.config import ExpertsConfig, FusionConfig, RunConfig
-from engine.core.errors import Problems
 from engine.core.models import resolve_model
-from engine.core.record import Box, Sample
+from engine.core.placement import Need, count_params, vit_activations
+from engine.core.record import Sample
 from engine.core.stage import ImageView, Resources, Stage, run_per_sample
 from engine.evidence.boxes import fuse_boxes
 from engine.stages.expert_cache import cached
+from models.errors import ConfigError, Problems
+from models.records import Box
 
 OWLV2_VIEW = "owlv2"
 CLOSED_VIEW = "closed"
@@ -115,3 +117,76 @@ class Detect(Stage):
         parts = [f"owlv2 {self.owlv2_model} ({self.cfg.owlv2_preprocess})" if self.owlv2_model else "",
                  f"closed {self.closed_model}" if self.closed_model else ""]
         return "detect: " + (" + ".join(p for p in parts if p) or "off") + f" ({self.device})"
+
+
+def detect_need(cfg: RunConfig) -> tuple[Need, ...]:
+    """Each detector's memory per replica (either may be off)."""
+    experts = cfg.experts
+    found = [owlv2_need(experts.owlv2_model, experts.detect_batch)] if experts.owlv2_model else []
+    if experts.closed_detector:
+        found.append(closed_detector_need(experts.closed_detector, experts.detect_batch))
+    return tuple(found)
+
+
+def owlv2_need(model: str, batch: int) -> Need:
+    import torch
+    from transformers import Owlv2Config, Owlv2ForObjectDetection
+
+    config, source = _hf_config(model, Owlv2Config, KNOWN_OWLV2)
+    with torch.device("meta"):
+        net = Owlv2ForObjectDetection(config)
+    vision = config.vision_config
+    tokens = (vision.image_size // vision.patch_size) ** 2 + 1
+    return Need("detect", f"OWLv2 {Path(model).name} ({vision.image_size} px)", count_params(net), 2 * count_params(net),
+                vit_activations(batch, tokens, vision.hidden_size), source, "--owlv2-model ''")
+
+
+def closed_detector_need(model: str, batch: int) -> Need:
+    path = Path(model)
+    if model.endswith(".onnx"):
+        if path.is_file():
+            params = path.stat().st_size // 4  # float32 export
+            source = "ONNX file size; float16 on TensorRT"
+        else:  # the paper's EVA02-L detector: a ViT-L backbone at 1024 px with a detection head
+            params, source = 400_000_000, "assumed: ViT-L detector, 0.4B parameters (file not found here)"
+        return Need("detect", f"closed-set {path.name}", params, 2 * params,
+                    vit_activations(batch, 64 * 64, 1024, 16, 14 * 14), source, "--closed-detector ''")
+    import torch
+    from transformers import AutoConfig, AutoModelForObjectDetection
+
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"plan: --closed-detector {model}: a local folder with config.json or an .onnx file")
+    config = AutoConfig.from_pretrained(path)
+    with torch.device("meta"):
+        net = AutoModelForObjectDetection.from_config(config)
+    return Need("detect", f"closed-set {path.name}", count_params(net), 2 * count_params(net),
+                batch * 2 * 1333 * 800 * 256 // 16,  # estimate: stride-4 feature maps, 256 channels
+                "config.json", "--closed-detector ''")
+
+
+KNOWN_OWLV2 = {  # hub ids the plan knows without a download: their config.json's sizes
+    "google/owlv2-base-patch16-ensemble": {"vision_config": {"image_size": 960}},
+    "google/owlv2-base-patch16": {"vision_config": {"image_size": 960}},
+    "google/owlv2-large-patch14-ensemble": {
+        "projection_dim": 768,
+        "vision_config": {"image_size": 1008, "patch_size": 14, "hidden_size": 1024, "intermediate_size": 4096,
+                          "num_hidden_layers": 24, "num_attention_heads": 16},
+        "text_config": {"hidden_size": 768, "intermediate_size": 3072, "num_attention_heads": 12},
+    },
+}
+
+
+def _hf_config(model: str, config_class, known: dict):
+    """A transformers config: the folder's config.json, else a hub id this module knows."""
+    path = Path(model).expanduser()
+    if (path / "config.json").is_file():
+        return config_class.from_pretrained(path), "config.json"
+    if model in known:
+        overrides = known[model]
+        base = config_class()
+        data = base.to_dict()
+        for key, value in overrides.items():
+            data[key] = {**data[key], **value} if isinstance(value, dict) else value
+        return config_class.from_dict(data), f"known config of {model}"
+    raise ConfigError(f"plan: {model} is neither a local folder with config.json nor a model the plan knows "
+                      f"({', '.join(known)}): pass a local folder")

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from engine.core.config import CurateConfig, RunConfig
-from engine.core.errors import ConfigError
 from engine.core.models import resolve_model
+from engine.core.placement import Need, count_params, vit_activations
 from engine.core.record import Sample
 from engine.core.stage import ImageView, Resources, Stage
+from models.errors import ConfigError
 
 # EVA02 CLIP models take 224 px crops of the shorter side; a 448 px longer side keeps the
 # shorter side >= 224 for aspect ratios up to 2:1 without decoding more pixels than needed.
@@ -113,3 +115,36 @@ class Embed(Stage):
 
     def describe(self) -> str:
         return self.embedder.describe() if self.embedder else f"open_clip {self.model_name}"
+
+
+@functools.lru_cache(maxsize=8)  # a meta-device build takes seconds (imports); plans for several GPU sizes share it
+def embedder_need(model: str, batch: int) -> Need:
+    """The embedding model's memory per replica (category, and the clip tagger's own copy)."""
+    import torch
+
+    try:
+        import open_clip
+    except ImportError:
+        raise ConfigError("plan: counting the embedder's parameters needs open_clip (pip install open_clip_torch)") from None
+    config_file = Path(model) / "open_clip_config.json"
+    name = model
+    if config_file.is_file():
+        open_clip.add_model_config(str(config_file))
+        name = config_file.stem
+    if open_clip.get_model_config(name) is None:
+        raise ConfigError(f"plan: --embed-model {model} is neither an open_clip architecture nor a folder with "
+                          f"open_clip_config.json")
+    from models.embedder import random_weights_meant
+
+    with torch.device("meta"), random_weights_meant():
+        net = open_clip.create_model(name, pretrained=None, device="meta")
+    vision = open_clip.get_model_config(name)["vision_cfg"]
+    trunk = getattr(net.visual, "trunk", None)
+    if trunk is not None:  # timm towers (EVA02)
+        tokens, hidden = trunk.patch_embed.num_patches + 1, trunk.embed_dim
+    else:
+        side, patch = vision.get("image_size", 224), vision.get("patch_size", 16)
+        tokens, hidden = (side // patch) ** 2 + 1, vision.get("width", 1024)
+    return Need("category", f"{model} (open_clip)", count_params(net), 2 * count_params(net),
+                vit_activations(batch, tokens, hidden), "meta-device architecture",
+                "--stages without category")

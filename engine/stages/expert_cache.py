@@ -1,19 +1,20 @@
 """An expert stage wrapped in the expert cache (engine/io/expert_cache.py): hits skip the expert.
 
-Not a stage of its own: the tag and detect factories wrap their stage with :func:`cached`.
+Not a stage of its own: the tag and detect factories, and ``Expert.build`` (engine/stages/expert.py),
+wrap their stage with :func:`cached`.
 Hits and misses reach ``metrics.json`` (the stage's entry) and the progress bar, so a run
 served from the cache says why its experts ran at thousands of images/s.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 from engine.core.config import RunConfig
 from engine.core.record import Sample
+from engine.core.registry import evidence_kinds
 from engine.core.stage import ImageView, Resources, Stage
-from engine.io.expert_cache import FIELDS, ExpertCache, image_digest, output_fingerprint
+from engine.io.expert_cache import ExpertCache, image_digest, output_fingerprint
 
 
 def cache_path(cfg: RunConfig) -> Path | None:
@@ -24,7 +25,7 @@ def cache_path(cfg: RunConfig) -> Path | None:
 
 
 def cached(stage: Stage, cfg: RunConfig, output: str) -> Stage:
-    """``stage`` (which fills ``output``) behind the expert cache, unless it is off."""
+    """``stage`` (which fills the evidence kind ``output``) behind the expert cache, unless it is off."""
     path = cache_path(cfg)
     return stage if path is None else CachedExpert(stage, path, output_fingerprint(cfg, output), (output,))
 
@@ -33,9 +34,11 @@ class CachedExpert(Stage):
     """``inner`` with its ``fields`` read from / written to the cache, keyed per image."""
 
     def __init__(self, inner: Stage, cache_path: Path, expert_fingerprint: str, fields: tuple[str, ...]):
-        unknown = set(fields) - set(FIELDS)
+        kinds = evidence_kinds()
+        unknown = set(fields) - set(kinds)
         if unknown:
-            raise ValueError(f"cannot cache sample fields {sorted(unknown)}")
+            raise ValueError(f"cannot cache {sorted(unknown)}: not evidence kinds (engine/core/registry.py)")
+        self.kinds = [kinds[name] for name in fields]
         self.inner = inner
         self.name = inner.name
         self.cache_path = Path(cache_path)
@@ -63,8 +66,8 @@ class CachedExpert(Stage):
             if payload is None:
                 misses.append(sample)
                 continue
-            for name in self.fields:
-                setattr(sample, name, FIELDS[name](payload[name]))
+            for kind in self.kinds:
+                sample.put(kind.name, kind.decode(payload[kind.name]))
             for view in self.inner.views():
                 sample.views.pop(view.name, None)  # the expert would have consumed it
             self.hits += 1
@@ -75,7 +78,7 @@ class CachedExpert(Stage):
                 self.inner_ready = True
             self.inner.process(misses)
             fresh = {
-                keyed[id(s)]: {name: [dataclasses.asdict(v) for v in getattr(s, name)] for name in self.fields}
+                keyed[id(s)]: {kind.name: kind.encode(s.get(kind.name)) for kind in self.kinds}
                 for s in misses if s.alive and id(s) in keyed
             }
             if fresh:

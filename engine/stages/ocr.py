@@ -12,9 +12,10 @@ import dataclasses
 import queue
 
 from engine.core.config import OcrConfig, RunConfig
+from engine.core.placement import Need
 from engine.core.record import Sample
 from engine.core.stage import ImageView, Resources, Stage, run_per_sample
-from models.ocr import OcrModel, OcrSettings
+from models.ocr import OcrModel, OcrSettings, model_files
 
 
 def build(cfg: RunConfig) -> Ocr:
@@ -76,3 +77,13 @@ class Ocr(Stage):
         sessions = f"{self.sessions} session{'s' if self.sessions > 1 else ''}"
         runtime = f"onnxruntime {provider.removesuffix('ExecutionProvider')}"
         return f"{self.name} ({self.model.backend.describe}, {runtime}, {sessions})"
+
+
+def ocr_need(cfg: RunConfig) -> tuple[Need, ...]:
+    """The OCR's memory per replica: its ONNX files, and an estimate of detection's activations."""
+    size = sum(path.stat().st_size for path in model_files(ocr_settings(cfg.ocr)))
+    side, batch = cfg.ocr.ocr_det_side, cfg.ocr.ocr_det_batch or 8
+    # estimate: DB's largest maps are 64 channels at stride 4... over the padded batch, float32
+    activations = batch * 4 * 64 * side * side * 3 // 4 // 16
+    return (Need("ocr", "PP-OCR det + rec (ONNX Runtime)", size // 4, size, activations, "ONNX file size",
+                 "--stages without ocr"),)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from collections import Counter
 
-from engine.core.config import RunConfig
+from engine.core.config import QcConfig, RunConfig
 from engine.core.record import Sample
 from engine.core.stage import Resources, Stage
-from engine.evidence.qc import QcConfig, check_caption
+from engine.evidence.qc import check_caption
 
 
 def build(cfg: RunConfig) -> QualityControl:

@@ -6,19 +6,21 @@ arrives without one is embedded here, from the ``embed`` view the embedder uses.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from engine.core.config import ExpertsConfig, RunConfig
-from engine.core.errors import ConfigError
 from engine.core.models import resolve_model
+from engine.core.placement import Need, count_params, vit_activations
 from engine.core.record import Sample
 from engine.core.stage import ImageView, Resources, Stage
-from engine.stages.embed import EMBED_VIEW, embedder_factory, fill_embeddings
+from engine.stages.embed import EMBED_VIEW, embedder_factory, embedder_need, fill_embeddings
 from engine.stages.expert_cache import cached
 from models.base import ModelRef
+from models.errors import ConfigError
 
 RAM_VIEW = ImageView("ram_plus", 384)
 
@@ -139,3 +141,26 @@ class ClipTag(Stage):
 
     def describe(self) -> str:
         return f"tag: CLIP zero-shot over {len(self.vocabulary)} tags ({self.device})"
+
+
+def tag_need(cfg: RunConfig) -> tuple[Need, ...]:
+    """RAM++'s memory per replica; the clip tagger loads its own copy of the embedding model (its
+    text tower too)."""
+    experts = cfg.experts
+    if experts.tagger == "ram_plus":
+        return (ram_plus_need(experts.tag_batch),)
+    return (dataclasses.replace(embedder_need(cfg.curate.embed_model, experts.tag_batch), stage="tag", leave_out=""),)
+
+
+def ram_plus_need(batch: int) -> Need:
+    import torch
+
+    from models.ram_plus import RamPlus, RamPlusConfig
+
+    config = RamPlusConfig()  # the released Swin-L 384 (a checkpoint loads strictly into it)
+    with torch.device("meta"):
+        net = RamPlus(config, [f"tag {i}" for i in range(config.num_classes)])
+    stage1 = (config.image_size // 4) ** 2  # Swin's largest activations: stage 1, windows of 12x12
+    return Need("tag", "RAM++ Swin-L 384", count_params(net), 2 * count_params(net),
+                vit_activations(batch, stage1, config.embed_dim, config.num_heads[0], config.window_size**2),
+                "meta-device architecture")  # the paper's tagger: the clip tagger loads an embedder instead

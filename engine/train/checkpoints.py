@@ -15,8 +15,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from engine.core.errors import ConfigError
 from engine.io.manifest import fsync_dir, write_json_atomic
+from models.errors import ConfigError
 
 CHECKPOINTS = "checkpoints"
 STATE = "trainer_state.json"

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine.core.config import check_output_folder, option
-from engine.core.errors import ConfigError
+from models.errors import ConfigError
 
 TRAIN_DTYPES = ("auto", "bfloat16", "float32")
 DEFAULT_CACHE = str(Path.home() / ".cache" / "densefusion")

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.core.errors import ConfigError
 from engine.core.stage import ImageView
+from models.errors import ConfigError
 
 SFT_FILE = "densefusion_sft.json"  # engine/output/export.py FILES["sft"]
 IMAGE_PREFIX = "<image>\n"

@@ -24,12 +24,12 @@ from pathlib import Path
 from typing import Any
 
 from engine.core.config import CaptionConfig, QcConfig
-from engine.core.errors import ConfigError
 from engine.evidence.coverage import COVERAGE_SCORES, Evidence, coverage_scores
 from engine.evidence.qc import check_caption, words
 from engine.io.manifest import write_json_atomic
 from engine.train.data import MetaRecord, SampleEncoder, read_records
 from engine.train.loop import RECORD, base_model
+from models.errors import ConfigError
 
 EVALUATION = "evaluation.json"
 COLUMNS = ("gpt4v", "base", "fine_tuned")

@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine.core.errors import ConfigError
 from engine.io.manifest import write_json_atomic
 from engine.train import checkpoints
 from engine.train.config import TrainConfig, TrainRunConfig
@@ -43,6 +42,7 @@ from engine.train.data import (
 from engine.train.parts import describe, parameter_groups, select_trainable
 from models.caption.chat import check_chat_template
 from models.caption.families import FAMILIES, family_for
+from models.errors import ConfigError
 
 METRICS = "metrics.jsonl"
 RECORD = "densefusion_train.json"  # written last: its presence means the engine is complete

@@ -7,7 +7,7 @@ from typing import Protocol
 
 import numpy as np
 
-from engine.core.record import Caption
+from models.records import Caption
 
 
 class EngineDead(RuntimeError):

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from engine.core.errors import ConfigError
+from models.errors import ConfigError
 
 
 def user_turn(prompt: str, image: dict[str, Any] | None = None) -> list[dict[str, Any]]:

@@ -11,7 +11,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-from engine.core.record import Caption
+from models.records import Caption
 
 
 @dataclass

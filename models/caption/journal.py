@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.core.record import Caption
 from models.caption.base import SamplingParams
+from models.records import Caption
 
 
 def request_digest(model: str, prompt: str, image: np.ndarray, params: SamplingParams) -> str:

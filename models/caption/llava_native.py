@@ -25,7 +25,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from engine.core.errors import ConfigError
+from models.errors import ConfigError
 
 CONVERTER_VERSION = 1  # bump when the written layout changes: cached conversions are then redone
 LLAVA_HF_NEXT = "LlavaNextForConditionalGeneration"

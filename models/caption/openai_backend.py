@@ -34,12 +34,12 @@ from typing import Any
 
 import numpy as np
 
-from engine.core.errors import ConfigError
-from engine.core.record import Caption
 from models.caption.base import SamplingParams
 from models.caption.chat import user_turn
 from models.caption.journal import CaptionJournal, request_digest
 from models.caption.window import RequestWindow
+from models.errors import ConfigError
+from models.records import Caption
 
 log = logging.getLogger(__name__)
 

@@ -40,12 +40,12 @@ from typing import Any
 
 import numpy as np
 
-from engine.core.errors import ConfigError
-from engine.core.record import Caption
 from models.caption.base import EngineDead, SamplingParams
 from models.caption.chat import chat_text, check_chat_template
 from models.caption.families import LLAVA_1_6, CaptionFamily, family_for
 from models.caption.window import RequestWindow
+from models.errors import ConfigError
+from models.records import Caption
 
 log = logging.getLogger(__name__)
 

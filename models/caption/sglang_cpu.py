@@ -30,7 +30,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from engine.core.errors import ConfigError
+from models.errors import ConfigError
 
 CUDA_ERROR_NO_DEVICE = 100
 # Driver functions the sgl_kernel 0.4.10 extension libraries import (nm -D --undefined-only),

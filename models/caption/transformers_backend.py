@@ -29,11 +29,11 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.core.errors import ConfigError
-from engine.core.record import Caption
 from models.caption.base import SamplingParams
 from models.caption.chat import chat_text, check_chat_template
 from models.caption.families import family_for
+from models.errors import ConfigError
+from models.records import Caption
 
 log = logging.getLogger(__name__)
 

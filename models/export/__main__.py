@@ -13,8 +13,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from engine.core.errors import ConfigError
 from models.base import ModelRef
+from models.errors import ConfigError
 
 
 def main(argv: list[str] | None = None) -> int:

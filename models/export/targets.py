@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 
-from engine.core.errors import ConfigError
+from models.errors import ConfigError
 from models.export.onnx import ExportTarget
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from engine.core.errors import ConfigError
+from models.errors import ConfigError
 
 
 def build_engine(onnx_path: Path, plan_path: Path, *, fp16: bool, min_batch: int, opt_batch: int,
