@@ -19,6 +19,7 @@ from models.caption.families import FAMILIES, LLAVA_1_6, QWEN2_5_VL, CaptionFami
 # teaches the tiny model GPT-4V's words within a few dozen steps.
 FAST = {"batch_size": 1, "global_batch": 2, "learning_rate": 3e-3, "warmup_ratio": 0.0, "max_grad_norm": 0.0,
         "loader_workers": 0, "log_every": 100, "device": "cpu"}
+ENGINE_STEPS = 48
 
 
 @pytest.fixture(scope="module")
@@ -169,6 +170,50 @@ def test_a_batch_loses_what_its_samples_lose_alone(meta_out, base):
     assert collate([*samples[:1], "broken: ValueError"], pad, base.layout.inputs)["failures"] == ["broken: ValueError"]
 
 
+def test_train_sees_the_prompt_tokens_run_feeds_the_engine(base, tiny_cache, tmp_path, monkeypatch):
+    """`run` on photos of varied sizes, then `export sft` read as train reads it: each sample's
+    context is the token ids the transformers backend fed the engine (SGLang's equal transformers'
+    in test_prompt_parity for LLaVA, test_caption_families for Qwen2.5-VL)."""
+    from conftest import sample_members, write_tar
+    from test_prompt_parity import SIZES, by_key, encoded, photo, train_prompt_ids
+
+    import densefusion_local
+    from models.caption.transformers_backend import TransformersCaptionEngine
+
+    members = []
+    for i, (width, height) in enumerate(SIZES[:8]):
+        key = f"0{i:04d}"
+        members += sample_members(key, encoded(photo(width, height, i), "JPEG"), f"photo {key} of a street")
+    shard = write_tar(tmp_path / "shard.tar", members)
+    fed: list[list[int]] = []
+    load = TransformersCaptionEngine.__init__
+
+    def recording_init(self, *args, **kwargs):
+        load(self, *args, **kwargs)
+        generate = self.net.generate
+
+        def recording(**inputs):
+            for ids, mask in zip(inputs["input_ids"], inputs["attention_mask"], strict=True):
+                fed.append(ids[mask.bool()].tolist())  # left padding off
+            return generate(**inputs)
+
+        self.net.generate = recording
+
+    monkeypatch.setattr(TransformersCaptionEngine, "__init__", recording_init)
+    assert densefusion_local.main([
+        "run", "--shards", str(shard), "--out", str(tmp_path / "run"), "--device", "cpu", "--no-progress",
+        "--cache-dir", str(tiny_cache), "--min-short-edge", "0", "--caption-model", str(base.folder),
+        "--stages", "decode", "prompt", "caption", "--max-new-tokens", "4"]) == 0
+    processor = base.processor()
+    fed_ids = by_key(processor, fed)
+    train = train_prompt_ids(processor, base.layout, tmp_path / "run", tmp_path / "sft")
+    assert len(train) == 8 and sorted(train) == sorted(fed_ids)
+    for key, ids in train.items():
+        assert ids == fed_ids[key], key
+    image_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+    assert len({ids.count(image_id) for ids in train.values()}) >= 3  # the sizes reached several image budgets
+
+
 def test_a_caption_longer_than_max_length_is_cut_never_the_prompt(meta_out, base):
     from models.caption.families import TOKENS
 
@@ -194,13 +239,14 @@ def test_held_out_split_is_seeded_and_independent_of_order():
 
 @pytest.fixture(scope="module")
 def engine(meta_out, base, tiny_cache, tmp_path_factory):
-    """One fine-tuned engine per family for the tests that read it: a few dozen steps, 1 of 6
-    samples held out."""
+    """One fine-tuned engine per family for the tests that read it: a few dozen steps (what the
+    tiny engines need to write some of GPT-4V's words greedily), 1 of 6 samples held out."""
     from engine.train.loop import train
 
     out = tmp_path_factory.mktemp("engine") / "engine"
     lines: list[str] = []
-    result = train(meta_out, train_config(out, base, tiny_cache, max_steps=24, held_out_share=0.2, log_every=8),
+    result = train(meta_out, train_config(out, base, tiny_cache, max_steps=ENGINE_STEPS, held_out_share=0.2,
+                                                  log_every=16),
                    log=lines.append)
     return out, result, lines
 
@@ -214,7 +260,7 @@ def test_a_few_dozen_steps_lower_the_training_loss(meta_out, base, engine):
     from models.caption.families import family_of_folder
 
     out, result, lines = engine
-    assert result.steps == 24 and len(result.held_out) == 1
+    assert result.steps == ENGINE_STEPS and len(result.held_out) == 1
     record = json.loads((out / RECORD).read_text())
     assert record["held_out"] == result.held_out and record["samples"]["train"] == 5
     assert family_of_folder(out) is base.family  # the engine is a checkpoint of its base's family
@@ -233,10 +279,10 @@ def test_a_few_dozen_steps_lower_the_training_loss(meta_out, base, engine):
     used = len(vision_layers_used(AutoModelForImageTextToText.from_pretrained(base.folder), base.layout))
 
     rows = list(iter_rows(out / "metrics.jsonl"))
-    assert [r["step"] for r in rows] == list(range(1, 25))
+    assert [r["step"] for r in rows] == list(range(1, ENGINE_STEPS + 1))
     assert all(r["lr"] >= 0 and r["loss"] > 0 for r in rows) and rows[0]["lr"] > rows[-1]["lr"]  # cosine decay
     assert sum("held_out_loss" in r for r in rows) >= 2
-    assert any(line.startswith("step 8/24") for line in lines)
+    assert any(line.startswith(f"step 16/{ENGINE_STEPS}") for line in lines)
     # the default --vision-layers 12 covers every layer the tiny projector reads
     assert any(f"language model + projector + top {used} of {used} vision layers" in line for line in lines)
 

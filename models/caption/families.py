@@ -8,7 +8,9 @@ What differs between families is data here, not branches in the backends: the pr
 the same for all (``models/caption/chat.py``: the fusion prompt, then the image, in the
 checkpoint's chat template, which decides where the image placeholder goes), and every backend
 reads the checkpoint's own processor for the image's tokens (LLaVA's AnyRes tiles, Qwen's
-dynamic resolution bounded by the processor's ``min_pixels``/``max_pixels``).
+dynamic resolution bounded by the processor's ``min_pixels``/``max_pixels``). What ``train``
+needs of a family is its ``TrainLayout``: where its language model, projector and vision layers
+sit, and how its processor's inputs batch; a family without one captions but does not train.
 
 Families still to add (SGLang 0.5.23 and transformers 5.19 both have them): Qwen3-VL
 (``Qwen3VLForConditionalGeneration``) and InternVL 2.5/3 (``InternVLChatModel`` /
