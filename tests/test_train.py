@@ -214,6 +214,21 @@ def test_train_sees_the_prompt_tokens_run_feeds_the_engine(base, tiny_cache, tmp
     assert len({ids.count(image_id) for ids in train.values()}) >= 3  # the sizes reached several image budgets
 
 
+def test_a_template_that_cannot_lay_out_the_reply_is_refused(llava):
+    """The target is the reply as the template lays it out: a template that drops the assistant's
+    turn cannot say where the caption goes."""
+    import copy
+
+    from engine.core.errors import ConfigError
+
+    processor = copy.copy(llava.processor())
+    processor.chat_template = ("{% for m in messages %}{% if m['role'] == 'user' %}USER: <image>\n"
+                               "{{ m['content'][0]['text'] }}{% endif %}{% endfor %}"
+                               "{% if add_generation_prompt %} ASSISTANT:{% endif %}")
+    with pytest.raises(ConfigError, match="assistant turn"):
+        SampleEncoder(processor, llava.layout, max_length=4096, max_side=1344)
+
+
 def test_a_caption_longer_than_max_length_is_cut_never_the_prompt(meta_out, base):
     from models.caption.families import TOKENS
 

@@ -148,6 +148,8 @@ def train(data: Path, cfg: TrainRunConfig, *, log: Callable[[str], None] = print
     held = held_out_keys([r.key for r in records], t.held_out_share, t.seed)
     set_seed(t.seed)
     processor, model, layout = load_base(t)
+    # the template's reply layout is checked here, before any training (models/caption/chat.py)
+    encoder = SampleEncoder(processor, layout, max_length=t.max_length, max_side=t.caption_max_side)
     train_records, held_records, too_long = _split(records, set(held), processor, t)
     left_out += too_long
     order = DataOrder(len(train_records), t.global_batch, t.seed)
@@ -185,7 +187,6 @@ def train(data: Path, cfg: TrainRunConfig, *, log: Callable[[str], None] = print
         say(f"train: resumed from {folder} (step {start} of {total})")
     metrics = _Metrics(out / METRICS, start, accelerator.is_main_process)
 
-    encoder = SampleEncoder(processor, layout, max_length=t.max_length, max_side=t.caption_max_side)
     pad_id = processor.tokenizer.pad_token_id
     pad_id = processor.tokenizer.eos_token_id if pad_id is None else pad_id
     plan = [mb for step in range(start, total) for mb in order.micro_batches(step, rank, world, t.batch_size)]

@@ -73,6 +73,11 @@ class TrainLayout:
     # processor outputs beside input_ids and attention_mask, each with its batching (ROWS, TILES, TOKENS)
     inputs: tuple[tuple[str, str], ...]
 
+    def __post_init__(self) -> None:
+        unknown = [f"{name}: {how}" for name, how in self.inputs if how not in BATCHING]
+        if unknown:
+            raise ValueError(f"TrainLayout.inputs: unknown batching ({', '.join(unknown)}); one of {BATCHING}")
+
 
 @dataclass(frozen=True)
 class CaptionFamily:
