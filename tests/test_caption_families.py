@@ -129,14 +129,6 @@ def test_qwen_captions_are_equal_on_transformers_and_sglang_with_the_instruction
           f"({caption['cached_tokens']:.0f} of {caption['prompt_tokens']:.0f} prompt tokens)")
 
 
-def test_train_refuses_a_family_it_cannot_fine_tune_yet_before_loading_it(tmp_path, qwen, tiny_cache):
-    from engine.train.config import TrainConfig
-    from engine.train.loop import load_base
-
-    with pytest.raises(ConfigError, match="Qwen2.5-VL checkpoint: train fine-tunes LLaVA-1.6 only"):
-        load_base(TrainConfig(base=str(qwen), out=str(tmp_path / "engine"), cache_dir=str(tiny_cache)))
-
-
 def test_plan_counts_the_qwen_engine_at_its_own_image_budget(tmp_path, qwen):
     from safetensors.torch import load_file
 

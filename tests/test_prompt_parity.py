@@ -22,6 +22,7 @@ from conftest import sample_members, write_tar
 from PIL import Image
 
 from models.caption.chat import chat_text, check_chat_template, user_turn
+from models.caption.families import LLAVA_1_6
 from models.caption.sglang_backend import sglang_available
 from models.errors import ConfigError
 
@@ -158,16 +159,17 @@ def runs(shards, tiny_cache, processor, tmp_path_factory):
     return written, {name: by_key(processor, ids) for name, ids in fed.items()}, server.messages, tmp
 
 
-def train_prompt_ids(processor, out: Path, to: Path) -> dict[str, list[int]]:
-    """`export sft` of the output, read as `train` reads it: each sample's context (its tokens
-    without a label) is the prompt with the image's tokens."""
+def train_prompt_ids(processor, layout, out: Path, to: Path) -> dict[str, list[int]]:
+    """`export sft` of the output, read as `train` reads it (``layout``: the family's
+    ``TrainLayout``): each sample's context (its tokens without a label) is the prompt with the
+    image's tokens."""
     import densefusion_local
     from engine.train.data import IGNORE, SampleEncoder, read_records
 
     assert densefusion_local.main(["export", "sft", str(out), "--to", str(to)]) == 0
     records, left_out = read_records(to)
     assert left_out == []
-    encoder = SampleEncoder(processor, max_length=4096, max_side=1344)  # train's default --caption-max-side
+    encoder = SampleEncoder(processor, layout, max_length=4096, max_side=1344)  # train's default --caption-max-side
     ids = {}
     for record in records:
         sample = encoder(record)
@@ -185,7 +187,7 @@ def test_every_backend_and_train_see_the_same_prompt_tokens(runs, processor):
     assert len(keys) == len(SIZES) and all(sorted(w) == keys for w in written.values())
     assert sorted(fed["transformers"]) == sorted(fed["sglang"]) == keys
     image_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
-    train = train_prompt_ids(processor, tmp / "transformers", tmp / "sft")
+    train = train_prompt_ids(processor, LLAVA_1_6.train, tmp / "transformers", tmp / "sft")
     assert sorted(train) == keys
     tiles = set()
     for key in keys:

@@ -11,6 +11,8 @@ from engine.train.config import TrainRunConfig
 EXAMPLES = """\
     # one process (a GPU, or the CPU with --base tiny to try it out)
     python densefusion_local.py train /data/meta --base llava-hf/llava-v1.6-vicuna-7b-hf --out /ckpt/engine
+    # Qwen2.5-VL instead of LLaVA-1.6: the same recipe
+    python densefusion_local.py train /data/meta --base Qwen/Qwen2.5-VL-7B-Instruct --out /ckpt/engine-qwen
     # one node, 8 GPUs, FSDP (full fine-tuning of the 7B model)
     accelerate launch --config_file engine/train/fsdp_8gpu.yaml densefusion_local.py train /data/meta \\
         --base llava-hf/llava-v1.6-vicuna-7b-hf --out /ckpt/engine
@@ -24,7 +26,8 @@ that JSON file. Each sample: the human turn is the caption-engine prompt with th
 target is GPT-4V's caption; only the caption's tokens carry loss. --held-out-share of the
 samples never train: `evaluate CKPT --meta META_OUT` captions them.
 
-Writes CKPT/ (a llava-hf checkpoint: `run --caption-model CKPT` loads it), CKPT/metrics.jsonl
+--base is a LLaVA-1.6 (llava-hf) or Qwen2.5-VL checkpoint; the family comes from its config.json.
+Writes CKPT/ (a checkpoint of the base's family: `run --caption-model CKPT` loads it), CKPT/metrics.jsonl
 (loss, learning rate, gradient norm per step; held-out loss per epoch), CKPT/checkpoints/
 (every --save-every steps; --resume continues from the newest with the same data order) and
 CKPT/densefusion_train.json (what was trained, on what, and the held-out keys).

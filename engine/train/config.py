@@ -21,8 +21,9 @@ DEFAULT_CACHE = str(Path.home() / ".cache" / "densefusion")
 @dataclass(frozen=True)
 class TrainConfig:
     base: str = option("llava-hf/llava-v1.6-vicuna-7b-hf",
-                       "model to fine-tune: local folder or hub id of a llava-hf LLaVA-NeXT checkpoint, "
-                       "or 'tiny' (random weights, for trying the command out)")
+                       "model to fine-tune: local folder or hub id of a LLaVA-1.6 (llava-hf) or Qwen2.5-VL "
+                       "checkpoint (the family comes from its config.json), or 'tiny' (a random-weight "
+                       "LLaVA-NeXT, for trying the command out)")
     out: str = option("", "folder of the fine-tuned engine (loads with `run --caption-model OUT`); "
                           "checkpoints go to OUT/checkpoints/")
     epochs: float = option(2.0, "passes over the training samples (the paper: 2)")

@@ -4,8 +4,9 @@ A record is one LLaVA conversation of the SFT export (``meta`` writes ``OUT/sft/
 human turn is ``<image>\\n`` + the caption-engine prompt with the sample's evidence, the gpt
 turn is GPT-4V's caption. A sample becomes model inputs exactly as the transformers caption
 backend builds them at inference (same image view, same chat text, same processor call, so
-the same AnyRes tiles and image tokens), followed by the caption's tokens and the end-of-
-sequence token. Only those last ones carry labels: the prompt, the evidence and the image
+the same image tokens: LLaVA's AnyRes tiles, Qwen-VL's dynamic resolution), followed by the
+caption's tokens as the checkpoint's template lays out the reply, and the end-of-sequence
+token. Only those last ones carry labels: the prompt, the evidence and the image
 tokens are context, never targets.
 
 The data order is a pure function of (seed, step): every epoch is a seeded permutation cut
@@ -24,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.core.stage import ImageView
+from models.caption.families import TILES, TOKENS, TrainLayout
 from models.errors import ConfigError
 
 SFT_FILE = "densefusion_sft.json"  # engine/output/export.py FILES["sft"]
@@ -110,26 +112,36 @@ def held_out_keys(keys: list[str], share: float, seed: int) -> list[str]:
 # --- one sample → model inputs -----------------------------------------------------------------
 
 
-class SampleEncoder:
-    """A record → ``input_ids``, ``attention_mask``, ``labels``, ``pixel_values``, ``image_sizes``."""
+def caption_image(record: MetaRecord, view: ImageView) -> np.ndarray:
+    """The record's image as `run` hands it to the caption engine (the ``caption`` view)."""
+    from engine.image.decode import decode_views
 
-    def __init__(self, processor, *, max_length: int, max_side: int):
-        self.processor, self.max_length = processor, max_length
+    image = decode_views(record.image.read_bytes(), (view,), MAX_PIXELS)[view.name]
+    return np.require(image, requirements="W")  # PIL's arrays are read-only; torch warns on those
+
+
+class SampleEncoder:
+    """A record → ``input_ids``, ``labels`` and the family's other model inputs (``layout.inputs``:
+    LLaVA's AnyRes tiles and image sizes, Qwen-VL's flat patches, grids and token types)."""
+
+    def __init__(self, processor, layout: TrainLayout, *, max_length: int, max_side: int):
+        from models.caption.chat import reply_separator
+
+        self.processor, self.inputs, self.max_length = processor, layout.inputs, max_length
         self.view = ImageView("caption", max_side)
         self.eos_id = processor.tokenizer.eos_token_id
+        self.separator = reply_separator(processor)
 
     def image(self, record: MetaRecord) -> np.ndarray:
-        from engine.image.decode import decode_views
-
-        image = decode_views(record.image.read_bytes(), (self.view,), MAX_PIXELS)[self.view.name]
-        return np.require(image, requirements="W")  # PIL's arrays are read-only; torch warns on those
+        return caption_image(record, self.view)
 
     def caption_ids(self, chat: str, caption: str) -> list[int]:
-        """The caption's tokens as they follow the prompt (tokenised in context, so the first one
-        is what the model must produce after the prompt), plus end-of-sequence."""
+        """The caption's tokens as they follow the prompt in the template's reply (tokenised in
+        context, so the first one is what the model must produce after the prompt), plus
+        end-of-sequence."""
         tokenizer = self.processor.tokenizer
         prompt_ids = tokenizer(chat)["input_ids"]
-        full_ids = tokenizer(f"{chat} {caption}")["input_ids"]
+        full_ids = tokenizer(chat + self.separator + caption)["input_ids"]
         if full_ids[:len(prompt_ids)] != prompt_ids:
             raise ValueError("the caption's first token merges with the prompt's last one")
         return full_ids[len(prompt_ids):] + [self.eos_id]
@@ -141,17 +153,20 @@ class SampleEncoder:
 
         chat = chat_text(self.processor, record.prompt)
         inputs = self.processor(text=[chat], images=[self.image(record)], return_tensors="pt")
+        unknown = set(inputs) - {"input_ids", "attention_mask"} - {name for name, _ in self.inputs}
+        if unknown:  # left out, the model would train on another input than it captions with
+            raise ValueError(f"the processor returns {', '.join(sorted(unknown))}, which the family's TrainLayout.inputs "
+                             f"does not declare (models/caption/families.py)")
         prompt = inputs["input_ids"][0]
         room = self.max_length - len(prompt)
         if room < 1:
             raise ValueError(f"prompt and image take {len(prompt)} tokens > --max-length {self.max_length}")
         target = torch.tensor(self.caption_ids(chat, record.caption)[:room], dtype=prompt.dtype)
-        return {
-            "input_ids": torch.cat([prompt, target]),
-            "labels": torch.cat([torch.full_like(prompt, IGNORE), target]),
-            "pixel_values": inputs["pixel_values"][0],
-            "image_sizes": inputs["image_sizes"][0],
-        }
+        sample = {"input_ids": torch.cat([prompt, target]), "labels": torch.cat([torch.full_like(prompt, IGNORE), target])}
+        for name, batching in self.inputs:
+            value = inputs[name]  # the processor's batch of one
+            sample[name] = torch.cat([value[0], value.new_zeros(len(target))]) if batching == TOKENS else value
+        return sample
 
 
 def prompt_token_counts(processor, records: list[MetaRecord], max_side: int) -> list[int | None]:
@@ -192,9 +207,11 @@ class EncodedRecords:
             return f"{record.key}: {type(exc).__name__}: {exc}"
 
 
-def collate(items: list[dict | str], pad_id: int) -> dict:
-    """Right-padded batch (labels padded with IGNORE, AnyRes patches with zeros: the model
-    keeps only each image's own patches, counted from ``image_sizes``); failures listed."""
+def collate(items: list[dict | str], pad_id: int, inputs: tuple[tuple[str, str], ...]) -> dict:
+    """Right-padded batch (labels padded with IGNORE) of the samples; failures listed. The
+    family's other inputs batch as declared (``inputs``): rows concatenated (the model splits
+    them by each image's grid), AnyRes tiles padded with zero tiles (the model keeps each
+    image's own, counted from ``image_sizes``), per-token values padded with zeros."""
     import torch
 
     samples = [item for item in items if isinstance(item, dict)]
@@ -202,22 +219,28 @@ def collate(items: list[dict | str], pad_id: int) -> dict:
     if not samples:
         return {"failures": failures}
     length = max(len(s["input_ids"]) for s in samples)
-    patches = max(s["pixel_values"].shape[0] for s in samples)
 
-    def pad(tensor, size, value):
-        return torch.nn.functional.pad(tensor, (0, size - len(tensor)), value=value)
+    def pad(tensor, value):
+        return torch.nn.functional.pad(tensor, (0, length - len(tensor)), value=value)
 
-    def pad_patches(pixels):
-        return torch.cat([pixels, pixels.new_zeros((patches - pixels.shape[0], *pixels.shape[1:]))])
+    def pad_tiles(pixels, tiles):
+        return torch.cat([pixels, pixels.new_zeros((1, tiles - pixels.shape[1], *pixels.shape[2:]))], dim=1)
 
-    return {
-        "input_ids": torch.stack([pad(s["input_ids"], length, pad_id) for s in samples]),
-        "attention_mask": torch.stack([pad(torch.ones_like(s["input_ids"]), length, 0) for s in samples]),
-        "labels": torch.stack([pad(s["labels"], length, IGNORE) for s in samples]),
-        "pixel_values": torch.stack([pad_patches(s["pixel_values"]) for s in samples]),
-        "image_sizes": torch.stack([s["image_sizes"] for s in samples]),
-        "failures": failures,
+    batch = {
+        "input_ids": torch.stack([pad(s["input_ids"], pad_id) for s in samples]),
+        "attention_mask": torch.stack([pad(torch.ones_like(s["input_ids"]), 0) for s in samples]),
+        "labels": torch.stack([pad(s["labels"], IGNORE) for s in samples]),
     }
+    for name, batching in inputs:
+        values = [s[name] for s in samples]
+        if batching == TOKENS:
+            batch[name] = torch.stack([pad(v, 0) for v in values])
+        elif batching == TILES:
+            tiles = max(v.shape[1] for v in values)
+            batch[name] = torch.cat([pad_tiles(v, tiles) for v in values])
+        else:
+            batch[name] = torch.cat(values)
+    return {**batch, "failures": failures}
 
 
 # --- data order ----------------------------------------------------------------------------------

@@ -2,8 +2,8 @@
 
 The samples ``train`` held out (listed in ``CKPT/densefusion_train.json``) are captioned by the
 base model and by the fine-tuned engine, each with the caption-engine prompt and the image
-exactly as `run` gives them (transformers backend, greedy). Both, and GPT-4V's own captions,
-are scored the way the project scores a dataset:
+exactly as `run` gives them (transformers backend, greedy; any caption family). Both, and
+GPT-4V's own captions, are scored the way the project scores a dataset:
 
 * similarity to GPT-4V's caption: ROUGE-L F1 over words (longest common subsequence; the
   usual caption-overlap score, no model needed);
@@ -24,10 +24,11 @@ from pathlib import Path
 from typing import Any
 
 from engine.core.config import CaptionConfig, QcConfig
+from engine.core.stage import ImageView
 from engine.evidence.coverage import COVERAGE_SCORES, Evidence, coverage_scores
 from engine.evidence.qc import check_caption, words
 from engine.io.manifest import write_json_atomic
-from engine.train.data import MetaRecord, SampleEncoder, read_records
+from engine.train.data import MetaRecord, caption_image, read_records
 from engine.train.loop import RECORD, base_model
 from models.errors import ConfigError
 
@@ -135,8 +136,6 @@ def caption_with(model: str, path: str, records: list[MetaRecord], images: list,
 
 def evaluate(ckpt: Path, meta: Path | None = None, *, base: str = "", device: str = "auto",
              max_new_tokens: int = 400, batch: int = 8, limit: int = 0, cache_dir: str = "") -> dict[str, Any]:
-    from transformers import AutoProcessor
-
     from engine.evidence.language import pos_tagger
     from models.base import resolve_device
 
@@ -152,9 +151,8 @@ def evaluate(ckpt: Path, meta: Path | None = None, *, base: str = "", device: st
     cache_dir = cache_dir or train_cfg["cache_dir"]
     base_ref = base_model(base or record["base"], cache_dir)
     base_path = base_ref.resolve(Path(cache_dir))
-    encoder = SampleEncoder(AutoProcessor.from_pretrained(str(ckpt)), max_length=train_cfg["max_length"],
-                            max_side=train_cfg["caption_max_side"])
-    images = [encoder.image(r) for r in records]
+    view = ImageView("caption", train_cfg["caption_max_side"])
+    images = [caption_image(r, view) for r in records]
     config = CaptionConfig(caption_backend="transformers", caption_batch=batch, max_new_tokens=max_new_tokens,
                            caption_max_side=train_cfg["caption_max_side"])
     written = {

@@ -39,9 +39,9 @@ from engine.train.data import (
     prompt_token_counts,
     read_records,
 )
-from engine.train.parts import describe, parameter_groups, select_trainable
+from engine.train.parts import describe, layer_classes, parameter_groups, select_trainable
 from models.caption.chat import check_chat_template
-from models.caption.families import FAMILIES, family_for
+from models.caption.families import FAMILIES, TrainLayout, family_for
 from models.errors import ConfigError
 
 METRICS = "metrics.jsonl"
@@ -71,7 +71,8 @@ def check_out(train: TrainConfig) -> None:
 
 
 def base_model(name: str, cache_dir: str):
-    """The base checkpoint's reference ('tiny': the tiny LLaVA-NeXT, built on first use), checked."""
+    """The base checkpoint's reference ('tiny': the tiny LLaVA-NeXT, built on first use; any
+    family's checkpoint folder or hub id), checked."""
     from engine.core.config import RuntimeConfig
     from engine.core.models import resolve_model
 
@@ -81,21 +82,22 @@ def base_model(name: str, cache_dir: str):
     return ref
 
 
-def load_base(train: TrainConfig):
-    """``(processor, model)`` of the base checkpoint, float32 weights (bf16 is autocast's job)."""
+def load_base(train: TrainConfig) -> tuple[Any, Any, TrainLayout]:
+    """``(processor, model, its family's TrainLayout)`` of the base checkpoint, float32 weights
+    (bf16 is autocast's job); a family train does not know is refused before its weights load."""
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     path = base_model(train.base, train.cache_dir).resolve(Path(train.cache_dir))
     family = family_for(path, train.base)
-    if not family.trainable:
-        trainable = ", ".join(f.name for f in FAMILIES if f.trainable)
+    if family.train is None:
+        trainable = ", ".join(f.name for f in FAMILIES if f.train is not None)
         raise ConfigError(f"--base {train.base} is a {family.name} checkpoint: train fine-tunes {trainable} "
                           f"only so far (captioning with {family.name} works: run --caption-model)")
     processor = AutoProcessor.from_pretrained(path)
     check_chat_template(processor, train.base)  # the samples' text is the inference one (models/caption/chat.py)
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
-    return processor, model
+    return processor, model, family.train
 
 
 def make_accelerator(train: TrainConfig):
@@ -145,7 +147,9 @@ def train(data: Path, cfg: TrainRunConfig, *, log: Callable[[str], None] = print
     records, left_out = read_records(data)
     held = held_out_keys([r.key for r in records], t.held_out_share, t.seed)
     set_seed(t.seed)
-    processor, model = load_base(t)
+    processor, model, layout = load_base(t)
+    # the template's reply layout is checked here, before any training (models/caption/chat.py)
+    encoder = SampleEncoder(processor, layout, max_length=t.max_length, max_side=t.caption_max_side)
     train_records, held_records, too_long = _split(records, set(held), processor, t)
     left_out += too_long
     order = DataOrder(len(train_records), t.global_batch, t.seed)
@@ -157,15 +161,18 @@ def train(data: Path, cfg: TrainRunConfig, *, log: Callable[[str], None] = print
     for line in left_out[:5]:
         say(f"  left out: {line}")
 
-    model = select_trainable(model, t, cfg.lora)
-    parts = describe(model, t, cfg.lora)
+    model = select_trainable(model, layout, t, cfg.lora)
+    parts = describe(model, layout, t, cfg.lora)
     say(f"train: {parts.description}")
     if t.gradient_checkpointing:
         # gradient_checkpointing_enable: the name both transformers 5.19 (what sglang pins) and later releases have
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     learning_rate = cfg.lora.learning_rate(t.learning_rate)
-    optimizer = torch.optim.AdamW(parameter_groups(model, learning_rate, t.vision_learning_rate, t.weight_decay))
+    optimizer = torch.optim.AdamW(parameter_groups(model, layout, learning_rate, t.vision_learning_rate,
+                                                   t.weight_decay))
     schedule = get_cosine_schedule_with_warmup(optimizer, round(t.warmup_ratio * total), total)
+    if accelerator.distributed_type == DistributedType.FSDP:  # one shard group per layer, whatever the family
+        accelerator.state.fsdp_plugin.transformer_cls_names_to_wrap = layer_classes(model, layout)
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(schedule)
 
@@ -180,13 +187,12 @@ def train(data: Path, cfg: TrainRunConfig, *, log: Callable[[str], None] = print
         say(f"train: resumed from {folder} (step {start} of {total})")
     metrics = _Metrics(out / METRICS, start, accelerator.is_main_process)
 
-    encoder = SampleEncoder(processor, max_length=t.max_length, max_side=t.caption_max_side)
     pad_id = processor.tokenizer.pad_token_id
     pad_id = processor.tokenizer.eos_token_id if pad_id is None else pad_id
     plan = [mb for step in range(start, total) for mb in order.micro_batches(step, rank, world, t.batch_size)]
     loader = torch.utils.data.DataLoader(
         EncodedRecords(train_records, encoder), batch_sampler=plan, num_workers=t.loader_workers,
-        collate_fn=functools.partial(collate, pad_id=pad_id))
+        collate_fn=functools.partial(collate, pad_id=pad_id, inputs=layout.inputs))
     batches = iter(loader)
     accumulation = t.global_batch // (t.batch_size * world)
     model.train()
@@ -279,7 +285,7 @@ def sample_losses(model, records: list[MetaRecord], encoder: SampleEncoder, pad_
     model.eval()
     with torch.no_grad():
         for record in records:
-            batch = collate([EncodedRecords([record], encoder)[0]], pad_id)
+            batch = collate([EncodedRecords([record], encoder)[0]], pad_id, encoder.inputs)
             losses.append(model(**_inputs(batch, device), use_cache=False).loss.item() if "input_ids" in batch
                           else None)
     model.train(was_training)

@@ -33,6 +33,21 @@ def chat_text(processor, prompt: str) -> str:
     return processor.apply_chat_template(user_turn(prompt), add_generation_prompt=True)
 
 
+def reply_separator(processor) -> str:
+    """What the checkpoint's template puts between :func:`chat_text` and the assistant's reply
+    (LLaVA's vicuna template a space after ``ASSISTANT:``, Qwen's nothing after ``assistant\\n``):
+    ``train``'s target is that reply, then the end-of-sequence token generation stops at."""
+    marker = "CAPTION"
+    chat = chat_text(processor, marker)
+    answered = processor.apply_chat_template(
+        [*user_turn(marker), {"role": "assistant", "content": [{"type": "text", "text": marker}]}])
+    reply = answered[len(chat):]
+    if not answered.startswith(chat) or marker not in reply:
+        raise ConfigError("the checkpoint's chat template does not render an assistant turn after its generation "
+                          "prompt: give it the template the model was trained with")
+    return reply[:reply.index(marker)]
+
+
 def check_chat_template(processor, model: str) -> None:
     """Before any work: the checkpoint has a chat template, and it renders a request with exactly
     one image placeholder (zero would caption without the image, silently)."""

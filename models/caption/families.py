@@ -8,7 +8,9 @@ What differs between families is data here, not branches in the backends: the pr
 the same for all (``models/caption/chat.py``: the fusion prompt, then the image, in the
 checkpoint's chat template, which decides where the image placeholder goes), and every backend
 reads the checkpoint's own processor for the image's tokens (LLaVA's AnyRes tiles, Qwen's
-dynamic resolution bounded by the processor's ``min_pixels``/``max_pixels``).
+dynamic resolution bounded by the processor's ``min_pixels``/``max_pixels``). What ``train``
+needs of a family is its ``TrainLayout``: where its language model, projector and vision layers
+sit, and how its processor's inputs batch; a family without one captions but does not train.
 
 Families still to add (SGLang 0.5.23 and transformers 5.19 both have them): Qwen3-VL
 (``Qwen3VLForConditionalGeneration``) and InternVL 2.5/3 (``InternVLChatModel`` /
@@ -48,6 +50,35 @@ def dynamic_resolution_image_tokens(config, folder: Path | None) -> int:
     return processor.size["longest_edge"] // (processor.patch_size * processor.merge_size) ** 2
 
 
+# How `train` batches one processor output of a sample (engine/train/data.py collate):
+ROWS = "rows"  # rows of one sample's images (Qwen's flat patches, grid sizes): concatenated
+TILES = "tiles"  # one sample's image as a stack of tiles (LLaVA's AnyRes): zero tiles pad, then concatenated
+TOKENS = "tokens"  # one value per prompt token (Qwen's mm_token_type_ids): 0 past the prompt and in padding
+BATCHING = (ROWS, TILES, TOKENS)
+
+
+@dataclass(frozen=True)
+class TrainLayout:
+    """What `train` must know of a family's model (engine/train/parts.py, data.py): dotted paths
+    from the ``...ForConditionalGeneration`` model, and how its processor's inputs batch."""
+
+    language_model: tuple[str, ...]  # trained in full (LoRA: adapters on its linear layers)
+    language_layers: str  # the decoder's layer list (FSDP shards each layer on its own)
+    projector: tuple[str, ...]  # vision -> language connector: trained in full, under LoRA too
+    vision_tower: str  # its parameters (the projector's aside) train at --vision-learning-rate
+    vision_layers: str  # the vision encoder's layer list, bottom to top
+    # config attribute naming the vision layer whose output the projector reads (layers above it
+    # get no gradient and stay frozen); None: the top layer's
+    vision_feature_layer: str | None
+    # processor outputs beside input_ids and attention_mask, each with its batching (ROWS, TILES, TOKENS)
+    inputs: tuple[tuple[str, str], ...]
+
+    def __post_init__(self) -> None:
+        unknown = [f"{name}: {how}" for name, how in self.inputs if how not in BATCHING]
+        if unknown:
+            raise ValueError(f"TrainLayout.inputs: unknown batching ({', '.join(unknown)}); one of {BATCHING}")
+
+
 @dataclass(frozen=True)
 class CaptionFamily:
     name: str
@@ -59,9 +90,9 @@ class CaptionFamily:
     instruction_before_image: bool
     sglang_dtype: str  # the dtype SGLang runs it in ("auto": the checkpoint's)
     sglang_conversion: bool  # SGLang serves a converted copy (models/caption/llava_native.py)
-    trainable: bool  # `train` fine-tunes it (engine/train/parts.py and data.py know its modules)
     hf_config: str  # its transformers config class (`plan` builds the model from it on the meta device)
     max_image_tokens: Callable  # (that config, checkpoint folder or None) -> most tokens one image takes
+    train: TrainLayout | None = None  # None: `train` refuses it (captioning works)
 
 
 LLAVA_1_6 = CaptionFamily(
@@ -74,9 +105,17 @@ LLAVA_1_6 = CaptionFamily(
     # sglang 0.5.23 loads LLaVA's vision tower in float16 whatever it is told (models/llava.py)
     sglang_dtype="float16",
     sglang_conversion=True,
-    trainable=True,
     hf_config="LlavaNextConfig",
     max_image_tokens=anyres_image_tokens,
+    train=TrainLayout(
+        language_model=("model.language_model", "lm_head"),
+        language_layers="model.language_model.layers",
+        projector=("model.multi_modal_projector", "model.image_newline"),
+        vision_tower="model.vision_tower",
+        vision_layers="model.vision_tower.encoder.layers",
+        vision_feature_layer="vision_feature_layer",  # the penultimate CLIP layer
+        inputs=(("pixel_values", TILES), ("image_sizes", ROWS)),
+    ),
 )
 QWEN2_5_VL = CaptionFamily(
     name="Qwen2.5-VL",
@@ -86,9 +125,19 @@ QWEN2_5_VL = CaptionFamily(
     instruction_before_image=True,  # its template keeps the turn's order: text, then image
     sglang_dtype="auto",
     sglang_conversion=False,
-    trainable=False,  # its vision tower, merger and flat patch batches are not in train's parts yet
     hf_config="Qwen2_5_VLConfig",
     max_image_tokens=dynamic_resolution_image_tokens,
+    train=TrainLayout(
+        language_model=("model.language_model", "lm_head"),
+        language_layers="model.language_model.layers",
+        projector=("model.visual.merger",),  # inside the vision model, trained like LLaVA's projector
+        vision_tower="model.visual",
+        vision_layers="model.visual.blocks",
+        vision_feature_layer=None,  # the merger reads the last block
+        # the flat patches of every image and each image's (t, h, w) grid; the token types place
+        # the image in M-RoPE's 3-D positions (without them the model falls back to 1-D positions)
+        inputs=(("pixel_values", ROWS), ("image_grid_thw", ROWS), ("mm_token_type_ids", TOKENS)),
+    ),
 )
 FAMILIES = (LLAVA_1_6, QWEN2_5_VL)
 
