@@ -7,7 +7,8 @@ The outputs are written directly in the output contract (engine/io/writers.py's 
 no engine run): per shard a tar of ``--rows`` samples (the annotations JSON with a caption of
 ``--caption-words`` words, a fusion prompt of 300, tags, boxes, OCR, coverage and category
 scores, and a small JPEG), a rejects parquet for one shard in four (the report shows the first
-200 rejects), and a manifest line. Each command runs as the CLI runs it, in this process (``stats`` with one worker, so all its work is measured here): ``stats``, then
+200 rejects), and a manifest line. Each command runs as the CLI runs it, in this process
+(``stats`` with one worker, so all its work is measured here): ``stats``, then
 ``report`` (which finds stats.json fresh and reads the rest: totals, samples, rejects), then
 ``export jsonl`` (every image written). Peak memory is tracemalloc's: the Python heap the command
 allocated beyond what was held before it, after a warm-up run on a tiny output (imports, the
