@@ -302,38 +302,50 @@ _QWEN_PATCH = 14  # Qwen2.5-VL's vision patch; 2x2 patches merge into one image 
 TINY_QWEN_PIXELS = (4 * 28 * 28, 64 * 28 * 28)
 
 
+def qwen_tokenizer(chat_template: str):
+    """The tiny BPE with Qwen-VL's special tokens and ``chat_template``: ``(tokenizer, ids of the specials)``."""
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = byte_bpe_tokenizer(_corpus(), _QWEN_SPECIALS, vocab_size=512)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>", padding_side="left",
+        extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
+                              "vision_bos_token": "<|vision_start|>", "vision_eos_token": "<|vision_end|>"},
+    )
+    tokenizer.chat_template = chat_template
+    return tokenizer, {token: i for i, token in enumerate(_QWEN_SPECIALS)}
+
+
+def _qwen_text(tokenizer, ids: dict[str, int], rope: dict) -> dict:
+    """The tiny language model of a Qwen-VL build (head_dim 16: 8 rotary pairs, split by ``rope``)."""
+    return {"vocab_size": len(tokenizer), "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 4096,
+            "rms_norm_eps": 1e-6, "bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"],
+            "pad_token_id": ids["<|endoftext|>"], "rope_parameters": {"rope_type": "default", **rope}}
+
+
+def _qwen_token_ids(ids: dict[str, int]) -> dict:
+    return {"image_token_id": ids["<|image_pad|>"], "video_token_id": ids["<|video_pad|>"],
+            "vision_start_token_id": ids["<|vision_start|>"], "vision_end_token_id": ids["<|vision_end|>"]}
+
+
 def qwen2_5_vl_parts():
     """``(Qwen2_5_VLConfig, Qwen2_5_VLProcessor)`` of the tiny build, nothing allocated."""
     from transformers import (
-        PreTrainedTokenizerFast,
         Qwen2_5_VLConfig,
         Qwen2_5_VLProcessor,
         Qwen2VLImageProcessor,
         Qwen2VLVideoProcessor,
     )
 
-    bpe = byte_bpe_tokenizer(_corpus(), _QWEN_SPECIALS, vocab_size=512)
-    ids = {token: i for i, token in enumerate(_QWEN_SPECIALS)}
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>", padding_side="left",
-        extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
-                              "vision_bos_token": "<|vision_start|>", "vision_eos_token": "<|vision_end|>"},
-    )
-    tokenizer.chat_template = _QWEN_CHAT_TEMPLATE
+    tokenizer, ids = qwen_tokenizer(_QWEN_CHAT_TEMPLATE)
     min_pixels, max_pixels = TINY_QWEN_PIXELS
     config = Qwen2_5_VLConfig(
-        text_config={"vocab_size": bpe.get_vocab_size(), "hidden_size": 64, "intermediate_size": 128,
-                     "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-                     "max_position_embeddings": 4096, "rms_norm_eps": 1e-6,
-                     "bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"],
-                     "pad_token_id": ids["<|endoftext|>"],
-                     # head_dim 16: 8 rotary pairs split over (time, height, width)
-                     "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]}},
+        text_config=_qwen_text(tokenizer, ids, {"rope_theta": 1e6, "mrope_section": [2, 3, 3]}),
         vision_config={"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2,
                        "patch_size": _QWEN_PATCH, "spatial_merge_size": 2, "temporal_patch_size": 2,
                        "window_size": 56, "out_hidden_size": 64, "fullatt_block_indexes": [1]},
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        **_qwen_token_ids(ids),
     )
     budget = {"min_pixels": min_pixels, "max_pixels": max_pixels, "patch_size": _QWEN_PATCH,
               "merge_size": 2, "temporal_patch_size": 2}
@@ -342,6 +354,50 @@ def qwen2_5_vl_parts():
         tokenizer=tokenizer,
         video_processor=Qwen2VLVideoProcessor(**budget),
         chat_template=_QWEN_CHAT_TEMPLATE,
+    )
+    return config, processor
+
+
+# Qwen3-VL's template (Qwen/Qwen3-VL-8B-Instruct), images only: no default system turn, then the
+# user turn's parts in the order given, each image as <|vision_start|><|image_pad|><|vision_end|>.
+_QWEN3_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}"
+    "{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+_QWEN3_PATCH = 16  # Qwen3-VL's vision patch; 2x2 patches merge into one image token (32x32 pixels)
+# The image budget: 4 to 64 image tokens (real checkpoints: 64 to 16,384; shortest/longest_edge)
+TINY_QWEN3_PIXELS = (4 * 32 * 32, 64 * 32 * 32)
+
+
+def qwen3_vl_parts():
+    """``(Qwen3VLConfig, Qwen3VLProcessor)`` of the tiny build, nothing allocated."""
+    from transformers import Qwen2VLImageProcessor, Qwen3VLConfig, Qwen3VLProcessor, Qwen3VLVideoProcessor
+
+    tokenizer, ids = qwen_tokenizer(_QWEN3_CHAT_TEMPLATE)
+    min_pixels, max_pixels = TINY_QWEN3_PIXELS
+    config = Qwen3VLConfig(
+        text_config=_qwen_text(tokenizer, ids, {"rope_theta": 5e6, "mrope_section": [2, 3, 3],
+                                                "mrope_interleaved": True}),
+        # DeepStack: the features of vision layer 0 also enter the language model's first layer
+        vision_config={"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2,
+                       "patch_size": _QWEN3_PATCH, "spatial_merge_size": 2, "temporal_patch_size": 2,
+                       "out_hidden_size": 64, "num_position_embeddings": 64, "deepstack_visual_indexes": [0]},
+        **_qwen_token_ids(ids),
+    )
+    budget = {"size": {"shortest_edge": min_pixels, "longest_edge": max_pixels}, "patch_size": _QWEN3_PATCH,
+              "merge_size": 2, "temporal_patch_size": 2}
+    processor = Qwen3VLProcessor(
+        image_processor=Qwen2VLImageProcessor(**budget),
+        tokenizer=tokenizer,
+        video_processor=Qwen3VLVideoProcessor(**budget),
+        chat_template=_QWEN3_CHAT_TEMPLATE,
     )
     return config, processor
 
@@ -367,6 +423,19 @@ def build_qwen2_5_vl(folder: Path) -> None:
 
     config, processor = qwen2_5_vl_parts()
     model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    _keep_to_text(model, processor.tokenizer)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+
+
+@register("caption-qwen3_vl")
+def build_qwen3_vl(folder: Path) -> None:
+    """Qwen3-VL: ViT with learned + 2D rotary positions, DeepStack features into the language
+    model's first layers, Qwen3 (q/k norms) with interleaved M-RoPE, dynamic resolution."""
+    from transformers import Qwen3VLForConditionalGeneration
+
+    config, processor = qwen3_vl_parts()
+    model = Qwen3VLForConditionalGeneration(config).eval()
     _keep_to_text(model, processor.tokenizer)
     model.save_pretrained(folder)
     processor.save_pretrained(folder)

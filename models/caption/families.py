@@ -90,7 +90,20 @@ QWEN2_5_VL = CaptionFamily(
     hf_config="Qwen2_5_VLConfig",
     max_image_tokens=dynamic_resolution_image_tokens,
 )
-FAMILIES = (LLAVA_1_6, QWEN2_5_VL)
+QWEN3_VL = CaptionFamily(
+    name="Qwen3-VL",
+    architectures=("Qwen3VLForConditionalGeneration",),
+    model_types=("qwen3_vl",),
+    image_budget="dynamic resolution: the processor's size shortest_edge..longest_edge in pixels, one token "
+                 "per 32x32 pixels",
+    instruction_before_image=True,  # its template keeps the turn's order and has no default system turn
+    sglang_dtype="auto",
+    sglang_conversion=False,
+    trainable=False,
+    hf_config="Qwen3VLConfig",
+    max_image_tokens=dynamic_resolution_image_tokens,
+)
+FAMILIES = (LLAVA_1_6, QWEN2_5_VL, QWEN3_VL)
 
 
 def supported() -> str:
