@@ -19,7 +19,7 @@ from pathlib import Path
 from engine.core.errors import ConfigError
 
 # Bump when a builder changes, so cached folders from an older build are not reused.
-BUILD_VERSION = 3
+BUILD_VERSION = 4
 SEED = 0
 
 Builder = Callable[[Path], None]
@@ -90,7 +90,8 @@ def byte_bpe_tokenizer(corpus: Iterable[str], specials: list[str], vocab_size: i
 
 
 def _printable(piece: str) -> bool:
-    return bool(piece) and piece.isascii() and (piece.isprintable() or piece.strip() == "")
+    """Printable ASCII or plain whitespace (not the ASCII separators \\x1c-\\x1f, which str.strip() drops)."""
+    return bool(piece) and piece.isascii() and all(c.isprintable() or c in " \t\n\r" for c in piece)
 
 
 def _corpus() -> list[str]:
@@ -436,6 +437,83 @@ def build_qwen3_vl(folder: Path) -> None:
 
     config, processor = qwen3_vl_parts()
     model = Qwen3VLForConditionalGeneration(config).eval()
+    _keep_to_text(model, processor.tokenizer)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+
+
+# InternVL3's template (OpenGVLab/InternVL3-1B-hf), images only: no default system turn, the user
+# turn's parts in the order given, each image as <IMG_CONTEXT> and a newline (the processor expands it
+# into <img>, its tiles' <IMG_CONTEXT> tokens and </img>).
+_INTERNVL_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' %}<IMG_CONTEXT>\n"
+    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+_INTERNVL_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>",
+                      "<video>"]
+# Tiles of 448 px as every InternVL (SGLang's InternVL processor tiles at 448 whatever the config says);
+# patches of 56 px, so a tile is 8x8 patches, 4x4 = 16 tokens after the 0.5 pixel shuffle (real: 14 px, 256).
+_INTERNVL_TILE, _INTERNVL_PATCH = 448, 56
+TINY_INTERNVL_MAX_TILES = 4  # plus the thumbnail (real checkpoints: 12)
+
+
+def internvl_parts():
+    """``(InternVLConfig, InternVLProcessor)`` of the tiny build (HF-native layout), nothing allocated."""
+    from transformers import (
+        GotOcr2ImageProcessor,
+        InternVLConfig,
+        InternVLProcessor,
+        InternVLVideoProcessor,
+        PreTrainedTokenizerFast,
+    )
+
+    bpe = byte_bpe_tokenizer(_corpus(), _INTERNVL_SPECIALS, vocab_size=512)
+    ids = {token: i for i, token in enumerate(_INTERNVL_SPECIALS)}
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>", padding_side="left",
+        extra_special_tokens={"start_image_token": "<img>", "end_image_token": "</img>",
+                              "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"},
+    )
+    tokenizer.chat_template = _INTERNVL_CHAT_TEMPLATE
+    tile_tokens = (_INTERNVL_TILE // _INTERNVL_PATCH) ** 2 // 4
+    config = InternVLConfig(
+        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+                       "image_size": _INTERNVL_TILE, "patch_size": _INTERNVL_PATCH},
+        text_config={"model_type": "qwen2", "vocab_size": len(tokenizer), "hidden_size": 64,
+                     "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+                     "num_key_value_heads": 2, "max_position_embeddings": 4096, "rms_norm_eps": 1e-6,
+                     "bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"],
+                     "pad_token_id": ids["<|endoftext|>"], "tie_word_embeddings": False},
+        image_token_id=ids["<IMG_CONTEXT>"], image_seq_length=tile_tokens, downsample_ratio=0.5,
+        tie_word_embeddings=False,
+    )
+    tile = {"size": {"height": _INTERNVL_TILE, "width": _INTERNVL_TILE},
+            "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}  # ImageNet's, as InternVL
+    processor = InternVLProcessor(
+        image_processor=GotOcr2ImageProcessor(**tile, crop_to_patches=True, min_patches=1,
+                                              max_patches=TINY_INTERNVL_MAX_TILES),
+        tokenizer=tokenizer,
+        video_processor=InternVLVideoProcessor(**tile),
+        image_seq_length=tile_tokens,
+        chat_template=_INTERNVL_CHAT_TEMPLATE,
+    )
+    return config, processor
+
+
+@register("caption-internvl")
+def build_internvl(folder: Path) -> None:
+    """InternVL 2.5/3 in transformers' own layout: InternViT + pixel-shuffle MLP projector + Qwen2,
+    images as 448 px tiles plus a thumbnail."""
+    from transformers import InternVLForConditionalGeneration
+
+    config, processor = internvl_parts()
+    model = InternVLForConditionalGeneration(config).eval()
     _keep_to_text(model, processor.tokenizer)
     model.save_pretrained(folder)
     processor.save_pretrained(folder)

@@ -14,7 +14,7 @@ from engine.core.record import Sample
 from engine.core.runtime import StageFailed
 from engine.core.stage import ImageView, Resources, Stage
 from models.caption.base import CaptionEngine, EngineDead, SamplingParams
-from models.caption.families import family_of_folder
+from models.caption.families import family_of_folder, require_backend
 from models.caption.figures import CaptionTally, GpuSampler
 from models.caption.registry import load_engine, prepare_backend, resolve_backend
 
@@ -77,7 +77,8 @@ class CaptionStage(Stage):
             if self.ref is None:
                 raise ConfigError("--caption-model is empty: name a caption checkpoint (folder or hub id)")
             if self.ref.is_local:  # a hub id's config is read when it loads, still before any sample
-                family_of_folder(self.ref.resolve(self.cache_dir), self.ref.name)
+                require_backend(family_of_folder(self.ref.resolve(self.cache_dir), self.ref.name), backend,
+                                self.ref.name)
             self.model_name = self.ref.name
         prepare_backend(backend, self.device, self.settings)  # here: the main thread, before any work
         self.engine: CaptionEngine | None = None

@@ -10,10 +10,10 @@ checkpoint's chat template, which decides where the image placeholder goes), and
 reads the checkpoint's own processor for the image's tokens (LLaVA's AnyRes tiles, Qwen's
 dynamic resolution bounded by the processor's ``min_pixels``/``max_pixels``).
 
-Families still to add (SGLang 0.5.23 and transformers 5.19 both have them): Qwen3-VL
-(``Qwen3VLForConditionalGeneration``) and InternVL 2.5/3 (``InternVLChatModel`` /
-``InternVLForConditionalGeneration``); each needs a tiny build in ``models/tiny.py`` and the
-parity test before it is listed.
+Each family has a tiny random-weight build in ``models/tiny.py`` and is tested through ``run``
+(``tests/test_caption_families.py``). A family SGLang cannot serve natively here says why in
+``sglang_refusal``, and ``--caption-backend sglang`` refuses it before any work
+(:func:`require_backend`) instead of SGLang falling back to its Transformers path in silence.
 """
 
 from __future__ import annotations
@@ -48,6 +48,20 @@ def dynamic_resolution_image_tokens(config, folder: Path | None) -> int:
     return processor.size["longest_edge"] // (processor.patch_size * processor.merge_size) ** 2
 
 
+def tile_image_tokens(config, folder: Path | None) -> int:
+    """InternVL's most tokens for one image: its processor's max_patches tiles plus the thumbnail
+    (added whenever an image takes more than one tile), image_seq_length tokens each, between
+    <img> and </img>."""
+    from transformers import AutoImageProcessor
+
+    if folder is None:
+        raise ConfigError("the image budget of an InternVL checkpoint is its processor's max_patches: pass a local "
+                          "folder")
+    processor = AutoImageProcessor.from_pretrained(folder)
+    tiles = processor.max_patches + 1 if processor.crop_to_patches and processor.max_patches > 1 else 1
+    return tiles * config.image_seq_length + 2
+
+
 @dataclass(frozen=True)
 class CaptionFamily:
     name: str
@@ -58,6 +72,9 @@ class CaptionFamily:
     # prefix every request shares (SGLang's radix cache reuses it); else only the turn's head is.
     instruction_before_image: bool
     sglang_dtype: str  # the dtype SGLang runs it in ("auto": the checkpoint's)
+    # Why SGLang cannot serve it natively here ("" where it does): --caption-backend sglang refuses
+    # it with this before any work, rather than letting SGLang fall back to its Transformers path
+    sglang_refusal: str
     sglang_conversion: bool  # SGLang serves a converted copy (models/caption/llava_native.py)
     trainable: bool  # `train` fine-tunes it (engine/train/parts.py and data.py know its modules)
     hf_config: str  # its transformers config class (`plan` builds the model from it on the meta device)
@@ -73,6 +90,7 @@ LLAVA_1_6 = CaptionFamily(
     instruction_before_image=False,  # llava-hf templates put the image first, as LLaVA's training did
     # sglang 0.5.23 loads LLaVA's vision tower in float16 whatever it is told (models/llava.py)
     sglang_dtype="float16",
+    sglang_refusal="",
     sglang_conversion=True,
     trainable=True,
     hf_config="LlavaNextConfig",
@@ -85,6 +103,7 @@ QWEN2_5_VL = CaptionFamily(
     image_budget="dynamic resolution: min_pixels..max_pixels, one token per 28x28 pixels",
     instruction_before_image=True,  # its template keeps the turn's order: text, then image
     sglang_dtype="auto",
+    sglang_refusal="",
     sglang_conversion=False,
     trainable=False,  # its vision tower, merger and flat patch batches are not in train's parts yet
     hf_config="Qwen2_5_VLConfig",
@@ -98,16 +117,44 @@ QWEN3_VL = CaptionFamily(
                  "per 32x32 pixels",
     instruction_before_image=True,  # its template keeps the turn's order and has no default system turn
     sglang_dtype="auto",
+    sglang_refusal="",
     sglang_conversion=False,
     trainable=False,
     hf_config="Qwen3VLConfig",
     max_image_tokens=dynamic_resolution_image_tokens,
 )
-FAMILIES = (LLAVA_1_6, QWEN2_5_VL, QWEN3_VL)
+INTERNVL = CaptionFamily(
+    name="InternVL",
+    architectures=("InternVLForConditionalGeneration",),
+    model_types=("internvl",),
+    image_budget="tiles: 448 px tiles, the processor's min_patches..max_patches plus a thumbnail, "
+                 "image_seq_length tokens each",
+    instruction_before_image=True,  # its template keeps the turn's order and has no default system turn
+    sglang_dtype="auto",
+    sglang_refusal=(
+        "SGLang 0.5.23 serves InternVL only in its original remote-code layout (InternVLChatModel, "
+        "sglang/srt/models/internvl.py), not transformers' InternVLForConditionalGeneration (its Transformers "
+        "fallback turns the radix cache off); a converted copy would not see the same prompt either: SGLang's "
+        "InternVL processor (multimodal/processors/internvl.py) tiles at a fixed 448 px, up to 12 tiles, "
+        "ignoring the checkpoint's processor config, and wants '<image>' where the template writes "
+        "'<IMG_CONTEXT>' (it inserts a second placeholder before the assistant turn)"),
+    sglang_conversion=False,
+    trainable=False,
+    hf_config="InternVLConfig",
+    max_image_tokens=tile_image_tokens,
+)
+FAMILIES = (LLAVA_1_6, QWEN2_5_VL, QWEN3_VL, INTERNVL)
 
 
 def supported() -> str:
     return "; ".join(f"{f.name} ({', '.join(f.architectures)})" for f in FAMILIES)
+
+
+def require_backend(family: CaptionFamily, backend: str, model: str) -> None:
+    """Before any work: ``backend`` serves checkpoints of ``family`` (ConfigError saying why not)."""
+    if backend == "sglang" and family.sglang_refusal:
+        raise ConfigError(f"caption model {model!r} is a {family.name} checkpoint, which --caption-backend sglang "
+                          f"cannot serve: {family.sglang_refusal}. Use --caption-backend transformers")
 
 
 def family_of(config: dict, model: str) -> CaptionFamily:
