@@ -135,7 +135,7 @@ INTERNVL = CaptionFamily(
         "SGLang 0.5.23 serves InternVL only in its original remote-code layout (InternVLChatModel, "
         "sglang/srt/models/internvl.py), not transformers' InternVLForConditionalGeneration (its Transformers "
         "fallback turns the radix cache off); a converted copy would not see the same prompt either: SGLang's "
-        "InternVL processor (multimodal/processors/internvl.py) tiles at a fixed 448 px, up to 12 tiles, "
+        "InternVL processor (sglang/srt/multimodal/processors/internvl.py) tiles at a fixed 448 px, up to 12 tiles, "
         "ignoring the checkpoint's processor config, and wants '<image>' where the template writes "
         "'<IMG_CONTEXT>' (it inserts a second placeholder before the assistant turn)"),
     sglang_conversion=False,
@@ -153,8 +153,8 @@ def supported() -> str:
 def require_backend(family: CaptionFamily, backend: str, model: str) -> None:
     """Before any work: ``backend`` serves checkpoints of ``family`` (ConfigError saying why not)."""
     if backend == "sglang" and family.sglang_refusal:
-        raise ConfigError(f"caption model {model!r} is a {family.name} checkpoint, which --caption-backend sglang "
-                          f"cannot serve: {family.sglang_refusal}. Use --caption-backend transformers")
+        raise ConfigError(f"caption model {model!r} ({family.name}): --caption-backend sglang cannot serve this "
+                          f"family: {family.sglang_refusal}. Use --caption-backend transformers")
 
 
 def family_of(config: dict, model: str) -> CaptionFamily:
