@@ -298,9 +298,42 @@ _QWEN_CHAT_TEMPLATE = (
 )
 _QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                   "<|image_pad|>", "<|video_pad|>"]
-_QWEN_PATCH = 14  # Qwen2.5-VL's vision patch; 2x2 patches merge into one image token
-# The image budget: 4 to 64 image tokens (real checkpoints: 4 to 16,384, min/max_pixels)
-TINY_QWEN_PIXELS = (4 * 28 * 28, 64 * 28 * 28)
+_QWEN_PATCH = 14  # Qwen2.5-VL's vision patch; 2x2 patches merge into one image token (28x28 pixels)
+
+
+@dataclass(frozen=True)
+class VlSize:
+    """The dimensions of a Qwen-VL or InternVL build: vision and language config keys, and the image
+    budget (Qwen: min and max pixels; InternVL: min and max tiles). The tokenizer is always the small
+    in-memory BPE; a real-size build's vocabulary is the checkpoint's (ids past the BPE's are never
+    in a prompt)."""
+
+    vision: dict
+    text: dict
+    budget: tuple[int, int]
+
+
+_TINY_TEXT = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "num_key_value_heads": 2}
+# head_dim 16: 8 rotary pairs, split over (time, height, width) by mrope_section
+TINY_QWEN2_5_VL = VlSize(
+    vision={"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "window_size": 56,
+            "out_hidden_size": 64, "fullatt_block_indexes": [1]},
+    text={**_TINY_TEXT, "head_dim": 16,
+          "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]}},
+    budget=(4 * 28 * 28, 64 * 28 * 28),  # 4 to 64 image tokens
+)
+# Qwen/Qwen2.5-VL-7B-Instruct; the budget its model card suggests (max_pixels 1280x28x28; the
+# processor's own default allows 16,384 tokens)
+QWEN2_5_VL_7B = VlSize(
+    vision={"depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16, "window_size": 112,
+            "out_hidden_size": 3584, "fullatt_block_indexes": [7, 15, 23, 31]},
+    text={"vocab_size": 152064, "max_position_embeddings": 128000, "hidden_size": 3584,
+          "intermediate_size": 18944, "num_hidden_layers": 28,
+          "num_attention_heads": 28, "num_key_value_heads": 4, "head_dim": 128,
+          "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]}},
+    budget=(4 * 28 * 28, 1280 * 28 * 28),
+)
 
 
 def qwen_tokenizer(chat_template: str):
@@ -317,12 +350,11 @@ def qwen_tokenizer(chat_template: str):
     return tokenizer, {token: i for i, token in enumerate(_QWEN_SPECIALS)}
 
 
-def _qwen_text(tokenizer, ids: dict[str, int], rope: dict) -> dict:
-    """The tiny language model of a Qwen-VL build (head_dim 16: 8 rotary pairs, split by ``rope``)."""
-    return {"vocab_size": len(tokenizer), "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-            "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 4096,
-            "rms_norm_eps": 1e-6, "bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"],
-            "pad_token_id": ids["<|endoftext|>"], "rope_parameters": {"rope_type": "default", **rope}}
+def _text(tokenizer, ids: dict[str, int], size: VlSize) -> dict:
+    """The language model's config keys: ``size``'s over the tokenizer's vocabulary and special ids."""
+    return {"vocab_size": len(tokenizer), "max_position_embeddings": 4096, "rms_norm_eps": 1e-6,
+            "bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"],
+            "pad_token_id": ids["<|endoftext|>"], **size.text}
 
 
 def _qwen_token_ids(ids: dict[str, int]) -> dict:
@@ -330,8 +362,8 @@ def _qwen_token_ids(ids: dict[str, int]) -> dict:
             "vision_start_token_id": ids["<|vision_start|>"], "vision_end_token_id": ids["<|vision_end|>"]}
 
 
-def qwen2_5_vl_parts():
-    """``(Qwen2_5_VLConfig, Qwen2_5_VLProcessor)`` of the tiny build, nothing allocated."""
+def qwen2_5_vl_parts(size: VlSize = TINY_QWEN2_5_VL):
+    """``(Qwen2_5_VLConfig, Qwen2_5_VLProcessor)`` of the given dimensions, nothing allocated."""
     from transformers import (
         Qwen2_5_VLConfig,
         Qwen2_5_VLProcessor,
@@ -340,14 +372,13 @@ def qwen2_5_vl_parts():
     )
 
     tokenizer, ids = qwen_tokenizer(_QWEN_CHAT_TEMPLATE)
-    min_pixels, max_pixels = TINY_QWEN_PIXELS
     config = Qwen2_5_VLConfig(
-        text_config=_qwen_text(tokenizer, ids, {"rope_theta": 1e6, "mrope_section": [2, 3, 3]}),
-        vision_config={"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2,
-                       "patch_size": _QWEN_PATCH, "spatial_merge_size": 2, "temporal_patch_size": 2,
-                       "window_size": 56, "out_hidden_size": 64, "fullatt_block_indexes": [1]},
+        text_config=_text(tokenizer, ids, size),
+        vision_config={**size.vision, "patch_size": _QWEN_PATCH, "spatial_merge_size": 2,
+                       "temporal_patch_size": 2},
         **_qwen_token_ids(ids),
     )
+    min_pixels, max_pixels = size.budget
     budget = {"min_pixels": min_pixels, "max_pixels": max_pixels, "patch_size": _QWEN_PATCH,
               "merge_size": 2, "temporal_patch_size": 2}
     processor = Qwen2_5_VLProcessor(
@@ -373,25 +404,39 @@ _QWEN3_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 _QWEN3_PATCH = 16  # Qwen3-VL's vision patch; 2x2 patches merge into one image token (32x32 pixels)
-# The image budget: 4 to 64 image tokens (real checkpoints: 64 to 16,384; shortest/longest_edge)
-TINY_QWEN3_PIXELS = (4 * 32 * 32, 64 * 32 * 32)
+# DeepStack: the features of vision layer 0 also enter the language model's first layer
+TINY_QWEN3_VL = VlSize(
+    vision={"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 64,
+            "num_position_embeddings": 64, "deepstack_visual_indexes": [0]},
+    text={**_TINY_TEXT, "head_dim": 16, "rope_parameters": {"rope_type": "default", "rope_theta": 5e6,
+                                                            "mrope_section": [2, 3, 3], "mrope_interleaved": True}},
+    budget=(4 * 32 * 32, 64 * 32 * 32),  # 4 to 64 image tokens
+)
+# Qwen/Qwen3-VL-8B-Instruct; the budget as for Qwen2.5-VL-7B: 1,280 tokens at most
+QWEN3_VL_8B = VlSize(
+    vision={"depth": 27, "hidden_size": 1152, "intermediate_size": 4304, "num_heads": 16, "out_hidden_size": 4096,
+            "num_position_embeddings": 2304, "deepstack_visual_indexes": [8, 16, 24]},
+    text={"vocab_size": 151936, "max_position_embeddings": 262144, "hidden_size": 4096,
+          "intermediate_size": 12288, "num_hidden_layers": 36,
+          "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
+          "rope_parameters": {"rope_type": "default", "rope_theta": 5e6, "mrope_section": [24, 20, 20],
+                              "mrope_interleaved": True}},
+    budget=(64 * 32 * 32, 1280 * 32 * 32),
+)
 
 
-def qwen3_vl_parts():
-    """``(Qwen3VLConfig, Qwen3VLProcessor)`` of the tiny build, nothing allocated."""
+def qwen3_vl_parts(size: VlSize = TINY_QWEN3_VL):
+    """``(Qwen3VLConfig, Qwen3VLProcessor)`` of the given dimensions, nothing allocated."""
     from transformers import Qwen2VLImageProcessor, Qwen3VLConfig, Qwen3VLProcessor, Qwen3VLVideoProcessor
 
     tokenizer, ids = qwen_tokenizer(_QWEN3_CHAT_TEMPLATE)
-    min_pixels, max_pixels = TINY_QWEN3_PIXELS
     config = Qwen3VLConfig(
-        text_config=_qwen_text(tokenizer, ids, {"rope_theta": 5e6, "mrope_section": [2, 3, 3],
-                                                "mrope_interleaved": True}),
-        # DeepStack: the features of vision layer 0 also enter the language model's first layer
-        vision_config={"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2,
-                       "patch_size": _QWEN3_PATCH, "spatial_merge_size": 2, "temporal_patch_size": 2,
-                       "out_hidden_size": 64, "num_position_embeddings": 64, "deepstack_visual_indexes": [0]},
+        text_config=_text(tokenizer, ids, size),
+        vision_config={**size.vision, "patch_size": _QWEN3_PATCH, "spatial_merge_size": 2,
+                       "temporal_patch_size": 2},
         **_qwen_token_ids(ids),
     )
+    min_pixels, max_pixels = size.budget
     budget = {"size": {"shortest_edge": min_pixels, "longest_edge": max_pixels}, "patch_size": _QWEN3_PATCH,
               "merge_size": 2, "temporal_patch_size": 2}
     processor = Qwen3VLProcessor(
@@ -457,14 +502,28 @@ _INTERNVL_CHAT_TEMPLATE = (
 )
 _INTERNVL_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>",
                       "<video>"]
-# Tiles of 448 px as every InternVL (SGLang's InternVL processor tiles at 448 whatever the config says);
-# patches of 56 px, so a tile is 8x8 patches, 4x4 = 16 tokens after the 0.5 pixel shuffle (real: 14 px, 256).
-_INTERNVL_TILE, _INTERNVL_PATCH = 448, 56
-TINY_INTERNVL_MAX_TILES = 4  # plus the thumbnail (real checkpoints: 12)
+_INTERNVL_TILE = 448  # every InternVL's tile (SGLang's InternVL processor tiles at 448 whatever the config says)
+# Patches of 56 px: a tile is 8x8 patches, 4x4 = 16 tokens after the 0.5 pixel shuffle (real: 14 px, 256)
+TINY_INTERNVL = VlSize(
+    vision={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+            "patch_size": 56},
+    text=_TINY_TEXT,
+    budget=(1, 4),  # 1 to 4 tiles, plus the thumbnail when more than one
+)
+# OpenGVLab/InternVL3-8B-hf: InternViT-300M + Qwen2.5-7B, 1 to 12 tiles
+INTERNVL3_8B = VlSize(
+    vision={"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16,
+            "patch_size": 14},
+    text={"vocab_size": 151674, "max_position_embeddings": 32768, "hidden_size": 3584,
+          "intermediate_size": 18944, "num_hidden_layers": 28,
+          "num_attention_heads": 28, "num_key_value_heads": 4},
+    budget=(1, 12),
+)
 
 
-def internvl_parts():
-    """``(InternVLConfig, InternVLProcessor)`` of the tiny build (HF-native layout), nothing allocated."""
+def internvl_parts(size: VlSize = TINY_INTERNVL):
+    """``(InternVLConfig, InternVLProcessor)`` of the given dimensions (transformers' layout), nothing
+    allocated."""
     from transformers import (
         GotOcr2ImageProcessor,
         InternVLConfig,
@@ -481,23 +540,19 @@ def internvl_parts():
                               "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"},
     )
     tokenizer.chat_template = _INTERNVL_CHAT_TEMPLATE
-    tile_tokens = (_INTERNVL_TILE // _INTERNVL_PATCH) ** 2 // 4
+    tile_tokens = (_INTERNVL_TILE // size.vision["patch_size"]) ** 2 // 4
     config = InternVLConfig(
-        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
-                       "image_size": _INTERNVL_TILE, "patch_size": _INTERNVL_PATCH},
-        text_config={"model_type": "qwen2", "vocab_size": len(tokenizer), "hidden_size": 64,
-                     "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-                     "num_key_value_heads": 2, "max_position_embeddings": 4096, "rms_norm_eps": 1e-6,
-                     "bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"],
-                     "pad_token_id": ids["<|endoftext|>"], "tie_word_embeddings": False},
+        vision_config={**size.vision, "image_size": _INTERNVL_TILE},
+        text_config={"model_type": "qwen2", **_text(tokenizer, ids, size), "tie_word_embeddings": False},
         image_token_id=ids["<IMG_CONTEXT>"], image_seq_length=tile_tokens, downsample_ratio=0.5,
         tie_word_embeddings=False,
     )
     tile = {"size": {"height": _INTERNVL_TILE, "width": _INTERNVL_TILE},
             "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}  # ImageNet's, as InternVL
+    min_tiles, max_tiles = size.budget
     processor = InternVLProcessor(
-        image_processor=GotOcr2ImageProcessor(**tile, crop_to_patches=True, min_patches=1,
-                                              max_patches=TINY_INTERNVL_MAX_TILES),
+        image_processor=GotOcr2ImageProcessor(**tile, crop_to_patches=True, min_patches=min_tiles,
+                                              max_patches=max_tiles),
         tokenizer=tokenizer,
         video_processor=InternVLVideoProcessor(**tile),
         image_seq_length=tile_tokens,

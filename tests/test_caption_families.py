@@ -47,9 +47,9 @@ TOKENS = 12
 # family -> its tiny build's role and the most tokens one image takes at that build's budget
 ROLES = {QWEN2_5_VL: "caption-qwen2_5_vl", QWEN3_VL: "caption-qwen3_vl", INTERNVL: "caption-internvl"}
 MOST_IMAGE_TOKENS = {
-    QWEN2_5_VL: tiny.TINY_QWEN_PIXELS[1] // (28 * 28),  # one token per 2x2 patches of 14 px
-    QWEN3_VL: tiny.TINY_QWEN3_PIXELS[1] // (32 * 32),  # one token per 2x2 patches of 16 px
-    INTERNVL: (tiny.TINY_INTERNVL_MAX_TILES + 1) * 16 + 2,  # tiles and thumbnail, 16 tokens each, <img> </img>
+    QWEN2_5_VL: tiny.TINY_QWEN2_5_VL.budget[1] // (28 * 28),  # one token per 2x2 patches of 14 px
+    QWEN3_VL: tiny.TINY_QWEN3_VL.budget[1] // (32 * 32),  # one token per 2x2 patches of 16 px
+    INTERNVL: (tiny.TINY_INTERNVL.budget[1] + 1) * 16 + 2,  # tiles and thumbnail, 16 tokens each, <img> </img>
 }
 SERVED_BY_SGLANG = [f for f in ROLES if not f.sglang_refusal]
 
