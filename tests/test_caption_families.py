@@ -239,20 +239,26 @@ def test_train_refuses_a_family_it_cannot_fine_tune_yet_before_loading_it(tmp_pa
                               cache_dir=str(tiny_cache)))
 
 
-def test_the_cpu_setup_declares_the_placeholder_ops_in_every_interpreter_it_starts():
+def test_the_cpu_setup_declares_the_placeholder_ops_in_every_interpreter_that_imports_sglang(tmp_path):
     """What SGLang's Qwen-VL processors bind on import (their absence hides every Qwen-VL
-    checkpoint from SGLang's CPU engine); a call says what it is. In another interpreter, so this
-    one keeps its ops as they are."""
+    checkpoint from SGLang's CPU engine); a call says what it is. Declared on the first import of
+    ``sglang`` (here an empty package of that name: the trigger is the name), so an interpreter
+    that never imports it does not even import torch. In other interpreters, so this one keeps
+    its ops as they are."""
     import os
 
     from models.caption import sglang_cpu
 
-    check = ("import torch; names = __import__('sitecustomize').PLACEHOLDER_OPS\n"
+    (tmp_path / "sglang").mkdir()
+    (tmp_path / "sglang" / "__init__.py").write_text("")
+    check = ("import sys; print('torch' in sys.modules)\n"
+             "import sglang, torch; names = __import__('sitecustomize').PLACEHOLDER_OPS\n"
              "ops = [getattr(torch.ops.sgl_kernel, n) for n in names]\n"
              "try:\n    ops[0]([torch.zeros(1)])\nexcept NotImplementedError as e:\n    print(len(ops), e)")
-    env = {**os.environ, "SGLANG_USE_CPU_ENGINE": "1", "PYTHONPATH": str(sglang_cpu.SITE)}
+    env = {**os.environ, "SGLANG_USE_CPU_ENGINE": "1", "PYTHONPATH": os.pathsep.join([str(sglang_cpu.SITE),
+                                                                                      str(tmp_path)])}
     said = subprocess.run([sys.executable, "-c", check], env=env, capture_output=True, text=True, check=True).stdout
-    assert said.startswith("4 a placeholder sgl_kernel CPU op was called")
+    assert said.startswith("False\n4 a placeholder sgl_kernel CPU op was called")
     env["SGLANG_USE_CPU_ENGINE"] = "0"  # anywhere else (a GPU node): nothing declared
     with pytest.raises(subprocess.CalledProcessError):
         subprocess.run([sys.executable, "-c", check], env=env, capture_output=True, text=True, check=True)
