@@ -162,6 +162,19 @@ def test_sglang_refuses_internvl_before_any_work_saying_where_it_fails(tmp_path,
     assert not (tmp_path / "out" / "shards").exists()
 
 
+def test_auto_on_a_gpu_picks_transformers_for_a_family_sglang_does_not_serve_and_plan_counts_that(tmp_path, tiny_cache):
+    from engine.core import config
+    from engine.core.placement import caption_need
+    from models.caption.registry import resolve_backend
+
+    internvl, qwen = build(INTERNVL, tiny_cache), build(QWEN3_VL, tiny_cache)
+    assert resolve_backend("auto", "cuda", str(internvl)) == "transformers"
+    if sglang_available():
+        assert resolve_backend("auto", "cuda", str(qwen)) == "sglang"
+    need = caption_need(config.build(runtime={"out": str(tmp_path / "out")}, caption={"caption_model": str(internvl)}))
+    assert need.backend == "transformers"
+
+
 def test_internvl_on_transformers_killed_then_resumed_equals_an_uninterrupted_run(tmp_path, shards, tiny_cache):
     model = build(INTERNVL, tiny_cache)
     clean = tmp_path / "clean"

@@ -50,7 +50,9 @@ def resolved(cfg: RunConfig) -> RunConfig:
     the same answer."""
     cfg = driver.resolved(cfg)
     stages = tuple(selected_stage_names(cfg))
-    if "caption" in stages and resolve_backend(cfg.caption.caption_backend, cfg.runtime.device) == "sglang":
+    captioning = cfg.caption
+    if "caption" in stages and \
+            resolve_backend(captioning.caption_backend, cfg.runtime.device, captioning.caption_model) == "sglang":
         fraction = sglang_mem_fraction(cfg, stages)
         cfg = dataclasses.replace(cfg, sglang=dataclasses.replace(cfg.sglang, sglang_mem_fraction=fraction))
     return cfg
@@ -68,7 +70,7 @@ def replicated_stage_names(cfg: RunConfig) -> set[str]:
     """Stages built once per replica device: the model-backed experts, and the caption engine
     when it runs in this process on one device (SGLang spans the GPUs itself; an endpoint is remote)."""
     names = set(REPLICATED)
-    if resolve_backend(cfg.caption.caption_backend, cfg.runtime.device) == "transformers":
+    if resolve_backend(cfg.caption.caption_backend, cfg.runtime.device, cfg.caption.caption_model) == "transformers":
         names.add("caption")
     return names
 

@@ -200,7 +200,9 @@ def node_plan(cfg: RunConfig, stages: tuple[str, ...]) -> Plan | None:
 
     if not cfg.runtime.device.startswith("cuda") or not torch.cuda.is_available():
         return None
-    backend = resolve_backend(cfg.caption.caption_backend, cfg.runtime.device) if "caption" in stages else "auto"
+    caption = cfg.caption
+    backend = resolve_backend(caption.caption_backend, cfg.runtime.device, caption.caption_model) if "caption" in stages \
+        else "auto"
     cfg = dataclasses.replace(cfg, caption=dataclasses.replace(cfg.caption, caption_backend=backend))
     devices = [d for d in replica_devices(cfg) if d.startswith("cuda")] or [cfg.runtime.device]
     gpu_bytes = min(torch.cuda.get_device_properties(d).total_memory for d in devices)
@@ -440,7 +442,8 @@ def caption_need(cfg: RunConfig) -> CaptionNeed:
     kv_per_token = 2 * text.num_hidden_layers * kv_heads * head_dim * 2  # K and V, bfloat16
     image_tokens = family.max_image_tokens(config, folder)
     backend = cfg.caption.caption_backend
-    backend = "sglang" if backend == "auto" else backend  # the card's engine on a GPU node
+    if backend == "auto":  # the card's engine on a GPU node, for a family SGLang serves
+        backend = "transformers" if family.sglang_refusal else "sglang"
     tp = cfg.sglang.sglang_tp_size if backend == "sglang" else 1  # transformers: one GPU per replica
     return CaptionNeed(f"{model} ({backend})", backend, _count(net), 2 * _count(net), kv_per_token,
                        image_tokens + TEXT_TOKENS + cfg.caption.max_new_tokens, cfg.caption.caption_batch, source,

@@ -63,23 +63,24 @@ class CaptionStage(Stage):
     def __init__(self, config: CaptionConfig, runtime: RuntimeConfig, *,
                  api: ApiConfig = ApiConfig(), sglang: SglangConfig = SglangConfig()):
         self.device = runtime.device  # already resolved from "auto" by the pipeline
-        # Settled now, so a missing SGLang or endpoint fails before any work.
-        backend = resolve_backend(config.caption_backend, self.device)
-        self.config = dataclasses.replace(config, caption_backend=backend)
-        self.settings = backend_settings(backend, config, api, sglang, runtime.out, runtime.cache_dir)
         self.cache_dir = Path(runtime.cache_dir)
-        if backend == "openai":
-            self.settings.require_endpoint()
-            self.ref = None  # remote: nothing to load; the model is the endpoint's (--api-model)
-            self.model_name = api.api_model
-        else:
+        self.ref, folder = None, ""  # remote (openai): nothing to load; the model is the endpoint's
+        if config.caption_backend != "openai":
             self.ref = resolve_model("caption", config.caption_model, runtime)
             if self.ref is None:
                 raise ConfigError("--caption-model is empty: name a caption checkpoint (folder or hub id)")
             if self.ref.is_local:  # a hub id's config is read when it loads, still before any sample
-                require_backend(family_of_folder(self.ref.resolve(self.cache_dir), self.ref.name), backend,
-                                self.ref.name)
-            self.model_name = self.ref.name
+                folder = str(self.ref.resolve(self.cache_dir))
+        # Settled now (auto: for the checkpoint's family), so a missing SGLang or endpoint, or a
+        # family the backend cannot serve, fails before any work.
+        backend = resolve_backend(config.caption_backend, self.device, folder)
+        if folder:
+            require_backend(family_of_folder(folder, self.ref.name), backend, self.ref.name)
+        self.config = dataclasses.replace(config, caption_backend=backend)
+        self.settings = backend_settings(backend, config, api, sglang, runtime.out, runtime.cache_dir)
+        if backend == "openai":
+            self.settings.require_endpoint()
+        self.model_name = api.api_model if self.ref is None else self.ref.name
         prepare_backend(backend, self.device, self.settings)  # here: the main thread, before any work
         self.engine: CaptionEngine | None = None
         self.tally = CaptionTally()

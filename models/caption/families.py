@@ -181,6 +181,13 @@ def family_of_folder(folder: str | Path, model: str | None = None) -> CaptionFam
     return family_of(json.loads(path.read_text()), model or str(folder))
 
 
+def local_family(model: str) -> CaptionFamily | None:
+    """The family of ``model`` where it is a local checkpoint folder; None for a hub id or a
+    model role (read when the model resolves)."""
+    folder = Path(model).expanduser() if model else None
+    return family_of_folder(folder, model) if folder is not None and (folder / "config.json").is_file() else None
+
+
 def family_for(path: str, model: str | None = None) -> CaptionFamily:
     """The family of the checkpoint at ``path``: a folder, or a hub id (its config.json only)."""
     folder = Path(path).expanduser()
