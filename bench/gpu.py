@@ -262,34 +262,31 @@ def naive_generate_row(engine, samples, tokens: int, batch: int = 4, beams: int 
 
 
 def family_builds() -> dict:
-    """family -> (its tiny build's role, its real checkpoint's name, parts builder, real-size dimensions)."""
+    """family -> (its real checkpoint's name, parts builder, real-size dimensions, tiny dimensions)."""
     from models import tiny
     from models.caption.families import INTERNVL, QWEN2_5_VL, QWEN3_VL
 
-    return {QWEN2_5_VL: ("caption-qwen2_5_vl", "Qwen2.5-VL-7B", tiny.qwen2_5_vl_parts, tiny.QWEN2_5_VL_7B),
-            QWEN3_VL: ("caption-qwen3_vl", "Qwen3-VL-8B", tiny.qwen3_vl_parts, tiny.QWEN3_VL_8B),
-            INTERNVL: ("caption-internvl", "InternVL3-8B", tiny.internvl_parts, tiny.INTERNVL3_8B)}
+    return {QWEN2_5_VL: ("Qwen2.5-VL-7B", tiny.qwen2_5_vl_parts, tiny.QWEN2_5_VL_7B, tiny.TINY_QWEN2_5_VL),
+            QWEN3_VL: ("Qwen3-VL-8B", tiny.qwen3_vl_parts, tiny.QWEN3_VL_8B, tiny.TINY_QWEN3_VL),
+            INTERNVL: ("InternVL3-8B", tiny.internvl_parts, tiny.INTERNVL3_8B, tiny.TINY_INTERNVL)}
 
 
-def family_engine(role: str, name: str, parts, size, batch: int, tiny: bool, tmp: Path):
-    """``(engine, its processor's folder)`` on transformers: the family's tiny build through the
-    production loader on the CPU, or random weights at ``size`` built on the GPU in bf16."""
+def family_engine(name: str, parts, size, batch: int, device: str, tmp: Path):
+    """``(engine, its processor's folder)`` on transformers: random weights at ``size``, built on
+    ``device`` (bf16 on a GPU); the processor is saved, as a checkpoint's, for the image budget."""
     import torch
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText
 
-    from models import tiny as tiny_models
     from models.caption.transformers_backend import TransformersCaptionEngine
 
-    if tiny:
-        folder, device = tiny_models.ensure(role, tmp / "tiny"), "cpu"
-        processor, net = AutoProcessor.from_pretrained(folder), AutoModelForImageTextToText.from_pretrained(folder)
-    else:
-        (config, processor), folder, device = parts(size), tmp / name, "cuda"
-        processor.save_pretrained(folder)  # where the family reads its image budget from
-        with torch.device(device):
-            net = AutoModelForImageTextToText.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
-        text = config.get_text_config()
-        net.generation_config.pad_token_id, net.generation_config.eos_token_id = text.pad_token_id, text.eos_token_id
+    config, processor = parts(size)
+    folder = tmp / name
+    processor.save_pretrained(folder)
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    with torch.device(device):
+        net = AutoModelForImageTextToText.from_config(config, dtype=dtype, attn_implementation="sdpa")
+    text = config.get_text_config()
+    net.generation_config.pad_token_id, net.generation_config.eos_token_id = text.pad_token_id, text.eos_token_id
     return TransformersCaptionEngine(name, processor, net.eval(), device, batch_size=batch, decode="dynamic"), folder
 
 
@@ -299,8 +296,9 @@ def family_rows(tiny: bool, images: int, tokens: int, batch: int, window: int, t
 
     samples = make_samples(images)
     rows = []
-    for family, (role, name, parts, size) in family_builds().items():
-        engine, folder = family_engine(role, name, parts, size, batch, tiny, tmp)
+    for family, (name, parts, real_size, tiny_size) in family_builds().items():
+        engine, folder = family_engine(name, parts, tiny_size if tiny else real_size, batch,
+                                       "cpu" if tiny else "cuda", tmp)
         image_tokens = family.max_image_tokens(engine.net.config, folder)
         label = f"caption family {family.name}, {'tiny' if tiny else name + ' random'}: <={image_tokens:,} image tokens"
         row = _caption_row(label, lambda engine=engine: measure(caption_stage(engine, batch, tokens), samples,
