@@ -8,7 +8,8 @@ What differs between families is data here, not branches in the backends: the pr
 the same for all (``models/caption/chat.py``: the fusion prompt, then the image, in the
 checkpoint's chat template, which decides where the image placeholder goes), and every backend
 reads the checkpoint's own processor for the image's tokens (LLaVA's AnyRes tiles, Qwen's
-dynamic resolution bounded by the processor's ``min_pixels``/``max_pixels``).
+dynamic resolution bounded by the processor's ``min_pixels``/``max_pixels``, InternVL's 448 px
+tiles up to the processor's ``max_patches`` plus a thumbnail).
 
 Each family has a tiny random-weight build in ``models/tiny.py`` and is tested through ``run``
 (``tests/test_caption_families.py``). A family SGLang cannot serve natively here says why in
