@@ -135,10 +135,11 @@ INTERNVL = CaptionFamily(
     sglang_refusal=(
         "SGLang 0.5.23 serves InternVL only in its original remote-code layout (InternVLChatModel, "
         "sglang/srt/models/internvl.py), not transformers' InternVLForConditionalGeneration (its Transformers "
-        "fallback turns the radix cache off); a converted copy would not see the same prompt either: SGLang's "
-        "InternVL processor (sglang/srt/multimodal/processors/internvl.py) tiles at a fixed 448 px, up to 12 tiles, "
-        "ignoring the checkpoint's processor config, and wants '<image>' where the template writes "
-        "'<IMG_CONTEXT>' (it inserts a second placeholder before the assistant turn)"),
+        "fallback turns the radix cache off), and no conversion is offered yet: SGLang's InternVL processor "
+        "(sglang/srt/multimodal/processors/internvl.py) tiles at a fixed 448 px, up to 12 tiles, with its own "
+        "resize and normalisation whatever the checkpoint's processor config says (so neither the image tokens "
+        "nor the pixels need be transformers'), and it expects '<image>' placeholders, not the '<IMG_CONTEXT>' "
+        "this template writes (it inserts another before the assistant turn)"),
     sglang_conversion=False,
     trainable=False,
     hf_config="InternVLConfig",
