@@ -136,10 +136,10 @@ INTERNVL = CaptionFamily(
         "SGLang 0.5.23 serves InternVL only in its original remote-code layout (InternVLChatModel, "
         "sglang/srt/models/internvl.py), not transformers' InternVLForConditionalGeneration (its Transformers "
         "fallback turns the radix cache off), and no conversion is offered: a converted copy loads and serves, "
-        "but SGLang's InternVL processor (sglang/srt/multimodal/processors/internvl.py) tiles with its own code "
-        "at up to 12 tiles whatever the checkpoint's processor says (measured on the tiny build, max_patches 4: "
-        "a 500x500 image took 186 prompt tokens there, 42 on transformers), so the captions would not be "
-        "transformers' or train's"),
+        "but SGLang's InternVL processor (sglang/srt/multimodal/processors/internvl.py) tiles with its own code, "
+        "at up to 12 tiles whatever the checkpoint's processor says, and not as transformers' processor does "
+        "(measured at 12 tiles: a 500x500 image takes 10 tiles there, 1 in transformers), so the captions would "
+        "not be transformers' or train's"),
     sglang_conversion=False,
     trainable=False,
     hf_config="InternVLConfig",
