@@ -200,9 +200,9 @@ def node_plan(cfg: RunConfig, stages: tuple[str, ...]) -> Plan | None:
 
     if not cfg.runtime.device.startswith("cuda") or not torch.cuda.is_available():
         return None
-    caption = cfg.caption
-    backend = resolve_backend(caption.caption_backend, cfg.runtime.device, caption.caption_model) if "caption" in stages \
-        else "auto"
+    captioning = cfg.caption
+    backend = resolve_backend(captioning.caption_backend, cfg.runtime.device, captioning.caption_model) \
+        if "caption" in stages else "auto"
     cfg = dataclasses.replace(cfg, caption=dataclasses.replace(cfg.caption, caption_backend=backend))
     devices = [d for d in replica_devices(cfg) if d.startswith("cuda")] or [cfg.runtime.device]
     gpu_bytes = min(torch.cuda.get_device_properties(d).total_memory for d in devices)
