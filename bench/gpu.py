@@ -20,7 +20,11 @@ the same size is measured and the table says so:
   outside the experts' share of the caption engine's time);
 - caption: LLaVA-1.6-7B on the transformers backend: the batch in arrival order, sorted
   windows with dynamic, static and compiled decoding, and a naive ``generate`` loop (batch 4,
-  beam search 3, as ShareGPT4V's captioner ran), every request ``--tokens`` long.
+  beam search 3, as ShareGPT4V's captioner ran), every request ``--tokens`` long;
+- caption families (models/caption/families.py): Qwen2.5-VL-7B, Qwen3-VL-8B and InternVL3-8B at
+  their checkpoints' dimensions on the transformers backend (sorted window, dynamic decoding), each
+  at its image budget (Qwen: 1,280 tokens at most; InternVL: 12 tiles and a thumbnail); their
+  tokenizer is the tiny BPE with the real vocabulary size (a stand-in: prompts are a little shorter).
 
 Printed and written to ``--json``: images/s per GPU, ms per image, peak GPU memory and mean
 NVML utilisation per row (pynvml may be absent: then "n/a"), the best caption row against the
@@ -254,6 +258,56 @@ def naive_generate_row(engine, samples, tokens: int, batch: int = 4, beams: int 
     return row
 
 
+# --- caption engine families ------------------------------------------------------------------------
+
+
+def family_builds() -> dict:
+    """family -> (its real checkpoint's name, parts builder, real-size dimensions, tiny dimensions)."""
+    from models import tiny
+    from models.caption.families import INTERNVL, QWEN2_5_VL, QWEN3_VL
+
+    return {QWEN2_5_VL: ("Qwen2.5-VL-7B", tiny.qwen2_5_vl_parts, tiny.QWEN2_5_VL_7B, tiny.TINY_QWEN2_5_VL),
+            QWEN3_VL: ("Qwen3-VL-8B", tiny.qwen3_vl_parts, tiny.QWEN3_VL_8B, tiny.TINY_QWEN3_VL),
+            INTERNVL: ("InternVL3-8B", tiny.internvl_parts, tiny.INTERNVL3_8B, tiny.TINY_INTERNVL)}
+
+
+def family_engine(name: str, parts, size, batch: int, device: str, tmp: Path):
+    """``(engine, its processor's folder)`` on transformers: random weights at ``size``, built on
+    ``device`` (bf16 on a GPU); the processor is saved, as a checkpoint's, for the image budget."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from models.caption.transformers_backend import TransformersCaptionEngine
+
+    config, processor = parts(size)
+    folder = tmp / name
+    processor.save_pretrained(folder)
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    with torch.device(device):
+        net = AutoModelForImageTextToText.from_config(config, dtype=dtype, attn_implementation="sdpa")
+    text = config.get_text_config()
+    net.generation_config.pad_token_id, net.generation_config.eos_token_id = text.pad_token_id, text.eos_token_id
+    return TransformersCaptionEngine(name, processor, net.eval(), device, batch_size=batch, decode="dynamic"), folder
+
+
+def family_rows(tiny: bool, images: int, tokens: int, batch: int, window: int, tmp: Path) -> list[dict]:
+    """A caption row per engine family besides LLaVA-1.6, each with its most image tokens per image."""
+    from bench.caption import caption_stage, make_samples, measure
+
+    samples = make_samples(images)
+    rows = []
+    for family, (name, parts, real_size, tiny_size) in family_builds().items():
+        engine, folder = family_engine(name, parts, tiny_size if tiny else real_size, batch,
+                                       "cpu" if tiny else "cuda", tmp)
+        image_tokens = family.max_image_tokens(engine.net.config, folder)
+        label = f"caption family {family.name}, {'tiny' if tiny else name + ' random'}: <={image_tokens:,} image tokens"
+        row = _caption_row(label, lambda engine=engine: measure(caption_stage(engine, batch, tokens), samples,
+                                                                batch * window), engine.device)
+        rows.append({**row, "family": family.name, "max_image_tokens": image_tokens})
+        engine.close()
+    return rows
+
+
 # --- the command ----------------------------------------------------------------------------------
 
 
@@ -291,6 +345,8 @@ def main(argv: list[str]) -> int:
         rows.append(curate_row(tiny, device, Path(tmp)))
         caption = caption_rows(tiny, args.caption_images or (4 if tiny else 16), args.tokens or (4 if tiny else 250),
                                args.batch if not tiny else 2, args.window, Path(tmp))
+        caption += family_rows(tiny, args.caption_images or (4 if tiny else 16), args.tokens or (4 if tiny else 250),
+                               args.batch if not tiny else 2, args.window, Path(tmp))
     figures = summarise(rows, caption, gpu, tiny, args.tokens or (4 if tiny else 250))
     print_table(figures)
     Path(args.json).write_text(json.dumps(figures, indent=1))
@@ -302,8 +358,8 @@ def summarise(experts: list[dict], caption: list[dict], gpu: str, tiny: bool, to
     import torch
     import transformers
 
-    best = max(caption[:-1], key=lambda r: r["images_per_s"])
-    naive = caption[-1]
+    llava = [r for r in caption if r["row"].startswith("caption:")]  # the paper's engine, then its naive loop
+    best, naive = max(llava[:-1], key=lambda r: r["images_per_s"]), llava[-1]
     expert_ms = sum(r["ms_per_image"] for r in experts if r.get("images")
                     and not r["row"].startswith(("tag: CLIP", "box fusion", "curate")))
     return {

@@ -19,7 +19,7 @@ from pathlib import Path
 from models.errors import ConfigError
 
 # Bump when a builder changes, so cached folders from an older build are not reused.
-BUILD_VERSION = 3
+BUILD_VERSION = 4
 SEED = 0
 
 Builder = Callable[[Path], None]
@@ -90,7 +90,8 @@ def byte_bpe_tokenizer(corpus: Iterable[str], specials: list[str], vocab_size: i
 
 
 def _printable(piece: str) -> bool:
-    return bool(piece) and piece.isascii() and (piece.isprintable() or piece.strip() == "")
+    """Printable ASCII or plain whitespace (not the ASCII separators \\x1c-\\x1f, which str.strip() drops)."""
+    return bool(piece) and piece.isascii() and all(c.isprintable() or c in " \t\n\r" for c in piece)
 
 
 def _corpus() -> list[str]:
@@ -297,44 +298,87 @@ _QWEN_CHAT_TEMPLATE = (
 )
 _QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                   "<|image_pad|>", "<|video_pad|>"]
-_QWEN_PATCH = 14  # Qwen2.5-VL's vision patch; 2x2 patches merge into one image token
-# The image budget: 4 to 64 image tokens (real checkpoints: 4 to 16,384, min/max_pixels)
-TINY_QWEN_PIXELS = (4 * 28 * 28, 64 * 28 * 28)
+_QWEN_PATCH = 14  # Qwen2.5-VL's vision patch; 2x2 patches merge into one image token (28x28 pixels)
 
 
-def qwen2_5_vl_parts():
-    """``(Qwen2_5_VLConfig, Qwen2_5_VLProcessor)`` of the tiny build, nothing allocated."""
+@dataclass(frozen=True)
+class VlSize:
+    """The dimensions of a Qwen-VL or InternVL build: vision and language config keys, and the image
+    budget (Qwen: min and max pixels; InternVL: min and max tiles). The tokenizer is always the small
+    in-memory BPE; a real-size build's vocabulary is the checkpoint's (ids past the BPE's are never
+    in a prompt)."""
+
+    vision: dict
+    text: dict
+    budget: tuple[int, int]
+
+
+_TINY_TEXT = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "num_key_value_heads": 2}
+# head_dim 16: 8 rotary pairs, split over (time, height, width) by mrope_section
+TINY_QWEN2_5_VL = VlSize(
+    vision={"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "window_size": 56,
+            "out_hidden_size": 64, "fullatt_block_indexes": [1]},
+    text={**_TINY_TEXT, "head_dim": 16,
+          "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]}},
+    budget=(4 * 28 * 28, 64 * 28 * 28),  # 4 to 64 image tokens
+)
+# Qwen/Qwen2.5-VL-7B-Instruct; the budget its model card suggests (max_pixels 1280x28x28; the
+# processor's own default allows 16,384 tokens)
+QWEN2_5_VL_7B = VlSize(
+    vision={"depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16, "window_size": 112,
+            "out_hidden_size": 3584, "fullatt_block_indexes": [7, 15, 23, 31]},
+    text={"vocab_size": 152064, "max_position_embeddings": 128000, "hidden_size": 3584,
+          "intermediate_size": 18944, "num_hidden_layers": 28,
+          "num_attention_heads": 28, "num_key_value_heads": 4, "head_dim": 128,
+          "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]}},
+    budget=(4 * 28 * 28, 1280 * 28 * 28),
+)
+
+
+def qwen_tokenizer(chat_template: str):
+    """The tiny BPE with Qwen-VL's special tokens and ``chat_template``: ``(tokenizer, ids of the specials)``."""
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = byte_bpe_tokenizer(_corpus(), _QWEN_SPECIALS, vocab_size=512)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>", padding_side="left",
+        extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
+                              "vision_bos_token": "<|vision_start|>", "vision_eos_token": "<|vision_end|>"},
+    )
+    tokenizer.chat_template = chat_template
+    return tokenizer, {token: i for i, token in enumerate(_QWEN_SPECIALS)}
+
+
+def _text(tokenizer, ids: dict[str, int], size: VlSize) -> dict:
+    """The language model's config keys: ``size``'s over the tokenizer's vocabulary and special ids."""
+    return {"vocab_size": len(tokenizer), "max_position_embeddings": 4096, "rms_norm_eps": 1e-6,
+            "bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"],
+            "pad_token_id": ids["<|endoftext|>"], **size.text}
+
+
+def _qwen_token_ids(ids: dict[str, int]) -> dict:
+    return {"image_token_id": ids["<|image_pad|>"], "video_token_id": ids["<|video_pad|>"],
+            "vision_start_token_id": ids["<|vision_start|>"], "vision_end_token_id": ids["<|vision_end|>"]}
+
+
+def qwen2_5_vl_parts(size: VlSize = TINY_QWEN2_5_VL):
+    """``(Qwen2_5_VLConfig, Qwen2_5_VLProcessor)`` of the given dimensions, nothing allocated."""
     from transformers import (
-        PreTrainedTokenizerFast,
         Qwen2_5_VLConfig,
         Qwen2_5_VLProcessor,
         Qwen2VLImageProcessor,
         Qwen2VLVideoProcessor,
     )
 
-    bpe = byte_bpe_tokenizer(_corpus(), _QWEN_SPECIALS, vocab_size=512)
-    ids = {token: i for i, token in enumerate(_QWEN_SPECIALS)}
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>", padding_side="left",
-        extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
-                              "vision_bos_token": "<|vision_start|>", "vision_eos_token": "<|vision_end|>"},
-    )
-    tokenizer.chat_template = _QWEN_CHAT_TEMPLATE
-    min_pixels, max_pixels = TINY_QWEN_PIXELS
+    tokenizer, ids = qwen_tokenizer(_QWEN_CHAT_TEMPLATE)
     config = Qwen2_5_VLConfig(
-        text_config={"vocab_size": bpe.get_vocab_size(), "hidden_size": 64, "intermediate_size": 128,
-                     "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-                     "max_position_embeddings": 4096, "rms_norm_eps": 1e-6,
-                     "bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"],
-                     "pad_token_id": ids["<|endoftext|>"],
-                     # head_dim 16: 8 rotary pairs split over (time, height, width)
-                     "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]}},
-        vision_config={"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2,
-                       "patch_size": _QWEN_PATCH, "spatial_merge_size": 2, "temporal_patch_size": 2,
-                       "window_size": 56, "out_hidden_size": 64, "fullatt_block_indexes": [1]},
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        text_config=_text(tokenizer, ids, size),
+        vision_config={**size.vision, "patch_size": _QWEN_PATCH, "spatial_merge_size": 2,
+                       "temporal_patch_size": 2},
+        **_qwen_token_ids(ids),
     )
+    min_pixels, max_pixels = size.budget
     budget = {"min_pixels": min_pixels, "max_pixels": max_pixels, "patch_size": _QWEN_PATCH,
               "merge_size": 2, "temporal_patch_size": 2}
     processor = Qwen2_5_VLProcessor(
@@ -342,6 +386,64 @@ def qwen2_5_vl_parts():
         tokenizer=tokenizer,
         video_processor=Qwen2VLVideoProcessor(**budget),
         chat_template=_QWEN_CHAT_TEMPLATE,
+    )
+    return config, processor
+
+
+# Qwen3-VL's template (Qwen/Qwen3-VL-8B-Instruct), images only: no default system turn, then the
+# user turn's parts in the order given, each image as <|vision_start|><|image_pad|><|vision_end|>.
+_QWEN3_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}"
+    "{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+_QWEN3_PATCH = 16  # Qwen3-VL's vision patch; 2x2 patches merge into one image token (32x32 pixels)
+# DeepStack: the features of vision layer 0 also enter the language model's first layer
+TINY_QWEN3_VL = VlSize(
+    vision={"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 64,
+            "num_position_embeddings": 64, "deepstack_visual_indexes": [0]},
+    text={**_TINY_TEXT, "head_dim": 16, "rope_parameters": {"rope_type": "default", "rope_theta": 5e6,
+                                                            "mrope_section": [2, 3, 3], "mrope_interleaved": True}},
+    budget=(4 * 32 * 32, 64 * 32 * 32),  # 4 to 64 image tokens
+)
+# Qwen/Qwen3-VL-8B-Instruct; the budget as for Qwen2.5-VL-7B: 1,280 tokens at most
+QWEN3_VL_8B = VlSize(
+    vision={"depth": 27, "hidden_size": 1152, "intermediate_size": 4304, "num_heads": 16, "out_hidden_size": 4096,
+            "num_position_embeddings": 2304, "deepstack_visual_indexes": [8, 16, 24]},
+    text={"vocab_size": 151936, "max_position_embeddings": 262144, "hidden_size": 4096,
+          "intermediate_size": 12288, "num_hidden_layers": 36,
+          "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
+          "rope_parameters": {"rope_type": "default", "rope_theta": 5e6, "mrope_section": [24, 20, 20],
+                              "mrope_interleaved": True}},
+    budget=(64 * 32 * 32, 1280 * 32 * 32),
+)
+
+
+def qwen3_vl_parts(size: VlSize = TINY_QWEN3_VL):
+    """``(Qwen3VLConfig, Qwen3VLProcessor)`` of the given dimensions, nothing allocated."""
+    from transformers import Qwen2VLImageProcessor, Qwen3VLConfig, Qwen3VLProcessor, Qwen3VLVideoProcessor
+
+    tokenizer, ids = qwen_tokenizer(_QWEN3_CHAT_TEMPLATE)
+    config = Qwen3VLConfig(
+        text_config=_text(tokenizer, ids, size),
+        vision_config={**size.vision, "patch_size": _QWEN3_PATCH, "spatial_merge_size": 2,
+                       "temporal_patch_size": 2},
+        **_qwen_token_ids(ids),
+    )
+    min_pixels, max_pixels = size.budget
+    budget = {"size": {"shortest_edge": min_pixels, "longest_edge": max_pixels}, "patch_size": _QWEN3_PATCH,
+              "merge_size": 2, "temporal_patch_size": 2}
+    processor = Qwen3VLProcessor(
+        image_processor=Qwen2VLImageProcessor(**budget),
+        tokenizer=tokenizer,
+        video_processor=Qwen3VLVideoProcessor(**budget),
+        chat_template=_QWEN3_CHAT_TEMPLATE,
     )
     return config, processor
 
@@ -367,6 +469,106 @@ def build_qwen2_5_vl(folder: Path) -> None:
 
     config, processor = qwen2_5_vl_parts()
     model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    _keep_to_text(model, processor.tokenizer)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+
+
+@register("caption-qwen3_vl")
+def build_qwen3_vl(folder: Path) -> None:
+    """Qwen3-VL: ViT with learned + 2D rotary positions, DeepStack features into the language
+    model's first layers, Qwen3 (q/k norms) with interleaved M-RoPE, dynamic resolution."""
+    from transformers import Qwen3VLForConditionalGeneration
+
+    config, processor = qwen3_vl_parts()
+    model = Qwen3VLForConditionalGeneration(config).eval()
+    _keep_to_text(model, processor.tokenizer)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+
+
+# InternVL3's template (OpenGVLab/InternVL3-1B-hf), images only: no default system turn, the user
+# turn's parts in the order given, each image as <IMG_CONTEXT> and a newline (the processor expands it
+# into <img>, its tiles' <IMG_CONTEXT> tokens and </img>).
+_INTERNVL_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' %}<IMG_CONTEXT>\n"
+    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+_INTERNVL_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>",
+                      "<video>"]
+_INTERNVL_TILE = 448  # every InternVL's tile (SGLang's InternVL processor tiles at 448 whatever the config says)
+# Patches of 56 px: a tile is 8x8 patches, 4x4 = 16 tokens after the 0.5 pixel shuffle (real: 14 px, 256)
+TINY_INTERNVL = VlSize(
+    vision={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+            "patch_size": 56},
+    text=_TINY_TEXT,
+    budget=(1, 4),  # 1 to 4 tiles, plus the thumbnail when more than one
+)
+# OpenGVLab/InternVL3-8B-hf: InternViT-300M + Qwen2.5-7B, 1 to 12 tiles
+INTERNVL3_8B = VlSize(
+    vision={"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16,
+            "patch_size": 14},
+    text={"vocab_size": 151674, "max_position_embeddings": 32768, "hidden_size": 3584,
+          "intermediate_size": 18944, "num_hidden_layers": 28,
+          "num_attention_heads": 28, "num_key_value_heads": 4},
+    budget=(1, 12),
+)
+
+
+def internvl_parts(size: VlSize = TINY_INTERNVL):
+    """``(InternVLConfig, InternVLProcessor)`` of the given dimensions (transformers' layout), nothing
+    allocated."""
+    from transformers import (
+        GotOcr2ImageProcessor,
+        InternVLConfig,
+        InternVLProcessor,
+        InternVLVideoProcessor,
+        PreTrainedTokenizerFast,
+    )
+
+    bpe = byte_bpe_tokenizer(_corpus(), _INTERNVL_SPECIALS, vocab_size=512)
+    ids = {token: i for i, token in enumerate(_INTERNVL_SPECIALS)}
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>", padding_side="left",
+        extra_special_tokens={"start_image_token": "<img>", "end_image_token": "</img>",
+                              "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"},
+    )
+    tokenizer.chat_template = _INTERNVL_CHAT_TEMPLATE
+    tile_tokens = (_INTERNVL_TILE // size.vision["patch_size"]) ** 2 // 4
+    config = InternVLConfig(
+        vision_config={**size.vision, "image_size": _INTERNVL_TILE},
+        text_config={"model_type": "qwen2", **_text(tokenizer, ids, size), "tie_word_embeddings": False},
+        image_token_id=ids["<IMG_CONTEXT>"], image_seq_length=tile_tokens, downsample_ratio=0.5,
+        tie_word_embeddings=False,
+    )
+    tile = {"size": {"height": _INTERNVL_TILE, "width": _INTERNVL_TILE},
+            "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}  # ImageNet's, as InternVL
+    min_tiles, max_tiles = size.budget
+    processor = InternVLProcessor(
+        image_processor=GotOcr2ImageProcessor(**tile, crop_to_patches=True, min_patches=min_tiles,
+                                              max_patches=max_tiles),
+        tokenizer=tokenizer,
+        video_processor=InternVLVideoProcessor(**tile),
+        image_seq_length=tile_tokens,
+        chat_template=_INTERNVL_CHAT_TEMPLATE,
+    )
+    return config, processor
+
+
+@register("caption-internvl")
+def build_internvl(folder: Path) -> None:
+    """InternVL 2.5/3 in transformers' own layout: InternViT + pixel-shuffle MLP projector + Qwen2,
+    images as 448 px tiles plus a thumbnail."""
+    from transformers import InternVLForConditionalGeneration
+
+    config, processor = internvl_parts()
+    model = InternVLForConditionalGeneration(config).eval()
     _keep_to_text(model, processor.tokenizer)
     model.save_pretrained(folder)
     processor.save_pretrained(folder)

@@ -16,7 +16,7 @@ from engine.core.runtime import StageFailed
 from engine.core.stage import ImageView, Resources, Stage
 from engine.io.object_output import local_companion
 from models.caption.base import CaptionEngine, EngineDead, SamplingParams
-from models.caption.families import family_of_folder
+from models.caption.families import family_of_folder, require_backend
 from models.caption.figures import CaptionTally, GpuSampler
 from models.caption.registry import load_engine, prepare_backend, resolve_backend
 from models.errors import ConfigError
@@ -66,22 +66,24 @@ class CaptionStage(Stage):
     def __init__(self, config: CaptionConfig, runtime: RuntimeConfig, *,
                  api: ApiConfig = ApiConfig(), sglang: SglangConfig = SglangConfig()):
         self.device = runtime.device  # already resolved from "auto" by the pipeline
-        # Settled now, so a missing SGLang or endpoint fails before any work.
-        backend = resolve_backend(config.caption_backend, self.device)
-        self.config = dataclasses.replace(config, caption_backend=backend)
-        self.settings = backend_settings(backend, config, api, sglang, runtime.out, runtime.cache_dir)
         self.cache_dir = Path(runtime.cache_dir)
-        if backend == "openai":
-            self.settings.require_endpoint()
-            self.ref = None  # remote: nothing to load; the model is the endpoint's (--api-model)
-            self.model_name = api.api_model
-        else:
+        self.ref, folder = None, ""  # remote (openai): nothing to load; the model is the endpoint's
+        if config.caption_backend != "openai":
             self.ref = resolve_model("caption", config.caption_model, runtime)
             if self.ref is None:
                 raise ConfigError("--caption-model is empty: name a caption checkpoint (folder or hub id)")
             if self.ref.is_local:  # a hub id's config is read when it loads, still before any sample
-                family_of_folder(self.ref.resolve(self.cache_dir), self.ref.name)
-            self.model_name = self.ref.name
+                folder = str(self.ref.resolve(self.cache_dir))
+        # Settled now (auto: for the checkpoint's family), so a missing SGLang or endpoint, or a
+        # family the backend cannot serve, fails before any work.
+        backend = resolve_backend(config.caption_backend, self.device, folder)
+        if folder:
+            require_backend(family_of_folder(folder, self.ref.name), backend, self.ref.name)
+        self.config = dataclasses.replace(config, caption_backend=backend)
+        self.settings = backend_settings(backend, config, api, sglang, runtime.out, runtime.cache_dir)
+        if backend == "openai":
+            self.settings.require_endpoint()
+        self.model_name = api.api_model if self.ref is None else self.ref.name
         prepare_backend(backend, self.device, self.settings)  # here: the main thread, before any work
         self.engine: CaptionEngine | None = None
         self.tally = CaptionTally()
@@ -180,16 +182,21 @@ class CaptionStage(Stage):
 TEXT_TOKENS = 400  # fusion prompt text (instruction, alt text, boxes, OCR) in LLaVA tokens (estimate)
 
 
+def backend_of(cfg: RunConfig) -> str:
+    """The backend ``auto`` settles to on this node, for the checkpoint's family."""
+    return resolve_backend(cfg.caption.caption_backend, cfg.runtime.device, cfg.caption.caption_model)
+
+
 def replicated(cfg: RunConfig) -> bool:
     """A runtime replica per device when the engine runs in this process on one device (SGLang
     spans the GPUs itself; an endpoint is remote)."""
-    return resolve_backend(cfg.caption.caption_backend, cfg.runtime.device) == "transformers"
+    return backend_of(cfg) == "transformers"
 
 
 def settled(cfg: RunConfig, stages: tuple[str, ...]) -> RunConfig:
     """``--sglang-mem-fraction`` settled for SGLang: the option when set, else what the experts on
     the tightest GPU leave (engine/core/placement.py)."""
-    if resolve_backend(cfg.caption.caption_backend, cfg.runtime.device) != "sglang" or cfg.sglang.sglang_mem_fraction:
+    if backend_of(cfg) != "sglang" or cfg.sglang.sglang_mem_fraction:
         return cfg
     fraction = rest_fraction(cfg, stages)
     return dataclasses.replace(cfg, sglang=dataclasses.replace(cfg.sglang, sglang_mem_fraction=fraction))
@@ -223,8 +230,9 @@ def caption_need(cfg: RunConfig, node: bool = False) -> CaptionNeed:
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     kv_per_token = 2 * text.num_hidden_layers * kv_heads * head_dim * 2  # K and V, bfloat16
     image_tokens = family.max_image_tokens(config, folder)
-    backend = resolve_backend(cfg.caption.caption_backend, cfg.runtime.device) if node else cfg.caption.caption_backend
-    backend = "sglang" if backend == "auto" else backend  # the card's engine on a GPU node
+    backend = backend_of(cfg) if node else cfg.caption.caption_backend
+    if backend == "auto":  # the card's engine on a GPU node, for a family SGLang serves
+        backend = "transformers" if family.sglang_refusal else "sglang"
     tp = cfg.sglang.sglang_tp_size if backend == "sglang" else 1  # transformers: one GPU per replica
     return CaptionNeed(f"{model} ({backend})", backend, count_params(net), 2 * count_params(net), kv_per_token,
                        image_tokens + TEXT_TOKENS + cfg.caption.max_new_tokens, cfg.caption.caption_batch, source,

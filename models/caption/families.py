@@ -8,14 +8,15 @@ What differs between families is data here, not branches in the backends: the pr
 the same for all (``models/caption/chat.py``: the fusion prompt, then the image, in the
 checkpoint's chat template, which decides where the image placeholder goes), and every backend
 reads the checkpoint's own processor for the image's tokens (LLaVA's AnyRes tiles, Qwen's
-dynamic resolution bounded by the processor's ``min_pixels``/``max_pixels``). What ``train``
-needs of a family is its ``TrainLayout``: where its language model, projector and vision layers
-sit, and how its processor's inputs batch; a family without one captions but does not train.
+dynamic resolution bounded by the processor's ``min_pixels``/``max_pixels``, InternVL's 448 px
+tiles up to the processor's ``max_patches`` plus a thumbnail). What ``train`` needs of a family
+is its ``TrainLayout``: where its language model, projector and vision layers sit, and how its
+processor's inputs batch; a family without one captions but does not train.
 
-Families still to add (SGLang 0.5.23 and transformers 5.19 both have them): Qwen3-VL
-(``Qwen3VLForConditionalGeneration``) and InternVL 2.5/3 (``InternVLChatModel`` /
-``InternVLForConditionalGeneration``); each needs a tiny build in ``models/tiny.py`` and the
-parity test before it is listed.
+Each family has a tiny random-weight build in ``models/tiny.py`` and is tested through ``run``
+(``tests/test_caption_families.py``). A family SGLang cannot serve natively here says why in
+``sglang_refusal``, and ``--caption-backend sglang`` refuses it before any work
+(:func:`require_backend`) instead of SGLang falling back to its Transformers path in silence.
 """
 
 from __future__ import annotations
@@ -79,6 +80,20 @@ class TrainLayout:
             raise ValueError(f"TrainLayout.inputs: unknown batching ({', '.join(unknown)}); one of {BATCHING}")
 
 
+def tile_image_tokens(config, folder: Path | None) -> int:
+    """InternVL's most tokens for one image: its processor's max_patches tiles plus the thumbnail
+    (added whenever an image takes more than one tile), image_seq_length tokens each, between
+    <img> and </img>."""
+    from transformers import AutoImageProcessor
+
+    if folder is None:
+        raise ConfigError("the image budget of an InternVL checkpoint is its processor's max_patches: pass a local "
+                          "folder")
+    processor = AutoImageProcessor.from_pretrained(folder)
+    tiles = processor.max_patches + 1 if processor.crop_to_patches and processor.max_patches > 1 else 1
+    return tiles * config.image_seq_length + 2
+
+
 @dataclass(frozen=True)
 class CaptionFamily:
     name: str
@@ -89,6 +104,9 @@ class CaptionFamily:
     # prefix every request shares (SGLang's radix cache reuses it); else only the turn's head is.
     instruction_before_image: bool
     sglang_dtype: str  # the dtype SGLang runs it in ("auto": the checkpoint's)
+    # Why SGLang cannot serve it natively here ("" where it does): --caption-backend sglang refuses
+    # it with this before any work, rather than letting SGLang fall back to its Transformers path
+    sglang_refusal: str
     sglang_conversion: bool  # SGLang serves a converted copy (models/caption/llava_native.py)
     hf_config: str  # its transformers config class (`plan` builds the model from it on the meta device)
     max_image_tokens: Callable  # (that config, checkpoint folder or None) -> most tokens one image takes
@@ -104,6 +122,7 @@ LLAVA_1_6 = CaptionFamily(
     instruction_before_image=False,  # llava-hf templates put the image first, as LLaVA's training did
     # sglang 0.5.23 loads LLaVA's vision tower in float16 whatever it is told (models/llava.py)
     sglang_dtype="float16",
+    sglang_refusal="",
     sglang_conversion=True,
     hf_config="LlavaNextConfig",
     max_image_tokens=anyres_image_tokens,
@@ -124,6 +143,7 @@ QWEN2_5_VL = CaptionFamily(
     image_budget="dynamic resolution: min_pixels..max_pixels, one token per 28x28 pixels",
     instruction_before_image=True,  # its template keeps the turn's order: text, then image
     sglang_dtype="auto",
+    sglang_refusal="",
     sglang_conversion=False,
     hf_config="Qwen2_5_VLConfig",
     max_image_tokens=dynamic_resolution_image_tokens,
@@ -139,11 +159,51 @@ QWEN2_5_VL = CaptionFamily(
         inputs=(("pixel_values", ROWS), ("image_grid_thw", ROWS), ("mm_token_type_ids", TOKENS)),
     ),
 )
-FAMILIES = (LLAVA_1_6, QWEN2_5_VL)
+QWEN3_VL = CaptionFamily(
+    name="Qwen3-VL",
+    architectures=("Qwen3VLForConditionalGeneration",),
+    model_types=("qwen3_vl",),
+    image_budget="dynamic resolution: the processor's size shortest_edge..longest_edge in pixels, one token "
+                 "per 32x32 pixels",
+    instruction_before_image=True,  # its template keeps the turn's order and has no default system turn
+    sglang_dtype="auto",
+    sglang_refusal="",
+    sglang_conversion=False,
+    hf_config="Qwen3VLConfig",
+    max_image_tokens=dynamic_resolution_image_tokens,
+)
+INTERNVL = CaptionFamily(
+    name="InternVL",
+    architectures=("InternVLForConditionalGeneration",),
+    model_types=("internvl",),
+    image_budget="tiles: 448 px tiles, the processor's min_patches..max_patches plus a thumbnail, "
+                 "image_seq_length tokens each",
+    instruction_before_image=True,  # its template keeps the turn's order and has no default system turn
+    sglang_dtype="auto",
+    sglang_refusal=(
+        "SGLang 0.5.23 serves InternVL only in its original remote-code layout (InternVLChatModel, "
+        "sglang/srt/models/internvl.py), not transformers' InternVLForConditionalGeneration (its Transformers "
+        "fallback turns the radix cache off), and no conversion is offered: a converted copy loads and serves, "
+        "but SGLang's InternVL processor (sglang/srt/multimodal/processors/internvl.py) tiles with its own code, "
+        "at up to 12 tiles whatever the checkpoint's processor says, and not as transformers' processor does "
+        "(measured at 12 tiles: a 500x500 image takes 10 tiles there, 1 in transformers), so the captions would "
+        "not be transformers' or train's"),
+    sglang_conversion=False,
+    hf_config="InternVLConfig",
+    max_image_tokens=tile_image_tokens,
+)
+FAMILIES = (LLAVA_1_6, QWEN2_5_VL, QWEN3_VL, INTERNVL)
 
 
 def supported() -> str:
     return "; ".join(f"{f.name} ({', '.join(f.architectures)})" for f in FAMILIES)
+
+
+def require_backend(family: CaptionFamily, backend: str, model: str) -> None:
+    """Before any work: ``backend`` serves checkpoints of ``family`` (ConfigError saying why not)."""
+    if backend == "sglang" and family.sglang_refusal:
+        raise ConfigError(f"caption model {model!r} ({family.name}): --caption-backend sglang cannot serve this "
+                          f"family: {family.sglang_refusal}. Use --caption-backend transformers")
 
 
 def family_of(config: dict, model: str) -> CaptionFamily:
@@ -168,6 +228,13 @@ def family_of_folder(folder: str | Path, model: str | None = None) -> CaptionFam
         raise ConfigError(f"caption model {model or folder}: {path} is missing (a checkpoint folder holds "
                           f"config.json beside its weights)")
     return family_of(json.loads(path.read_text()), model or str(folder))
+
+
+def local_family(model: str) -> CaptionFamily | None:
+    """The family of ``model`` where it is a local checkpoint folder; None for a hub id or a
+    model role (read when the model resolves)."""
+    folder = Path(model).expanduser() if model else None
+    return family_of_folder(folder, model) if folder is not None and (folder / "config.json").is_file() else None
 
 
 def family_for(path: str, model: str | None = None) -> CaptionFamily:

@@ -5,7 +5,7 @@ Each backend (transformers, SGLang, an OpenAI-compatible endpoint) is a module l
 imported only when asked for (backends import heavy packages). ``settings`` is the backend's
 own frozen settings object (``TransformersSettings``, ``SglangSettings``, ``ApiSettings``); the
 engine's caption stage builds it from the run's configuration. ``auto`` picks SGLang on a GPU
-where it is installed, else transformers, and says so.
+where it is installed and serves the checkpoint's family natively, else transformers, and says so.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import logging
 from typing import Any
 
 from models.caption.base import CaptionEngine
+from models.caption.families import local_family
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +31,9 @@ def backend_names() -> list[str]:
     return ["auto", *sorted(_BACKEND_MODULES)]
 
 
-def resolve_backend(requested: str, device: str) -> str:
-    """``auto`` settled; an explicit ``sglang`` without SGLang fails before any work."""
+def resolve_backend(requested: str, device: str, model: str = "") -> str:
+    """``auto`` settled (for the family of ``model`` where it is a local checkpoint folder); an
+    explicit ``sglang`` without SGLang fails before any work."""
     from models.caption.sglang_backend import require_sglang, sglang_available
 
     if requested == "sglang":
@@ -39,6 +41,10 @@ def resolve_backend(requested: str, device: str) -> str:
     if requested != "auto":
         return requested
     if not device.startswith("cuda"):
+        return "transformers"
+    family = local_family(model)
+    if family is not None and family.sglang_refusal:
+        log.info("caption backend auto: transformers (SGLang does not serve %s natively here)", family.name)
         return "transformers"
     if sglang_available():
         return "sglang"

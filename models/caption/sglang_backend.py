@@ -42,7 +42,7 @@ import numpy as np
 
 from models.caption.base import EngineDead, SamplingParams
 from models.caption.chat import chat_text, check_chat_template
-from models.caption.families import LLAVA_1_6, CaptionFamily, family_for
+from models.caption.families import LLAVA_1_6, CaptionFamily, family_for, require_backend
 from models.caption.window import RequestWindow
 from models.errors import ConfigError
 from models.records import Caption
@@ -251,6 +251,7 @@ class SglangEngine:
         """``model_path``: a llava-hf LLaVA-NeXT checkpoint (converted once, under
         ``cfg.cache_dir``) or a folder SGLang serves natively; ``device``: cpu, cuda or cuda:N."""
         family = family_for(model_path)
+        require_backend(family, self.backend, model_path)
         if cfg.dtype not in ("auto", family.sglang_dtype):
             raise ConfigError(f"--caption-dtype {cfg.dtype} with --caption-backend sglang: SGLang runs "
                               f"{family.name} in {family.sglang_dtype} only (families.py says why); use auto")

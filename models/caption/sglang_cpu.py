@@ -12,8 +12,9 @@ machine with no NVIDIA driver, and this module is the one place that handles the
   first imported, so it must be set before then.
 * SGLang's Qwen-VL image processors import a module that binds four ``sgl_kernel`` CPU ops the
   CUDA build lacks, so without them no Qwen-VL checkpoint is served. ``sglang_cpu_site/
-  sitecustomize.py`` declares them as placeholders (Qwen2.5-VL never calls them) in this process
-  and, from ``PYTHONPATH``, in every interpreter SGLang starts.
+  sitecustomize.py`` declares them as placeholders (Qwen2.5-VL and Qwen3-VL never call them) in
+  this process and, from ``PYTHONPATH``, in every interpreter SGLang starts, each time when
+  ``sglang`` is first imported (other interpreters with that environment import nothing for it).
 
 :func:`prepare` does all three, in this process and for the engine's child processes (which
 inherit the environment). Where a real driver loads, neither the stub nor the placeholder ops are
@@ -112,11 +113,11 @@ SITE = Path(__file__).with_name("sglang_cpu_site")  # holds the placeholder ops'
 
 def add_placeholder_ops() -> None:
     """The placeholder ``sgl_kernel`` CPU ops, declared here and in every interpreter started
-    with this environment (``SITE`` first on ``PYTHONPATH``)."""
+    with this environment (``SITE`` first on ``PYTHONPATH``) that imports ``sglang``."""
     import importlib.util
 
     paths = [str(SITE), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
     os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
     spec = importlib.util.spec_from_file_location("densefusion_sglang_cpu_site", SITE / "sitecustomize.py")
     site = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(site)  # registers them here (SGLANG_USE_CPU_ENGINE=1 is set)
+    spec.loader.exec_module(site)  # declares them here on sglang's import, or now if it is imported already

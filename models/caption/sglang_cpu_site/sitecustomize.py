@@ -8,9 +8,14 @@ Qwen2.5-VL never calls them: declaring them (a call raises) is enough. SGLang st
 scheduler and detokenizer as new interpreters, so this runs in each of them, from
 ``PYTHONPATH``, which ``models/caption/sglang_cpu.py`` sets for the CPU engine only; it is a
 separate file because it must import nothing of the project.
+
+Every other interpreter started with that environment (a test's child, a tool) pays nothing: the
+ops are declared when ``sglang`` is first imported (a finder on ``sys.meta_path`` that steps
+aside after that), not at interpreter start, so torch is not imported where SGLang never is.
 """
 
 import os
+import sys
 
 PLACEHOLDER_OPS = ("fused_sigmoid_mul_cpu", "fused_qk_gemma_rmsnorm_cpu", "fused_qk_gemma_rmsnorm_with_gate_cpu",
                    "fused_qkvzba_split_reshape_cat_contiguous_cpu")
@@ -41,5 +46,20 @@ def register_placeholder_ops() -> None:
     _LIBRARY.append(library)
 
 
+class _DeclareOnSglangImport:
+    """A meta path finder that declares the ops when ``sglang`` is first looked for, then leaves
+    the finding to the others (it finds nothing itself)."""
+
+    @classmethod
+    def find_spec(cls, name, path=None, target=None):
+        if name == "sglang":
+            sys.meta_path.remove(cls)
+            register_placeholder_ops()
+        return None
+
+
 if os.environ.get("SGLANG_USE_CPU_ENGINE") == "1" and not _LIBRARY:
-    register_placeholder_ops()
+    if "sglang" in sys.modules:  # too late to wait for its import (a process that loads this by hand)
+        register_placeholder_ops()
+    elif _DeclareOnSglangImport not in sys.meta_path:
+        sys.meta_path.insert(0, _DeclareOnSglangImport)
