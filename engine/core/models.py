@@ -10,6 +10,8 @@ either way (for the models that can be off).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from engine.core.config import RuntimeConfig, check_tiny_swap, model_options
 from models.base import TINY, ModelRef
 
@@ -28,6 +30,11 @@ def resolve_model(role: str, name: str, runtime: RuntimeConfig) -> ModelRef | No
         return None
     ref = ModelRef(name, role)
     ref.check()
+    if ref.is_tiny:
+        # Built now, in the thread that builds the stages, before any stage thread starts: a build
+        # draws its weights from torch's one global generator, which another stage's model load
+        # (its setup, in a thread of its own) would draw from in between, giving other weights.
+        ref.resolve(Path(runtime.cache_dir))
     return ref
 
 
