@@ -283,10 +283,7 @@ def build_owlv2(folder: Path) -> None:
 
 # Qwen2.5-VL's template (Qwen/Qwen2.5-VL-7B-Instruct), images only: its default system turn, then
 # the user turn's parts in the order given, each image as <|vision_start|><|image_pad|><|vision_end|>.
-_QWEN_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if loop.first and message['role'] != 'system' %}"
-    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+_QWEN_TURN = (
     "<|im_start|>{{ message['role'] }}\n"
     "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
     "{% else %}{% for content in message['content'] %}"
@@ -295,6 +292,11 @@ _QWEN_CHAT_TEMPLATE = (
     "{% elif 'text' in content %}{{ content['text'] }}{% endif %}"
     "{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+_QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}" + _QWEN_TURN
 )
 _QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                   "<|image_pad|>", "<|video_pad|>"]
@@ -392,17 +394,7 @@ def qwen2_5_vl_parts(size: VlSize = TINY_QWEN2_5_VL):
 
 # Qwen3-VL's template (Qwen/Qwen3-VL-8B-Instruct), images only: no default system turn, then the
 # user turn's parts in the order given, each image as <|vision_start|><|image_pad|><|vision_end|>.
-_QWEN3_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
-    "{% else %}{% for content in message['content'] %}"
-    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
-    "<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}"
-    "{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+_QWEN3_CHAT_TEMPLATE = "{% for message in messages %}" + _QWEN_TURN
 _QWEN3_PATCH = 16  # Qwen3-VL's vision patch; 2x2 patches merge into one image token (32x32 pixels)
 # DeepStack: the features of vision layer 0 also enter the language model's first layer
 TINY_QWEN3_VL = VlSize(

@@ -199,29 +199,39 @@ def test_driver_killed_then_rerun_redoes_only_unfinished_shards(cluster, shards,
     assert contents(out, shards) == single_node
 
 
+# No straggler copy in the frozen-worker tests: under load one can commit shard-00 before the lease
+# times out, and the run then ends without waiting for the frozen attempt, which these tests wake.
+FROZEN_SHARD_00 = ("--ray-lease-timeout", "6", "--no-ray-copy-stragglers")
+
+
+def wake_the_frozen_worker(cluster, out, staging: Path, driver: subprocess.Popen) -> dict[str, bytes]:
+    """Once shard-00 was redone while its first worker is frozen, wake that worker and see its
+    commit lose: the first commit's files stay, and the driver reports the late attempt."""
+    wait_for(lambda: "shard-00" in markers(out), what="shard-00 redone while its first worker is frozen")
+    first = published(out, "shard-00")
+    assert json.loads(first["markers/shard-00.json"])["attempt"] == 2
+    frozen = [pid for node in (0, 1) for pid in cluster.node_pids(node) if _state(pid) == "T"]
+    assert len(frozen) == 1
+    temporaries = list(staging.glob(f"shard-00.tar.*-{frozen[0]}-*.tmp"))
+    assert temporaries, "the frozen worker holds its unpublished shard"
+    os.kill(frozen[0], signal.SIGCONT)
+    wait_for(lambda: not temporaries[0].exists(), what="the woken worker's commit")  # it tried, and lost
+    assert published(out, "shard-00") == first
+    stdout, stderr = driver.communicate(timeout=300)
+    assert driver.returncode == 0, stderr + stdout
+    assert "shard-00 attempt 1" in stdout and "the marker of attempt 2 stands" in stdout
+    return first
+
+
 def test_frozen_worker_cannot_replace_the_commit_made_while_it_was_frozen(cluster, shards, single_node, tmp_path):
     out = tmp_path / "out"
-    # No straggler copy: under load one can commit shard-00 before the lease times out, and the
-    # run then ends without waiting for the frozen attempt, which is the one this test wakes.
-    cmd = on_ray(command(shards, out), cluster, "--ray-lease-timeout", "6", "--no-ray-copy-stragglers")
+    cmd = on_ray(command(shards, out), cluster, *FROZEN_SHARD_00)
     driver = subprocess.Popen(cmd, cwd=ROOT, env=ray_env("freeze:shard-00:1"), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)
     try:
-        wait_for(lambda: "shard-00" in markers(out), what="shard-00 redone while its first worker is frozen")
-        first = published(out, "shard-00")
-        assert json.loads(first["markers/shard-00.json"])["attempt"] == 2
-        frozen = [pid for node in (0, 1) for pid in cluster.node_pids(node) if _state(pid) == "T"]
-        assert len(frozen) == 1
-        temporaries = list((out / "shards").glob(f"shard-00.tar.*-{frozen[0]}-*.tmp"))
-        assert temporaries, "the frozen worker holds its unpublished shard"
-        os.kill(frozen[0], signal.SIGCONT)
-        wait_for(lambda: not temporaries[0].exists(), what="the woken worker's commit")  # it tried, and lost
-        assert published(out, "shard-00") == first
-        stdout, stderr = driver.communicate(timeout=300)
+        first = wake_the_frozen_worker(cluster, out, out / "shards", driver)
     finally:
         driver.kill()
-    assert driver.returncode == 0, stderr + stdout
-    assert "shard-00 attempt 1" in stdout and "the marker of attempt 2 stands" in stdout
     assert published(out, "shard-00") == first
     assert contents(out, shards) == single_node
 
@@ -233,25 +243,13 @@ def test_killed_and_frozen_workers_on_an_s3_output_keep_exactly_once(cluster, sh
     with s3_server() as fs:
         fs.mkdir("ray-out")
         out = ObjectPath("s3://ray-out/out")
-        cmd = on_ray(command(shards, out.url), cluster, "--ray-lease-timeout", "6", "--ray-shards-in-flight", "1")
+        cmd = on_ray(command(shards, out.url), cluster, *FROZEN_SHARD_00, "--ray-shards-in-flight", "1")
         driver = subprocess.Popen(cmd, cwd=ROOT, env=ray_env("freeze:shard-00:1,kill:shard-02:1"),
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        try:
-            wait_for(lambda: "shard-00" in markers(out), what="shard-00 redone while its first worker is frozen")
-            first = published(out, "shard-00")
-            assert json.loads(first["markers/shard-00.json"])["attempt"] == 2
-            frozen = [pid for node in (0, 1) for pid in cluster.node_pids(node) if _state(pid) == "T"]
-            assert len(frozen) == 1
-            temporaries = list(staging_folder(out / "shards").glob(f"shard-00.tar.*-{frozen[0]}-*.tmp"))
-            assert temporaries, "the frozen worker holds its unpublished shard (a local temporary)"
-            os.kill(frozen[0], signal.SIGCONT)
-            wait_for(lambda: not temporaries[0].exists(), what="the woken worker's commit")  # it tried, and lost
-            assert published(out, "shard-00") == first
-            stdout, stderr = driver.communicate(timeout=300)
+        try:  # the frozen worker's temporaries are local files, staged before their upload
+            first = wake_the_frozen_worker(cluster, out, staging_folder(out / "shards"), driver)
         finally:
             driver.kill()
-        assert driver.returncode == 0, stderr + stdout
-        assert "shard-00 attempt 1" in stdout and "the marker of attempt 2 stands" in stdout
         done = markers(out)
         assert done["shard-02"]["attempt"] == 2 and done["shard-01"]["attempt"] == 1
         assert published(out, "shard-00") == first
