@@ -247,8 +247,8 @@ def test_train_refuses_a_family_it_cannot_fine_tune_yet_before_loading_it(tmp_pa
     from engine.train.config import TrainConfig
     from engine.train.loop import load_base
 
-    with pytest.raises(ConfigError, match="is a Qwen3-VL checkpoint: train fine-tunes"):
-        load_base(TrainConfig(base=str(build(QWEN3_VL, tiny_cache)), out=str(tmp_path / "engine"),
+    with pytest.raises(ConfigError, match="is a InternVL checkpoint: train fine-tunes"):
+        load_base(TrainConfig(base=str(build(INTERNVL, tiny_cache)), out=str(tmp_path / "engine"),
                               cache_dir=str(tiny_cache)))
 
 

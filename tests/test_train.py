@@ -13,7 +13,7 @@ import pytest
 from engine.core import config as config_module
 from engine.train.config import TrainRunConfig
 from engine.train.data import IGNORE, SampleEncoder, held_out_keys, read_records
-from models.caption.families import FAMILIES, LLAVA_1_6, QWEN2_5_VL, CaptionFamily
+from models.caption.families import FAMILIES, LLAVA_1_6, QWEN2_5_VL, QWEN3_VL, CaptionFamily
 
 # Tiny and fast: one forward pass per sample, two samples per step; a learning rate that
 # teaches the tiny model GPT-4V's words within a few dozen steps.
@@ -62,7 +62,7 @@ class Base:
         return SampleEncoder(self.processor(), self.layout, max_length=max_length, max_side=1344)
 
 
-TINY_ROLES = {LLAVA_1_6.name: "caption", QWEN2_5_VL.name: "caption-qwen2_5_vl"}
+TINY_ROLES = {LLAVA_1_6.name: "caption", QWEN2_5_VL.name: "caption-qwen2_5_vl", QWEN3_VL.name: "caption-qwen3_vl"}
 TRAINED = [f.name for f in FAMILIES if f.train is not None]
 
 
@@ -505,7 +505,7 @@ def test_lora_trains_adapters_and_saves_them_merged_into_a_plain_checkpoint(meta
     language, projector = layout.language_model[0], layout.projector[0]
     assert any(within(n, language) and "q_proj" in n for n in changed)  # adapters merged in
     assert any(within(n, projector) for n in changed)  # trained in full
-    frozen = [n for n in changed if within(n, layout.vision_tower) and not within(n, projector)]
+    frozen = [n for n in changed if within(n, layout.vision_tower) and not any(within(n, p) for p in layout.projector)]
     assert not frozen and not any("embed_tokens" in n for n in changed)  # vision tower, embeddings: frozen
 
 

@@ -61,11 +61,26 @@ def layer_classes(model, layout: TrainLayout) -> list[str]:
     return sorted({type(part(model, path)[0]).__name__ for path in (layout.language_layers, layout.vision_layers)})
 
 
+def saved_modules(model, layout: TrainLayout) -> list[str]:
+    """The projector's modules peft keeps trained copies of under LoRA. peft copies modules only:
+    a module list (Qwen3-VL's DeepStack mergers) goes by its members, and a bare parameter of the
+    projector stays as it is."""
+    import torch
+
+    paths = []
+    for path in layout.projector:
+        module = part(model, path)
+        if isinstance(module, torch.nn.ModuleList):
+            paths.extend(f"{path}.{index}" for index in range(len(module)))
+        elif isinstance(module, torch.nn.Module):
+            paths.append(path)
+    return paths
+
+
 def select_trainable(model, layout: TrainLayout, train: TrainConfig, lora: LoraConfig):
     """Freeze what does not train; returns the model to train (wrapped by peft for LoRA)."""
     model.requires_grad_(False)
     if lora.lora:
-        import torch
         from peft import LoraConfig as PeftLoraConfig
         from peft import get_peft_model
 
@@ -73,8 +88,7 @@ def select_trainable(model, layout: TrainLayout, train: TrainConfig, lora: LoraC
         config = PeftLoraConfig(
             r=lora.lora_rank, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
             target_modules=rf"({under})\..*\.({'|'.join(LORA_TARGETS)})",
-            # peft keeps trained copies of modules only: a bare parameter of the projector stays as it is
-            modules_to_save=[p for p in layout.projector if isinstance(part(model, p), torch.nn.Module)],
+            modules_to_save=saved_modules(model, layout),
         )
         return get_peft_model(model, config)
     for path in (*layout.language_model, *layout.projector):

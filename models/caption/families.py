@@ -21,6 +21,7 @@ Each family has a tiny random-weight build in ``models/tiny.py`` and is tested t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Callable
@@ -94,6 +95,19 @@ def tile_image_tokens(config, folder: Path | None) -> int:
     return tiles * config.image_seq_length + 2
 
 
+QWEN_VL_TRAIN = TrainLayout(
+    language_model=("model.language_model", "lm_head"),
+    language_layers="model.language_model.layers",
+    projector=("model.visual.merger",),  # inside the vision model, trained like LLaVA's projector
+    vision_tower="model.visual",
+    vision_layers="model.visual.blocks",
+    vision_feature_layer=None,  # the merger reads the last block
+    # the flat patches of every image and each image's (t, h, w) grid; the token types place
+    # the image in M-RoPE's 3-D positions (without them the model falls back to 1-D positions)
+    inputs=(("pixel_values", ROWS), ("image_grid_thw", ROWS), ("mm_token_type_ids", TOKENS)),
+)
+
+
 @dataclass(frozen=True)
 class CaptionFamily:
     name: str
@@ -147,17 +161,7 @@ QWEN2_5_VL = CaptionFamily(
     sglang_conversion=False,
     hf_config="Qwen2_5_VLConfig",
     max_image_tokens=dynamic_resolution_image_tokens,
-    train=TrainLayout(
-        language_model=("model.language_model", "lm_head"),
-        language_layers="model.language_model.layers",
-        projector=("model.visual.merger",),  # inside the vision model, trained like LLaVA's projector
-        vision_tower="model.visual",
-        vision_layers="model.visual.blocks",
-        vision_feature_layer=None,  # the merger reads the last block
-        # the flat patches of every image and each image's (t, h, w) grid; the token types place
-        # the image in M-RoPE's 3-D positions (without them the model falls back to 1-D positions)
-        inputs=(("pixel_values", ROWS), ("image_grid_thw", ROWS), ("mm_token_type_ids", TOKENS)),
-    ),
+    train=QWEN_VL_TRAIN,
 )
 QWEN3_VL = CaptionFamily(
     name="Qwen3-VL",
@@ -171,6 +175,8 @@ QWEN3_VL = CaptionFamily(
     sglang_conversion=False,
     hf_config="Qwen3VLConfig",
     max_image_tokens=dynamic_resolution_image_tokens,
+    # DeepStack's mergers (intermediate vision blocks into the first decoder layers) train with the merger
+    train=dataclasses.replace(QWEN_VL_TRAIN, projector=("model.visual.merger", "model.visual.deepstack_merger_list")),
 )
 INTERNVL = CaptionFamily(
     name="InternVL",
