@@ -13,7 +13,6 @@ import argparse
 import difflib
 import importlib
 import os
-import re
 import shlex
 import sys
 from collections.abc import Callable
@@ -22,7 +21,6 @@ from typing import TYPE_CHECKING
 
 from engine.core import config as config_module
 from engine.core.console import format_summary
-from engine.io.remote import is_url
 from models.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -348,30 +346,12 @@ COMMANDS = {"run": command_run, "curate": command_curate, "demo": command_demo, 
             "plan": command_plan}
 
 
-_MANGLED_URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):/(?!/)")  # what Path("s3://b/x") prints: s3:/b/x
-FOLDER_READERS = ("stats", "report", "export", "status")
-
-
-def refuse_object_storage(args: argparse.Namespace) -> None:
-    """The output tools read a folder; an output on object storage is copied down first (a URL
-    given where a ``Path`` is parsed arrives with one slash of ``://``)."""
-    out = str(getattr(args, "out", "") or "")
-    if args.command not in FOLDER_READERS or Path(out).exists():
-        return
-    url = out if is_url(out) else _MANGLED_URL.sub(r"\1://", out) if _MANGLED_URL.match(out) else ""
-    if url:
-        copy = "gcloud storage rsync -r" if url.startswith(("gs:", "gcs:")) else "aws s3 sync"
-        raise ConfigError(f"{args.command} reads an output folder, and {url} is on object storage: copy it down "
-                          f"first ({copy} {url} DIR), then run {args.command} DIR")
-
-
 def main(argv: list[str] | None = None) -> int:
     # The run's own bar shows progress; the libraries' model-loading bars would interleave with it.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)  # an argument's type may refuse it (ConfigError)
         if args.command in OUTPUT_TOOLS:
-            refuse_object_storage(args)
             return importlib.import_module(OUTPUT_TOOLS[args.command][0]).command(args)
         return COMMANDS[args.command](args)
     except ConfigError as exc:

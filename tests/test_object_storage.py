@@ -619,3 +619,11 @@ def test_the_caption_api_journal_of_an_output_on_object_storage_is_kept_under_th
     assert journal("s3://bucket/run").is_relative_to(tmp_path / "object-outputs")
     assert journal("s3://bucket/run").parent != journal("s3://other/run").parent  # one journal per output
     assert journal(str(tmp_path / "out")).is_relative_to(tmp_path / "out")
+
+
+@pytest.mark.parametrize("command", ["stats", "report", "export", "status"])
+@pytest.mark.parametrize("url, copy", [("s3://bucket/run", "aws s3 sync"), ("gs://bucket/run", "gcloud storage rsync -r")])
+def test_the_tools_that_read_an_output_folder_refuse_a_url_with_the_copy_down_command(command, url, copy, capsys):
+    args = ["export", "jsonl", url, "--to", "unused"] if command == "export" else [command, url]
+    assert densefusion_local.main(args) == 2
+    assert f"copy it down first ({copy} {url} DIR)" in capsys.readouterr().err

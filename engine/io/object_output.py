@@ -144,6 +144,17 @@ def output_root(out: str, folder: str = "") -> OutPath:
     return root
 
 
+def output_folder(value: str) -> Path:
+    """The OUT argument of the tools that read an output folder (stats, report, export, status):
+    an output on object storage is copied down first. Checked as typed, before a ``Path`` folds
+    the URL's ``//``."""
+    if is_url(value):
+        copy = "gcloud storage rsync -r" if value.startswith(("gs:", "gcs:")) else "aws s3 sync"
+        raise ConfigError(f"{value} is on object storage and this command reads an output folder: copy it down "
+                          f"first ({copy} {value} DIR), then pass DIR")
+    return Path(value)
+
+
 def local_companion(out: str, cache_dir: str) -> Path:
     """Where a run keeps a local file of its output (the caption API's journal): the output
     folder, or for an output on object storage a folder under ``cache_dir`` named after it."""

@@ -25,6 +25,7 @@ from typing import Any
 
 from engine.core.figures import shard_problems
 from engine.io.commit import MARKERS_DIR, TMP_SUFFIX, node_name
+from engine.io.object_output import output_folder
 
 PASS_FOLDERS = ("curate", "")  # pass 1's folder under OUT, then pass 2's (OUT itself)
 LAST_ERRORS = 5
@@ -68,7 +69,7 @@ STATUS_SCHEMA: dict[str, Any] = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("out", metavar="OUT", help="the output folder of a run (being written or finished)")
+    parser.add_argument("out", metavar="OUT", type=output_folder, help="the output folder of a run (being written or finished)")
     parser.add_argument("--json", action="store_true", help="print one JSON object (for scripts) instead of text")
     parser.add_argument("--window", type=float, default=600.0,
                         help="the rate and time left are over the shards finished in the last this many seconds "
@@ -78,7 +79,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def command(args: argparse.Namespace) -> int:
     from models.errors import ConfigError
 
-    out = Path(args.out)
+    out = args.out
     if not out.is_dir():
         raise ConfigError(f"{out} is not a folder: pass the --out of a run")
     if args.window <= 0:

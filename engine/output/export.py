@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.core.config import check_output_folder
+from engine.io.object_output import output_folder
 from engine.output.dataset_reader import WrittenSample, check_output, iter_samples
 from engine.output.meta import caption_engine_prompt
 
@@ -205,7 +206,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "jsonl: image_id, url, image_path, caption per line; "
                         "sft: LLaVA conversations whose human turn is the caption-engine "
                         "prompt with the sample's evidence (meta dataset → engine fine-tuning)")
-    parser.add_argument("out", type=Path, help="output folder written by the engine")
+    parser.add_argument("out", type=output_folder, help="output folder written by the engine")
     parser.add_argument("--to", type=Path, required=True, help="folder to write the export and images to")
     parser.add_argument("--instruction", default=DEFAULT_INSTRUCTION,
                         help=f"llava: the human turn after <image> (default: {DEFAULT_INSTRUCTION!r})")

@@ -26,6 +26,7 @@ import numpy as np
 from engine.core.figures import OutputTotals, describe_cache, expert_cache_figures
 from engine.evidence.category import SCORE_PREFIX, category_of
 from engine.io.manifest import Manifest
+from engine.io.object_output import output_folder
 from engine.output.dataset_reader import (
     WrittenSample,
     check_output,
@@ -408,7 +409,7 @@ def _fresh(derived: Path, source: Path) -> bool:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("out", type=Path, help="output folder written by the engine")
+    parser.add_argument("out", type=output_folder, help="output folder written by the engine")
     parser.add_argument("--samples", type=int, default=24, help="images shown (default: 24)")
     parser.add_argument("--to", type=Path, default=None, help="HTML file (default: OUT/report.html)")
 

@@ -27,6 +27,7 @@ from engine.evidence.category import category_of
 from engine.evidence.coverage import COVERAGE_SCORES
 from engine.evidence.language import POS_CLASSES, PosTagger, check_pos_tagger, pos_tagger, sentences, tagged_words
 from engine.io.manifest import Manifest, write_json_atomic
+from engine.io.object_output import output_folder
 from engine.output.dataset_reader import iter_rejects, iter_tar, read_json, shard_tars, tiny_model_runs
 from engine.output.summaries import Distribution, FrequentCounts
 
@@ -240,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("out", type=Path, help="output folder written by the engine")
+    parser.add_argument("out", type=output_folder, help="output folder written by the engine")
     parser.add_argument("--pos-tagger", default="pattern",
                         help="pattern (built in, offline) or spacy[:model] (default: pattern)")
     parser.add_argument("--workers", type=int, default=default_workers(),
